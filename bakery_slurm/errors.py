@@ -1,0 +1,31 @@
+"""The exceptions bakery-slurm raises. Library code raises these; only `bakery_slurm.cli` turns them
+into messages and exit codes (2 config, 3 scheduler, 1 everything else)."""
+
+
+class BakeryError(Exception):
+    """Base class of every error bakery-slurm raises on purpose."""
+
+
+class ConfigError(BakeryError):
+    """The matrix (or another input file) is invalid. The message names the file, key and value."""
+
+
+class SchedulerError(BakeryError):
+    """sbatch, sacct, squeue, scancel or scontrol failed or printed something we cannot parse."""
+
+
+class LedgerError(BakeryError):
+    """The ledger cannot be read (missing, truncated, corrupt, newer schema). It is never overwritten."""
+
+
+class StageError(BakeryError):
+    """A pipeline stage failed for one cell."""
+
+    def __init__(self, cell_id: str, stage: str, message: str):
+        super().__init__(f"{cell_id}: stage {stage} failed: {message}")
+        self.cell_id = cell_id
+        self.stage = stage
+
+
+class PushError(BakeryError):
+    """Publishing a cell failed after every retry."""
