@@ -29,3 +29,8 @@ class StageError(BakeryError):
 
 class PushError(BakeryError):
     """Publishing a cell failed after every retry."""
+
+
+class RepairError(BakeryError):
+    """A checkpoint cannot be brought to the hub tensor-name layout: unreadable safetensors, an index
+    that disagrees with its shards, or tensor names that are not a bijection with the base's."""

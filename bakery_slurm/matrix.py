@@ -1,0 +1,504 @@
+"""matrix.toml -> validated `Matrix` -> frozen `Cell`s.
+
+`load_matrix(path)` reads and validates the file; `expand(matrix)` is a pure function from the
+validated matrix to the list of cells, each with its stable id `<size>-<variant>/<a1>-<a2>__<method>`
+(the Hub subfolder), plus `-<param><value>` for every swept recipe parameter. Every error names the
+file, the key and the offending value, and nothing here writes anything.
+
+This module must stay importable without torch: `plan` and `status` use it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import json
+import math
+import re
+import string
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import methods
+from .errors import ConfigError
+
+# A path segment we are willing to put in a Hub subfolder, a directory name and a job name:
+# no separators, no shell metacharacters, no leading dot (so no `..` or hidden names).
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TIME_LIMIT = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
+MEMORY = re.compile(r"^\d+[KMGT]?$")
+EXCLUDE_KEYS = ("size", "variant", "method", "id")
+# Environment variables that carry credentials never belong in a matrix file.
+SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|KEY)", re.IGNORECASE)
+
+
+def is_safe_segment(value: str) -> bool:
+    return bool(SAFE_SEGMENT.match(value)) and ".." not in value
+
+
+def is_safe_subpath(value: str) -> bool:
+    """A relative path made only of safe segments (used for subfolders)."""
+    return all(is_safe_segment(part) for part in value.split("/"))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Model):
+    """Where a model comes from: a Hub repo id (optional subfolder, pinned revision) or a local path.
+
+    Every string may use `{size}`, `{variant}`, `{adapter}` and the `vars` of the size and variant.
+    """
+
+    repo: str | None = None
+    path: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceSpec":
+        if (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of 'repo' (a Hub repo id) or 'path' (a local folder)")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model location. `repo` and `path` are exclusive; `path` is absolute."""
+
+    repo: str | None
+    path: str | None
+    subfolder: str | None
+    revision: str | None
+
+    def describe(self) -> str:
+        where = f"hub:{self.repo}" if self.repo else self.path
+        if self.subfolder:
+            where += f"/{self.subfolder}"
+        if self.revision:
+            where += f"@{self.revision}"
+        return where
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"repo": self.repo, "path": self.path, "subfolder": self.subfolder,
+                "revision": self.revision}
+
+
+class Resources(_Model):
+    """What one array task asks SLURM for. Unset fields are left to the cluster's defaults."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    mem: str | None = None
+    time: str = "01:00:00"
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None and not MEMORY.match(v):
+            raise ValueError(f"memory must look like 110G or 4000M, got {v!r}")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not TIME_LIMIT.match(v):
+            raise ValueError(f"time must be HH:MM:SS or D-HH:MM:SS, got {v!r}")
+        return v
+
+    @property
+    def time_min(self) -> int:
+        days, hours, minutes, seconds = (int(x or 0) for x in TIME_LIMIT.match(self.time).groups())
+        return max(1, days * 1440 + hours * 60 + minutes + math.ceil(seconds / 60))
+
+
+class Runtime(_Model):
+    """How an array task starts the pipeline: inside an apptainer image, or directly (`none`)."""
+
+    # auto: apptainer when the task runs under SLURM, none with the local executor.
+    container: Literal["auto", "apptainer", "none"] = "auto"
+    image: str | None = None
+    binds: list[str] = []
+    # Fixed environment for every task (HF_HOME on shared storage, ...). Never a token.
+    env: dict[str, str] = {}
+    # Variables copied from the submitting environment when set (Olivia's proxies).
+    pass_env: list[str] = ["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                           "NO_PROXY"]
+    python: str = "python3"
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if SECRET_ENV.search(name):
+                raise ValueError(f"{name!r} looks like a credential; tokens come from the "
+                                 "environment or the Hub token file, never from the matrix")
+        return v
+
+    def resolve(self, executor: str) -> Literal["apptainer", "none"]:
+        """The container runtime for tasks run by `executor` ("slurm" or "local")."""
+        if self.container != "auto":
+            return self.container
+        return "apptainer" if executor == "slurm" else "none"
+
+
+class SizeSpec(_Model):
+    methods: list[str] | None = None
+    variants: list[str] | None = None
+    resources: dict[str, Any] = {}
+    vars: dict[str, str] = {}
+
+
+class VariantSpec(_Model):
+    vars: dict[str, str] = {}
+
+
+class PushSpec(_Model):
+    target: str
+    private: bool = False
+
+
+class PathsSpec(_Model):
+    work: str = "bakery-work"
+
+
+ParamValue = bool | float | list[float] | dict[str, float]
+
+
+class MatrixSpec(_Model):
+    """The file's schema. Cross-key rules live in `_check`, which names the offending key."""
+
+    name: str
+    adapters: list[str] = Field(min_length=1)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_attempts: int = Field(default=3, ge=1)
+    array_parallelism: int = Field(default=16, ge=1)
+    exclude: list[dict[str, str]] = []
+    base: SourceSpec
+    adapter: SourceSpec
+    push: PushSpec
+    variants: dict[str, VariantSpec] = Field(min_length=1)
+    sizes: dict[str, SizeSpec] = Field(min_length=1)
+    methods: dict[str, dict[str, ParamValue]] = Field(min_length=1)
+    resources: Resources = Resources()
+    runtime: Runtime = Runtime()
+    paths: PathsSpec = PathsSpec()
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """`hub:<repo id>` or `dir:<absolute folder>`."""
+
+    kind: Literal["hub", "dir"]
+    location: str
+    private: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.location}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (size, variant, method[, sweep point]) of the matrix: everything a task needs."""
+
+    id: str
+    size: str
+    variant: str
+    method: str
+    parameters: dict[str, Any]
+    base: ModelSource
+    adapters: tuple[tuple[str, ModelSource], ...]
+    push: PushTarget
+    resources: Resources
+    dtype: str
+
+    @property
+    def recipe_hash(self) -> str:
+        """sha256 of everything that determines the merged weights (not where they go)."""
+        blob = json.dumps(
+            {"method": self.method, "parameters": self.parameters, "dtype": self.dtype,
+             "base": self.base.as_dict(),
+             "adapters": [[name, src.as_dict()] for name, src in self.adapters]},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "size": self.size, "variant": self.variant, "method": self.method,
+            "parameters": self.parameters, "dtype": self.dtype,
+            "base": self.base.describe(),
+            "adapters": {name: src.describe() for name, src in self.adapters},
+            "push": f"{self.push}/{self.id}", "recipe_hash": self.recipe_hash,
+            "resources": self.resources.model_dump(exclude_none=True),
+        }
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A validated matrix file: its spec, where it lives and its content hash."""
+
+    spec: MatrixSpec
+    path: Path
+    sha256: str
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def work_dir(self) -> Path:
+        return (self.root / Path(self.spec.paths.work).expanduser()).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_matrix(path: Path | str) -> Matrix:
+    """Read, parse and validate a matrix file; raise ConfigError naming file, key and value."""
+    path = Path(path).resolve()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read matrix: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        spec = MatrixSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe_validation_error(path, e)) from None
+    matrix = Matrix(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
+    _check(matrix)
+    expand(matrix)  # ids, templates and sweeps are validated by expanding once
+    return matrix
+
+
+def _describe_validation_error(path: Path, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        lines.append(f"{path}: {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _fail(matrix: Matrix, key: str, value: Any, message: str) -> ConfigError:
+    return ConfigError(f"{matrix.path}: {key}: {message} (got {value!r})")
+
+
+def _check(matrix: Matrix) -> None:
+    """Rules that span keys. Raise on the first problem, naming its key."""
+    spec = matrix.spec
+    for key, names in (("adapters", spec.adapters), ("variants", list(spec.variants)),
+                       ("sizes", list(spec.sizes)), ("methods", list(spec.methods))):
+        for name in names:
+            if not is_safe_segment(name):
+                raise _fail(matrix, key, name, "names must be safe path segments "
+                            "(letters, digits, '_', '.', '+', '-'; no leading dot, no '..')")
+        if len(set(names)) != len(names):
+            raise _fail(matrix, key, names, "duplicate names")
+    for method, params in spec.methods.items():
+        try:
+            method_spec = methods.get(method)
+        except KeyError as e:
+            raise _fail(matrix, f"methods.{method}", method, e.args[0]) from None
+        for name, value in params.items():
+            _check_param(matrix, f"methods.{method}.{name}", method_spec, name, value)
+    for size, size_spec in spec.sizes.items():
+        for key, wanted, known in (("methods", size_spec.methods, spec.methods),
+                                   ("variants", size_spec.variants, spec.variants)):
+            for name in wanted or ():
+                if name not in known:
+                    raise _fail(matrix, f"sizes.{size}.{key}", name,
+                                f"not declared in [{key}] (declared: {', '.join(known)})")
+        try:
+            Resources.model_validate({**spec.resources.model_dump(exclude_unset=True),
+                                      **size_spec.resources})
+        except ValidationError as e:
+            raise ConfigError(_describe_validation_error(matrix.path, e).replace(
+                f"{matrix.path}: ", f"{matrix.path}: sizes.{size}.resources.")) from None
+    for i, rule in enumerate(spec.exclude):
+        for key in rule:
+            if key not in EXCLUDE_KEYS:
+                raise _fail(matrix, f"exclude.{i}", key,
+                            f"unknown key (valid: {', '.join(EXCLUDE_KEYS)})")
+    kind, _, location = spec.push.target.partition(":")
+    if kind not in ("hub", "dir") or not location:
+        raise _fail(matrix, "push.target", spec.push.target,
+                    "must be 'hub:<owner>/<name>' or 'dir:<folder>'")
+    if kind == "hub" and not REPO_ID.match(location):
+        raise _fail(matrix, "push.target", spec.push.target, "not a Hub repo id (owner/name)")
+
+
+def _check_param(matrix: Matrix, key: str, method: methods.MethodSpec, name: str,
+                 value: Any) -> None:
+    param = method.params.get(name)
+    if param is None:
+        raise _fail(matrix, key, value, f"unknown parameter {name!r} for {method.name} "
+                    f"(valid: {', '.join(method.params)})")
+    if param.kind is bool:
+        if not isinstance(value, bool):
+            raise _fail(matrix, key, value, "must be true or false")
+        return
+    if isinstance(value, dict):
+        if not param.per_model:
+            raise _fail(matrix, key, value, "is merge-wide; give one number, not a table")
+        unknown = set(value) - set(matrix.spec.adapters)
+        missing = set(matrix.spec.adapters) - set(value)
+        if unknown or missing:
+            raise _fail(matrix, key, value, f"per-adapter table must have exactly the keys "
+                        f"{', '.join(matrix.spec.adapters)}")
+        values = list(value.values())
+    elif isinstance(value, list):
+        if not value:
+            raise _fail(matrix, key, value, "a sweep needs at least one value")
+        values = value
+    else:
+        values = [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _fail(matrix, key, v, "must be a number")
+        problem = param.check(float(v))
+        if problem:
+            raise _fail(matrix, key, v, problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion (pure)
+
+
+def expand(matrix: Matrix) -> list[Cell]:
+    """Every cell of the matrix, in file order (size, variant, method, sweep point)."""
+    spec = matrix.spec
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for size, size_spec in spec.sizes.items():
+        resources = Resources.model_validate(
+            {**spec.resources.model_dump(exclude_unset=True), **size_spec.resources})
+        for variant in size_spec.variants or list(spec.variants):
+            context = {"size": size, "variant": variant, **spec.variants[variant].vars,
+                       **size_spec.vars}
+            base = _resolve_source(matrix, "base", spec.base, context)
+            adapters = tuple(
+                (name, _resolve_source(matrix, "adapter", spec.adapter, {**context, "adapter": name}))
+                for name in spec.adapters)
+            for method in size_spec.methods or list(spec.methods):
+                for parameters, suffix in _sweep(spec, method):
+                    cell_id = f"{size}-{variant}/{'-'.join(spec.adapters)}__{method}{suffix}"
+                    where = f"sizes.{size} x variants.{variant} x methods.{method}"
+                    if cell_id in seen:
+                        raise _fail(matrix, where, cell_id,
+                                    f"duplicate cell id (also from {seen[cell_id]})")
+                    seen[cell_id] = where
+                    if _excluded(spec.exclude, size, variant, method, cell_id):
+                        continue
+                    cells.append(Cell(
+                        id=cell_id, size=size, variant=variant, method=method,
+                        parameters=parameters, base=base, adapters=adapters,
+                        push=_push_target(matrix), resources=resources, dtype=spec.dtype))
+    if not cells:
+        raise ConfigError(f"{matrix.path}: the matrix expands to no cells (check 'exclude')")
+    return cells
+
+
+def _sweep(spec: MatrixSpec, method: str) -> list[tuple[dict[str, Any], str]]:
+    """(parameters, id suffix) for each sweep point; a list-valued parameter is a sweep axis."""
+    params = spec.methods[method]
+    axes = [(name, value) for name, value in params.items() if isinstance(value, list)]
+    fixed = {name: value for name, value in params.items() if not isinstance(value, list)}
+    points = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        chosen = {**fixed, **{name: v for (name, _), v in zip(axes, combo)}}
+        suffix = "".join(f"-{name}{_number(v)}" for (name, _), v in zip(axes, combo))
+        points.append((_per_model(spec, method, chosen), suffix))
+    return points
+
+
+def _per_model(spec: MatrixSpec, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Spell per-model parameters out per adapter, so the recipe and its hash are explicit."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if methods.get(method).params[name].per_model and not isinstance(value, dict):
+            value = {adapter: float(value) for adapter in spec.adapters}
+        elif isinstance(value, dict):
+            value = {adapter: float(value[adapter]) for adapter in spec.adapters}
+        elif not isinstance(value, bool):
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _excluded(rules: list[dict[str, str]], size: str, variant: str, method: str,
+              cell_id: str) -> bool:
+    fields = {"size": size, "variant": variant, "method": method, "id": cell_id}
+    return any(all(fnmatch.fnmatchcase(fields[k], pattern) for k, pattern in rule.items())
+               for rule in rules)
+
+
+def _fill(matrix: Matrix, key: str, template: str | None, context: dict[str, str]) -> str | None:
+    if template is None:
+        return None
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        for f in fields:
+            if f not in context:
+                raise KeyError(f)
+        return template.format(**context)
+    except KeyError as e:
+        raise _fail(matrix, key, template, f"unknown placeholder {{{e.args[0]}}} "
+                    f"(known: {', '.join('{' + k + '}' for k in context)})") from None
+    except (ValueError, IndexError) as e:
+        raise _fail(matrix, key, template, f"bad template: {e}") from None
+
+
+def _resolve_source(matrix: Matrix, key: str, spec: SourceSpec,
+                    context: dict[str, str]) -> ModelSource:
+    repo = _fill(matrix, f"{key}.repo", spec.repo, context)
+    path = _fill(matrix, f"{key}.path", spec.path, context)
+    subfolder = _fill(matrix, f"{key}.subfolder", spec.subfolder, context)
+    revision = _fill(matrix, f"{key}.revision", spec.revision, context)
+    if repo is not None and not REPO_ID.match(repo):
+        raise _fail(matrix, f"{key}.repo", repo, "not a Hub repo id (owner/name)")
+    if subfolder is not None and not is_safe_subpath(subfolder):
+        raise _fail(matrix, f"{key}.subfolder", subfolder,
+                    "must be a relative path of safe segments (no '..', no leading '/')")
+    if revision is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$", revision):
+        raise _fail(matrix, f"{key}.revision", revision, "not a branch, tag or commit")
+    if path is not None:
+        path = str((matrix.root / Path(path).expanduser()).resolve())
+    return ModelSource(repo=repo, path=path, subfolder=subfolder, revision=revision)
+
+
+def _push_target(matrix: Matrix) -> PushTarget:
+    kind, _, location = matrix.spec.push.target.partition(":")
+    if kind == "dir":
+        location = str((matrix.root / Path(location).expanduser()).resolve())
+    return PushTarget(kind=kind, location=location, private=matrix.spec.push.private)
+
+
+def select(cells: list[Cell], only: str | None) -> list[Cell]:
+    """Cells whose id matches the glob `only` (all cells when None)."""
+    if only is None:
+        return cells
+    return [c for c in cells if fnmatch.fnmatchcase(c.id, only)]
