@@ -53,14 +53,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class LockBusy(Exception):
+    """A non-blocking `locked` found the lock held by another process."""
+
+
 @contextlib.contextmanager
-def locked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (created if missing) for the duration of the block."""
+def locked(lock_path: Path, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing) for the duration of the block.
+
+    With blocking=False, raise LockBusy at once when another process holds it.
+    """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise LockBusy(str(lock_path)) from None
         yield
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN)

@@ -1,0 +1,45 @@
+"""`bakery-slurm run-cell`: run one cell's pipeline here. What every array task executes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+from ..matrix import expand, load_matrix
+from . import cli
+
+
+@cli.command("run-cell")
+@click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("cell_id")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where mergekit computes; auto falls back to CPU.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
+              help="Work folder (default: [paths] work of the matrix).")
+@click.option("--matrix-sha256", metavar="HEX",
+              help="Refuse to run if the matrix file changed since it was submitted.")
+def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
+             matrix_sha256: str | None) -> None:
+    """Bake, merge, strip, verify and push one cell of MATRIX, resuming finished stages.
+
+    Prints the cell's result record (JSON) on success; exits 1 naming the failed stage.
+
+    \b
+    Example:
+        bakery-slurm run-cell matrix.toml 4b-std/eng-nob__ties --device cpu
+    """
+    from ..pipeline import run_cell as run
+
+    loaded = load_matrix(matrix)
+    if matrix_sha256 and matrix_sha256 != loaded.sha256:
+        raise ConfigError(f"{loaded.path}: changed since submission (sha256 {loaded.sha256}, "
+                          f"submitted {matrix_sha256}); resubmit to run the new matrix")
+    cells = {cell.id: cell for cell in expand(loaded)}
+    if cell_id not in cells:
+        raise click.BadParameter(f"{cell_id!r} is not a cell of {loaded.path} "
+                                 f"(see `bakery-slurm plan {matrix}`)", param_hint="CELL_ID")
+    result = run(cells[cell_id], work or loaded.work_dir, device=device)
+    click.echo(json.dumps(result, indent=2))

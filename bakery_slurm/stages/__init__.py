@@ -1,0 +1,1 @@
+"""The stages of one cell: bake -> merge -> strip -> verify -> push (sequenced by pipeline.py)."""

@@ -1,0 +1,129 @@
+"""bake: PEFT merge_and_unload of one adapter into the base, saved as safetensors in the hub layout.
+
+Baked checkpoints are content-addressed: the key hashes the base's and the adapter's identities
+(commit or file hashes), the dtype and the library versions, so one (base, adapter) is baked once and
+shared by every method and sweep point, and a retrained adapter is never served from a stale bake.
+A lock per key makes concurrent tasks wait for one bake instead of racing; the folder appears by
+rename only when complete, and its done-marker is written last.
+
+The base itself is brought to the hub layout the same way (`prepare_base`), because mergekit reads
+it for task vectors and the repair step needs the base's names in that layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .. import fsutil
+from ..manifest import intact_marker, total_size, write_marker
+from ..repair import (
+    TensorSpec,
+    checkpoint_tensors,
+    detect_kind,
+    repair_checkpoint,
+    tensor_set,
+    to_hub_name,
+)
+from ..sources import LocalModel
+from ..versions import library_versions
+
+log = logging.getLogger(__name__)
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def hub_layout_tensors(base: Path) -> dict[str, TensorSpec]:
+    """The base's {name: (dtype, shape)} with names in the hub layout (text names unchanged)."""
+    tensors = tensor_set(base)
+    if detect_kind(tensors, _config(base)) == "text":
+        return tensors
+    return {to_hub_name(name): spec for name, spec in tensors.items()}
+
+
+def prepare_base(base: LocalModel, cache: Path) -> tuple[Path, dict[str, TensorSpec], dict]:
+    """The base in the hub layout: the folder itself when already so, else a cached repaired copy.
+
+    Returns the folder, its tensors, and a record {"cached", "bytes_read", "bytes_written"}.
+    """
+    tensors = hub_layout_tensors(base.path)
+    if tensors == tensor_set(base.path):
+        return base.path, tensors, {"cached": True, "bytes_read": 0, "bytes_written": 0}
+    out = cache / "bases" / _key({"base": base.identity})
+    with fsutil.locked(out.with_name(out.name + ".lock")):
+        if intact_marker(out) is not None:
+            return out, tensors, {"cached": True, "bytes_read": 0, "bytes_written": 0}
+        report = repair_checkpoint(base.path, out, tensors)
+        write_marker(out, {"base": base.identity})
+    return out, tensors, {"cached": False, "bytes_read": report.bytes_read,
+                          "bytes_written": report.bytes_written}
+
+
+def bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[str, TensorSpec],
+         cache: Path) -> tuple[Path, dict[str, Any]]:
+    """Bake `adapter` into `base` (or reuse the cached bake); return the folder and a record."""
+    versions = {k: v for k, v in library_versions().items() if k != "mergekit"}
+    key = _key({"base": base.identity, "adapter": adapter.identity, "dtype": dtype,
+                "versions": versions})
+    out = cache / "bakes" / key
+    with fsutil.locked(out.with_name(out.name + ".lock")):
+        marker = intact_marker(out)
+        if marker is not None:
+            log.info("bake %s: cached at %s", adapter.path, out)
+            return out, {"cached": True, "key": key, "bytes_read": 0, "bytes_written": 0,
+                         "content_sha256": marker["content_sha256"]}
+        with tempfile.TemporaryDirectory(prefix=f".{key}.", suffix=".raw", dir=out.parent) as raw:
+            _merge_and_unload(base.path, adapter.path, dtype, Path(raw))
+            # save_pretrained writes whatever layout this transformers version uses: repair it.
+            report = repair_checkpoint(Path(raw), out, base_tensors)
+        marker = write_marker(out, {"base": base.identity, "adapter": adapter.identity,
+                                    "dtype": dtype, "versions": versions})
+    return out, {"cached": False, "key": key, "bytes_read": _input_bytes(base.path, adapter.path),
+                 "bytes_written": total_size(marker["files"]),
+                 "renamed": report.renamed, "content_sha256": marker["content_sha256"]}
+
+
+def _merge_and_unload(base: Path, adapter: Path, dtype: str, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    model = load_model(base, getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+
+
+def load_model(folder: Path, torch_dtype: Any, **kwargs: Any) -> Any:
+    """Load a checkpoint with the class its config names (Gemma3ForCausalLM or
+    Gemma3ForConditionalGeneration), on CPU."""
+    import transformers
+
+    architecture = (_config(folder) or {}).get("architectures", ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, architecture, transformers.AutoModelForCausalLM)
+    return cls.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+
+
+def _config(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _input_bytes(*folders: Path) -> int:
+    return sum(loc_size for folder in folders for loc_size in _sizes(folder))
+
+
+def _sizes(folder: Path) -> list[int]:
+    return [p.stat().st_size for p in Path(folder).iterdir()
+            if p.is_file() and p.suffix == ".safetensors"]
+
+
+__all__ = ["bake", "prepare_base", "hub_layout_tensors", "load_model", "checkpoint_tensors",
+           "shutil"]

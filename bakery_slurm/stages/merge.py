@@ -1,0 +1,88 @@
+"""merge: run mergekit on the baked checkpoints with the cell's rendered recipe.
+
+Device "auto" means CUDA when a probe allocation on it succeeds, else CPU. The seed's image failed
+with "device busy" at the first `.to(cuda)`: a CUDA failure at start falls back to CPU and the reason
+goes into the cell's result. mergekit's own tokenizer copy is off (it writes a bogus tokenizer when
+the donor has none; facts.md): we copy the base's tokenizer files and check they are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import BakeryError
+from ..manifest import sha256_file
+
+log = logging.getLogger(__name__)
+
+# mergekit shards its output at 5 GB, like the Hub's own checkpoints.
+OUT_SHARD_BYTES = 5_000_000_000
+# Files that are the model's weights or config, produced by the merge; everything else in the base
+# folder (tokenizer, chat template, processor and generation configs) is copied from the base.
+MODEL_FILES = {"config.json", "model.safetensors.index.json", "README.md", ".gitattributes",
+               "mergekit_config.yml"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def choose_device(requested: str) -> tuple[str, str | None]:
+    """Return (device, reason it is not what was asked for, or None)."""
+    if requested == "cpu":
+        return "cpu", None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", "CUDA is not available" if requested == "auto" else "CUDA requested but not available"
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError as e:  # "device busy", cgroup or driver trouble
+        return "cpu", f"CUDA probe failed: {e}"
+    return "cuda", None
+
+
+def run_mergekit(config: Any, out: Path, device: str, reason: str | None) -> dict[str, Any]:
+    """Merge into `out` (an empty folder); retry on CPU if CUDA fails. Returns the device record."""
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    def attempt(dev: str) -> None:
+        options = MergeOptions(device=dev, cuda=dev == "cuda", copy_tokenizer=False,
+                               write_model_card=False, quiet=True, lazy_unpickle=True,
+                               out_shard_size=OUT_SHARD_BYTES, safe_serialization=True)
+        run_merge(config, str(out), options=options)
+
+    try:
+        attempt(device)
+    except RuntimeError as e:
+        if device != "cuda":
+            raise
+        log.warning("mergekit failed on CUDA (%s); retrying on CPU", e)
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        device, reason = "cpu", f"mergekit on CUDA failed: {e}"
+        attempt(device)
+    return {"device": device, "fallback_reason": reason}
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The non-weight, non-config files of a model folder: tokenizer, templates, processor."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.is_file() and p.name not in MODEL_FILES
+                  and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith("."))
+
+
+def copy_tokenizer(base: Path, out: Path) -> dict[str, str]:
+    """Copy the base's tokenizer files into `out` and check they arrived identical."""
+    names = tokenizer_files(base)
+    if "tokenizer.json" not in names and "tokenizer.model" not in names:
+        raise BakeryError(f"the base {base} has no tokenizer.json or tokenizer.model")
+    hashes = {}
+    for name in names:
+        shutil.copyfile(base / name, out / name)
+        hashes[name] = sha256_file(out / name)
+        if hashes[name] != sha256_file(base / name):
+            raise BakeryError(f"tokenizer file {name} differs from the base's after copying")
+    return hashes

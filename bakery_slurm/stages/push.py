@@ -1,0 +1,149 @@
+"""push: publish a verified cell at path_in_repo = cell id, one commit per cell.
+
+A target is a Hub repo (`hub:owner/name`, via `HfApi.upload_folder`) or a local folder (`dir:/path`)
+with the same layout, so `from_pretrained(root, subfolder=cell_id)` loads either. Each published
+folder carries `bakery.json` (recipe hash, inputs, file hashes); a target that already holds the same
+recipe hash at that path is not pushed again. Hub calls failing with 412 (concurrent commit), 429
+(rate limit) or 5xx are retried with exponential backoff and full jitter.
+
+The token is whatever huggingface_hub finds in HF_TOKEN or its token file; it is never passed,
+logged or written by us.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .. import fsutil
+from ..errors import PushError
+from ..matrix import Cell, PushTarget
+from ..templating import render
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "bakery.json"
+RETRY_STATUSES = frozenset({408, 412, 429, 500, 502, 503, 504})
+MAX_TRIES = 6
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 120.0
+
+
+class Target(Protocol):
+    def published_recipe_hash(self, path_in_repo: str) -> str | None: ...
+
+    def publish(self, folder: Path, path_in_repo: str, message: str) -> str: ...
+
+
+class DirTarget:
+    """A local folder laid out like the Hub repo: <root>/<cell id>/..."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def published_recipe_hash(self, path_in_repo: str) -> str | None:
+        return _recipe_hash_of(self.root / path_in_repo / RECORD_FILE)
+
+    def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
+        with fsutil.locked(self.root / ".bakery-push.lock"):
+            with fsutil.staging_dir(self.root / path_in_repo) as tmp:
+                for item in folder.iterdir():
+                    shutil.copy2(item, tmp / item.name)
+        return str(self.root / path_in_repo)
+
+
+class HubTarget:
+    """A Hub model repo. `api` is an `HfApi`; tests pass a documented stand-in (tests/fakes.py)."""
+
+    def __init__(self, repo_id: str, private: bool = False, api: Any = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+        self.repo_id, self.private, self.api, self.sleep = repo_id, private, api, sleep
+
+    def published_recipe_hash(self, path_in_repo: str) -> str | None:
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        def download() -> str | None:
+            try:
+                return self.api.hf_hub_download(self.repo_id, f"{path_in_repo}/{RECORD_FILE}")
+            except (EntryNotFoundError, RepositoryNotFoundError):
+                return None
+
+        local = self._retry(download, "read the published record")
+        return None if local is None else _recipe_hash_of(Path(local))
+
+    def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
+        self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private,
+                                                 exist_ok=True), "create the repo")
+        commit = self._retry(lambda: self.api.upload_folder(
+            folder_path=str(folder), repo_id=self.repo_id, path_in_repo=path_in_repo,
+            commit_message=message), "upload")
+        return str(getattr(commit, "commit_url", commit))
+
+    def _retry(self, call: Callable[[], Any], what: str) -> Any:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        for attempt in range(1, MAX_TRIES + 1):
+            try:
+                return call()
+            except HfHubHTTPError as e:
+                status = getattr(e.response, "status_code", None)
+                if status not in RETRY_STATUSES or attempt == MAX_TRIES:
+                    raise PushError(f"{self.repo_id}: could not {what}: HTTP {status}: {e}") from None
+                delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
+                log.warning("%s: %s got HTTP %s (try %d/%d); retrying in %.1f s",
+                            self.repo_id, what, status, attempt, MAX_TRIES, delay)
+                self.sleep(delay)
+
+
+def _recipe_hash_of(record: Path) -> str | None:
+    try:
+        return json.loads(record.read_text()).get("recipe_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def make_target(push: PushTarget, api: Any = None) -> Target:
+    if push.kind == "dir":
+        return DirTarget(Path(push.location))
+    return HubTarget(push.location, private=push.private, api=api)
+
+
+def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
+    """The model card (README.md) of a published cell: metadata, how to load, recipe, provenance."""
+    def resolved(identity: dict[str, Any]) -> str:
+        return f"commit {identity['commit']}" if identity.get("commit") else (
+            f"sha256 {identity['sha256'][:16]}")
+
+    inputs = [("base", cell.base.describe(), resolved(record["inputs"]["base"]))] + [
+        (f"adapter {name}", source.describe(), resolved(record["inputs"]["adapters"][name]))
+        for name, source in cell.adapters]
+    return render("model_card.md.j2", cell=cell, recipe=recipe,
+                  base_models=[cell.base.repo] if cell.base.repo else [],
+                  repo=cell.push.location, adapter_names=[name for name, _ in cell.adapters],
+                  inputs=inputs, output_sha256=record["output"]["content_sha256"],
+                  device=record["device"], fallback_reason=record["fallback_reason"],
+                  versions=record["versions"])
+
+
+def build_publish_folder(final: Path, out: Path, card: str, recipe: str,
+                         record: dict[str, Any]) -> None:
+    """`out` = the verified checkpoint (hardlinked) + README.md + mergekit_config.yml + bakery.json."""
+    with fsutil.staging_dir(out) as tmp:
+        for item in final.iterdir():
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        (tmp / "README.md").write_text(card)
+        (tmp / "mergekit_config.yml").write_text(recipe)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
