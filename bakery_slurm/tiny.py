@@ -322,14 +322,23 @@ def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, std: float = 0.
     The adapter tensors are float32 (PEFT upcasts adapter weights even on a bf16 base). On the
     multimodal base, all-linear also adapts the vision tower (q/k/v/out_proj, fc1, fc2); lm_head
     and the projector are not adapted. `base_model_name_or_path` is "tiny-gemma3-<arch>", not a
-    path: load the base yourself and call `PeftModel.from_pretrained(base, out_dir)`.
+    path (README.md names it too): load the base yourself and call `PeftModel.from_pretrained(base, out_dir)`.
     """
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
 
     cls = model_class(base_dir)
     base = cls.from_pretrained(str(base_dir), dtype=torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    # PEFT copies the base's path into adapter_config.json and README.md; use a neutral name so
+    # the files do not depend on where the base was built.
+    neutral_name = f"tiny-gemma3-{cls.__name__}"
+    base.config._name_or_path = base.name_or_path = neutral_name
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers method that 5.24 deprecates; nothing for us to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # Sorted names: the values must not depend on module registration order.
@@ -337,7 +346,7 @@ def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, std: float = 0.
             if ".lora_A." in name or ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
     config = model.peft_config["default"]
-    config.base_model_name_or_path = f"tiny-gemma3-{cls.__name__}"
+    config.base_model_name_or_path = neutral_name
     # PEFT stores the resolved modules as a set; a sorted list makes adapter_config.json stable
     # across PYTHONHASHSEED values.
     config.target_modules = sorted(config.target_modules)

@@ -1,0 +1,271 @@
+"""sacct/squeue parsing on literal text, reduction to cells, resubmit choice, and the thin shell."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from bakery_slurm import sacct
+from bakery_slurm.errors import SchedulerError
+from bakery_slurm.ledger import Ledger, PlannedArray, confirm_array, record_intent
+from bakery_slurm.sacct import (
+    NOT_FOUND,
+    UNCONFIRMED,
+    CellStatus,
+    Refusal,
+    TaskState,
+    choose_resubmit,
+    find_jobs_by_name,
+    parse_sacct,
+    parse_squeue,
+    query_sacct,
+    query_squeue,
+    reduce_cells,
+    sacct_starttime,
+    totals,
+)
+
+SACCT_TEXT = """\
+1234_0|COMPLETED|0:0|00:01:02|c1-1
+1234_3|FAILED|7:0|00:00:05|c1-2
+1234_[4-9%2]|PENDING|0:0|00:00:00|None assigned
+1234_3.batch|FAILED|7:0|00:00:05|c1-2
+1235_[1,3,5-7]|PENDING|0:0|00:00:00|None assigned
+1236|RUNNING|0:0|00:10:00|c1-[1-2]
+1237_2|CANCELLED by 0|0:15|00:00:09|c1-3
+1237_10|OUT_OF_MEMORY|0:125|01:00:00|c1-4
+1237_11|NODE_FAIL|1:0|1-02:03:04|c1-5
+1237_12|REQUEUED|0:0|00:00:30|c1-6
+1238_[0-6:3]|PENDING|0:0|00:00:00|None assigned
+
+"""
+
+
+def test_parse_sacct_expands_ranges_and_strips_state_detail():
+    states = parse_sacct(SACCT_TEXT)
+    assert states["1234_0"] == TaskState("COMPLETED", "0:0", "00:01:02", "c1-1")
+    assert states["1234_3"] == TaskState("FAILED", "7:0", "00:00:05", "c1-2")
+    assert {k for k in states if k.startswith("1234_")} == {"1234_0", "1234_3"} | {f"1234_{i}" for i in range(4, 10)}
+    assert states["1234_9"] == TaskState("PENDING", "0:0", "00:00:00", None)
+    assert sorted(k for k in states if k.startswith("1235_")) == ["1235_1", "1235_3", "1235_5", "1235_6", "1235_7"]
+    assert states["1236"] == TaskState("RUNNING", "0:0", "00:10:00", "c1-[1-2]")
+    assert states["1237_2"].state == "CANCELLED"
+    assert [states[f"1237_{i}"].state for i in (10, 11, 12)] == ["OUT_OF_MEMORY", "NODE_FAIL", "REQUEUED"]
+    assert states["1237_11"].elapsed == "1-02:03:04"
+    assert sorted(k for k in states if k.startswith("1238_")) == ["1238_0", "1238_3", "1238_6"]
+
+
+@pytest.mark.parametrize("text", ["", "\n", "  \n\n"])
+def test_parse_sacct_empty_output(text):
+    assert parse_sacct(text) == {}
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("hello world", "expected 5 '|'-separated fields"),
+        ("1234_1|COMPLETED|0:0|00:00:01", "expected 5"),
+        ("abc_1|COMPLETED|0:0|00:00:01|n1", "cannot parse job id 'abc_1'"),
+        ("1234_[1-3,5...|PENDING|0:0|00:00:00|None assigned", "cannot parse job id"),  # cut by SLURM_BITSTR_LEN
+        ("1234_[1--3]|PENDING|0:0|00:00:00|None assigned", "cannot parse array range '1--3'"),
+        ("1234+1|COMPLETED|0:0|00:00:01|n1", "cannot parse job id '1234\\+1'"),
+        ("1234_1|completed|0:0|00:00:01|n1", "cannot parse state 'completed'"),
+        ("1234_1|COMPLETED|zero|00:00:01|n1", "cannot parse exit code 'zero'"),
+    ],
+)
+def test_parse_sacct_refuses_garbage(line, message):
+    with pytest.raises(SchedulerError, match=f"sacct line 2: {message}"):
+        parse_sacct(f"1_0|COMPLETED|0:0|00:00:01|n0\n{line}\n")
+
+
+def test_parse_squeue():
+    text = "500_0|RUNNING|1:02|c1-1\n500_[1-3%1]|PENDING|0:00|\n501_0|COMPLETED|0:20|c1-2\n"
+    states = parse_squeue(text)
+    assert states["500_0"] == TaskState("RUNNING", None, "1:02", "c1-1")
+    assert states["500_3"] == TaskState("PENDING", None, "0:00", None)
+    assert len(states) == 5
+    with pytest.raises(SchedulerError, match="squeue line 1: expected 4"):
+        parse_squeue("500_0 RUNNING\n")
+
+
+def planned(*cells: str) -> PlannedArray:
+    return PlannedArray(executor="slurm", resources={}, folder="f", cells=list(cells))
+
+
+def build_ledger() -> tuple[Ledger, list[str]]:
+    """Cells a, b, c in array 100; b resubmitted alone as array 200 (index 0 again); d unconfirmed."""
+    ledger = Ledger()
+    names = []
+    for n, (cells, job_id) in enumerate([(("a", "b", "c"), "100"), (("b",), "200"), (("d",), None)]):
+        now = datetime(2025, 3, 1 + n, 12, tzinfo=timezone.utc)
+        sub = record_intent(
+            ledger,
+            matrix_path="m",
+            matrix_sha256="0" * 64,
+            arrays=[planned(*cells)],
+            recipe_hashes=dict.fromkeys(cells, f"r{n}"),
+            now=now,
+        )
+        names.append(sub.arrays[0].name)
+        if job_id:
+            confirm_array(ledger, sub.arrays[0].name, job_id)
+    return ledger, names
+
+
+def test_reduce_cells_uses_the_latest_attempt_by_cell_not_index():
+    ledger, names = build_ledger()
+    # 100_0 (cell a) is COMPLETED and 100_1 (b's first attempt) FAILED; b's latest is 200_0.
+    states = parse_sacct(
+        "100_0|COMPLETED|0:0|00:01:00|n1\n100_1|FAILED|1:0|00:00:10|n2\n200_0|RUNNING|0:0|00:00:05|n3\n"
+    )
+    by_cell = {s.cell: s for s in reduce_cells(ledger, states)}
+    assert list(by_cell) == ["a", "b", "c", "d"]
+    assert by_cell["a"] == CellStatus("a", "COMPLETED", 1, names[0], "100", 0, "r0", "0:0", "00:01:00", "n1")
+    assert by_cell["b"] == CellStatus("b", "RUNNING", 2, names[1], "200", 0, "r1", "0:0", "00:00:05", "n3")
+    assert by_cell["b"].task_id == "200_0"
+    assert by_cell["c"] == CellStatus("c", NOT_FOUND, 1, names[0], "100", 2, "r0")
+    assert by_cell["d"] == CellStatus("d", UNCONFIRMED, 1, names[2], None, 0, "r2")
+    assert by_cell["d"].task_id is None
+
+
+def status(cell: str, state: str, attempt: int = 1, job_id: str | None = "9") -> CellStatus:
+    return CellStatus(cell, state, attempt, "bakery-00000000-0", job_id, 0, "r")
+
+
+def test_choose_resubmit_refuses_with_reasons():
+    statuses = [
+        status("1b/failed", "FAILED"),
+        status("1b/oom", "OUT_OF_MEMORY", attempt=2),
+        status("1b/capped", "TIMEOUT", attempt=3),
+        status("1b/pending", "PENDING"),
+        status("1b/running", "RUNNING"),
+        status("1b/done", "COMPLETED"),
+        status("1b/unconfirmed", UNCONFIRMED, job_id=None),
+        status("1b/lost", NOT_FOUND),
+        status("4b/failed", "FAILED"),
+    ]
+    chosen, refused = choose_resubmit(statuses, max_attempts=3, only="1b/*")
+    assert [s.cell for s in chosen] == ["1b/failed", "1b/oom"]
+    assert refused == [
+        Refusal("1b/capped", "TIMEOUT", "reached the attempt cap (3 of 3)"),
+        Refusal("1b/pending", "PENDING", "latest attempt is PENDING, not a terminal failure"),
+        Refusal("1b/running", "RUNNING", "latest attempt is RUNNING, not a terminal failure"),
+        Refusal("1b/done", "COMPLETED", "already COMPLETED"),
+        Refusal(
+            "1b/unconfirmed",
+            UNCONFIRMED,
+            "array bakery-00000000-0 has no recorded job id; run status to recover it first",
+        ),
+        Refusal("1b/lost", NOT_FOUND, "the scheduler has no record of task 9_0"),
+    ]
+
+
+def test_choose_resubmit_selected_states():
+    statuses = [status("a", "FAILED"), status("b", "TIMEOUT")]
+    chosen, refused = choose_resubmit(statuses, max_attempts=2, states={"TIMEOUT"})
+    assert [s.cell for s in chosen] == ["b"]
+    assert refused == [Refusal("a", "FAILED", "FAILED is not among the selected states (TIMEOUT)")]
+    with pytest.raises(ValueError, match="cannot resubmit cells in state COMPLETED"):
+        choose_resubmit([], max_attempts=2, states={"COMPLETED"})
+    with pytest.raises(ValueError, match="at least 1"):
+        choose_resubmit([], max_attempts=0)
+
+
+def test_totals():
+    statuses = [status("a", "FAILED"), status("b", "COMPLETED"), status("c", "FAILED")]
+    assert totals(statuses) == {"COMPLETED": 1, "FAILED": 2}
+    assert list(totals(statuses)) == ["COMPLETED", "FAILED"]
+
+
+def test_sacct_starttime(monkeypatch):
+    # sacct reads --starttime in local time; pin the zone so the expected string is fixed.
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        ledger, _ = build_ledger()
+        assert sacct_starttime(ledger) == "2025-03-01T11:00:00"
+        assert sacct_starttime(Ledger()) is None
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+class FakeRunner:
+    """Stands in for subprocess.run: records each command, answers with canned output."""
+
+    def __init__(self, stdout: str = "", returncode: int = 0, stderr: str = "", raises: Exception | None = None):
+        self.calls: list[list[str]] = []
+        self.kwargs: list[dict] = []
+        self.stdout, self.returncode, self.stderr, self.raises = stdout, returncode, stderr, raises
+
+    def __call__(self, command, **kwargs):
+        self.calls.append(command)
+        self.kwargs.append(kwargs)
+        if self.raises is not None:
+            raise self.raises
+        return subprocess.CompletedProcess(command, self.returncode, self.stdout, self.stderr)
+
+
+def test_query_sacct_one_call_for_all_arrays():
+    runner = FakeRunner("100_0|COMPLETED|0:0|00:01:00|n1\n200_[0-1]|PENDING|0:0|00:00:00|None assigned\n")
+    states = query_sacct(["100", "200", "100"], "2025-03-01T11:00:00", runner=runner)
+    assert runner.calls == [
+        ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,State,ExitCode,Elapsed,NodeList"]
+        + ["-j", "100,200", "--starttime", "2025-03-01T11:00:00"]
+    ]
+    assert runner.kwargs[0]["env"]["SLURM_BITSTR_LEN"] == "0"
+    assert sorted(states) == ["100_0", "200_0", "200_1"]
+
+
+def test_query_sacct_chunks_long_id_lists(monkeypatch):
+    runner = FakeRunner()
+    assert query_sacct([], runner=runner) == {}
+    assert runner.calls == []
+    monkeypatch.setattr(sacct, "MAX_IDS_PER_CALL", 10)
+    query_sacct([str(i) for i in range(25)], runner=runner)
+    assert [len(call[call.index("-j") + 1].split(",")) for call in runner.calls] == [10, 10, 5]
+
+
+@pytest.mark.parametrize(
+    "runner, message",
+    [
+        (FakeRunner(raises=FileNotFoundError(2, "No such file")), "sacct is not installed or not on PATH"),
+        (FakeRunner(raises=subprocess.TimeoutExpired("sacct", 120)), "did not answer within 120 s"),
+        (
+            FakeRunner(returncode=1, stderr="sacct: error: Slurm accounting storage is disabled\n"),
+            "failed \\(exit status 1\\): sacct: error: Slurm accounting storage is disabled",
+        ),
+        (
+            FakeRunner(stderr="sacct: error: Problem talking to the database: Connection refused"),
+            "failed \\(exit status 0\\): sacct: error: Problem talking",
+        ),
+        (FakeRunner(stdout="JobID|State\n"), "sacct -X .* -j 7: sacct line 1: expected 5"),
+    ],
+)
+def test_query_sacct_failures_raise(runner, message):
+    with pytest.raises(SchedulerError, match=message):
+        query_sacct(["7"], runner=runner)
+
+
+def test_query_squeue_lists_own_jobs_and_keeps_ours():
+    runner = FakeRunner("500_0|RUNNING|1:02|c1-1\n999_0|RUNNING|5:00|c1-2\n")
+    assert query_squeue(["500"], runner=runner) == {"500_0": TaskState("RUNNING", None, "1:02", "c1-1")}
+    assert runner.calls == [["squeue", "--me", "--array", "--noheader", "--states=all", "-o", "%i|%T|%M|%N"]]
+    down = FakeRunner(returncode=1, stderr="squeue: error: Unable to contact slurm controller")
+    with pytest.raises(SchedulerError, match="squeue --me .* failed \\(exit status 1\\): squeue: error: Unable"):
+        query_squeue(["500"], runner=down)
+
+
+def test_find_jobs_by_name():
+    runner = FakeRunner("300_0|bakery-aa-0\n300_[1-4]|bakery-aa-0\n301_0|bakery-aa-1\n302_0|someone-else\n")
+    found = find_jobs_by_name(["bakery-aa-0", "bakery-aa-1", "bakery-aa-2"], "2025-03-01T11:00:00", runner=runner)
+    assert found == {"bakery-aa-0": ["300"], "bakery-aa-1": ["301"]}
+    assert runner.calls[0][5:] == [
+        "JobID,JobName",
+        "--name=bakery-aa-0,bakery-aa-1,bakery-aa-2",
+        "--starttime",
+        "2025-03-01T11:00:00",
+    ]
