@@ -365,6 +365,24 @@ def confirm_array(ledger: Ledger, name: str, job_id: str) -> ArrayRecord:
     return array
 
 
+def forget_array(ledger: Ledger, name: str) -> None:
+    """Undo the recorded intent of an array whose sbatch definitely failed.
+
+    Drops the array, the attempts that point at it, and a submission left with no array, so a
+    refused submission leaves no trace.
+    """
+    find_array(ledger, name)
+    for submission in ledger.submissions:
+        submission.arrays = [array for array in submission.arrays if array.name != name]
+    ledger.submissions = [submission for submission in ledger.submissions if submission.arrays]
+    for cell in list(ledger.cells):
+        kept = [attempt for attempt in ledger.cells[cell] if attempt.array != name]
+        if kept:
+            ledger.cells[cell] = kept
+        else:
+            del ledger.cells[cell]
+
+
 def find_array(ledger: Ledger, name: str) -> ArrayRecord:
     """The array called `name`; raises `LedgerError` if there is none."""
     for array in all_arrays(ledger):

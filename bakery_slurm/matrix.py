@@ -107,14 +107,14 @@ class Resources(_Model):
     @classmethod
     def _mem(cls, v: str | None) -> str | None:
         if v is not None and not MEMORY.match(v):
-            raise ValueError(f"memory must look like 110G or 4000M, got {v!r}")
+            raise ValueError("memory must look like 110G or 4000M")
         return v
 
     @field_validator("time")
     @classmethod
     def _time(cls, v: str) -> str:
         if not TIME_LIMIT.match(v):
-            raise ValueError(f"time must be HH:MM:SS or D-HH:MM:SS, got {v!r}")
+            raise ValueError("time must be HH:MM:SS or D-HH:MM:SS")
         return v
 
     @property
@@ -295,6 +295,10 @@ def _describe_validation_error(path: Path, error: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        if tuple(err["loc"][:2]) == ("runtime", "env"):
+            # The values may be credentials: name the variables, never echo what they hold.
+            names = sorted(err["input"]) if isinstance(err["input"], dict) else []
+            got = f" (got variables {names!r})" if names else ""
         lines.append(f"{path}: {key}: {msg}{got}")
     return "\n".join(lines)
 
@@ -321,9 +325,17 @@ def _check(matrix: Matrix) -> None:
             raise _fail(matrix, f"methods.{method}", method, e.args[0]) from None
         for name, value in params.items():
             _check_param(matrix, f"methods.{method}.{name}", method_spec, name, value)
+        for name, param in method_spec.params.items():
+            if param.required and name not in params:
+                raise _fail(matrix, f"methods.{method}", params,
+                            f"missing required parameter {name!r}")
     for size, size_spec in spec.sizes.items():
         for key, wanted, known in (("methods", size_spec.methods, spec.methods),
                                    ("variants", size_spec.variants, spec.variants)):
+            if wanted is not None and not wanted:
+                raise _fail(matrix, f"sizes.{size}.{key}", wanted,
+                            f"an empty list selects nothing; leave the key out to use every "
+                            f"entry of [{key}]")
             for name in wanted or ():
                 if name not in known:
                     raise _fail(matrix, f"sizes.{size}.{key}", name,
@@ -414,7 +426,7 @@ def expand(matrix: Matrix) -> list[Cell]:
                         parameters=parameters, base=base, adapters=adapters,
                         push=_push_target(matrix), resources=resources, dtype=spec.dtype))
     if not cells:
-        raise ConfigError(f"{matrix.path}: the matrix expands to no cells (check 'exclude')")
+        raise _fail(matrix, "exclude", spec.exclude, "the rules remove every cell")
     return cells
 
 

@@ -27,12 +27,15 @@ class ParamSpec:
         Returns an error message for a bad value, or None.
     kind:
         The Python type accepted from TOML (float parameters also accept integers).
+    required:
+        True when mergekit has no default for it (the merge would fail after baking without it).
     """
 
     name: str
     per_model: bool
     check: Callable[[object], str | None]
     kind: type = float
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def _any_bool(value: object) -> str | None:
     return None
 
 
-WEIGHT = ParamSpec("weight", per_model=True, check=_finite_non_negative)
+WEIGHT = ParamSpec("weight", per_model=True, check=_finite_non_negative, required=True)
 DENSITY = ParamSpec("density", per_model=True, check=_density)
 NORMALIZE = ParamSpec("normalize", per_model=False, check=_any_bool, kind=bool)
 
