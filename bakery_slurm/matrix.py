@@ -135,7 +135,12 @@ class Runtime(_Model):
     # Variables copied from the submitting environment when set (Olivia's proxies).
     pass_env: list[str] = ["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                            "NO_PROXY"]
+    # Python inside the image that runs `-m bakery_slurm run-cell`.
     python: str = "python3"
+    # Python on the compute node (outside the container) that runs submitit's task wrapper; it
+    # needs only submitit. Default: the Python running `submit`, which must then exist there
+    # (on Olivia the login nodes are x86 and the compute nodes arm64: point this at an arm64 venv).
+    host_python: str | None = None
 
     @field_validator("env")
     @classmethod
@@ -258,6 +263,10 @@ class Matrix:
         return self.path.parent
 
     @property
+    def push_target(self) -> PushTarget:
+        return _push_target(self)
+
+    @property
     def work_dir(self) -> Path:
         return (self.root / Path(self.spec.paths.work).expanduser()).resolve()
 
@@ -266,8 +275,12 @@ class Matrix:
 # Loading
 
 
-def load_matrix(path: Path | str) -> Matrix:
-    """Read, parse and validate a matrix file; raise ConfigError naming file, key and value."""
+def load_matrix(path: Path | str, check_cells: bool = True) -> Matrix:
+    """Read, parse and validate a matrix file; raise ConfigError naming file, key and value.
+
+    With check_cells=False the cells are not expanded (ids, templates and sweeps go unchecked):
+    for readers such as `status` that only need the matrix's settings.
+    """
     path = Path(path).resolve()
     try:
         raw = path.read_bytes()
@@ -283,7 +296,8 @@ def load_matrix(path: Path | str) -> Matrix:
         raise ConfigError(_describe_validation_error(path, e)) from None
     matrix = Matrix(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
     _check(matrix)
-    expand(matrix)  # ids, templates and sweeps are validated by expanding once
+    if check_cells:
+        expand(matrix)  # ids, templates and sweeps are validated by expanding once
     return matrix
 
 
@@ -424,7 +438,7 @@ def expand(matrix: Matrix) -> list[Cell]:
                     cells.append(Cell(
                         id=cell_id, size=size, variant=variant, method=method,
                         parameters=parameters, base=base, adapters=adapters,
-                        push=_push_target(matrix), resources=resources, dtype=spec.dtype))
+                        push=matrix.push_target, resources=resources, dtype=spec.dtype))
     if not cells:
         raise _fail(matrix, "exclude", spec.exclude, "the rules remove every cell")
     return cells

@@ -66,4 +66,4 @@ def main() -> None:
 
 
 # Each module registers its command on `cli` at import.
-from . import plan, run_cell  # noqa: E402,F401
+from . import cancel, logs, plan, resubmit, run_cell, status, submit  # noqa: E402,F401

@@ -1,0 +1,40 @@
+"""`bakery-slurm cancel`: cancel the pending and running tasks of some cells."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import click
+
+from ..executors import backend
+from ..ledger import load_ledger
+from ..tracking import LIVE_STATES, snapshot
+from .common import ledger_option
+from . import cli
+
+
+@cli.command()
+@ledger_option
+@click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB (default: all).")
+def cancel(ledger_path: Path, only: str | None) -> None:
+    """Cancel the live (pending or running) tasks of the ledger's cells.
+
+    \b
+    Example:
+        bakery-slurm cancel --only '12b-*'
+    """
+    ledger = load_ledger(ledger_path)
+    snap = snapshot(ledger_path, ledger)
+    live = [s for s in snap.statuses if s.state in LIVE_STATES and s.array_job_id
+            and (only is None or fnmatch.fnmatchcase(s.cell, only))]
+    by_executor: dict[str, list] = {}
+    for s in live:
+        array = snap.arrays[s.array_name]
+        by_executor.setdefault(array.executor, []).append((array, s.index))
+    for executor, tasks in by_executor.items():
+        backend(executor).cancel(tasks)
+    for s in live:
+        click.echo(f"cancelled {s.cell} ({s.task_id}, was {s.state})")
+    if not live:
+        click.echo("nothing to cancel", err=True)

@@ -1,0 +1,54 @@
+"""Options and helpers shared by the ledger commands (submit, status, resubmit, logs, cancel)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..errors import ConfigError
+from ..ledger import Ledger
+from ..matrix import load_matrix
+from ..tracking import Snapshot
+
+LEDGER_NAME = "bakery-ledger.json"
+STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "log"]
+
+
+def ledger_option(f: Callable) -> Callable:
+    """--ledger PATH (env BAKERY_LEDGER), default ./bakery-ledger.json."""
+    return click.option(
+        "--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
+        envvar="BAKERY_LEDGER", default=LEDGER_NAME, show_default=True,
+        help="The ledger file (env BAKERY_LEDGER); `submit` writes it beside the matrix.")(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _push_root(matrix_path: str) -> str | None:
+    try:
+        return str(load_matrix(matrix_path, check_cells=False).push_target)
+    except ConfigError:
+        return None
+
+
+def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
+    """One row per cell: state, exit code, elapsed, node, attempt, task id, log and output."""
+    from ..executors import backend
+
+    matrix_of = {array.name: submission.matrix_path
+                 for submission in ledger.submissions for array in submission.arrays}
+    rows = []
+    for s in snap.statuses:
+        array = snap.arrays[s.array_name]
+        log = backend(array.executor).log_paths(array, s.index)[0] if s.array_job_id else None
+        root = _push_root(matrix_of[s.array_name])
+        rows.append({
+            "cell": s.cell, "state": s.state, "exit_code": s.exit_code, "elapsed": s.elapsed,
+            "node": s.node, "attempt": s.attempt, "array_job_id": s.array_job_id,
+            "index": s.index, "task": s.task_id, "executor": array.executor,
+            "log": str(log) if log else None,
+            "output": f"{root}/{s.cell}" if root else None,
+        })
+    return rows

@@ -1,0 +1,58 @@
+"""`bakery-slurm status`: where every cell of the ledger stands. Reads only; never imports torch."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..ledger import load_ledger
+from ..output import format_rows, output_options
+from ..sacct import TERMINAL_FAILURES, totals
+from ..tracking import LIVE_STATES, snapshot
+from .common import STATUS_COLUMNS, ledger_option, status_rows
+from . import EXIT_FAILED, cli
+
+MIN_WATCH_S = 30  # sacct is the controller's database: do not poll it harder than this
+
+
+@cli.command()
+@ledger_option
+@click.option("--watch", type=float, metavar="SECONDS",
+              help=f"Refresh every SECONDS (at least {MIN_WATCH_S}) until no cell is pending or running.")
+@output_options
+def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
+    """Show the state of every cell's latest attempt, from one batched sacct call.
+
+    Exit status 1 when any cell's latest attempt failed (FAILED, TIMEOUT, OUT_OF_MEMORY, ...).
+    Without SLURM accounting, states come from squeue and the cells' result records, and a
+    note on stderr says so.
+
+    \b
+    Example:
+        bakery-slurm status
+        bakery-slurm status --json | jq '.[] | select(.state != "COMPLETED")'
+        bakery-slurm status --watch 60
+    """
+    if watch is not None and watch < MIN_WATCH_S:
+        click.echo(f"--watch {watch:g} is below {MIN_WATCH_S} s; refreshing every {MIN_WATCH_S} s",
+                   err=True)
+        watch = MIN_WATCH_S
+    while True:
+        ledger = load_ledger(ledger_path)
+        snap = snapshot(ledger_path, ledger)
+        for note in snap.notes:
+            click.echo(f"note: {note}", err=True)
+        rows = status_rows(ledger, snap)
+        click.echo(format_rows(rows, STATUS_COLUMNS, fmt))
+        if fmt == "table":
+            click.echo("totals: " + ", ".join(f"{state} {n}" for state, n in
+                                               totals(snap.statuses).items()))
+        live = any(s.state in LIVE_STATES for s in snap.statuses)
+        if watch is None or not live:
+            break
+        time.sleep(watch)
+    if any(s.state in TERMINAL_FAILURES for s in snap.statuses):
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,115 @@
+"""`bakery-slurm submit`: expand a matrix into job arrays and record them in the ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..executors import backend, resolve_executor
+from ..ledger import load_ledger
+from ..matrix import expand, load_matrix, select
+from ..output import format_rows, output_options
+from ..pipeline import CellPaths, read_result
+from ..submission import submit_cells
+from ..tracking import LIVE_STATES, snapshot
+from .common import LEDGER_NAME
+from . import cli
+
+ARRAY_COLUMNS = ["array", "job_id", "executor", "cells", "resources"]
+
+
+@cli.command()
+@click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB, e.g. '4b-*'.")
+@click.option("--executor", type=click.Choice(["auto", "slurm", "local"]), default="auto",
+              show_default=True, help="auto: slurm when sbatch is on PATH, else local.")
+@click.option("--dry-run", is_flag=True,
+              help="Print arrays, sbatch scripts, task commands and recipes; submit nothing.")
+@click.option("--force", is_flag=True, help="Also submit cells already completed with this recipe.")
+@click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Ledger file (default: {LEDGER_NAME} beside MATRIX).")
+@output_options
+def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: bool,
+           ledger_path: Path | None, fmt: str) -> None:
+    """Submit the cells of MATRIX as job arrays, one per resource group (one sbatch each).
+
+    Cells already completed with the same recipe hash, and cells with a pending or running
+    attempt, are skipped (--force submits completed ones again). Every rendered recipe is
+    validated with mergekit before anything is submitted.
+
+    \b
+    Example:
+        bakery-slurm submit matrix.toml --dry-run
+        bakery-slurm submit matrix.toml --only '4b-*'
+        bakery-slurm submit matrix.toml --executor local
+    """
+    from ..recipe import render_recipe, validate_recipe
+
+    loaded = load_matrix(matrix)
+    ledger_path = ledger_path or loaded.root / LEDGER_NAME
+    cells = select(expand(loaded), only)
+    if not cells:
+        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    recipes = {c.id: render_recipe(c, "(base, hub layout)",
+                                   {name: f"({name} baked)" for name, _ in c.adapters})
+               for c in cells}
+    for cell in cells:
+        validate_recipe(cell.id, recipes[cell.id])
+    cells, skipped = _skip_done_or_live(cells, ledger_path, loaded.work_dir, force)
+    for cell_id, reason in skipped:
+        click.echo(f"skip {cell_id}: {reason}", err=True)
+    kind = resolve_executor(executor)
+    requests = submit_cells(ledger_path, loaded, cells, kind, dry_run=dry_run) if cells else []
+    if dry_run:
+        _print_dry_run(requests, kind, recipes)
+        return
+    rows = [{"array": r.array.name, "job_id": r.array.job_id, "executor": r.array.executor,
+             "cells": len(r.array.cells), "resources": r.array.resources,
+             "cell_ids": r.array.cells} for r in requests]
+    click.echo(format_rows(rows, ARRAY_COLUMNS, fmt))
+    if rows:
+        click.echo(f"ledger: {ledger_path}", err=True)
+
+
+def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool):
+    skipped, keep = [], []
+    live = set()
+    if ledger_path.exists():
+        ledger = load_ledger(ledger_path)
+        if any(c.id in ledger.cells for c in cells):
+            live = {s.cell: s.state for s in snapshot(ledger_path, ledger).statuses
+                    if s.state in LIVE_STATES}
+    for cell in cells:
+        result = read_result(CellPaths(work, cell.id))
+        if cell.id in live:
+            skipped.append((cell.id, f"an attempt is {live[cell.id]}"))
+        elif (not force and result and result.get("status") == "done"
+              and result.get("recipe_hash") == cell.recipe_hash):
+            skipped.append((cell.id, "already completed with this recipe (use --force)"))
+        else:
+            keep.append(cell)
+    return keep, skipped
+
+
+def _print_dry_run(requests, kind: str, recipes: dict[str, str]) -> None:
+    runner = backend(kind)
+    for request in requests:
+        array = request.array
+        click.echo(f"== array {array.name} ({kind}, {len(array.cells)} tasks) "
+                   f"resources {json.dumps(array.resources)}")
+        click.echo(runner.render(request).rstrip())
+        for index, (cell_id, argv) in enumerate(zip(array.cells, request.argvs)):
+            click.echo(f"-- task {index}: {cell_id}")
+            click.echo("   " + " ".join(_quote(a) for a in argv))
+            click.echo("   recipe:")
+            click.echo("\n".join("     " + line for line in recipes[cell_id].rstrip().splitlines()))
+    click.echo(f"dry run: {len(requests)} array(s), "
+               f"{sum(len(r.argvs) for r in requests)} task(s); nothing submitted or written.")
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

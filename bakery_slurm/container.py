@@ -1,0 +1,33 @@
+"""The command line one array task runs (pure): `bakery-slurm run-cell` inside apptainer or not."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .matrix import Runtime
+
+
+def task_argv(runtime: Runtime, container: str, matrix_path: Path, matrix_sha256: str,
+              cell_id: str, work: Path, gpus: int | None) -> list[str]:
+    """argv for one cell.
+
+    Parameters
+    ----------
+    container:
+        "apptainer" or "none" (already resolved from the runtime and the executor).
+    gpus:
+        GPUs per node; apptainer gets `--nv` only when the task has GPUs.
+    """
+    run_cell = ["-m", "bakery_slurm", "run-cell", str(matrix_path), cell_id,
+                "--matrix-sha256", matrix_sha256, "--work", str(work)]
+    if container == "none":
+        return [sys.executable, *run_cell]
+    # The matrix and work folders must be visible inside the container at the same paths.
+    binds = list(dict.fromkeys([*runtime.binds, str(matrix_path.parent), str(work)]))
+    argv = ["apptainer", "exec"]
+    if gpus:
+        argv.append("--nv")
+    argv += ["--cleanenv", "--bind", ",".join(binds)]
+    argv += [f"--env={name}={value}" for name, value in sorted(runtime.env.items())]
+    return [*argv, str(runtime.image), runtime.python, *run_cell]

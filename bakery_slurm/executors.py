@@ -1,0 +1,213 @@
+"""Job arrays: the only module that imports submitit.
+
+`group_cells` (pure) puts cells with equal resources into one array each, split so no array exceeds
+the cluster's MaxArraySize (submitit never splits; facts.md). `SlurmBackend` submits an array with
+one `sbatch` through submitit, `LocalBackend` through the embedded local executor; both return the
+array's job id, read task states, cancel tasks and locate logs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import local, task
+from .errors import SchedulerError
+from .ledger import ArrayRecord
+from .matrix import Cell, Resources
+from .sacct import (
+    SCHEDULER_TIMEOUT_S,
+    TaskState,
+    find_jobs_by_name,
+    query_sacct,
+    query_squeue,
+)
+
+Runner = Callable[..., subprocess.CompletedProcess]
+DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize (highest index 1000)
+# Resource fields -> submitit SlurmExecutor parameters (time is handled apart: minutes).
+SUBMITIT_KEYS = ("partition", "account", "qos", "constraint", "gpus_per_node", "cpus_per_task",
+                 "mem")
+
+
+def group_cells(cells: Sequence[Cell], max_array_size: int) -> list[list[Cell]]:
+    """Cells grouped by identical resources (first-seen order), each group cut into chunks of at
+    most `max_array_size` tasks."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.resources.model_dump_json(), []).append(cell)
+    return [group[i:i + max_array_size] for group in groups.values()
+            for i in range(0, len(group), max_array_size)]
+
+
+def parse_max_array_size(text: str) -> int:
+    """MaxArraySize from `scontrol show config` output."""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
+    if match is None:
+        raise SchedulerError("scontrol show config printed no MaxArraySize")
+    return int(match.group(1))
+
+
+def slurm_parameters(resources: Resources, job_name: str, parallelism: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one array (None values left to the cluster)."""
+    values = resources.model_dump()
+    params = {key: values[key] for key in SUBMITIT_KEYS if values[key] is not None}
+    return {**params, "time": resources.time_min, "job_name": job_name,
+            "array_parallelism": parallelism}
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """Everything needed to start one array: its ledger record and each task's command."""
+
+    array: ArrayRecord
+    argvs: list[list[str]]
+    pass_env: list[str]
+    container: str
+    parallelism: int
+    resources: Resources
+    host_python: str | None
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self, runner: Runner = subprocess.run):
+        self.runner = runner
+
+    def max_array_size(self) -> int:
+        try:
+            out = self.runner(["scontrol", "show", "config"], capture_output=True, text=True,
+                              timeout=SCHEDULER_TIMEOUT_S, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SchedulerError(f"scontrol show config failed: {e}") from None
+        return parse_max_array_size(out)
+
+    def render(self, request: SubmitRequest) -> str:
+        """The sbatch script submitit would write for this array (for --dry-run)."""
+        from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+        executor = SlurmExecutor(request.array.folder, python=request.host_python)
+        params = slurm_parameters(request.resources, request.array.name, request.parallelism)
+        return _make_sbatch_string(command=executor._submitit_command_str,
+                                   folder=request.array.folder, map_count=len(request.argvs),
+                                   **params)
+
+    def submit(self, request: SubmitRequest) -> str:
+        import cloudpickle
+        import submitit
+
+        # The task function travels by value: the compute node's Python needs submitit only.
+        cloudpickle.register_pickle_by_value(task)
+        executor = submitit.SlurmExecutor(folder=request.array.folder, python=request.host_python)
+        executor.update_parameters(**slurm_parameters(request.resources, request.array.name,
+                                                      request.parallelism))
+        n = len(request.argvs)
+        try:
+            jobs = executor.map_array(task.run_task, request.argvs, [request.pass_env] * n,
+                                      [request.container] * n)
+        except (submitit.core.utils.FailedSubmissionError, OSError) as e:
+            raise SchedulerError(f"sbatch failed for array {request.array.name}: {e}") from None
+        return jobs[0].job_id.split("_")[0]
+
+    def states(self, arrays: Sequence[ArrayRecord], starttime: str | None) -> tuple[dict[str, TaskState], str]:
+        """Task states of `arrays` from one sacct call, or squeue when there is no accounting.
+
+        Returns the states and their source ("sacct" or a note on the fallback).
+        """
+        job_ids = [a.job_id for a in arrays if a.job_id]
+        if not job_ids:
+            return {}, "sacct"
+        if shutil.which("sacct") is None:
+            return self._fallback(job_ids, "sacct is not installed")
+        try:
+            return query_sacct(job_ids, starttime, runner=self.runner), "sacct"
+        except SchedulerError as e:
+            if "accounting storage is disabled" not in str(e).lower():
+                raise
+            return self._fallback(job_ids, "SLURM accounting is disabled")
+
+    def _fallback(self, job_ids: list[str], why: str) -> tuple[dict[str, TaskState], str]:
+        return (query_squeue(job_ids, runner=self.runner),
+                f"squeue + completion markers ({why}; finished tasks are read from result.json)")
+
+    def recover(self, names: Sequence[str], starttime: str) -> dict[str, list[str]]:
+        return find_jobs_by_name(names, starttime, runner=self.runner)
+
+    def cancel(self, tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
+        """One scancel for every (array, index) given."""
+        task_ids = [a.job_id if len(a.cells) == 1 else f"{a.job_id}_{i}" for a, i in tasks]
+        if not task_ids:
+            return
+        command = ["scancel", *task_ids]
+        try:
+            self.runner(command, capture_output=True, text=True, timeout=SCHEDULER_TIMEOUT_S,
+                        check=True)
+        except subprocess.CalledProcessError as e:
+            raise SchedulerError(f"{' '.join(command)} failed: {e.stderr.strip()}") from None
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SchedulerError(f"{' '.join(command)} failed: {e}") from None
+
+    @staticmethod
+    def log_paths(array: ArrayRecord, index: int) -> tuple[Path, Path]:
+        from submitit.core.utils import JobPaths
+
+        job = array.job_id if len(array.cells) == 1 else f"{array.job_id}_{index}"
+        paths = JobPaths(array.folder, job_id=job, task_id=0)
+        return paths.stdout, paths.stderr
+
+
+class LocalBackend:
+    name = "local"
+
+    @staticmethod
+    def max_array_size() -> int:
+        return sys.maxsize
+
+    @staticmethod
+    def render(request: SubmitRequest) -> str:
+        return (f"# local array {request.array.name}: {len(request.argvs)} tasks, at most "
+                f"{request.parallelism} at once, time limit {request.resources.time_min} min\n")
+
+    @staticmethod
+    def submit(request: SubmitRequest) -> str:
+        job_id = "local-" + request.array.name.split("-", 1)[1]
+        return local.submit(Path(request.array.folder), job_id, request.argvs, request.pass_env,
+                            request.container, request.parallelism, request.resources.time_min)
+
+    @staticmethod
+    def states(arrays: Sequence[ArrayRecord], starttime: str | None) -> tuple[dict[str, TaskState], str]:
+        states: dict[str, TaskState] = {}
+        for array in arrays:
+            if array.job_id:
+                states.update(local.read_states(Path(array.folder), array.job_id))
+        return states, "local"
+
+    @staticmethod
+    def recover(names: Sequence[str], starttime: str) -> dict[str, list[str]]:
+        return {}  # a local submit records its id before it returns; nothing to find
+
+    @staticmethod
+    def cancel(tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
+        for array, index in tasks:
+            local.cancel(Path(array.folder), [index])
+
+    @staticmethod
+    def log_paths(array: ArrayRecord, index: int) -> tuple[Path, Path]:
+        return local.log_paths(Path(array.folder), index)
+
+
+def backend(name: str) -> SlurmBackend | LocalBackend:
+    return SlurmBackend() if name == "slurm" else LocalBackend()
+
+
+def resolve_executor(requested: str) -> str:
+    """auto -> slurm when sbatch is on PATH, else local."""
+    if requested != "auto":
+        return requested
+    return "slurm" if shutil.which("sbatch") else "local"

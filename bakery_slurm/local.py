@@ -1,0 +1,187 @@
+"""The embedded local executor: job arrays on this machine, for laptops, the demo and tests.
+
+submitit's LocalExecutor starts every task at once, ignores the time limit we ask for, and a job
+rebuilt in a later process cannot tell running from dead (facts.md). This one is a detached
+supervisor process per array that runs at most `parallelism` tasks at a time, kills a task at its
+time limit (TIMEOUT), and keeps one state file per task, so `status` in any later process can tell
+PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT and CANCELLED apart, and reports a task whose process
+(or supervisor) died without a word as NODE_FAIL.
+
+Layout of an array folder: array.json (what to run), supervisor.json (its pid), and per task i:
+i.state.json, i.out, i.err, and i.cancel when a cancel was requested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import fsutil
+from .sacct import TaskState
+from .task import task_environment
+
+POLL_S = 0.2  # how often the supervisor checks its children, deadlines and cancel requests
+
+
+def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str],
+           container: str, parallelism: int, time_min: int) -> str:
+    """Write the array description and start its supervisor, detached; return `job_id`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fsutil.atomic_write_json(folder / "array.json", {
+        "job_id": job_id, "argvs": argvs, "pass_env": pass_env, "container": container,
+        "parallelism": parallelism, "time_limit_s": time_min * 60})
+    for index in range(len(argvs)):
+        _write_state(folder, index, "PENDING")
+    with open(folder / "supervisor.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "bakery_slurm.local", str(folder)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True)
+    fsutil.atomic_write_json(folder / "supervisor.json",
+                             {"pid": process.pid, "host": socket.gethostname()})
+    return job_id
+
+
+def read_states(folder: Path, job_id: str) -> dict[str, TaskState]:
+    """{"<job_id>_<i>": TaskState} for every task of the array in `folder`."""
+    supervisor_alive = _alive(_read_json(folder / "supervisor.json"))
+    states = {}
+    for path in sorted(folder.glob("*.state.json")):
+        index = path.name.split(".")[0]
+        record = _read_json(path) or {"state": "PENDING"}
+        state = record["state"]
+        live = state in ("PENDING", "RUNNING")
+        # A live state whose process is gone was never finished by anyone: the task died.
+        if live and not (_alive(record) if state == "RUNNING" else supervisor_alive):
+            state = "NODE_FAIL"
+        states[f"{job_id}_{index}"] = TaskState(
+            state=state, exit_code=record.get("exit_code"), elapsed=_elapsed(record),
+            node=record.get("host"))
+    return states
+
+
+def cancel(folder: Path, indices: list[int]) -> None:
+    """Ask the supervisor to cancel tasks; a running task's process group is killed now."""
+    for index in indices:
+        fsutil.atomic_write_text(folder / f"{index}.cancel", "")
+        record = _read_json(folder / f"{index}.state.json") or {}
+        if record.get("state") == "RUNNING" and _alive(record):
+            try:
+                os.killpg(record["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def log_paths(folder: Path, index: int) -> tuple[Path, Path]:
+    return folder / f"{index}.out", folder / f"{index}.err"
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervisor (runs detached: python -m bakery_slurm.local FOLDER)
+
+
+def supervise(folder: Path) -> None:
+    spec = json.loads((folder / "array.json").read_text())
+    pending = list(range(len(spec["argvs"])))
+    running: dict[int, tuple[subprocess.Popen, float]] = {}
+    env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
+    while pending or running:
+        for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:
+            pending.remove(index)
+            _write_state(folder, index, "CANCELLED", exit_code="0:15")
+        while pending and len(running) < spec["parallelism"]:
+            index = pending.pop(0)
+            running[index] = (_start(folder, index, spec["argvs"][index], env, spec["job_id"]),
+                              time.monotonic() + spec["time_limit_s"])
+        for index, (process, deadline) in list(running.items()):
+            if process.poll() is None and time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                _finish(folder, index, "TIMEOUT", "0:9")
+                del running[index]
+            elif process.returncode is not None:
+                _finish(folder, index, *_outcome(folder, index, process.returncode))
+                del running[index]
+        time.sleep(POLL_S)
+
+
+def _start(folder: Path, index: int, argv: list[str], env: dict[str, str],
+           job_id: str) -> subprocess.Popen:
+    out, err = log_paths(folder, index)
+    task_env = {**env, "BAKERY_LOCAL_JOB_ID": f"{job_id}_{index}"}
+    with open(out, "ab") as stdout, open(err, "ab") as stderr:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                   env=task_env, start_new_session=True)
+    _write_state(folder, index, "RUNNING", pid=process.pid, started=_now())
+    return process
+
+
+def _outcome(folder: Path, index: int, returncode: int) -> tuple[str, str]:
+    if (folder / f"{index}.cancel").exists():
+        return "CANCELLED", f"0:{-returncode if returncode < 0 else 0}"
+    if returncode == 0:
+        return "COMPLETED", "0:0"
+    if returncode < 0:
+        return "FAILED", f"0:{-returncode}"
+    return "FAILED", f"{returncode}:0"
+
+
+def _finish(folder: Path, index: int, state: str, exit_code: str) -> None:
+    record = _read_json(folder / f"{index}.state.json") or {}
+    _write_state(folder, index, state, exit_code=exit_code, started=record.get("started"),
+                 ended=_now())
+
+
+def _write_state(folder: Path, index: int, state: str, **fields: Any) -> None:
+    fsutil.atomic_write_json(folder / f"{index}.state.json",
+                             {"state": state, "host": socket.gethostname(), **fields})
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(record: dict[str, Any] | None) -> bool:
+    """Is the process in `record` ({"pid", "host"}) still running? Only answerable on its host."""
+    if not record or "pid" not in record:
+        return False
+    if record.get("host") != socket.gethostname():
+        return True  # another machine's process: we cannot tell, so do not call it dead
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is dead for our purposes.
+    try:
+        return Path(f"/proc/{record['pid']}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _elapsed(record: dict[str, Any]) -> str | None:
+    if not record.get("started"):
+        return None
+    start = datetime.fromisoformat(record["started"])
+    end = datetime.fromisoformat(record["ended"]) if record.get("ended") else datetime.now(timezone.utc)
+    seconds = int((end - start).total_seconds())
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+    supervise(Path(sys.argv[1]))

@@ -1,0 +1,35 @@
+"""What one array task executes on the compute node, before the container starts.
+
+This module is pickled by value (cloudpickle.register_pickle_by_value), so the compute node's host
+Python needs only submitit, not bakery-slurm, and the image's Python need not match the login
+node's. Standard library only.
+
+Secrets and proxies are read from the task's own environment when it runs (SLURM exports the
+submitting shell's environment), never pickled: with `--cleanenv`, apptainer receives them as
+APPTAINERENV_<NAME>, which keeps them out of every command line and log.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+# Always forwarded when set: the Hub token (read by huggingface_hub inside the container).
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def task_environment(environ: dict[str, str], pass_env: list[str], container: str) -> dict[str, str]:
+    """The environment for the task's command: `environ`, plus the forwarded names for apptainer."""
+    env = dict(environ)
+    if container == "apptainer":
+        for name in [*pass_env, *TOKEN_VARIABLES]:
+            if name in environ:
+                env[f"APPTAINERENV_{name}"] = environ[name]
+    return env
+
+
+def run_task(argv: list[str], pass_env: list[str], container: str) -> None:
+    """Run the cell's command; a non-zero exit raises, so SLURM records the task as FAILED."""
+    code = subprocess.run(argv, env=task_environment(dict(os.environ), pass_env, container)).returncode
+    if code != 0:
+        raise RuntimeError(f"{argv[0]} exited with status {code}: see this task's log")

@@ -1,0 +1,84 @@
+"""Where every cell of a ledger stands now: the shell around `sacct.reduce_cells`.
+
+One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
+accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
+(a crash between sbatch and the ledger write): sacct finds them by their unique job name.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .executors import LocalBackend, SlurmBackend
+from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
+from .pipeline import CellPaths, read_result
+from .sacct import COMPLETED, NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells, sacct_starttime
+
+log = logging.getLogger(__name__)
+
+# States in which a cell may still run: never resubmitted or submitted again.
+LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
+                         "COMPLETING", "STAGE_OUT", "SIGNALING", UNCONFIRMED})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every cell's status, the arrays by name, and notes on how the states were obtained."""
+
+    statuses: list[CellStatus]
+    arrays: dict[str, ArrayRecord]
+    notes: list[str]
+
+
+def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = None) -> Snapshot:
+    """Query the scheduler(s) once and reduce to one status per cell.
+
+    Raises SchedulerError when sacct (or the squeue fallback) cannot be asked: "could not ask" is
+    never shown as a state.
+    """
+    slurm = slurm or SlurmBackend()
+    notes = _recover(ledger_path, ledger, slurm)
+    arrays = all_arrays(ledger)
+    slurm_arrays = [a for a in arrays if a.executor == "slurm"]
+    states, source = ({}, "sacct")
+    if slurm_arrays:
+        states, source = slurm.states(slurm_arrays, sacct_starttime(ledger))
+        if source != "sacct":
+            notes.append(f"states from {source}")
+    states.update(LocalBackend.states([a for a in arrays if a.executor == "local"], None)[0])
+    statuses = reduce_cells(ledger, states)
+    if source != "sacct":
+        statuses = [_from_marker(s, {a.name: a for a in arrays}) for s in statuses]
+    return Snapshot(statuses=statuses, arrays={a.name: a for a in arrays}, notes=notes)
+
+
+def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str]:
+    """Confirm unconfirmed SLURM arrays that sacct knows by name; return notes."""
+    names = [a.name for a in all_arrays(ledger) if a.executor == "slurm" and a.job_id is None]
+    starttime = sacct_starttime(ledger)
+    if not names or starttime is None:
+        return []
+    found = {name: ids[-1] for name, ids in slurm.recover(names, starttime).items() if ids}
+    if not found:
+        return []
+    with update_ledger(ledger_path) as fresh:
+        for name, job_id in found.items():
+            confirm_array(fresh, name, job_id)
+    for name, job_id in found.items():
+        confirm_array(ledger, name, job_id)
+    return [f"recovered job id {job_id} of array {name} from sacct" for name, job_id in found.items()]
+
+
+def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    """Without accounting, a task that left squeue is COMPLETED only if its result says done."""
+    if status.state != NOT_FOUND:
+        return status
+    # Array folders live at <work>/arrays/<name> (submission.py).
+    work = Path(arrays[status.array_name].folder).parent.parent
+    result = read_result(CellPaths(work, status.cell))
+    if result and result.get("status") == "done" and result.get("recipe_hash") == status.recipe_hash:
+        return replace(status, state=COMPLETED)
+    return status
