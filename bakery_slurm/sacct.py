@@ -209,9 +209,9 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
         if job_id is None:
             task = TaskState(UNCONFIRMED)
         else:
-            # submitit submits a one-task "array" as a plain job, whose rows carry no index.
-            plain = job_id if len(arrays[latest.array].cells) == 1 else None
-            task = states.get(f"{job_id}_{latest.index}") or states.get(plain) or TaskState(NOT_FOUND)
+            # Rows without an index: submitit submits a one-task "array" as a plain job, and sacct
+            # shows a whole array as one row until the controller splits it into tasks.
+            task = states.get(f"{job_id}_{latest.index}") or states.get(job_id) or TaskState(NOT_FOUND)
         statuses.append(
             CellStatus(
                 cell=cell,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .executors import LocalBackend, SlurmBackend
@@ -19,9 +20,12 @@ from .sacct import COMPLETED, NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells, 
 
 log = logging.getLogger(__name__)
 
+# sacct shows a new array only after a few seconds: until then its tasks are SUBMITTED, not lost.
+SUBMITTED = "SUBMITTED"
+SACCT_LAG = timedelta(minutes=2)
 # States in which a cell may still run: never resubmitted or submitted again.
 LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
-                         "COMPLETING", "STAGE_OUT", "SIGNALING", UNCONFIRMED})
+                         "COMPLETING", "STAGE_OUT", "SIGNALING", UNCONFIRMED, SUBMITTED})
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,14 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         if source != "sacct":
             notes.append(f"states from {source}")
     states.update(LocalBackend.states([a for a in arrays if a.executor == "local"], None)[0])
-    statuses = reduce_cells(ledger, states)
+    by_name = {a.name: a for a in arrays}
+    recent = datetime.now(timezone.utc) - SACCT_LAG
+    statuses = [replace(s, state=SUBMITTED)
+                if s.state == NOT_FOUND and by_name[s.array_name].submitted > recent else s
+                for s in reduce_cells(ledger, states)]
     if source != "sacct":
-        statuses = [_from_marker(s, {a.name: a for a in arrays}) for s in statuses]
-    return Snapshot(statuses=statuses, arrays={a.name: a for a in arrays}, notes=notes)
+        statuses = [_from_marker(s, by_name) for s in statuses]
+    return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
 
 
 def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str]:

@@ -8,6 +8,7 @@ Handlers for logging are configured here and nowhere else.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -52,6 +53,9 @@ def cli(verbose: int, quiet: bool) -> None:
         bakery-slurm submit matrix.toml --dry-run
         bakery-slurm status
     """
+    if not sys.stderr.isatty():
+        # Progress bars (huggingface_hub, transformers) only for a person at a terminal.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -66,4 +70,4 @@ def main() -> None:
 
 
 # Each module registers its command on `cli` at import.
-from . import cancel, logs, plan, resubmit, run_cell, status, submit  # noqa: E402,F401
+from . import cancel, demo, logs, plan, resubmit, run_cell, status, submit  # noqa: E402,F401

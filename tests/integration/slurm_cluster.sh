@@ -88,7 +88,16 @@ pid_running() {
     [[ -s $pidfile ]] || return 1
     pid=$(<"$pidfile")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$comm" ]]
+    [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$comm" ]] && ! proc_gone "$pid"
+}
+
+# proc_gone PID: the process has exited. A zombie counts as gone: PID 1 on some
+# sandboxes reaps orphans only every couple of seconds.
+proc_gone() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    stat=${stat##*) }
+    [[ ${stat:0:1} == Z ]]
 }
 
 # stop_pidfile PIDFILE COMM NAME: SIGTERM, wait (bounded), then SIGKILL.
@@ -102,10 +111,10 @@ stop_pidfile() {
     pid=$(<"$pidfile")
     log "$name: stopping (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_until 30 bash -c "! kill -0 $pid" ; then
+    if ! wait_until 30 proc_gone "$pid"; then
         log "$name: did not stop after 30 s, sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
-        wait_until 10 bash -c "! kill -0 $pid" || die "$name (pid $pid) survived SIGKILL"
+        wait_until 10 proc_gone "$pid" || die "$name (pid $pid) survived SIGKILL"
     fi
     rm -f "$pidfile"
 }
@@ -142,15 +151,18 @@ packages_installed() {
     done
 }
 
+# (pgrep warns about the long pattern; the match still works.)
+APT_PROCS='apt|apt-get|aptitude|dpkg|unattended-upgr'
+
 apt_busy() {
-    pgrep -x 'apt|apt-get|aptitude|dpkg|unattended-upgr' >/dev/null
+    pgrep -x "$APT_PROCS" >/dev/null 2>&1
 }
 
 ensure_packages() {
     packages_installed && return 0
     if apt_busy; then
         log "packages: another apt/dpkg run is in progress (see /tmp/apt.log), waiting for it"
-        wait_until 900 bash -c '! pgrep -x "apt|apt-get|aptitude|dpkg|unattended-upgr"' \
+        wait_until 900 bash -c "! pgrep -x '$APT_PROCS'" \
             || die "apt/dpkg still busy after 900 s" /tmp/apt.log
         packages_installed && return 0
     fi
@@ -208,6 +220,11 @@ mysql_ok() {
     [[ -S $MYSQL_SOCK ]] && mysqladmin --socket="$MYSQL_SOCK" ping >/dev/null 2>&1
 }
 
+# PIDs of live (non-zombie) mysqld_safe / mariadbd processes, if any.
+mariadb_procs() {
+    pgrep -x -r R,S,D 'mysqld_safe|mariadbd|mysqld' 2>/dev/null
+}
+
 ensure_mariadb() {
     if ! mysql_ok; then
         if [[ ! -d /var/lib/mysql/mysql ]]; then
@@ -215,9 +232,16 @@ ensure_mariadb() {
             mariadb-install-db --user=mysql --datadir=/var/lib/mysql >&2 \
                 || die "mariadb-install-db failed"
         fi
-        log "mariadb: starting mysqld_safe"
-        setsid mysqld_safe --user=mysql --skip-syslog --log-error="$MYSQL_LOG" \
-            </dev/null >>/var/log/mysql/mysqld_safe.stdio 2>&1 &
+        local pids
+        if pids=$(mariadb_procs); then
+            # A previous start is still coming up: a second mysqld_safe would
+            # start a second server fighting over the InnoDB lock.
+            log "mariadb: already starting (pids ${pids//$'\n'/ }), waiting for it"
+        else
+            log "mariadb: starting mysqld_safe"
+            setsid mysqld_safe --user=mysql --skip-syslog --log-error="$MYSQL_LOG" \
+                </dev/null >>/var/log/mysql/mysqld_safe.stdio 2>&1 &
+        fi
         wait_until "$WAIT_TIMEOUT" mysql_ok \
             || die "MariaDB not answering on $MYSQL_SOCK after ${WAIT_TIMEOUT}s" \
                 "$MYSQL_LOG" /var/log/mysql/mysqld_safe.stdio
@@ -232,16 +256,27 @@ SQL
 }
 
 stop_mariadb() {
+    local pid=
+    pid=$(cat /run/mysqld/mysqld.pid 2>/dev/null) || true
+    [[ $pid =~ ^[0-9]+$ ]] || pid=
     if mysql_ok; then
-        log "mariadb: stopping"
+        log "mariadb: stopping${pid:+ (pid $pid)}"
         mysqladmin --socket="$MYSQL_SOCK" shutdown \
             || die "mysqladmin shutdown failed" "$MYSQL_LOG"
-        # mysqld_safe exits on its own once mysqld is gone.
-        wait_until 60 bash -c "! test -S '$MYSQL_SOCK' && ! pgrep -x mysqld_safe" \
-            || die "MariaDB did not stop within 60 s" "$MYSQL_LOG"
-    else
+    elif [[ -n $pid ]] && pid_running /run/mysqld/mysqld.pid mariadbd; then
+        log "mariadb: not answering, sending SIGTERM to mariadbd (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+    elif ! mariadb_procs >/dev/null; then
         log "mariadb: not running"
+        return 0
     fi
+    if [[ -n $pid ]]; then
+        wait_until 60 proc_gone "$pid" || die "mariadbd (pid $pid) did not exit within 60 s" "$MYSQL_LOG"
+    fi
+    # mysqld_safe exits on its own once mariadbd has shut down cleanly.
+    wait_until 60 bash -c "! pgrep -x -r R,S,D 'mysqld_safe|mariadbd|mysqld'" \
+        || die "MariaDB processes still running 60 s after shutdown: $(mariadb_procs | tr '\n' ' ')" \
+            "$MYSQL_LOG" /var/log/mysql/mysqld_safe.stdio
 }
 
 # ---------------------------------------------------------------- configs --
@@ -398,10 +433,6 @@ node_ok() {
     esac
 }
 
-node_idle() {
-    [[ $(node_state) == idle ]]
-}
-
 ensure_slurm() {
     if ((SLURM_CONF_CHANGED)); then
         if pid_running "$SLURMD_PID" slurmd || pid_running "$CTLD_PID" slurmctld; then
@@ -427,9 +458,9 @@ ensure_slurm() {
     fi
 
     if ((started_slurmd)); then
-        # Fresh slurmd: wait for the node to be idle (no jobs can be running
-        # on it yet except recovered ones, so also accept mixed/allocated).
-        log "waiting for node to become idle"
+        # Fresh slurmd: wait for the node to register and become usable (idle,
+        # or mixed/allocated when jobs survived a down/up).
+        log "slurmd: waiting for node to register"
         if ! wait_until "$WAIT_TIMEOUT" node_ok; then
             local s
             s=$(node_state)
@@ -443,7 +474,6 @@ ensure_slurm() {
                 *) die "node state is '$s', not idle after ${WAIT_TIMEOUT}s" "$SLURMD_LOG" "$CTLD_LOG" ;;
             esac
         fi
-        wait_until 10 node_idle || true
     else
         node_ok || die "node state is '$(node_state)' ($(sinfo -h -N -o '%E' 2>/dev/null))" \
             "$SLURMD_LOG" "$CTLD_LOG"
