@@ -215,8 +215,13 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any) -> dict[str, A
 
     def push() -> dict[str, Any]:
         target = push_stage.make_target(cell.push, api=hub_api)
-        if target.published_recipe_hash(cell.id) == cell.recipe_hash:
-            return {"status": "skipped", "reason": "the target holds this recipe hash already",
+        # The recipe hash names sources, not their content: a retrained adapter at the same path
+        # (or a new commit of an unpinned repo) keeps it. Skip only if the resolved inputs match too.
+        published = target.published_record(cell.id) or {}
+        if (published.get("recipe_hash") == cell.recipe_hash
+                and published.get("inputs") == state["inputs"]):
+            return {"status": "skipped",
+                    "reason": "the target holds this recipe hash and these inputs already",
                     "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
         final_marker = intact_marker(paths.final)
         record = {"cell": cell.id, "recipe_hash": cell.recipe_hash, "inputs": state["inputs"],

@@ -15,6 +15,9 @@ from .errors import ConfigError
 from .matrix import Cell
 from .templating import render
 
+# libyaml's safe loader when PyYAML has it: ~10x faster over a 10,000-cell submit.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def render_recipe(cell: Cell, base_path: str, baked_paths: Mapping[str, str]) -> str:
     """The mergekit YAML for `cell`, merging the baked checkpoints `baked_paths[adapter]`.
@@ -49,6 +52,6 @@ def validate_recipe(cell_id: str, text: str) -> Any:
     from pydantic import ValidationError
 
     try:
-        return MergeConfiguration.model_validate(yaml.safe_load(text))
+        return MergeConfiguration.model_validate(yaml.load(text, Loader=SAFE_LOADER))
     except (ValidationError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"{cell_id}: mergekit rejects the rendered recipe: {e}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import click
@@ -33,6 +35,7 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
     """
     from ..pipeline import run_cell as run
 
+    _task_environment()
     loaded = load_matrix(matrix)
     if matrix_sha256 and matrix_sha256 != loaded.sha256:
         raise ConfigError(f"{loaded.path}: changed since submission (sha256 {loaded.sha256}, "
@@ -43,3 +46,15 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
                                  f"(see `bakery-slurm plan {matrix}`)", param_hint="CELL_ID")
     result = run(cells[cell_id], work or loaded.work_dir, device=device)
     click.echo(json.dumps(result, indent=2))
+
+
+def _task_environment() -> None:
+    """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (tasks sharing one
+    corrupted it; facts.md) unless the user chose one."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "HF_XET_CACHE" not in os.environ:
+        task = (os.environ.get("SLURM_ARRAY_JOB_ID", "") + "_" + os.environ.get("SLURM_ARRAY_TASK_ID", "")
+                if "SLURM_ARRAY_JOB_ID" in os.environ
+                else f"{socket.gethostname()}-{os.getpid()}")
+        os.environ["HF_XET_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                  f"bakery-xet-{task}")

@@ -2,9 +2,9 @@
 
 A target is a Hub repo (`hub:owner/name`, via `HfApi.upload_folder`) or a local folder (`dir:/path`)
 with the same layout, so `from_pretrained(root, subfolder=cell_id)` loads either. Each published
-folder carries `bakery.json` (recipe hash, inputs, file hashes); a target that already holds the same
-recipe hash at that path is not pushed again. Hub calls failing with 412 (concurrent commit), 429
-(rate limit) or 5xx are retried with exponential backoff and full jitter.
+folder carries `bakery.json` (recipe hash, resolved inputs, file hashes); a target that already
+holds the same recipe hash and inputs at that path is not pushed again. Hub calls failing with 412
+(concurrent commit), 429 (rate limit) or 5xx are retried with exponential backoff and full jitter.
 
 The token is whatever huggingface_hub finds in HF_TOKEN or its token file; it is never passed,
 logged or written by us.
@@ -36,6 +36,8 @@ BACKOFF_CAP_S = 120.0
 
 
 class Target(Protocol):
+    def published_record(self, path_in_repo: str) -> dict[str, Any] | None: ...
+
     def published_recipe_hash(self, path_in_repo: str) -> str | None: ...
 
     def publish(self, folder: Path, path_in_repo: str, message: str) -> str: ...
@@ -47,8 +49,11 @@ class DirTarget:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
+        return _read_record(self.root / path_in_repo / RECORD_FILE)
+
     def published_recipe_hash(self, path_in_repo: str) -> str | None:
-        return _recipe_hash_of(self.root / path_in_repo / RECORD_FILE)
+        return (self.published_record(path_in_repo) or {}).get("recipe_hash")
 
     def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
         with fsutil.locked(self.root / ".bakery-push.lock"):
@@ -70,6 +75,10 @@ class HubTarget:
         self.repo_id, self.private, self.api, self.sleep = repo_id, private, api, sleep
 
     def published_recipe_hash(self, path_in_repo: str) -> str | None:
+        return (self.published_record(path_in_repo) or {}).get("recipe_hash")
+
+    def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
+        """The `bakery.json` published at `path_in_repo`, or None (absent, no repo, unreadable)."""
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
         def download() -> str | None:
@@ -79,7 +88,7 @@ class HubTarget:
                 return None
 
         local = self._retry(download, "read the published record")
-        return None if local is None else _recipe_hash_of(Path(local))
+        return None if local is None else _read_record(Path(local))
 
     def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
         self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private,
@@ -105,11 +114,12 @@ class HubTarget:
                 self.sleep(delay)
 
 
-def _recipe_hash_of(record: Path) -> str | None:
+def _read_record(record: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(record.read_text()).get("recipe_hash")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def make_target(push: PushTarget, api: Any = None) -> Target:
