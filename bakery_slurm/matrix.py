@@ -178,7 +178,9 @@ class PathsSpec(_Model):
     work: str = "bakery-work"
 
 
-ParamValue = bool | float | list[float] | dict[str, float]
+# A number, a list of numbers (a sweep axis), a per-adapter table, or a bool; `_check_param`
+# checks the shape against the method's registry entry, so a quoted "0.5" is reported, not coerced.
+ParamValue = Any
 
 
 class MatrixSpec(_Model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -146,6 +147,10 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any) -> dict[str, A
 
     run = _Run(cell, paths)
     state: dict[str, Any] = {}
+    # A task killed mid-stage leaves its staging folder (`.<output>.*.partial`, as big as a
+    # checkpoint) behind. We hold the cell's lock, so any such folder here is dead.
+    for stale in paths.root.glob(".*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
 
     def bake() -> dict[str, Any]:
         base = fetch(cell.base)

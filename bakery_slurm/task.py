@@ -12,6 +12,7 @@ APPTAINERENV_<NAME>, which keeps them out of every command line and log.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 # Always forwarded when set: the Hub token (read by huggingface_hub inside the container).
@@ -30,6 +31,12 @@ def task_environment(environ: dict[str, str], pass_env: list[str], container: st
 
 def run_task(argv: list[str], pass_env: list[str], container: str) -> None:
     """Run the cell's command; a non-zero exit raises, so SLURM records the task as FAILED."""
+    # submitit has SLURM send USR2 90 s before the time limit (--signal=USR2@90) and answers it,
+    # for a function that cannot checkpoint, by failing the task at once: a cell that ran out of
+    # time would end FAILED (90 s early, or at once under a short limit), never TIMEOUT. Ignore the
+    # signal here and in the command (an ignored signal stays ignored across exec), so SLURM ends
+    # the task at its limit and records TIMEOUT, which `resubmit --state TIMEOUT` relies on.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     code = subprocess.run(argv, env=task_environment(dict(os.environ), pass_env, container)).returncode
     if code != 0:
         raise RuntimeError(f"{argv[0]} exited with status {code}: see this task's log")

@@ -37,14 +37,16 @@ class Snapshot:
     notes: list[str]
 
 
-def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = None) -> Snapshot:
+def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = None,
+             recover: bool = True) -> Snapshot:
     """Query the scheduler(s) once and reduce to one status per cell.
 
-    Raises SchedulerError when sacct (or the squeue fallback) cannot be asked: "could not ask" is
-    never shown as a state.
+    With recover=True, arrays whose job id was never recorded are looked up in sacct by name and
+    confirmed in the ledger file (the only write). Raises SchedulerError when sacct (or the squeue
+    fallback) cannot be asked: "could not ask" is never shown as a state.
     """
     slurm = slurm or SlurmBackend()
-    notes = _recover(ledger_path, ledger, slurm)
+    notes = _recover(ledger_path, ledger, slurm) if recover else []
     arrays = all_arrays(ledger)
     slurm_arrays = [a for a in arrays if a.executor == "slurm"]
     states, source = ({}, "sacct")

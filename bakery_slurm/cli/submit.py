@@ -57,7 +57,7 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
                for c in cells}
     for cell in cells:
         validate_recipe(cell.id, recipes[cell.id])
-    cells, skipped = _skip_done_or_live(cells, ledger_path, loaded.work_dir, force)
+    cells, skipped = _skip_done_or_live(cells, ledger_path, loaded.work_dir, force, dry_run)
     for cell_id, reason in skipped:
         click.echo(f"skip {cell_id}: {reason}", err=True)
     kind = resolve_executor(executor)
@@ -73,13 +73,14 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
         click.echo(f"ledger: {ledger_path}", err=True)
 
 
-def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool):
+def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_run: bool):
+    """Split off cells already completed with their recipe, or with a live attempt."""
     skipped, keep = [], []
     live = set()
     if ledger_path.exists():
         ledger = load_ledger(ledger_path)
         if any(c.id in ledger.cells for c in cells):
-            live = {s.cell: s.state for s in snapshot(ledger_path, ledger).statuses
+            live = {s.cell: s.state for s in snapshot(ledger_path, ledger, recover=not dry_run).statuses
                     if s.state in LIVE_STATES}
     for cell in cells:
         result = read_result(CellPaths(work, cell.id))

@@ -15,21 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .. import fsutil
 from ..manifest import intact_marker, total_size, write_marker
-from ..repair import (
-    TensorSpec,
-    checkpoint_tensors,
-    detect_kind,
-    repair_checkpoint,
-    tensor_set,
-    to_hub_name,
-)
+from ..repair import TensorSpec, detect_kind, repair_checkpoint, tensor_set, to_hub_name
 from ..sources import LocalModel
 from ..versions import library_versions
 
@@ -117,13 +109,6 @@ def _config(folder: Path) -> dict[str, Any] | None:
 
 
 def _input_bytes(*folders: Path) -> int:
-    return sum(loc_size for folder in folders for loc_size in _sizes(folder))
-
-
-def _sizes(folder: Path) -> list[int]:
-    return [p.stat().st_size for p in Path(folder).iterdir()
-            if p.is_file() and p.suffix == ".safetensors"]
-
-
-__all__ = ["bake", "prepare_base", "hub_layout_tensors", "load_model", "checkpoint_tensors",
-           "shutil"]
+    """Bytes of the weights read by a bake (the base's and the adapter's safetensors)."""
+    return sum(p.stat().st_size for folder in folders for p in Path(folder).iterdir()
+               if p.is_file() and p.suffix == ".safetensors")

@@ -176,8 +176,10 @@ BAD_MATRICES = [
                  "sizes.tiny x variants.std x methods.ties: duplicate cell id (also from "
                  "sizes.tiny x variants.std x methods.ties) (got 'tiny-std/eng-nob__ties-density0.5')",
                  id="duplicate-id-sweep"),
+    pytest.param(edit("weight = 0.5", 'weight = "0.5"'),
+                 "methods.ties.weight: must be a number (got '0.5')", id="weight-quoted-string"),
     pytest.param(edit("density = 0.5", "density = 0"),
-                 "methods.ties.density: must be in (0, 1] (got 0.0)", id="density-zero"),
+                 "methods.ties.density: must be in (0, 1] (got 0)", id="density-zero"),
     pytest.param(edit("density = 0.5", "density = 1.5"),
                  "methods.ties.density: must be in (0, 1] (got 1.5)", id="density-above-one"),
     pytest.param(edit("density = 0.5", "density = [0.3, nan]"),
