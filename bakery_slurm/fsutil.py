@@ -18,13 +18,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (which makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hardlink file `src` to `dst` (True), or copy and fsync it where linking fails (False).
+
+    Links follow symlinks: Hub snapshot folders are symlinks into a blob store; link the blob.
+    Files linked this way must only ever be replaced by rename, never edited in place.
+    """
+    try:
+        os.link(src, dst, follow_symlinks=True)
+        return True
+    except OSError:  # other filesystem, no hardlink support, link count limit
+        shutil.copyfile(src, dst)
+        fsync_path(dst)
+        return False
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -42,7 +57,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -97,7 +112,7 @@ def staging_dir(final: Path) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -475,7 +475,7 @@ def repair_checkpoint(src: Path, dst: Path, base_tensors: Mapping[str, TensorSpe
                 renamed_index = dict(index, weight_map={plan[k]: v for k, v in index["weight_map"].items()})
                 fsutil.atomic_write_json(tmp / INDEX_FILE, renamed_index)
                 tally.written += (tmp / INDEX_FILE).stat().st_size
-        fsutil.fsync_dir(tmp)
+        fsutil.fsync_path(tmp)
 
     report = RepairReport(kind, renamed, identity, tally.read, tally.written, tally.linked)
     log.info(
@@ -509,13 +509,9 @@ def _link_or_copy(src: Path, dst: Path, tally: _Tally) -> None:
         for entry in sorted(src.iterdir()):
             _link_or_copy(entry, dst / entry.name, tally)
         return
-    try:
-        # follow_symlinks: Hub snapshot folders are symlinks into a blob store; link the blob.
-        os.link(src, dst, follow_symlinks=True)
+    if fsutil.link_or_copy(src, dst):
         tally.linked += 1
-    except OSError:  # other filesystem, no hardlink support, link count limit
-        shutil.copyfile(src, dst)
-        _fsync_file(dst)
+    else:
         size = dst.stat().st_size
         tally.read += size
         tally.written += size
@@ -541,11 +537,3 @@ def _rewrite_shard(src: Path, dst: Path, plan: Mapping[str, str], tally: _Tally)
             os.fsync(fout.fileno())
     tally.read += data_start + data_length
     tally.written += 8 + len(raw) + data_length
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

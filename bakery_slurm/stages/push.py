@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -150,10 +149,7 @@ def build_publish_folder(final: Path, out: Path, card: str, recipe: str,
     """`out` = the verified checkpoint (hardlinked) + README.md + mergekit_config.yml + bakery.json."""
     with fsutil.staging_dir(out) as tmp:
         for item in final.iterdir():
-            try:
-                os.link(item, tmp / item.name)
-            except OSError:
-                shutil.copy2(item, tmp / item.name)
+            fsutil.link_or_copy(item, tmp / item.name)
         (tmp / "README.md").write_text(card)
         (tmp / "mergekit_config.yml").write_text(recipe)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
