@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ def bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[s
             log.info("bake %s: cached at %s", adapter.path, out)
             return out, {"cached": True, "key": key, "bytes_read": 0, "bytes_written": 0,
                          "content_sha256": marker["content_sha256"]}
+        # Under the key's lock, any .<key>.* folder is what a killed bake left behind.
+        for stale in out.parent.glob(f".{key}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f".{key}.", suffix=".raw", dir=out.parent) as raw:
             _merge_and_unload(base.path, adapter.path, dtype, Path(raw))
             # save_pretrained writes whatever layout this transformers version uses: repair it.

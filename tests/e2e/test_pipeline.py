@@ -1,0 +1,496 @@
+"""The whole cell pipeline (bake -> merge -> strip -> verify -> push) on tiny Gemma 3 models.
+
+Every cell of the tiny matrix (tiny1b = Gemma3ForCausalLM, tiny4b = Gemma3ForConditionalGeneration;
+linear, task_arithmetic, ties) runs once per module into one shared work folder (`matrix_run`),
+with HF_TOKEN set to a marker value; the parametrized tests then check each cell's result record,
+published folder, model card, and the merge against an independent `mergekit-yaml` run. The
+restart tests each use a fresh work folder (`tiny_matrix`, from tests/conftest.py).
+
+Nothing here waits on a timer: subprocesses are awaited, and the kill test waits on a FIFO that
+its test-only hook (see `MERGE_HOOK`) opens once mergekit has written its output.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bakery_slurm.manifest import intact_marker, marker_path
+from bakery_slurm.matrix import Cell, expand, load_matrix
+from bakery_slurm.pipeline import STAGES, CellPaths, read_result, run_cell
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "hf_secret_test_value"
+KINDS = {"tiny1b": "text", "tiny4b": "multimodal"}
+METHODS = ("linear", "task_arithmetic", "ties")
+ADAPTERS = ("eng", "nob")
+BIN = Path(sys.executable).parent
+# Upper bound for one subprocess (a tiny cell takes ~7 s, mostly imports); only hit on a hang.
+PROCESS_TIMEOUT_S = 300
+
+
+def cell_id(size: str, method: str) -> str:
+    return f"{size}-std/eng-nob__{method}"
+
+
+def cells_of(matrix_path: Path) -> tuple[Any, dict[str, Cell]]:
+    matrix = load_matrix(matrix_path)
+    return matrix, {cell.id: cell for cell in expand(matrix)}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint folder (all shards)."""
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    assert out, f"no safetensors in {folder}"
+    return out
+
+
+def header_specs(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} read from safetensors headers, independently of bakery_slurm.repair."""
+    specs = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                specs[name] = (part.get_dtype(), tuple(part.get_shape()))
+    return specs
+
+
+def bake_folder(work: Path, result: dict[str, Any], adapter: str) -> Path:
+    return work / "cache" / "bakes" / result["stages"]["bake"]["adapters"][adapter]["key"]
+
+
+def bake_folders(work: Path) -> list[Path]:
+    """Completed bake folders (temporary `.<key>.*.raw` folders excluded)."""
+    return sorted(p for p in (work / "cache" / "bakes").iterdir()
+                  if p.is_dir() and not p.name.startswith("."))
+
+
+def run_cli(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `bakery-slurm ARGS` with stdout to LOG.out and stderr to LOG.err (no pipes to fill)."""
+    with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+        return subprocess.Popen([str(BIN / "bakery-slurm"), *args], stdout=out, stderr=err,
+                                env={**os.environ, **(env or {})})
+
+
+def finished_cli(proc: subprocess.Popen, log: Path) -> dict[str, Any]:
+    """Wait for a `run_cli` process; assert it succeeded; return the result JSON it printed."""
+    rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
+    assert rc == 0, f"exit {rc}:\n{log.with_suffix('.err').read_text()[-4000:]}"
+    return json.loads(log.with_suffix(".out").read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# Every cell once, in one work folder
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory: pytest.TempPathFactory, write_tiny_matrix) -> SimpleNamespace:
+    """Run all six cells in-process (CPU) with HF_TOKEN set; shared by the per-cell tests."""
+    root = tmp_path_factory.mktemp("matrix-run")
+    matrix, cells = cells_of(write_tiny_matrix(root))
+    assert sorted(cells) == sorted(cell_id(s, m) for s in KINDS for m in METHODS)
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", SECRET)
+        for cid, cell in cells.items():
+            results[cid] = run_cell(cell, matrix.work_dir, device="cpu")
+    return SimpleNamespace(root=root, work=matrix.work_dir, published=root / "published",
+                           cells=cells, results=results)
+
+
+@pytest.fixture(scope="module")
+def cli_merges(matrix_run: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An independent `mergekit-yaml --device cpu --no-copy-tokenizer` run per cell, on the recipe
+    that was published (it names the cached bakes and the base). Started together, one thread each."""
+    root = tmp_path_factory.mktemp("mergekit-cli")
+    procs = {}
+    for cid in matrix_run.cells:
+        folder = root / cid.replace("/", "__")
+        folder.mkdir()
+        config = folder / "config.yml"
+        shutil.copyfile(matrix_run.published / cid / "mergekit_config.yml", config)
+        with open(folder / "log", "wb") as log:
+            procs[cid] = subprocess.Popen(
+                [str(BIN / "mergekit-yaml"), str(config), str(folder / "out"), "--device", "cpu",
+                 "--no-copy-tokenizer"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for cid, proc in procs.items():
+        folder = root / cid.replace("/", "__")
+        rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
+        assert rc == 0, f"mergekit-yaml failed for {cid}:\n{(folder / 'log').read_text()[-4000:]}"
+    return {cid: root / cid.replace("/", "__") / "out" for cid in procs}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", KINDS)
+def test_cell_result_records_every_stage(matrix_run, size, method):
+    cid = cell_id(size, method)
+    result = matrix_run.results[cid]
+    assert result["status"] == "done" and result["error"] is None
+    assert result["cell"] == cid and result["recipe_hash"] == matrix_run.cells[cid].recipe_hash
+    assert read_result(CellPaths(matrix_run.work, cid)) == result  # the record on disk
+    assert list(result["stages"]) == list(STAGES)
+    for name, stage in result["stages"].items():
+        assert stage["status"] in ("done", "skipped"), (name, stage)
+        assert isinstance(stage["seconds"], float) and stage["seconds"] >= 0, (name, stage)
+        for key in ("bytes_read", "bytes_written"):
+            assert isinstance(stage[key], int) and stage[key] >= 0, (name, key, stage)
+    stages = result["stages"]
+    assert stages["merge"]["status"] == "done" and stages["merge"]["bytes_written"] > 0
+    assert stages["merge"]["bytes_read"] > 0 and stages["merge"]["device"] == "cpu"
+    assert stages["verify"]["status"] == "done" and stages["push"]["status"] == "done"
+    assert stages["push"]["bytes_written"] > 0
+    assert set(stages["bake"]["adapters"]) == set(ADAPTERS)
+    assert len(bake_folders(matrix_run.work)) == 2 * len(KINDS)  # one bake per (kind, adapter)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", KINDS)
+def test_published_folder_loads_with_base_tensor_set(matrix_run, size, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cid = cell_id(size, method)
+    folder = matrix_run.published / cid
+    base = matrix_run.cells[cid].base.path
+    model, info = AutoModelForCausalLM.from_pretrained(matrix_run.published, subfolder=cid,
+                                                       dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info.get("mismatched_keys") and not info.get("error_msgs"), info
+    assert type(model).__name__ == {"text": "Gemma3ForCausalLM",
+                                    "multimodal": "Gemma3ForConditionalGeneration"}[KINDS[size]]
+    tok = AutoTokenizer.from_pretrained(matrix_run.published, subfolder=cid)
+    base_tok = AutoTokenizer.from_pretrained(base)
+    assert tok.get_vocab() == base_tok.get_vocab()
+    assert tok("God morgen, Oslo").input_ids == base_tok("God morgen, Oslo").input_ids
+    published, base_specs = header_specs(folder), header_specs(Path(base))
+    assert published == base_specs  # names, shapes and dtypes
+    assert {dtype for dtype, _ in published.values()} == {"BF16"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", KINDS)
+def test_merge_is_bit_identical_to_mergekit_cli(matrix_run, cli_merges, size, method):
+    cid = cell_id(size, method)
+    result = matrix_run.results[cid]
+    recipe = yaml.safe_load((matrix_run.published / cid / "mergekit_config.yml").read_text())
+    # The CLI merged exactly our baked inputs (and base, where the method uses one).
+    assert [m["model"] for m in recipe["models"]] == [
+        str(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS]
+    assert recipe["merge_method"] == method
+    assert ("base_model" in recipe) == (method != "linear")
+    ours, theirs = tensors(matrix_run.published / cid), tensors(cli_merges[cid])
+    assert ours.keys() == theirs.keys()
+    different = [n for n in ours if ours[n].dtype != theirs[n].dtype
+                 or not torch.equal(ours[n], theirs[n])]
+    assert not different, f"{len(different)} tensors differ from mergekit-yaml's, e.g. {different[:5]}"
+    # ...and the merge did something: the output is neither the base nor one of the bakes.
+    base = tensors(Path(matrix_run.cells[cid].base.path))
+    for other in [base] + [tensors(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS]:
+        assert any(not torch.equal(ours[n], other[n]) for n in ours)
+
+
+@pytest.mark.parametrize("size", KINDS)
+def test_linear_and_task_arithmetic_agree_within_bf16_rounding(matrix_run, size):
+    """linear 0.5/0.5 computes (a + b) / 2 in fp32 and rounds once to bf16; task_arithmetic
+    computes base + 0.5 (a - base) + 0.5 (b - base) in bf16, rounding after each subtraction and
+    addition. A bf16 rounding errs by at most half an ulp, 2**-8 |v| (8 significant bits), and
+    with M = max(|a|, |b|, |base|) at that element the intermediates are at most 2M, so the two
+    subtractions (halved), the sum, the final addition and linear's own rounding add up to at
+    most (1 + 1 + 1 + 0.5) * 2**-7 M < 2**-5 M. Measured here: up to ~2**-6.1 M, with ~88% of
+    elements bit-equal. The bound is not vacuous: task vectors counted at weight 1 instead of 0.5
+    break it by a factor of ~60, and most elements moved from the base by more than it."""
+    lin = tensors(matrix_run.published / cell_id(size, "linear"))
+    ta = tensors(matrix_run.published / cell_id(size, "task_arithmetic"))
+    result = matrix_run.results[cell_id(size, "linear")]
+    a, b = (tensors(bake_folder(matrix_run.work, result, name)) for name in ADAPTERS)
+    base = tensors(Path(matrix_run.cells[cell_id(size, "linear")].base.path))
+    assert lin.keys() == ta.keys() == base.keys()
+
+    def within_rounding(x: torch.Tensor, y: torch.Tensor, name: str) -> bool:
+        scale = torch.maximum(torch.maximum(a[name].float().abs(), b[name].float().abs()),
+                              base[name].float().abs())
+        return bool(((x.float() - y.float()).abs() <= 2**-5 * scale).all())
+
+    for name in lin:
+        assert within_rounding(lin[name], ta[name], name), (
+            f"{name}: linear and task_arithmetic differ beyond bf16 rounding")
+    doubled = {n: base[n].float() + (a[n].float() - base[n].float()) + (b[n].float() - base[n].float())
+               for n in lin}
+    assert not all(within_rounding(lin[n], doubled[n], n) for n in lin)
+    assert not all(within_rounding(lin[n], base[n], n) for n in lin)
+
+
+@pytest.mark.parametrize("size", KINDS)
+def test_baked_model_matches_peft_with_adapter(matrix_run, size):
+    """Logits of the baked checkpoint vs the bf16 base with the adapter attached by PEFT.
+
+    Baking rounds W + BA to bf16 once per weight; PEFT adds the fp32 LoRA product to the bf16
+    activations on the fly. They differ by bf16 rounding only: measured <= 2 ulps of the largest
+    output (~1.5% of the logit scale), while the adapter moves the outputs by ~12x that gap. The
+    bounds: gap <= 2**-5 * scale (at least 4 ulps of the top binade, since an ulp there is at most
+    2**-7 * scale) and gap < effect / 4 (an adapter missing from some modules, applied twice or
+    mis-scaled by alpha/r moves the outputs by a large part of the effect). On the multimodal model
+    the vision tower (also adapted by all-linear) is compared on an image too: the tiny models'
+    projector is zero-initialised, so images never reach the logits.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from bakery_slurm.stages.bake import load_model
+
+    kind = KINDS[size]
+    cid = cell_id(size, "linear")
+    result = matrix_run.results[cid]
+    cell = matrix_run.cells[cid]
+    base_dir = Path(cell.base.path)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = tok("God morgen! The weather in Oslo is cold.", return_tensors="pt").input_ids
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+
+    def vision(model) -> torch.Tensor:
+        return model.model.vision_tower(pixel_values=pixels).last_hidden_state.float()
+
+    for name, source in cell.adapters:
+        baked = load_model(bake_folder(matrix_run.work, result, name), torch.bfloat16).eval()
+        peft = PeftModel.from_pretrained(load_model(base_dir, torch.bfloat16),
+                                         source.path).eval()
+        with torch.no_grad():
+            got = baked(input_ids=ids).logits.float()
+            want = peft(input_ids=ids).logits.float()
+            with peft.disable_adapter():
+                plain = peft(input_ids=ids).logits.float()
+            gap, effect, scale = ((got - want).abs().max().item(),
+                                  (want - plain).abs().max().item(), want.abs().max().item())
+            assert gap <= 2**-5 * scale and gap < effect / 4, (name, gap, effect, scale)
+            if kind == "multimodal":
+                got_v, want_v = vision(baked), vision(peft.get_base_model())
+                with peft.disable_adapter():
+                    plain_v = vision(peft.get_base_model())
+                gap, effect, scale = ((got_v - want_v).abs().max().item(),
+                                      (want_v - plain_v).abs().max().item(),
+                                      want_v.abs().max().item())
+                assert gap <= 2**-5 * scale and gap < effect / 4, (name, "vision", gap, effect)
+
+
+def test_model_card_metadata(matrix_run):
+    for cid in matrix_run.cells:
+        card = (matrix_run.published / cid / "README.md").read_text()
+        assert card.startswith("---\n")
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["base_model_relation"] == "merge"
+        assert {"merge", "mergekit"} <= set(meta["tags"])
+        assert matrix_run.cells[cid].recipe_hash in card
+        record = json.loads((matrix_run.published / cid / "bakery.json").read_text())
+        assert record["recipe_hash"] == matrix_run.cells[cid].recipe_hash
+
+
+def test_token_is_written_nowhere(matrix_run):
+    """HF_TOKEN was set during every run: no file of the run (work folder, published folder,
+    matrix) may contain it."""
+    files = [p for p in matrix_run.root.rglob("*") if p.is_file()]
+    assert len(files) > 50 and any(p.suffix == ".safetensors" for p in files)
+    leaking = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaking
+
+
+# ------------------------------------------------------------------------------------------------
+# Restarts
+
+
+def test_rerun_after_losing_outputs_reuses_the_bakes(tiny_matrix):
+    """A cell that lost everything after the bake (merged, final, publish, their markers,
+    verified.json, result.json) resumes without re-baking: same bake folders, untouched."""
+    matrix, cells = cells_of(tiny_matrix)
+    cell = cells[cell_id("tiny1b", "ties")]
+    first = run_cell(cell, matrix.work_dir, device="cpu")
+    assert first["stages"]["bake"]["cached"] is False
+    paths = CellPaths(matrix.work_dir, cell.id)
+    bakes = {a: bake_folder(matrix.work_dir, first, a) for a in ADAPTERS}
+    before = {a: (p.stat().st_ino, p.stat().st_mtime_ns, (p / "model.safetensors").stat().st_ino,
+                  (p / "model.safetensors").stat().st_mtime_ns) for a, p in bakes.items()}
+    for folder in (paths.merged, paths.final, paths.publish):
+        shutil.rmtree(folder)
+        marker_path(folder).unlink(missing_ok=True)
+    paths.verified.unlink()
+    paths.result.unlink()
+
+    second = run_cell(cell, matrix.work_dir, device="cpu")
+    assert second["status"] == "done"
+    bake = second["stages"]["bake"]
+    assert bake["cached"] is True and bake["bytes_written"] == 0
+    assert all(bake["adapters"][a]["cached"] for a in ADAPTERS)
+    assert bake["outputs"] == first["stages"]["bake"]["outputs"]
+    after = {a: (p.stat().st_ino, p.stat().st_mtime_ns, (p / "model.safetensors").stat().st_ino,
+                 (p / "model.safetensors").stat().st_mtime_ns) for a, p in bakes.items()}
+    assert after == before
+    assert second["stages"]["merge"]["status"] == "done"  # redone, and to the same bytes
+    assert second["stages"]["merge"]["outputs"] == first["stages"]["merge"]["outputs"]
+    assert second["stages"]["strip"]["outputs"] == first["stages"]["strip"]["outputs"]
+    # The target holds this recipe already (it was never deleted): not pushed twice.
+    assert second["stages"]["push"]["status"] == "skipped"
+    assert len(bake_folders(matrix.work_dir)) == 2
+
+
+MERGE_HOOK = '''\
+"""Test-only sitecustomize (tests/e2e/test_pipeline.py, test_kill_during_merge...).
+
+When BAKERY_TEST_MERGE_FIFO is set, mergekit's run_merge does its real work, then blocks opening
+that FIFO for reading until the test opens it for writing. The test can thus kill the process at
+a known point inside the merge stage: output written to the staging folder, not yet renamed.
+"""
+import os
+
+_fifo = os.environ.get("BAKERY_TEST_MERGE_FIFO")
+if _fifo:
+    import mergekit.merge as _merge
+
+    _real_run_merge = _merge.run_merge
+
+    def _blocking_run_merge(*args, **kwargs):
+        _real_run_merge(*args, **kwargs)
+        with open(_fifo, "rb") as f:
+            f.read()
+
+    _merge.run_merge = _blocking_run_merge
+'''
+
+
+def _wait_for_reader(fifo: Path, proc: subprocess.Popen, err_log: Path, limit_s: float) -> int:
+    """Open FIFO for writing once the child has it open for reading (ENXIO until then); fail if
+    the child exits first. Polls with proc.wait(timeout), so an early exit is seen at once."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"run-cell did not reach the merge within {limit_s} s")
+        try:
+            proc.wait(timeout=0.02)
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"run-cell exited ({proc.returncode}) before blocking in the merge:\n"
+                    f"{err_log.read_text()[-4000:]}")
+
+
+def test_kill_during_merge_leaves_no_partial_output_in_place(tiny_matrix, tmp_path):
+    """SIGKILL `bakery-slurm run-cell` while mergekit's output sits in the staging folder.
+
+    Catching the real tiny merge (well under a second) by polling would be a race, so a test-only
+    sitecustomize on PYTHONPATH (MERGE_HOOK) makes run_merge block on a FIFO after writing: the
+    kill then lands at the worst moment, a complete-looking but unfinished merge.
+    """
+    matrix, cells = cells_of(tiny_matrix)
+    cell = cells[cell_id("tiny4b", "linear")]
+    paths = CellPaths(matrix.work_dir, cell.id)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(MERGE_HOOK)
+    fifo = tmp_path / "merge.fifo"
+    os.mkfifo(fifo)
+    log = tmp_path / "killed"
+    proc = run_cli(["run-cell", str(tiny_matrix), cell.id, "--device", "cpu"], log,
+                   env={"PYTHONPATH": os.pathsep.join(filter(None, [str(hook),
+                                                                     os.environ.get("PYTHONPATH")])),
+                        "BAKERY_TEST_MERGE_FIFO": str(fifo)})
+    fd = _wait_for_reader(fifo, proc, log.with_suffix(".err"), PROCESS_TIMEOUT_S)
+    try:
+        staging = list(paths.root.glob(".merged.*.partial"))
+        assert len(staging) == 1 and (staging[0] / "model.safetensors").is_file()
+        proc.kill()
+        assert proc.wait(timeout=PROCESS_TIMEOUT_S) == -9
+    finally:
+        os.close(fd)
+
+    # Nothing of the unfinished merge is in place, and nothing downstream exists.
+    assert not paths.merged.exists() and not marker_path(paths.merged).exists()
+    for later in (paths.final, paths.publish, matrix.root / "published" / cell.id):
+        assert not later.exists() and not marker_path(later).exists()
+    record = read_result(paths)
+    assert record["status"] == "running" and list(record["stages"]) == ["bake"]
+
+    result = run_cell(cell, matrix.work_dir, device="cpu")
+    assert result["status"] == "done"
+    assert result["stages"]["bake"]["cached"] is True
+    assert result["stages"]["merge"]["status"] == "done"
+    assert (paths.merged / "model.safetensors").is_file() and marker_path(paths.merged).is_file()
+    assert (matrix.root / "published" / cell.id / "bakery.json").is_file()
+    assert not list(paths.root.glob(".*.partial"))  # the dead task's staging folder is cleared
+
+
+def test_concurrent_cells_share_the_bakes(tiny_matrix, tmp_path):
+    """Two run-cell processes for two methods of one size, started together: each adapter is baked
+    exactly once (the other process waits on the bake's lock and reuses it), both cells finish."""
+    matrix, cells = cells_of(tiny_matrix)
+    ids = [cell_id("tiny4b", "linear"), cell_id("tiny4b", "ties")]
+    procs = [(run_cli(["run-cell", str(tiny_matrix), cid, "--device", "cpu"], tmp_path / f"run{i}"),
+              tmp_path / f"run{i}") for i, cid in enumerate(ids)]
+    results = [finished_cli(proc, log) for proc, log in procs]
+    assert [r["cell"] for r in results] == ids
+    assert all(r["status"] == "done" for r in results)
+    baked = [r["stages"]["bake"]["adapters"][a] for r in results for a in ADAPTERS]
+    assert sum(not b["cached"] for b in baked) == len(ADAPTERS)  # each adapter baked once
+    assert results[0]["stages"]["bake"]["outputs"] == results[1]["stages"]["bake"]["outputs"]
+    work = matrix.work_dir
+    assert len(bake_folders(work)) == len(ADAPTERS)
+    assert all(intact_marker(folder) is not None for folder in bake_folders(work))
+    assert not [p for p in (work / "cache" / "bakes").iterdir() if p.name.startswith(".")]
+    for cid in ids:
+        assert header_specs(matrix.root / "published" / cid) == header_specs(
+            Path(cells[cid].base.path))
+
+
+def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, write_tiny_matrix):
+    """A new adapter at the same path (retrained: another seed) gets a new bake key; the rerun
+    re-merges and publishes the new weights."""
+    from bakery_slurm.tiny import build_lora_adapter
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    matrix_path = write_tiny_matrix(tmp_path, models=models, methods=("linear",))
+    matrix, cells = cells_of(matrix_path)
+    cell = cells[cell_id("tiny1b", "linear")]
+    published = matrix.root / "published" / cell.id
+    first = run_cell(cell, matrix.work_dir, device="cpu")
+    old_weights = tensors(published)
+
+    adapter = models / "adapters" / "text" / "nob"
+    old_bytes = (adapter / "adapter_model.safetensors").read_bytes()
+    build_lora_adapter(models / "bases" / "text", adapter, seed=1234)
+    assert (adapter / "adapter_model.safetensors").read_bytes() != old_bytes
+
+    second = run_cell(cell, matrix.work_dir, device="cpu")
+    assert second["status"] == "done"
+    old_bake, new_bake = first["stages"]["bake"]["adapters"], second["stages"]["bake"]["adapters"]
+    assert new_bake["eng"]["key"] == old_bake["eng"]["key"] and new_bake["eng"]["cached"]
+    assert new_bake["nob"]["key"] != old_bake["nob"]["key"] and not new_bake["nob"]["cached"]
+    assert second["stages"]["merge"]["status"] == "done"
+    assert second["stages"]["merge"]["outputs"] != first["stages"]["merge"]["outputs"]
+    assert len(bake_folders(matrix.work_dir)) == 3
+    # The published cell is the new merge, not the stale one.
+    assert second["stages"]["push"]["status"] == "done"
+    new_weights = tensors(published)
+    assert any(not torch.equal(old_weights[n], new_weights[n]) for n in old_weights)
+    record = json.loads((published / "bakery.json").read_text())
+    assert record["inputs"] == second["stages"]["bake"]["inputs"]

@@ -1,0 +1,131 @@
+"""Stand-ins for services the tests cannot reach.
+
+`FakeHubApi` replaces `huggingface_hub.HfApi` for `bakery_slurm.stages.push.HubTarget`, and only
+there. It implements exactly the three methods HubTarget calls, with HfApi's argument names for
+the arguments HubTarget passes (anything else is a TypeError, so a change in how HubTarget calls
+the Hub shows up here instead of passing silently):
+
+- ``create_repo(repo_id, *, private=None, exist_ok=False, repo_type=None)``
+- ``upload_folder(*, repo_id, folder_path, path_in_repo=None, commit_message=None)``: one commit
+  holding every file under `folder_path`, stored as bytes under `path_in_repo/`; returns an object
+  with `commit_url` and `oid`, like HfApi's `CommitInfo`.
+- ``hf_hub_download(repo_id, filename, *, subfolder=None, repo_type=None, revision=None)``: writes
+  the stored file under `download_dir` and returns its path; a missing repo raises
+  `RepositoryNotFoundError` and a missing file `RemoteEntryNotFoundError`, as the Hub does (404s).
+
+Failures are scripted per method: `failures={"upload_folder": [412, 503]}` makes the next two
+upload calls raise a real `huggingface_hub.errors.HfHubHTTPError` whose `response.status_code` is
+412, then 503, before touching any state; the call after that succeeds. Every call is recorded in
+`calls` as (method, arguments) and every successful upload in `commits`.
+
+Not modelled: revisions, branches, pull requests, LFS, rate limits other than scripted ones,
+tokens (HfApi finds its own; HubTarget never passes one, so the fake accepts none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+HUB = "https://huggingface.co"
+
+
+def http_error(status: int, url: str = f"{HUB}/api/models/owner/name/commit/main",
+               cls: type[HfHubHTTPError] = HfHubHTTPError) -> HfHubHTTPError:
+    """A real huggingface_hub HTTP error carrying an httpx2 response with `status`, built the way
+    huggingface_hub 2.x builds them (`cls(message, response=response)`)."""
+    response = httpx2.Response(status, request=httpx2.Request("POST", url))
+    return cls(f"{status} Client Error for url: {url} (scripted by tests/fakes.py)",
+               response=response)
+
+
+@dataclass(frozen=True)
+class FakeCommit:
+    """What `upload_folder` returns: the parts of `CommitInfo` HubTarget may read."""
+
+    repo_id: str
+    path_in_repo: str
+    message: str | None
+    files: dict[str, bytes]
+    oid: str
+
+    @property
+    def commit_url(self) -> str:
+        return f"{HUB}/{self.repo_id}/commit/{self.oid}"
+
+
+@dataclass
+class FakeHubApi:
+    """See the module docstring. `repos` maps repo id -> {path in repo: bytes}."""
+
+    download_dir: Path
+    failures: dict[str, list[int]] = field(default_factory=dict)
+    repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    commits: list[FakeCommit] = field(default_factory=list)
+
+    def _enter(self, method: str, **arguments: Any) -> None:
+        self.calls.append((method, arguments))
+        scripted = self.failures.get(method)
+        if scripted:
+            raise http_error(scripted.pop(0))
+
+    def calls_to(self, method: str) -> list[dict[str, Any]]:
+        return [arguments for name, arguments in self.calls if name == method]
+
+    # -- the three HfApi methods --------------------------------------------------------------
+
+    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False,
+                    repo_type: str | None = None) -> str:
+        self._enter("create_repo", repo_id=repo_id, private=private, exist_ok=exist_ok,
+                    repo_type=repo_type)
+        if repo_id in self.repos and not exist_ok:
+            raise http_error(409, f"{HUB}/api/repos/create")
+        self.repos.setdefault(repo_id, {})
+        return f"{HUB}/{repo_id}"
+
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, path_in_repo: str | None = None,
+                      commit_message: str | None = None) -> FakeCommit:
+        self._enter("upload_folder", repo_id=repo_id, folder_path=str(folder_path),
+                    path_in_repo=path_in_repo, commit_message=commit_message)
+        if repo_id not in self.repos:
+            raise http_error(404, f"{HUB}/api/models/{repo_id}/commit/main",
+                             cls=RepositoryNotFoundError)
+        folder = Path(folder_path)
+        prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
+        files = {prefix + p.relative_to(folder).as_posix(): p.read_bytes()
+                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        self.repos[repo_id].update(files)
+        oid = hashlib.sha1(repr((len(self.commits), sorted(files))).encode()).hexdigest()
+        commit = FakeCommit(repo_id, path_in_repo or "", commit_message, files, oid)
+        self.commits.append(commit)
+        return commit
+
+    def hf_hub_download(self, repo_id: str, filename: str, *, subfolder: str | None = None,
+                        repo_type: str | None = None, revision: str | None = None) -> str:
+        self._enter("hf_hub_download", repo_id=repo_id, filename=filename, subfolder=subfolder,
+                    repo_type=repo_type, revision=revision)
+        name = f"{subfolder}/{filename}" if subfolder else filename
+        url = f"{HUB}/{repo_id}/resolve/main/{name}"
+        if repo_id not in self.repos:
+            raise http_error(404, url, cls=RepositoryNotFoundError)
+        if name not in self.repos[repo_id]:
+            raise http_error(404, url, cls=RemoteEntryNotFoundError)
+        local = Path(self.download_dir) / repo_id / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(self.repos[repo_id][name])
+        return str(local)
+
+    # -- for assertions -----------------------------------------------------------------------
+
+    def materialize(self, repo_id: str, root: Path) -> Path:
+        """Write the repo's files under `root` (a local clone, for `from_pretrained`)."""
+        for name, data in self.repos[repo_id].items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        return root
