@@ -9,6 +9,7 @@ array's job id, read task states, cancel tasks and locate logs.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,14 +90,22 @@ class SlurmBackend:
         return parse_max_array_size(out)
 
     def render(self, request: SubmitRequest) -> str:
-        """The sbatch script submitit would write for this array (for --dry-run)."""
-        from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+        """The sbatch script submitit would write for this array (for --dry-run).
 
-        executor = SlurmExecutor(request.array.folder, python=request.host_python)
+        Works without SLURM on this machine: submitit's SlurmExecutor refuses to be built where
+        `srun` is missing, so its task command is formed here exactly as its
+        `_submitit_command_str` forms it. A one-task array is submitted by submitit as a plain
+        job, so it is rendered without `--array`.
+        """
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        folder = Path(request.array.folder).expanduser().absolute()
+        python = shlex.quote(sys.executable) if request.host_python is None else request.host_python
+        command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
         params = slurm_parameters(request.resources, request.array.name, request.parallelism)
-        return _make_sbatch_string(command=executor._submitit_command_str,
-                                   folder=request.array.folder, map_count=len(request.argvs),
-                                   **params)
+        n = len(request.argvs)
+        return _make_sbatch_string(command=command, folder=folder,
+                                   map_count=n if n > 1 else None, **params)
 
     def submit(self, request: SubmitRequest) -> str:
         import cloudpickle
@@ -104,7 +113,12 @@ class SlurmBackend:
 
         # The task function travels by value: the compute node's Python needs submitit only.
         cloudpickle.register_pickle_by_value(task)
-        executor = submitit.SlurmExecutor(folder=request.array.folder, python=request.host_python)
+        try:
+            # submitit refuses to build a SlurmExecutor (RuntimeError) where srun is missing.
+            executor = submitit.SlurmExecutor(folder=request.array.folder,
+                                              python=request.host_python)
+        except RuntimeError as e:
+            raise SchedulerError(f"cannot submit to SLURM here: {e}") from None
         executor.update_parameters(**slurm_parameters(request.resources, request.array.name,
                                                       request.parallelism))
         n = len(request.argvs)

@@ -51,6 +51,8 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
 
 def read_states(folder: Path, job_id: str) -> dict[str, TaskState]:
     """{"<job_id>_<i>": TaskState} for every task of the array in `folder`."""
+    # Asked before any state file is read: if the supervisor was alive then, it will still record
+    # the outcome of every task; if it was dead, the state files are already final.
     supervisor_alive = _alive(_read_json(folder / "supervisor.json"))
     states = {}
     for path in sorted(folder.glob("*.state.json")):
@@ -58,8 +60,10 @@ def read_states(folder: Path, job_id: str) -> dict[str, TaskState]:
         record = _read_json(path) or {"state": "PENDING"}
         state = record["state"]
         live = state in ("PENDING", "RUNNING")
-        # A live state whose process is gone was never finished by anyone: the task died.
-        if live and not (_alive(record) if state == "RUNNING" else supervisor_alive):
+        # A live state that no process will ever finish: the task (and its supervisor) died. A
+        # task that has exited but that its live supervisor has not yet reaped and recorded
+        # (up to POLL_S) is still RUNNING, not dead.
+        if live and not (supervisor_alive or (state == "RUNNING" and _alive(record))):
             state = "NODE_FAIL"
         states[f"{job_id}_{index}"] = TaskState(
             state=state, exit_code=record.get("exit_code"), elapsed=_elapsed(record),

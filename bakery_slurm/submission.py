@@ -42,14 +42,21 @@ class Planned:
     container: str
 
 
-def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
-                submission_id: str) -> Planned:
-    """Group `cells` into arrays and build every task's command line (no I/O)."""
+def resolve_container(matrix: Matrix, executor: str) -> str:
+    """The container runtime for tasks on `executor`; apptainer needs an image."""
     runtime = matrix.spec.runtime
     container = runtime.resolve(executor)
     if container == "apptainer" and not runtime.image:
         raise ConfigError(f"{matrix.path}: runtime.image: container 'apptainer' needs the path of "
                           f"the .sif image (got {runtime.image!r})")
+    return container
+
+
+def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
+                submission_id: str) -> Planned:
+    """Group `cells` into arrays and build every task's command line (no I/O)."""
+    runtime = matrix.spec.runtime
+    container = resolve_container(matrix, executor)
     arrays, argvs = [], []
     for n, group in enumerate(group_cells(cells, max_array_size)):
         folder = matrix.work_dir / "arrays" / array_name(submission_id, n)
@@ -75,6 +82,7 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
     dry_run:
         Plan and return the requests; submit nothing and write nothing.
     """
+    resolve_container(matrix, executor)  # a config error must come before any lock or file
     runner = backend(executor)
     try:
         max_size = runner.max_array_size()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ from ..sacct import TERMINAL_FAILURES, choose_resubmit
 from ..submission import submit_cells
 from ..tracking import snapshot
 from .common import ledger_option
-from . import cli
+from . import EXIT_FAILED, cli
 
 COLUMNS = ["cell", "state", "action"]
 
@@ -43,7 +44,7 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
     for note in snap.notes:
         click.echo(f"note: {note}", err=True)
     matrix_of = {a.name: s.matrix_path for s in ledger.submissions for a in s.arrays}
-    rows, submitted = [], 0
+    rows, submitted, refused_all = [], 0, []
     # Cells are resubmitted per (matrix, executor) of their latest attempt.
     groups: dict[tuple[str, str], list] = {}
     for status in snap.statuses:
@@ -56,6 +57,7 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
         # Completed cells are refused too; listing each would bury the failures.
         rows += [{"cell": r.cell, "state": r.state, "action": f"refused: {r.reason}"}
                  for r in refused if r.state != "COMPLETED"]
+        refused_all += refused
         cells = {c.id: c for c in expand(matrix)}
         missing = [s for s in to_run if s.cell not in cells]
         rows += [{"cell": s.cell, "state": s.state,
@@ -83,3 +85,6 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
                              "action": "skipped: resubmitted meanwhile by another process"})
     click.echo(format_rows(rows, COLUMNS, fmt))
     click.echo(f"{'would resubmit' if dry_run else 'resubmitted'} {submitted} cell(s)", err=True)
+    if any(r.state in TERMINAL_FAILURES for r in refused_all):
+        # A failed cell that cannot run again (attempt cap) is still a failed cell.
+        sys.exit(EXIT_FAILED)

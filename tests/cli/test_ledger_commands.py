@@ -1,0 +1,459 @@
+"""submit, status, logs, resubmit and cancel through CliRunner, on the LOCAL executor.
+
+Ledgers are built with `submission.submit_cells` from a matrix whose local model paths do not
+exist, so every `run-cell` task fails fast with a clear error and ends FAILED. Where a cell must
+look COMPLETED, its local state file says so (the executor is faked, not the commands); where a
+task must stay PENDING or RUNNING, `submission.task_argv` is replaced by a sleeper.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from click.testing import CliRunner
+
+from bakery_slurm import submission
+from bakery_slurm.cli import cli
+from bakery_slurm.cli.common import STATUS_COLUMNS
+from bakery_slurm.ledger import all_arrays, load_ledger
+from bakery_slurm.matrix import expand, load_matrix
+from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.tracking import LIVE_STATES, snapshot
+from conftest import MINIMAL_MATRIX
+
+# Three cells, all with local sources under models/ that do not exist.
+FAILING_MATRIX = MINIMAL_MATRIX.replace(
+    'adapters = ["eng", "nob"]\n', 'adapters = ["eng", "nob"]\nmax_attempts = {max_attempts}\n'
+    "array_parallelism = {parallelism}\n") + """
+[methods.linear]
+weight = 0.5
+
+[methods.task_arithmetic]
+weight = 0.5
+"""
+CELLS = sorted(["tiny-std/eng-nob__ties", "tiny-std/eng-nob__linear",
+                "tiny-std/eng-nob__task_arithmetic"])
+LEDGER = "bakery-ledger.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 30.0):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+def settled(ledger_path: Path):
+    """The statuses once no cell is pending or running, else None."""
+    statuses = snapshot(ledger_path, load_ledger(ledger_path)).statuses
+    return statuses if not any(s.state in LIVE_STATES for s in statuses) else None
+
+
+def write_project(root: Path, max_attempts: int = 3, parallelism: int = 16) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "matrix.toml"
+    path.write_text(FAILING_MATRIX.replace("{max_attempts}", str(max_attempts))
+                    .replace("{parallelism}", str(parallelism)))
+    return path
+
+
+def failed_project(root: Path, max_attempts: int = 3) -> tuple[Path, Path]:
+    """Submit the three cells with the local executor and wait until they have all FAILED."""
+    matrix_path = write_project(root, max_attempts)
+    matrix = load_matrix(matrix_path)
+    ledger = root / LEDGER
+    submission.submit_cells(ledger, matrix, expand(matrix), "local")
+    statuses = wait_for(lambda: settled(ledger), "the cells to fail")
+    assert [(s.cell, s.state) for s in statuses] == [(c, "FAILED") for c in CELLS]
+    return matrix_path, ledger
+
+
+def fake_completed(ledger_path: Path, cell: str) -> None:
+    """Make the local executor report `cell`'s latest task as COMPLETED."""
+    ledger = load_ledger(ledger_path)
+    attempt = ledger.cells[cell][-1]
+    array = next(a for a in all_arrays(ledger) if a.name == attempt.array)
+    state_file = Path(array.folder) / f"{attempt.index}.state.json"
+    record = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**record, "state": "COMPLETED", "exit_code": "0:0"}))
+
+
+def kill_our_processes(root: Path) -> None:
+    """Kill, by pid, supervisors and tasks started under `root` that are still alive."""
+    for record in [*root.rglob("supervisor.json"), *root.rglob("*.state.json")]:
+        try:
+            pid = json.loads(record.read_text())["pid"]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, KeyError):
+            continue
+        if str(root) in cmdline:
+            try:
+                # tasks lead their own process group; a supervisor's group is the test's
+                if record.name == "supervisor.json":
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Each CLI run points the bakery_slurm logger at that run's captured stderr; put it back."""
+    logger = logging.getLogger("bakery_slurm")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def project(tmp_path):
+    yield tmp_path
+    kill_our_processes(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def failed(tmp_path_factory):
+    """A ledger whose three cells all FAILED (shared; tests on it must not change it)."""
+    root = tmp_path_factory.mktemp("failed")
+    matrix, ledger = failed_project(root)
+    yield matrix, ledger
+    kill_our_processes(root)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Like `failed`, but the ties cell's task reads COMPLETED (shared; read-only)."""
+    root = tmp_path_factory.mktemp("mixed")
+    matrix, ledger = failed_project(root)
+    fake_completed(ledger, "tiny-std/eng-nob__ties")
+    yield matrix, ledger
+    kill_our_processes(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+
+def test_status_shows_failed_cells_and_exits_1(failed):
+    _, ledger = failed
+    result = invoke("status", "--ledger", ledger)
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == STATUS_COLUMNS
+    rows = [line.split() for line in lines[1:-1]]
+    assert [r[0] for r in rows] == CELLS
+    assert all(r[1:3] == ["FAILED", "1:0"] for r in rows), rows
+    assert lines[-1] == "totals: FAILED 3"
+
+
+def test_status_json_parses(failed):
+    _, ledger = failed
+    result = invoke("status", "--ledger", ledger, "--json")
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert [r["cell"] for r in rows] == CELLS
+    array = all_arrays(load_ledger(ledger))[0]
+    for row in rows:
+        assert row["state"] == "FAILED"
+        assert row["attempt"] == 1
+        assert row["array_job_id"] == array.job_id and row["array_job_id"].startswith("local-")
+        assert row["index"] == array.cells.index(row["cell"])
+        assert row["task"] == f"{array.job_id}_{row['index']}"
+        assert row["log"] == str(Path(array.folder) / f"{row['index']}.out")
+
+
+def test_status_nl_is_one_object_per_line(failed):
+    _, ledger = failed
+    result = invoke("status", "--ledger", ledger, "--nl")
+    assert [json.loads(line)["cell"] for line in result.stdout.splitlines()] == CELLS
+
+
+def test_status_on_a_missing_ledger_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "nowhere.json"
+    result = invoke("status", "--ledger", missing)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {missing}: no ledger at this path (nothing submitted with it yet?)\n"
+    assert result.stdout == ""
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["resubmit"], ["cancel"],
+                                     ["logs", "tiny-std/eng-nob__ties"]])
+def test_a_truncated_ledger_exits_2_and_is_left_alone(failed, tmp_path, command):
+    _, ledger = failed
+    data = ledger.read_bytes()
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(data[: len(data) // 2])
+    before = broken.read_bytes()
+    result = invoke(*command, "--ledger", broken)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: {broken}: not valid JSON, the ledger is truncated or corrupt")
+    assert "left untouched" in result.stderr
+    assert broken.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json"]
+
+
+def test_status_watch_below_30_s_warns_and_returns_when_all_cells_ended(failed):
+    _, ledger = failed
+    start = time.monotonic()
+    result = invoke("status", "--ledger", ledger, "--watch", "5")
+    assert time.monotonic() - start < 10  # one pass: nothing left to watch
+    assert result.exit_code == 1
+    assert "--watch 5 is below 30 s; refreshing every 30 s" in result.stderr
+    assert result.stdout.count("totals:") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# logs
+
+
+def test_logs_stderr_shows_the_error(failed):
+    matrix, ledger = failed
+    result = invoke("logs", "tiny-std/eng-nob__linear", "--stderr", "--ledger", ledger)
+    assert result.exit_code == 0, result.output
+    missing = matrix.parent / "models" / "base-tiny"
+    assert f"model folder {missing} does not exist" in result.stdout
+    assert "stage bake failed" in result.stdout
+    array = all_arrays(load_ledger(ledger))[0]
+    index = array.cells.index("tiny-std/eng-nob__linear")
+    assert result.stderr == f"== {Path(array.folder) / f'{index}.err'}\n"
+
+
+def test_logs_stdout_is_the_other_file(failed):
+    _, ledger = failed
+    result = invoke("logs", "tiny-std/eng-nob__linear", "--ledger", ledger)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.rstrip().endswith(".out")
+    assert "does not exist" not in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no-such/cell"], "'no-such/cell' has no attempt in"),
+    (["tiny-std/eng-nob__ties", "--attempt", "2"], "tiny-std/eng-nob__ties has attempts 1..1, not 2"),
+])
+def test_logs_refuses_unknown_cells_and_attempts(failed, args, message):
+    _, ledger = failed
+    result = invoke("logs", *args, "--ledger", ledger)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# resubmit
+
+FAILED_CELLS = [c for c in CELLS if c != "tiny-std/eng-nob__ties"]
+
+
+def test_resubmit_dry_run_lists_exactly_the_failed_cells_and_writes_nothing(mixed):
+    matrix, ledger = mixed
+    before = ledger.read_bytes()
+    arrays_before = sorted((matrix.parent / "bakery-work" / "arrays").iterdir())
+    result = invoke("resubmit", "--dry-run", "--ledger", ledger, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["cell"] for r in rows] == FAILED_CELLS
+    assert all(r["state"] == "FAILED" and r["action"].endswith("(dry run)") for r in rows)
+    assert "would resubmit 2 cell(s)" in result.stderr
+    assert ledger.read_bytes() == before
+    assert sorted((matrix.parent / "bakery-work" / "arrays").iterdir()) == arrays_before
+
+
+def test_resubmit_makes_one_new_array_of_exactly_the_failed_cells(project):
+    matrix, ledger = failed_project(project)
+    fake_completed(ledger, "tiny-std/eng-nob__ties")
+    old = load_ledger(ledger)
+    result = invoke("resubmit", "--ledger", ledger, "--json")
+    assert result.exit_code == 0, result.output
+    new = load_ledger(ledger)
+    assert len(new.submissions) == len(old.submissions) + 1
+    (array,) = new.submissions[-1].arrays
+    assert array.cells == FAILED_CELLS and array.executor == "local" and array.job_id
+    assert {c: len(a) for c, a in new.cells.items()} == {
+        "tiny-std/eng-nob__linear": 2, "tiny-std/eng-nob__task_arithmetic": 2,
+        "tiny-std/eng-nob__ties": 1}
+    for cell in FAILED_CELLS:
+        assert (new.cells[cell][-1].array, new.cells[cell][-1].index) == (array.name, array.cells.index(cell))
+    rows = json.loads(result.stdout)
+    assert [(r["cell"], r["action"]) for r in rows] == [
+        (c, f"resubmitted in {array.name} job {array.job_id}") for c in FAILED_CELLS]
+    statuses = wait_for(lambda: settled(ledger), "the resubmitted cells to end")
+    assert {s.cell: (s.state, s.attempt) for s in statuses} == {
+        "tiny-std/eng-nob__linear": ("FAILED", 2), "tiny-std/eng-nob__task_arithmetic": ("FAILED", 2),
+        "tiny-std/eng-nob__ties": ("COMPLETED", 1)}
+
+
+def test_resubmit_stops_at_max_attempts(project):
+    matrix, ledger = failed_project(project, max_attempts=2)
+    first = invoke("resubmit", "--ledger", ledger)
+    assert first.exit_code == 0, first.output
+    assert "resubmitted 3 cell(s)" in first.stderr
+    wait_for(lambda: settled(ledger), "the second attempts to end")
+    before = ledger.read_bytes()
+    result = invoke("resubmit", "--ledger", ledger, "--json")
+    rows = json.loads(result.stdout)
+    assert [(r["cell"], r["state"], r["action"]) for r in rows] == [
+        (c, "FAILED", "refused: reached the attempt cap (2 of 2)") for c in CELLS]
+    assert "resubmitted 0 cell(s)" in result.stderr
+    assert result.exit_code == 1  # failed cells that cannot run again are still failures
+    assert ledger.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# cancel
+
+
+def test_cancel_running_and_pending_local_tasks(project, monkeypatch):
+    matrix_path = write_project(project, parallelism=1)
+    matrix = load_matrix(matrix_path)
+    ledger = project / LEDGER
+    monkeypatch.setattr(submission, "task_argv", lambda *a, **k: [
+        sys.executable, "-c", "import time; time.sleep(60)", str(project)])
+    (request,) = submission.submit_cells(ledger, matrix, expand(matrix), "local")
+    running, *pending = request.array.cells
+
+    def states():
+        return {s.cell: s.state for s in snapshot(ledger, load_ledger(ledger)).statuses}
+
+    wait_for(lambda: states()[running] == "RUNNING", "the first task to start")
+    assert {states()[c] for c in pending} == {"PENDING"}
+
+    result = invoke("cancel", "--ledger", ledger, "--only", pending[0])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"cancelled {pending[0]} ({request.array.job_id}_1, was PENDING)\n"
+    wait_for(lambda: states()[pending[0]] == "CANCELLED", "the pending task to be cancelled")
+    assert states()[running] == "RUNNING" and states()[pending[1]] == "PENDING"
+
+    result = invoke("cancel", "--ledger", ledger)
+    assert result.exit_code == 0, result.output
+    assert sorted(result.stdout.splitlines()) == sorted([
+        f"cancelled {running} ({request.array.job_id}_0, was RUNNING)",
+        f"cancelled {pending[1]} ({request.array.job_id}_2, was PENDING)"])
+    final = wait_for(lambda: (s := states()) and not set(s.values()) & LIVE_STATES and s,
+                     "every task to end")
+    assert final == {c: "CANCELLED" for c in request.array.cells}
+    folder = Path(request.array.folder)
+    assert not (folder / "1.out").exists() and not (folder / "2.out").exists()  # never started
+
+    again = invoke("cancel", "--ledger", ledger)
+    assert (again.exit_code, again.stdout, again.stderr) == (0, "", "nothing to cancel\n")
+    status = invoke("status", "--ledger", ledger)
+    assert status.exit_code == 1 and "totals: CANCELLED 3" in status.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# submit
+
+
+def fake_done(matrix_path: Path, cells) -> None:
+    matrix = load_matrix(matrix_path)
+    for cell in cells:
+        paths = CellPaths(matrix.work_dir, cell.id)
+        paths.result.parent.mkdir(parents=True, exist_ok=True)
+        paths.result.write_text(json.dumps({"cell": cell.id, "recipe_hash": cell.recipe_hash,
+                                            "status": "done", "stages": {}}))
+
+
+def test_submit_skips_cells_already_completed(project):
+    matrix_path = write_project(project)
+    cells = expand(load_matrix(matrix_path))
+    fake_done(matrix_path, cells)
+    result = invoke("submit", matrix_path, "--executor", "local")
+    assert result.exit_code == 0, result.output
+    assert sorted(line for line in result.stderr.splitlines() if line.startswith("skip ")) == [
+        f"skip {c}: already completed with this recipe (use --force)" for c in CELLS]
+    assert not (project / LEDGER).exists()
+    assert not (project / f"{LEDGER}.lock").exists()
+    assert not (project / "bakery-work" / "arrays").exists()
+
+
+def test_submit_dry_run_plans_only_the_cells_not_done(project):
+    matrix_path = write_project(project)
+    cells = expand(load_matrix(matrix_path))
+    done = [c for c in cells if c.id == "tiny-std/eng-nob__ties"]
+    fake_done(matrix_path, done)
+    result = invoke("submit", matrix_path, "--executor", "local", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "skip tiny-std/eng-nob__ties: already completed with this recipe (use --force)" in result.stderr
+    tasks = sorted(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("-- task "))
+    assert tasks == FAILED_CELLS
+    assert "dry run: 1 array(s), 2 task(s); nothing submitted or written." in result.stdout
+    assert not (project / LEDGER).exists()
+
+
+def test_submit_force_plans_completed_cells_too(project):
+    matrix_path = write_project(project)
+    fake_done(matrix_path, expand(load_matrix(matrix_path)))
+    result = invoke("submit", matrix_path, "--executor", "local", "--dry-run", "--force")
+    assert result.exit_code == 0, result.output
+    assert "skip " not in result.stderr
+    assert "dry run: 1 array(s), 3 task(s)" in result.stdout
+
+
+def test_submit_only_matching_nothing_exits_2(project):
+    matrix_path = write_project(project)
+    result = invoke("submit", matrix_path, "--executor", "local", "--only", "99b-*")
+    assert result.exit_code == 2
+    assert f"--only '99b-*' matches no cell of {matrix_path}" in result.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["matrix.toml"]
+
+
+def test_submit_apptainer_without_image_exits_2(project):
+    matrix_path = write_project(project)
+    matrix_path.write_text(matrix_path.read_text() + '\n[runtime]\ncontainer = "apptainer"\n')
+    result = invoke("submit", matrix_path, "--executor", "local")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: {matrix_path}: runtime.image: container 'apptainer' "
+                                    "needs the path of the .sif image")
+    assert not (project / LEDGER).exists()
+    assert not (project / "bakery-work" / "arrays").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Light commands stay light
+
+HEAVY = ("torch", "transformers", "mergekit", "peft")
+IMPORT_CHECK = """\
+import json, sys
+from bakery_slurm.cli import cli
+try:
+    cli.main(json.loads(sys.argv[1]), standalone_mode=False)
+except SystemExit:
+    pass
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))))
+"""
+
+
+@pytest.mark.parametrize("command", ["status", "plan", "--help"])
+def test_light_commands_do_not_import_torch(failed, command):
+    matrix, ledger = failed
+    args = {"status": ["status", "--ledger", str(ledger)], "plan": ["plan", str(matrix)],
+            "--help": ["--help"]}[command]
+    done = subprocess.run([sys.executable, "-c", IMPORT_CHECK, json.dumps(args), json.dumps(HEAVY)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    *output, imported = done.stdout.splitlines()
+    assert json.loads(imported) == []
+    # the command really ran
+    expected = {"status": "totals: FAILED 3", "plan": "tiny-std/eng-nob__ties", "--help": "resubmit"}
+    assert expected[command] in "\n".join(output)

@@ -1,0 +1,241 @@
+"""The embedded local executor for real, with tiny commands instead of bakery cells: the
+parallelism cap, the time limit, exit codes, cancel, dead tasks, state keys and logs.
+
+Conditions are awaited by polling with a bounded deadline; the tasks' own sleeps only keep them
+busy, they never synchronise the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from bakery_slurm import local
+from bakery_slurm.sacct import TaskState
+
+JOB = "local-0123abcd-0"
+PY = sys.executable
+LIVE = ("PENDING", "RUNNING")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 20.0):
+    """Poll `condition` every 20 ms until it returns something truthy; fail after `deadline_s`."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+def states_of(folder: Path) -> dict[str, str]:
+    return {key: s.state for key, s in local.read_states(folder, JOB).items()}
+
+
+def all_done(folder: Path, n: int) -> dict[str, TaskState] | None:
+    states = local.read_states(folder, JOB)
+    if len(states) == n and all(s.state not in LIVE for s in states.values()):
+        return states
+    return None
+
+
+def state_is(folder: Path, index: int, state: str) -> bool:
+    return local.read_states(folder, JOB).get(f"{JOB}_{index}", TaskState("?")).state == state
+
+
+def write_array(folder: Path, argvs: list[list[str]], parallelism: int, time_limit_s: float) -> None:
+    """What `local.submit` writes, with a time limit in seconds (the API takes minutes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "array.json").write_text(json.dumps({
+        "job_id": JOB, "argvs": argvs, "pass_env": [], "container": "none",
+        "parallelism": parallelism, "time_limit_s": time_limit_s}))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def sleeper(marker: Path, seconds: float = 60) -> list[str]:
+    """A task that writes its pid to `marker` once it runs, then sleeps (as the same process)."""
+    return ["sh", "-c", f'echo $$ > "{marker}"; exec sleep {seconds}']
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """The array folder; on teardown every process this test started there is killed, by pid
+    (only processes whose command line names this test's tmp_path)."""
+    path = tmp_path / "array"
+    yield path
+    pids = []
+    for record in [path / "supervisor.json", *path.glob("*.state.json")]:
+        try:
+            pids.append(json.loads(record.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            pass
+    for marker in tmp_path.glob("*.pid"):
+        try:
+            pids.append(int(marker.read_text()))
+        except (OSError, ValueError):
+            pass
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # our supervisor and `sh -c` tasks name tmp_path; an exec'd sleeper shows as `sleep 60`
+        if pid_alive(pid) and (str(tmp_path) in cmdline or cmdline.startswith("sleep ")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_parallelism_cap_is_honoured(folder, tmp_path):
+    """4 tasks, at most 2 at once: the intervals each task records never overlap by more than 2
+    (and do overlap by 2, so the tasks did run in parallel)."""
+    log = tmp_path / "intervals.log"
+    script = ("import sys, time\n"
+              "def rec(kind):\n"
+              "    with open(sys.argv[1], 'a') as f:\n"
+              "        f.write(f'{time.time_ns()} {kind} {sys.argv[2]}\\n')\n"
+              "rec('start'); time.sleep(0.4); rec('end')\n")
+    argvs = [[PY, "-c", script, str(log), str(i)] for i in range(4)]
+    local.submit(folder, JOB, argvs, [], "none", parallelism=2, time_min=1)
+    states = wait_for(lambda: all_done(folder, 4), "4 tasks to finish")
+    assert {k: s.state for k, s in states.items()} == {f"{JOB}_{i}": "COMPLETED" for i in range(4)}
+    events = sorted((int(t), kind == "start") for t, kind, _ in
+                    (line.split() for line in log.read_text().splitlines()))
+    assert len(events) == 8
+    running, most = 0, 0
+    for _, is_start in events:  # at equal times an end sorts before a start
+        running += 1 if is_start else -1
+        most = max(most, running)
+    assert most == 2
+
+
+def test_time_limit_ends_the_task_as_timeout(folder, tmp_path):
+    """A sub-minute limit is not possible through `local.submit` (minutes): the supervisor is run
+    in-process on an array.json with time_limit_s=1."""
+    marker = tmp_path / "t.pid"
+    write_array(folder, [sleeper(marker), [PY, "-c", "pass"]], parallelism=2, time_limit_s=1)
+    start = time.monotonic()
+    local.supervise(folder)
+    assert time.monotonic() - start < 10  # not the task's 60 s
+    states = local.read_states(folder, JOB)
+    assert states[f"{JOB}_0"].state == "TIMEOUT"
+    assert states[f"{JOB}_0"].exit_code == "0:9"
+    assert states[f"{JOB}_1"].state == "COMPLETED"
+    assert not pid_alive(int(marker.read_text()))  # the process group was killed
+
+
+def test_submit_records_the_time_limit_in_seconds(folder):
+    local.submit(folder, JOB, [[PY, "-c", "pass"]], ["https_proxy"], "none", parallelism=3,
+                 time_min=2)
+    spec = json.loads((folder / "array.json").read_text())
+    assert spec["time_limit_s"] == 120
+    assert (spec["parallelism"], spec["pass_env"], spec["job_id"]) == (3, ["https_proxy"], JOB)
+    wait_for(lambda: all_done(folder, 1), "the task to finish")
+
+
+def test_exit_codes(folder):
+    argvs = [["sh", "-c", "exit 3"], ["sh", "-c", "exit 0"], ["sh", "-c", "kill -9 $$"]]
+    local.submit(folder, JOB, argvs, [], "none", parallelism=3, time_min=1)
+    states = wait_for(lambda: all_done(folder, 3), "3 tasks to finish")
+    assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("FAILED", "3:0")
+    assert (states[f"{JOB}_1"].state, states[f"{JOB}_1"].exit_code) == ("COMPLETED", "0:0")
+    assert (states[f"{JOB}_2"].state, states[f"{JOB}_2"].exit_code) == ("FAILED", "0:9")
+
+
+def test_state_keys_and_logs(folder):
+    argvs = [["sh", "-c", f'echo "out {i} $BAKERY_LOCAL_JOB_ID"; echo "err {i}" >&2']
+             for i in range(3)]
+    local.submit(folder, JOB, argvs, [], "none", parallelism=3, time_min=1)
+    states = wait_for(lambda: all_done(folder, 3), "3 tasks to finish")
+    assert sorted(states) == [f"{JOB}_0", f"{JOB}_1", f"{JOB}_2"]
+    for i in range(3):
+        out, err = local.log_paths(folder, i)
+        assert (out, err) == (folder / f"{i}.out", folder / f"{i}.err")
+        assert out.read_text() == f"out {i} {JOB}_{i}\n"
+        assert err.read_text() == f"err {i}\n"
+        assert states[f"{JOB}_{i}"].node and states[f"{JOB}_{i}"].elapsed is not None
+
+
+def test_finished_tasks_never_read_as_dead_while_the_supervisor_records_them(folder):
+    """Between a task's exit and the supervisor's next poll the task is an unreaped zombie: that
+    is RUNNING (then COMPLETED), never NODE_FAIL."""
+    local.submit(folder, JOB, [[PY, "-c", "pass"]] * 3, [], "none", parallelism=3, time_min=1)
+    seen: set[str] = set()
+
+    def done():
+        states = states_of(folder)
+        seen.update(states.values())
+        return len(states) == 3 and not set(states.values()) & set(LIVE)
+
+    wait_for(done, "3 tasks to finish")
+    assert seen <= {"PENDING", "RUNNING", "COMPLETED"}, seen
+    assert set(states_of(folder).values()) == {"COMPLETED"}
+
+
+def test_cancel_pending_and_running(folder, tmp_path):
+    m0, m1 = tmp_path / "0.pid", tmp_path / "1.pid"
+    local.submit(folder, JOB, [sleeper(m0), sleeper(m1)], [], "none", parallelism=1, time_min=1)
+    wait_for(lambda: m0.exists() and m0.read_text().strip(), "task 0 to start")
+    assert states_of(folder) == {f"{JOB}_0": "RUNNING", f"{JOB}_1": "PENDING"}
+    local.cancel(folder, [1])
+    wait_for(lambda: state_is(folder, 1, "CANCELLED"), "pending task 1 to be cancelled")
+    assert state_is(folder, 0, "RUNNING")
+    task0 = int(m0.read_text())
+    local.cancel(folder, [0])
+    states = wait_for(lambda: all_done(folder, 2), "both tasks to end")
+    assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("CANCELLED", "0:15")
+    assert states[f"{JOB}_1"].state == "CANCELLED"
+    assert not m1.exists() and not (folder / "1.out").exists()  # task 1 never started
+    assert not pid_alive(task0)
+
+
+def test_killed_task_with_live_supervisor_is_failed(folder, tmp_path):
+    marker = tmp_path / "0.pid"
+    local.submit(folder, JOB, [sleeper(marker)], [], "none", parallelism=1, time_min=1)
+    wait_for(lambda: marker.exists() and marker.read_text().strip(), "the task to start")
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    states = wait_for(lambda: all_done(folder, 1), "the supervisor to record the kill")
+    assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("FAILED", "0:9")
+
+
+def test_dead_supervisor_and_task_read_as_node_fail(folder, tmp_path):
+    marker = tmp_path / "0.pid"
+    local.submit(folder, JOB, [sleeper(marker), sleeper(tmp_path / "1.pid")], [], "none",
+                 parallelism=1, time_min=1)
+    wait_for(lambda: marker.exists() and marker.read_text().strip(), "task 0 to start")
+    supervisor = json.loads((folder / "supervisor.json").read_text())["pid"]
+    task = json.loads((folder / "0.state.json").read_text())["pid"]
+    assert task == int(marker.read_text())
+    assert states_of(folder) == {f"{JOB}_0": "RUNNING", f"{JOB}_1": "PENDING"}
+    os.kill(supervisor, signal.SIGKILL)
+    os.killpg(task, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(supervisor) and not pid_alive(task), "both to die")
+    states = local.read_states(folder, JOB)
+    # RUNNING with no process and no supervisor; PENDING that no supervisor will ever start.
+    assert {k: s.state for k, s in states.items()} == {f"{JOB}_0": "NODE_FAIL",
+                                                      f"{JOB}_1": "NODE_FAIL"}
+    # The files still say RUNNING / PENDING: NODE_FAIL is what a reader concludes, not a write.
+    assert json.loads((folder / "0.state.json").read_text())["state"] == "RUNNING"
