@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
 def _task_environment() -> None:
     """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (tasks sharing one
     corrupted it; facts.md) unless the user chose one."""
+    # SLURM's USR2 warning before the time limit (see task.run_task) may reach us through
+    # apptainer even where the host-side task ignored it: the default action would kill the cell
+    # early, and its end would read FAILED instead of TIMEOUT.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "HF_XET_CACHE" not in os.environ:
         task = (os.environ.get("SLURM_ARRAY_JOB_ID", "") + "_" + os.environ.get("SLURM_ARRAY_TASK_ID", "")

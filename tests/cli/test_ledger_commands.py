@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +28,7 @@ from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
 from bakery_slurm.tracking import LIVE_STATES, snapshot
 from conftest import MINIMAL_MATRIX
+from support import wait_for
 
 # Three cells, all with local sources under models/ that do not exist.
 FAILING_MATRIX = MINIMAL_MATRIX.replace(
@@ -53,14 +53,6 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
 
 
-def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 30.0):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
 
 
 def settled(ledger_path: Path):

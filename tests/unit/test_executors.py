@@ -3,7 +3,6 @@ SLURM backend's scancel/sacct calls against a recording fake at the subprocess b
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -26,9 +25,9 @@ from bakery_slurm.ledger import ArrayRecord
 from bakery_slurm.matrix import Resources, expand, load_matrix
 from bakery_slurm.sacct import TaskState
 from conftest import MINIMAL_MATRIX
+from support import assert_matches_golden
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-REGEN_ENV = "BAKERY_REGEN_GOLDEN"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 HOST_PYTHON = "/cluster/arm64-venv/bin/python"
 
@@ -187,19 +186,7 @@ def test_render_matches_the_golden_file(tmp_path):
     folder = tmp_path / "work" / "arrays" / "bakery-0123abcd-0"
     text = SlurmBackend().render(request(folder, n=5, parallelism=2)).replace(str(folder), "{FOLDER}")
     record = GOLDEN / "sbatch_array.txt"
-    if os.environ.get(REGEN_ENV) == "1":
-        record.parent.mkdir(exist_ok=True)
-        record.write_text(text, encoding="utf-8")
-    assert record.exists(), f"{record} is missing: run the tests with {REGEN_ENV}=1 to write it"
-    recorded = record.read_text(encoding="utf-8")
-    changes = [f"line {i + 1}: {old!r} -> {new!r}"
-               for i, (old, new) in enumerate(zip(recorded.splitlines(), text.splitlines()))
-               if old != new]
-    if len(recorded.splitlines()) != len(text.splitlines()):
-        changes.append(f"{len(recorded.splitlines())} lines recorded, {len(text.splitlines())} rendered")
-    assert not changes and recorded == text, (
-        "The rendered sbatch script differs from the record:\n" + "\n".join(changes) +
-        f"\nIf the change is intended, delete {record} and rerun with {REGEN_ENV}=1 to regenerate it.")
+    assert_matches_golden(text, record, "sbatch script")
 
 
 def test_render_needs_no_srun_and_matches_the_executor_command(tmp_path, monkeypatch):

@@ -13,12 +13,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from bakery_slurm import local
 from bakery_slurm.sacct import TaskState
+from support import wait_for
 
 JOB = "local-0123abcd-0"
 PY = sys.executable
@@ -29,15 +29,6 @@ LIVE = ("PENDING", "RUNNING")
 # Helpers
 
 
-def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 20.0):
-    """Poll `condition` every 20 ms until it returns something truthy; fail after `deadline_s`."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
 
 
 def states_of(folder: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ in tests/cli/test_plan.py.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,11 +18,11 @@ from bakery_slurm import methods
 from bakery_slurm.errors import ConfigError
 from bakery_slurm.matrix import expand, is_safe_subpath, load_matrix, select
 from bakery_slurm.recipe import render_recipe, validate_recipe
+from support import assert_matches_golden
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_MATRIX = REPO / "matrix.toml"
 GOLDEN = Path(__file__).resolve().parent / "golden"
-REGEN_ENV = "BAKERY_REGEN_GOLDEN"
 
 SEED_METHODS = {
     "1b": ["linear", "task_arithmetic", "ties"],
@@ -380,17 +379,4 @@ def test_rendered_ties_recipe_matches_golden_file(seed_cells):
     cell = next(c for c in seed_cells if c.id == "4b-std/eng-nob__ties")
     text = render_recipe(cell, BASE_PATH, BAKED)
     record = GOLDEN / "recipe_ties.yaml"
-    if os.environ.get(REGEN_ENV) == "1":
-        record.parent.mkdir(exist_ok=True)
-        record.write_text(text, encoding="utf-8")
-    assert record.exists(), f"{record} is missing: run the tests with {REGEN_ENV}=1 to write it"
-    recorded = record.read_text(encoding="utf-8")
-    changes = [f"line {i + 1}: {old!r} -> {new!r}"
-               for i, (old, new) in enumerate(zip(recorded.splitlines(), text.splitlines()))
-               if old != new]
-    if len(recorded.splitlines()) != len(text.splitlines()):
-        changes.append(f"{len(recorded.splitlines())} lines recorded, "
-                       f"{len(text.splitlines())} rendered")
-    assert not changes and recorded == text, (
-        "The rendered recipe differs from the record:\n" + "\n".join(changes) +
-        f"\nIf the change is intended, delete {record} and rerun with {REGEN_ENV}=1 to regenerate it.")
+    assert_matches_golden(text, record, "recipe")

@@ -1,0 +1,186 @@
+"""Fixtures for the integration tier (`-m slurm`): a real single-node SLURM cluster with accounting.
+
+`slurm_cluster` (session, autouse here) makes sure `sbatch` exists and `slurm_cluster.sh status`
+passes; otherwise it runs `slurm_cluster.sh up` when we are root. If SLURM still cannot be had, the
+tests fail under CI=true and are skipped elsewhere (a laptop).
+
+`bakery` drives the tool only through its own CLI (Click's CliRunner on `bakery_slurm.cli.cli`) and
+waits for states by polling `status --json` until a condition holds or a deadline passes; at the
+end of the session it cancels whatever is still live in the ledgers it touched. `held_lock` holds
+an fcntl lock from a separate process, as a concurrent task on the cluster would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from click.testing import CliRunner, Result
+
+from bakery_slurm.cli import cli
+
+CLUSTER_SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
+# Bringing the cluster up may install packages (apt-get) on a fresh machine.
+CLUSTER_UP_TIMEOUT_S = 900
+# Upper bound for any one wait on task states; generous next to what the tests need (a tiny cell
+# runs in ~10 s, a --time=1 task reaches TIMEOUT 60-95 s after it starts). Only hit on a hang.
+DEADLINE_S = 240
+POLL_S = 1.0
+# The states in which a task is over. Written out here, not imported, so that a product change to
+# its own notion of "live" cannot make a wait return early.
+SETTLED = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL",
+                     "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+
+
+def _cluster_problem() -> str | None:
+    """Why SLURM cannot be used right now, or None when `sbatch`, `sinfo` and `sacct` work."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH"
+    try:
+        done = subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True,
+                              timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{CLUSTER_SCRIPT} status could not run: {e}"
+    if done.returncode != 0:
+        return f"{CLUSTER_SCRIPT} status failed:\n{done.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_cluster() -> None:
+    """A reachable cluster: started with `slurm_cluster.sh up` as root if needed; else fail under
+    CI=true, skip elsewhere."""
+    problem = _cluster_problem()
+    if problem is not None and os.geteuid() == 0:
+        try:
+            up = subprocess.run([str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True,
+                                timeout=CLUSTER_UP_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as e:
+            problem = f"{problem}\n{CLUSTER_SCRIPT} up could not run: {e}"
+        else:
+            if up.returncode != 0:
+                problem = (f"{problem}\n{CLUSTER_SCRIPT} up exited {up.returncode}:\n"
+                           f"{up.stderr.strip()[-3000:]}")
+            else:
+                problem = _cluster_problem()
+    elif problem is not None:
+        problem += " (and only root may run slurm_cluster.sh up)"
+    if problem is not None:
+        message = f"no usable SLURM cluster: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+class Bakery:
+    """The `bakery-slurm` CLI, in process, plus waits on `status --json`."""
+
+    def __init__(self) -> None:
+        self.ledgers: set[Path] = set()
+
+    def run(self, *args: Any, ledger: Path | None = None) -> Result:
+        """Invoke `bakery-slurm ARGS [--ledger LEDGER]`; exceptions other than exits propagate."""
+        argv = [str(a) for a in args]
+        if ledger is not None:
+            self.ledgers.add(Path(ledger))
+            argv += ["--ledger", str(ledger)]
+        return CliRunner().invoke(cli, argv, catch_exceptions=False)
+
+    def ok(self, *args: Any, ledger: Path | None = None) -> Result:
+        """Like `run`, asserting exit status 0."""
+        result = self.run(*args, ledger=ledger)
+        assert result.exit_code == 0, _describe(args, result)
+        return result
+
+    def poll(self, args: tuple[Any, ...], ledger: Path, condition: Callable[[Result], bool],
+             what: str, timeout: float = DEADLINE_S) -> Result:
+        """Run `bakery-slurm ARGS --ledger LEDGER` until `condition(result)` holds; return that
+        result. Fail after `timeout` seconds, showing the last output and the queue."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.run(*args, ledger=ledger)
+            if condition(result):
+                return result
+            if time.monotonic() > deadline:
+                queue = subprocess.run(["squeue", "--states=all", "-o", "%i %j %T %M %R"],
+                                       capture_output=True, text=True).stdout
+                pytest.fail(f"waited {timeout:.0f} s for {what}; last output:\n{result.output}"
+                            f"\nsqueue:\n{queue}")
+            time.sleep(POLL_S)
+
+    def wait(self, ledger: Path, condition: Callable[[dict[str, dict[str, Any]]], bool], what: str,
+             timeout: float = DEADLINE_S) -> dict[str, dict[str, Any]]:
+        """Poll `status --json` until `condition(rows by cell)` holds; return those rows."""
+        seen: dict[str, dict[str, Any]] = {}
+
+        def check(result: Result) -> bool:
+            # Exit 0 or 1 (a cell failed) are both answers; anything else is not.
+            assert result.exit_code in (0, 1), _describe(("status", "--json"), result)
+            seen.clear()
+            seen.update({row["cell"]: row for row in json.loads(result.stdout)})
+            return condition(seen)
+
+        self.poll(("status", "--json"), ledger, check, what, timeout)
+        return seen
+
+    def wait_settled(self, ledger: Path, cells: Any = None,
+                     timeout: float = DEADLINE_S) -> dict[str, dict[str, Any]]:
+        """Wait until `cells` (default: every cell of the ledger) are in a final state."""
+        return self.wait(ledger, lambda rows: all(
+            rows[c]["state"] in SETTLED for c in (rows if cells is None else cells)),
+            f"{'every cell' if cells is None else ', '.join(cells)} to finish", timeout)
+
+
+def _describe(args: Any, result: Result) -> str:
+    return (f"bakery-slurm {' '.join(map(str, args))} exited {result.exit_code}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+
+
+@pytest.fixture(scope="session")
+def bakery() -> Iterator[Bakery]:
+    """The CLI helper; afterwards, live tasks of every ledger it used are cancelled."""
+    helper = Bakery()
+    yield helper
+    for ledger in sorted(helper.ledgers):
+        if ledger.exists():
+            with contextlib.suppress(Exception):
+                CliRunner().invoke(cli, ["cancel", "--ledger", str(ledger)])
+
+
+_HOLDER = """\
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+"""
+
+
+@contextlib.contextmanager
+def _held_lock(path: Path) -> Iterator[None]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline()
+        assert line == "locked\n", f"lock holder for {path} did not take the lock (said {line!r})"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def held_lock() -> Callable[[Path], contextlib.AbstractContextManager[None]]:
+    """`with held_lock(path):` an exclusive `fcntl.lockf` lock on `path`, held by another process
+    (the lock bakery-slurm's own `fsutil.locked` takes), released when the block ends."""
+    return _held_lock

@@ -1,0 +1,47 @@
+"""Helpers shared by test modules (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+REGEN_ENV = "BAKERY_REGEN_GOLDEN"
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 30.0,
+             interval_s: float = 0.02) -> T:
+    """Poll `condition` until it returns something truthy; fail after `deadline_s`.
+
+    Polling a condition is how tests wait; a fixed sleep never stands in for a state.
+    """
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+def assert_matches_golden(text: str, record: Path, what: str) -> None:
+    """Compare `text` with the recorded file, as submitit's `_sbatch_test_record.txt` test does.
+
+    With BAKERY_REGEN_GOLDEN=1 the record is (re)written first. A missing record fails rather
+    than being silently created.
+    """
+    if os.environ.get(REGEN_ENV) == "1":
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(text, encoding="utf-8")
+    assert record.exists(), f"{record} is missing: run the tests with {REGEN_ENV}=1 to write it"
+    recorded = record.read_text(encoding="utf-8")
+    old_lines, new_lines = recorded.splitlines(), text.splitlines()
+    changes = [f"line {i + 1}: {old!r} -> {new!r}"
+               for i, (old, new) in enumerate(zip(old_lines, new_lines)) if old != new]
+    if len(old_lines) != len(new_lines):
+        changes.append(f"{len(old_lines)} lines recorded, {len(new_lines)} rendered")
+    assert not changes and recorded == text, (
+        f"The rendered {what} differs from the record:\n" + "\n".join(changes) +
+        f"\nIf the change is intended, delete {record} and rerun with {REGEN_ENV}=1 to regenerate it.")
