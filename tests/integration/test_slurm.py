@@ -458,3 +458,31 @@ def test_racing_resubmits_submit_each_failed_cell_once(tmp_path, bakery):
     # The new tasks fail the same way; cancel what is left of them and let them settle.
     bakery.ok("cancel", ledger=ledger)
     assert {r["attempt"] for r in bakery.wait_settled(ledger).values()} == {2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The compute node's host Python needs only submitit
+
+
+def test_a_host_python_with_only_submitit_runs_the_tasks(tmp_path, tiny_models, bakery,
+                                                         monkeypatch):
+    """On Olivia the login nodes are x86 and the compute nodes arm64, so `[runtime] host_python`
+    names another Python there: the task function travels by value and needs no bakery_slurm."""
+    # SLURM starts the task in the submitting directory, which `python -m` puts on sys.path:
+    # submit from a folder where bakery_slurm cannot be imported from.
+    monkeypatch.chdir(tmp_path)
+    host = tmp_path / "host-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(host)], check=True)
+    subprocess.run([str(host / "bin" / "pip"), "install", "-q", "submitit==1.5.4"], check=True)
+    lacks = subprocess.run([str(host / "bin" / "python"), "-c", "import bakery_slurm"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert "No module named 'bakery_slurm'" in lacks.stderr
+    matrix = write_matrix(tmp_path / "project", {"tiny1b": size(tiny_models, "text", ["linear"])})
+    matrix.write_text(matrix.read_text().replace(
+        'container = "none"', f'container = "none"\nhost_python = "{host / "bin" / "python"}"'))
+    ledger = matrix.parent / "bakery-ledger.json"
+    bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+    script = next((matrix.parent / "work" / "arrays").glob("*/*_submission.sh")).read_text()
+    assert f"{host / 'bin' / 'python'} -u -m submitit.core._submit" in script
+    rows = bakery.wait_settled(ledger)
+    assert rows[cid("tiny1b", "linear")]["state"] == "COMPLETED"
