@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import local, task
 from .errors import SchedulerError
@@ -23,13 +23,13 @@ from .ledger import ArrayRecord
 from .matrix import Cell, Resources
 from .sacct import (
     SCHEDULER_TIMEOUT_S,
+    Runner,
     TaskState,
     find_jobs_by_name,
     query_sacct,
     query_squeue,
 )
 
-Runner = Callable[..., subprocess.CompletedProcess]
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize (highest index 1000)
 # Resource fields -> submitit SlurmExecutor parameters (time is handled apart: minutes).
 SUBMITIT_KEYS = ("partition", "account", "qos", "constraint", "gpus_per_node", "cpus_per_task",
