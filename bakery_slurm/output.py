@@ -21,7 +21,8 @@ def output_options(f: Callable) -> Callable:
 def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> str:
     """Render `rows`; the table shows `columns`, JSON shows every key."""
     if fmt == "json":
-        return json.dumps(list(rows), indent=2, default=str)
+        # One object per line: readable, and encoded by json's C encoder (indent= would not be).
+        return "[" + ",".join(f"\n  {json.dumps(row, default=str)}" for row in rows) + "\n]"
     if fmt == "nl":
         return "\n".join(json.dumps(row, default=str) for row in rows)
     return format_table(rows, columns)

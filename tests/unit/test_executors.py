@@ -355,3 +355,14 @@ def test_resolve_executor(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
     assert executors.resolve_executor("auto") == "slurm"
     assert executors.resolve_executor("local") == "local"
+
+
+@pytest.mark.parametrize("cells, index, job", [(["a/b", "c/d"], 1, "77_1"), (["a/b"], 0, "77")])
+def test_slurm_log_paths_are_submitits(tmp_path, cells, index, job):
+    from submitit.core.utils import JobPaths
+
+    array = ArrayRecord(executor="slurm", resources={}, folder=str(tmp_path), cells=cells,
+                        name="bakery-0123abcd-0", job_id="77",
+                        submitted=datetime.now(timezone.utc))
+    paths = JobPaths(tmp_path, job_id=job, task_id=0)
+    assert SlurmBackend.log_paths(array, index) == (paths.stdout, paths.stderr)
