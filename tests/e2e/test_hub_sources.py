@@ -1,0 +1,96 @@
+"""Hub model sources, through huggingface_hub's real `snapshot_download`, offline.
+
+The Hub's servers are out of reach here, so the tests lay out a Hugging Face cache the way
+huggingface_hub writes one (`models--<owner>--<name>/refs/main` naming a commit and
+`snapshots/<commit>/...`) and run `bakery-slurm run-cell` with HF_HOME pointing at it and
+HF_HUB_OFFLINE=1: the download call, the commit it resolves to, the subfolder handling and the
+error for a missing repo are all the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(root: Path, tiny_models: Path) -> Path:
+    """An HF_HOME whose cache holds acme/tiny-text (the text base) and acme/tiny-adapters
+    (subfolders eng/ and nob/) at COMMIT."""
+    repos = {"acme/tiny-text": {"": tiny_models / "bases" / "text"},
+             "acme/tiny-adapters": {name: tiny_models / "adapters" / "text" / name
+                                    for name in ("eng", "nob")}}
+    for repo, folders in repos.items():
+        entry = root / "hub" / f"models--{repo.replace('/', '--')}"
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text(COMMIT)
+        for sub, source in folders.items():
+            shutil.copytree(source, entry / "snapshots" / COMMIT / sub, dirs_exist_ok=True)
+    return root
+
+
+def write_matrix(folder: Path, base_repo: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "matrix.toml"
+    path.write_text(f"""
+name = "hub-sources"
+adapters = ["eng", "nob"]
+[base]
+repo = "{base_repo}"
+[adapter]
+repo = "acme/tiny-adapters"
+subfolder = "{{adapter}}"
+[push]
+target = "dir:published"
+[variants.std]
+[sizes.tiny1b]
+[methods.ties]
+density = 0.5
+weight = 0.5
+[runtime]
+container = "none"
+[paths]
+work = "work"
+""")
+    return path
+
+
+def run_cell(matrix: Path, hf_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "bakery_slurm", "run-cell", str(matrix),
+                           "tiny1b-std/eng-nob__ties", "--device", "cpu"],
+                          env=env, capture_output=True, text=True)
+
+
+def test_hub_sources_are_fetched_and_identified_by_commit(tmp_path, tiny_models):
+    hf_home = hub_cache(tmp_path / "hf-home", tiny_models)
+    matrix = write_matrix(tmp_path / "project", "acme/tiny-text")
+    done = run_cell(matrix, hf_home)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    inputs = result["stages"]["bake"]["inputs"]
+    assert inputs["base"] == {"repo": "acme/tiny-text", "subfolder": None, "revision": None,
+                              "commit": COMMIT}
+    assert inputs["adapters"]["nob"] == {"repo": "acme/tiny-adapters", "subfolder": "nob",
+                                         "revision": None, "commit": COMMIT}
+    card = (tmp_path / "project" / "published" / "tiny1b-std" / "eng-nob__ties" / "README.md").read_text()
+    assert "base_model:\n- acme/tiny-text\n" in card
+    assert f"commit {COMMIT}" in card
+
+
+def test_a_missing_hub_repo_fails_the_bake_naming_it(tmp_path, tiny_models):
+    hf_home = hub_cache(tmp_path / "hf-home", tiny_models)
+    matrix = write_matrix(tmp_path / "project", "acme/not-there")
+    done = run_cell(matrix, hf_home)
+    assert done.returncode == 1
+    assert "stage bake failed: cannot download hub:acme/not-there" in done.stderr
+    assert not (tmp_path / "project" / "published").exists()
