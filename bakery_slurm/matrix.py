@@ -30,7 +30,8 @@ from .errors import ConfigError
 # A path segment we are willing to put in a Hub subfolder, a directory name and a job name:
 # no separators, no shell metacharacters, no leading dot (so no `..` or hidden names).
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The Hub's rule: owner/name of letters, digits, '_', '.', '-', without '--' or '..'.
+REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TIME_LIMIT = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
 EXCLUDE_KEYS = ("size", "variant", "method", "id")
@@ -406,6 +407,9 @@ def _check_param(matrix: Matrix, key: str, method: methods.MethodSpec, name: str
         problem = param.check(float(v))
         if problem:
             raise _fail(matrix, key, v, problem)
+    # A table is one cell's values; a number or each sweep value applies to every adapter.
+    if param.not_all_zero and (not any(values) if isinstance(value, dict) else 0 in values):
+        raise _fail(matrix, key, value, "the adapters' values may not all be zero")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ class ParamSpec:
         The Python type accepted from TOML (float parameters also accept integers).
     required:
         True when mergekit has no default for it (the merge would fail after baking without it).
+    not_all_zero:
+        True when the per-model values of one cell may not all be zero (an all-zero weight merges
+        nothing, and linear's normalisation divides by the sum).
     """
 
     name: str
@@ -36,6 +39,7 @@ class ParamSpec:
     check: Callable[[object], str | None]
     kind: type = float
     required: bool = False
+    not_all_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ def _any_bool(value: object) -> str | None:
     return None
 
 
-WEIGHT = ParamSpec("weight", per_model=True, check=_finite_non_negative, required=True)
+WEIGHT = ParamSpec("weight", per_model=True, check=_finite_non_negative, required=True,
+                   not_all_zero=True)
 DENSITY = ParamSpec("density", per_model=True, check=_density)
 NORMALIZE = ParamSpec("normalize", per_model=False, check=_any_bool, kind=bool)
 

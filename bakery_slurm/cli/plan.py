@@ -25,7 +25,10 @@ def plan(matrix: Path, only: str | None, fmt: str) -> None:
         bakery-slurm plan matrix.toml
         bakery-slurm plan matrix.toml --only '12b-*' --json
     """
-    cells = select(expand(load_matrix(matrix)), only)
+    loaded = load_matrix(matrix)
+    cells = select(expand(loaded), only)
+    if not cells:
+        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
     rows = [cell.as_dict() for cell in cells]
     if fmt == "table":
         rows = [{**row, "parameters": _summary(row["parameters"])} for row in rows]

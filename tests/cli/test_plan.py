@@ -99,6 +99,12 @@ def test_plan_only_selects_by_glob(fmt):
     assert ids == ["12b-std/eng-nob__ties", "12b-open/eng-nob__ties"]
 
 
+def test_plan_only_matching_nothing_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["plan", str(REPO_MATRIX), "--only", "27b-*"])
+    assert result.exit_code == 2
+    assert f"--only '27b-*' matches no cell of {REPO_MATRIX.resolve()}" in result.stderr
+
+
 def test_plan_table_shows_per_adapter_weights(write_matrix):
     text = edit("[methods.ties]\ndensity = 0.5\nweight = 0.5\n",
                 "[methods.linear]\nweight = {eng = 0.3, nob = 0.7}\n")
@@ -224,6 +230,15 @@ BAD_MATRICES = [
     pytest.param(edit('path = "models/base-{size}"', 'repo = "NbAiLab/base {size}"'),
                  "base.repo: not a Hub repo id (owner/name) (got 'NbAiLab/base tiny')",
                  id="invalid-repo-id"),
+    pytest.param(edit('path = "models/base-{size}"', 'repo = "NbAiLab/base--{size}"'),
+                 "base.repo: not a Hub repo id (owner/name) (got 'NbAiLab/base--tiny')",
+                 id="repo-id-double-dash"),
+    pytest.param(edit("weight = 0.5", "weight = { eng = 0, nob = 0.0 }"),
+                 "methods.ties.weight: the adapters' values may not all be zero "
+                 "(got {'eng': 0, 'nob': 0.0})", id="weights-all-zero"),
+    pytest.param(edit("weight = 0.5", "weight = [0.5, 0]"),
+                 "methods.ties.weight: the adapters' values may not all be zero (got [0.5, 0])",
+                 id="weight-sweep-with-zero"),
     pytest.param(edit('path = "models/base-{size}"', 'repo = "org/base-{size}"\npath = "base"'),
                  "base: give exactly one of 'repo' (a Hub repo id) or 'path' (a local folder) "
                  "(got {'repo': 'org/base-{size}', 'path': 'base'})", id="repo-and-path"),
