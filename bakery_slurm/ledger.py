@@ -203,7 +203,9 @@ def load_ledger(path: Path | str, *, missing_ok: bool = False) -> Ledger:
     except FileNotFoundError:
         if missing_ok:
             return Ledger()
-        raise LedgerError(f"{path}: no ledger at this path (nothing submitted with it yet?)") from None
+        raise LedgerError(f"{Path(path).resolve()}: no ledger at this path (nothing submitted with it "
+                          "yet? `submit` writes it beside the matrix; pass --ledger or set "
+                          "BAKERY_LEDGER)") from None
     except OSError as exc:
         raise LedgerError(f"{path}: cannot read the ledger: {exc.strerror or exc}") from exc
     untouched = "the file was left untouched; restore it from a backup or move it aside"

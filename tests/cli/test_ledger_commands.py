@@ -185,7 +185,9 @@ def test_status_on_a_missing_ledger_exits_2_naming_it(tmp_path):
     missing = tmp_path / "nowhere.json"
     result = invoke("status", "--ledger", missing)
     assert result.exit_code == 2
-    assert result.stderr == f"Error: {missing}: no ledger at this path (nothing submitted with it yet?)\n"
+    assert result.stderr == (f"Error: {missing.resolve()}: no ledger at this path (nothing submitted "
+                             "with it yet? `submit` writes it beside the matrix; pass --ledger or "
+                             "set BAKERY_LEDGER)\n")
     assert result.stdout == ""
     assert not missing.exists()
 
