@@ -54,5 +54,8 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         if watch is None or not live:
             break
         time.sleep(watch)
-    if any(s.state in TERMINAL_FAILURES for s in snap.statuses):
+    failed = [s.cell for s in snap.statuses if s.state in TERMINAL_FAILURES]
+    if failed:
+        click.echo(f"{len(failed)} cell(s) failed: `bakery-slurm logs {failed[0]} --stderr` shows "
+                   "why; `bakery-slurm resubmit` runs them again", err=True)
         sys.exit(EXIT_FAILED)
