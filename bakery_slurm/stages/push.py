@@ -37,8 +37,6 @@ BACKOFF_CAP_S = 120.0
 class Target(Protocol):
     def published_record(self, path_in_repo: str) -> dict[str, Any] | None: ...
 
-    def published_recipe_hash(self, path_in_repo: str) -> str | None: ...
-
     def publish(self, folder: Path, path_in_repo: str, message: str) -> str: ...
 
 
@@ -50,9 +48,6 @@ class DirTarget:
 
     def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
         return _read_record(self.root / path_in_repo / RECORD_FILE)
-
-    def published_recipe_hash(self, path_in_repo: str) -> str | None:
-        return (self.published_record(path_in_repo) or {}).get("recipe_hash")
 
     def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
         with fsutil.locked(self.root / ".bakery-push.lock"):
@@ -72,9 +67,6 @@ class HubTarget:
 
             api = HfApi()
         self.repo_id, self.private, self.api, self.sleep = repo_id, private, api, sleep
-
-    def published_recipe_hash(self, path_in_repo: str) -> str | None:
-        return (self.published_record(path_in_repo) or {}).get("recipe_hash")
 
     def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
         """The `bakery.json` published at `path_in_repo`, or None (absent, no repo, unreadable)."""
