@@ -125,7 +125,9 @@ class SlurmBackend:
         try:
             jobs = executor.map_array(task.run_task, request.argvs, [request.pass_env] * n,
                                       [request.container] * n)
-        except (submitit.core.utils.FailedSubmissionError, OSError) as e:
+        # sbatch refusing (bad partition, account, ...) is FailedJobError, an UncompletedJobError.
+        except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.UncompletedJobError,
+                OSError) as e:
             raise SchedulerError(f"sbatch failed for array {request.array.name}: {e}") from None
         return jobs[0].job_id.split("_")[0]
 

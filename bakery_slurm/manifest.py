@@ -69,7 +69,3 @@ def intact_marker(output: Path) -> dict[str, Any] | None:
     if present != {name: info["size"] for name, info in files.items()}:
         return None
     return marker
-
-
-def clear_marker(output: Path) -> None:
-    marker_path(output).unlink(missing_ok=True)

@@ -49,8 +49,13 @@ NOT_FOUND = "NOT_FOUND"
 COMPLETED = "COMPLETED"
 """The only state that means a cell's latest attempt succeeded."""
 
+LOST = "LOST"
+"""The intent was recorded but no scheduler ever had the array (sbatch failed or was interrupted
+before it ran): set by `tracking.snapshot` once sacct had time to know it by name and does not."""
+
 TERMINAL_FAILURES = frozenset(
-    {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+    {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+     LOST}
 )
 """States in which a task has ended without success: the ones `choose_resubmit` may resubmit."""
 

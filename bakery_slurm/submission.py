@@ -110,12 +110,17 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
                                    recipe_hashes=recipe_hashes, now=datetime.now(timezone.utc),
                                    submission_id=submission_id)
     requests = _requests(matrix, planned, submission.arrays)
-    for request in requests:
+    for i, request in enumerate(requests):
         try:
             job_id = runner.submit(request)
-        except SchedulerError:
+        except BaseException as e:
+            # Arrays not yet handed to sbatch never existed, and neither did this one if sbatch
+            # said no. After anything else (Ctrl-C mid-sbatch) this array stays unconfirmed:
+            # `status` finds it in sacct by name, or calls it LOST.
+            gone = requests[i + 1:] + ([request] if isinstance(e, SchedulerError) else [])
             with update_ledger(ledger_path) as ledger:
-                forget_array(ledger, request.array.name)
+                for array in gone:
+                    forget_array(ledger, array.array.name)
             raise
         with update_ledger(ledger_path) as ledger:
             confirm_array(ledger, request.array.name, job_id)

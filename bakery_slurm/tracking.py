@@ -16,13 +16,23 @@ from pathlib import Path
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
 from .pipeline import CellPaths, read_result
-from .sacct import COMPLETED, NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells, sacct_starttime
+from .sacct import (
+    COMPLETED,
+    LOST,
+    NOT_FOUND,
+    UNCONFIRMED,
+    CellStatus,
+    reduce_cells,
+    sacct_starttime,
+)
 
 log = logging.getLogger(__name__)
 
 # sacct shows a new array only after a few seconds: until then its tasks are SUBMITTED, not lost.
 SUBMITTED = "SUBMITTED"
 SACCT_LAG = timedelta(minutes=2)
+# Login and compute nodes' clocks may disagree by this much.
+CLOCK_SKEW = timedelta(minutes=1)
 # States in which a cell may still run: never resubmitted or submitted again.
 LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
                          "COMPLETING", "STAGE_OUT", "SIGNALING", UNCONFIRMED, SUBMITTED})
@@ -57,12 +67,22 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
     states.update(LocalBackend.states([a for a in arrays if a.executor == "local"], None)[0])
     by_name = {a.name: a for a in arrays}
     recent = datetime.now(timezone.utc) - SACCT_LAG
-    statuses = [replace(s, state=SUBMITTED)
-                if s.state == NOT_FOUND and by_name[s.array_name].submitted > recent else s
+    statuses = [_settle_unknown(s, by_name[s.array_name].submitted > recent)
                 for s in reduce_cells(ledger, states)]
     if source != "sacct":
         statuses = [_from_marker(s, by_name) for s in statuses]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
+
+
+def _settle_unknown(status: CellStatus, fresh: bool) -> CellStatus:
+    """A task sacct does not show is SUBMITTED while the array is fresh (sacct lags); an array
+    still unconfirmed after that, which `_recover` could not find by name, never reached a
+    scheduler: LOST, so it can be resubmitted."""
+    if status.state == NOT_FOUND and fresh:
+        return replace(status, state=SUBMITTED)
+    if status.state == UNCONFIRMED and not fresh:
+        return replace(status, state=LOST)
+    return status
 
 
 def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str]:
@@ -83,12 +103,21 @@ def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str
 
 
 def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
-    """Without accounting, a task that left squeue is COMPLETED only if its result says done."""
+    """Without accounting, a task that left squeue takes its state from the cell's result record
+    (COMPLETED or FAILED), if that record was written by this attempt."""
     if status.state != NOT_FOUND:
         return status
     # Array folders live at <work>/arrays/<name> (submission.py).
     work = Path(arrays[status.array_name].folder).parent.parent
     result = read_result(CellPaths(work, status.cell))
-    if result and result.get("status") == "done" and result.get("recipe_hash") == status.recipe_hash:
-        return replace(status, state=COMPLETED)
-    return status
+    if not result or result.get("recipe_hash") != status.recipe_hash:
+        return status
+    # The record of this very attempt: one written before it started may be a --force rerun's.
+    try:
+        started = datetime.fromisoformat(result["started"])
+    except (KeyError, TypeError, ValueError):
+        return status
+    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
+        return status
+    state = {"done": COMPLETED, "failed": "FAILED"}.get(result.get("status"))
+    return replace(status, state=state) if state else status

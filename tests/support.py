@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 REGEN_ENV = "BAKERY_REGEN_GOLDEN"
 T = TypeVar("T")
@@ -45,3 +47,24 @@ def assert_matches_golden(text: str, record: Path, what: str) -> None:
     assert not changes and recorded == text, (
         f"The rendered {what} differs from the record:\n" + "\n".join(changes) +
         f"\nIf the change is intended, delete {record} and rerun with {REGEN_ENV}=1 to regenerate it.")
+
+
+@dataclass
+class Recorder:
+    """Stands in for `subprocess.run`: records each call and answers from `answers`, keyed by the
+    command name: a CompletedProcess-like (returncode, stdout, stderr) triple. `check=True`
+    raises CalledProcessError on a non-zero status, as subprocess.run does."""
+
+    answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    calls: list[list[str]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append(list(argv))
+        self.kwargs.append(kwargs)
+        if argv[0] not in self.answers:
+            raise FileNotFoundError(2, "No such file or directory", argv[0])
+        code, out, err = self.answers[argv[0]]
+        if kwargs.get("check") and code != 0:
+            raise subprocess.CalledProcessError(code, argv, out, err)
+        return subprocess.CompletedProcess(argv, code, out, err)

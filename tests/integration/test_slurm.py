@@ -486,3 +486,31 @@ def test_a_host_python_with_only_submitit_runs_the_tasks(tmp_path, tiny_models, 
     assert f"{host / 'bin' / 'python'} -u -m submitit.core._submit" in script
     rows = bakery.wait_settled(ledger)
     assert rows[cid("tiny1b", "linear")]["state"] == "COMPLETED"
+
+
+# ---------------------------------------------------------------------------------------------
+# sbatch refusing an array
+
+
+def test_sbatch_refusing_an_array_exits_3_and_leaves_no_stuck_cells(tmp_path, tiny_models, bakery):
+    """Three resource groups, the second with a partition the cluster lacks: the first array is
+    submitted and recorded, the refused one and the one after it leave no trace in the ledger."""
+    matrix = write_matrix(tmp_path, {
+        "a": size(tiny_models, "text", ["linear"]),
+        "b": size(tiny_models, "text", ["linear"], partition="nosuchpartition"),
+        "c": size(tiny_models, "text", ["linear"], mem="3G"),
+    })
+    ledger = tmp_path / "bakery-ledger.json"
+    result = bakery.run("submit", matrix, "--executor", "slurm", ledger=ledger)
+    assert result.exit_code == 3, result.output
+    assert "sbatch failed for array" in result.stderr and "nosuchpartition" in result.stderr
+    recorded = load_ledger(ledger)
+    [submission] = recorded.submissions
+    [array] = submission.arrays
+    assert array.cells == [cid("a", "linear")] and array.job_id is not None
+    assert set(recorded.cells) == {cid("a", "linear")}
+    rows = bakery.wait_settled(ledger)
+    assert rows[cid("a", "linear")]["state"] == "COMPLETED"
+    # The refused cells were never submitted: submit takes them again (and fails the same way).
+    again = bakery.run("submit", matrix, "--executor", "slurm", "--only", "b-*", ledger=ledger)
+    assert again.exit_code == 3 and "an attempt is" not in again.stderr

@@ -4,11 +4,9 @@ SLURM backend's scancel/sacct calls against a recording fake at the subprocess b
 from __future__ import annotations
 
 import shutil
-import subprocess
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,7 +23,7 @@ from bakery_slurm.ledger import ArrayRecord
 from bakery_slurm.matrix import Resources, expand, load_matrix
 from bakery_slurm.sacct import TaskState
 from conftest import MINIMAL_MATRIX
-from support import assert_matches_golden
+from support import Recorder, assert_matches_golden
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -209,27 +207,6 @@ def test_render_needs_no_srun_and_matches_the_executor_command(tmp_path, monkeyp
 
 # ---------------------------------------------------------------------------------------------
 # SlurmBackend.cancel and .states with a fake at the subprocess boundary
-
-
-@dataclass
-class Recorder:
-    """Stands in for `subprocess.run`: records each call and answers from `answers`, keyed by the
-    command name: a CompletedProcess-like (returncode, stdout, stderr) triple. `check=True`
-    raises CalledProcessError on a non-zero status, as subprocess.run does."""
-
-    answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)
-    calls: list[list[str]] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
-
-    def __call__(self, argv, **kwargs):
-        self.calls.append(list(argv))
-        self.kwargs.append(kwargs)
-        if argv[0] not in self.answers:
-            raise FileNotFoundError(2, "No such file or directory", argv[0])
-        code, out, err = self.answers[argv[0]]
-        if kwargs.get("check") and code != 0:
-            raise subprocess.CalledProcessError(code, argv, out, err)
-        return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def array(name: str, job_id: str | None, n: int) -> ArrayRecord:
