@@ -21,13 +21,15 @@ def task_argv(runtime: Runtime, container: str, matrix_path: Path, matrix_sha256
     """
     run_cell = ["-m", "bakery_slurm", "run-cell", str(matrix_path), cell_id,
                 "--matrix-sha256", matrix_sha256, "--work", str(work)]
+    fixed_env = [f"{name}={value}" for name, value in sorted(runtime.env.items())]
     if container == "none":
-        return [sys.executable, *run_cell]
+        # The same fixed environment (HF_HOME on shared storage, ...) without a container.
+        return [*(["env", *fixed_env] if fixed_env else []), sys.executable, *run_cell]
     # The matrix and work folders must be visible inside the container at the same paths.
     binds = list(dict.fromkeys([*runtime.binds, str(matrix_path.parent), str(work)]))
     argv = ["apptainer", "exec"]
     if gpus:
         argv.append("--nv")
     argv += ["--cleanenv", "--bind", ",".join(binds)]
-    argv += [f"--env={name}={value}" for name, value in sorted(runtime.env.items())]
+    argv += [f"--env={assignment}" for assignment in fixed_env]
     return [*argv, str(runtime.image), runtime.python, *run_cell]

@@ -15,15 +15,18 @@ import os
 import signal
 import subprocess
 
-# Always forwarded when set: the Hub token (read by huggingface_hub inside the container).
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Always forwarded into the container when set: the Hub token (read by huggingface_hub there),
+# the GPUs SLURM gave this task (`--cleanenv` drops CUDA_VISIBLE_DEVICES, and `--nv` alone exposes
+# every GPU of the node), and the task's ids (per-task HF_XET_CACHE, logs).
+FORWARDED = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID",
+             "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
 
 def task_environment(environ: dict[str, str], pass_env: list[str], container: str) -> dict[str, str]:
     """The environment for the task's command: `environ`, plus the forwarded names for apptainer."""
     env = dict(environ)
     if container == "apptainer":
-        for name in [*pass_env, *TOKEN_VARIABLES]:
+        for name in [*pass_env, *FORWARDED]:
             if name in environ:
                 env[f"APPTAINERENV_{name}"] = environ[name]
     return env

@@ -16,7 +16,7 @@ from bakery_slurm.container import task_argv
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.matrix import Runtime, expand, load_matrix
-from bakery_slurm.task import TOKEN_VARIABLES, task_environment
+from bakery_slurm.task import task_environment
 from conftest import MINIMAL_MATRIX
 
 SHA = "ab" * 32
@@ -54,11 +54,18 @@ def test_apptainer_argv_without_gpus_has_no_nv(gpus):
                     CELL, "--matrix-sha256", SHA, "--work", "/w"]
 
 
-def test_none_argv_runs_this_python_directly():
-    runtime = Runtime(container="none", image="/i.sif", binds=["/b"], env={"HF_HOME": "/h"})
+def test_none_argv_runs_this_python_directly_with_the_fixed_environment():
+    runtime = Runtime(container="none", image="/i.sif", binds=["/b"],
+                      env={"HF_HOME": "/h", "A_FIRST": "1"})
     argv = task_argv(runtime, "none", Path("/m/matrix.toml"), SHA, CELL, Path("/w"), gpus=1)
-    assert argv == [sys.executable, "-m", "bakery_slurm", "run-cell", "/m/matrix.toml", CELL,
-                    "--matrix-sha256", SHA, "--work", "/w"]
+    assert argv == ["env", "A_FIRST=1", "HF_HOME=/h", sys.executable, "-m", "bakery_slurm",
+                    "run-cell", "/m/matrix.toml", CELL, "--matrix-sha256", SHA, "--work", "/w"]
+
+
+def test_none_argv_without_fixed_environment_is_just_python():
+    argv = task_argv(Runtime(container="none"), "none", Path("/m/matrix.toml"), SHA, CELL,
+                     Path("/w"), gpus=None)
+    assert argv[0] == sys.executable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,11 +87,14 @@ def test_apptainer_environment_forwards_token_and_pass_env_names():
     assert {k: env[k] for k in ENVIRON} == ENVIRON  # the host environment itself is kept
 
 
-def test_apptainer_environment_forwards_both_token_names():
-    environ = {"HUGGING_FACE_HUB_TOKEN": "t1", "HF_TOKEN": "t2"}
+def test_apptainer_environment_forwards_tokens_gpus_and_task_ids():
+    environ = {"HUGGING_FACE_HUB_TOKEN": "t1", "HF_TOKEN": "t2", "CUDA_VISIBLE_DEVICES": "2",
+               "SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3",
+               "SLURM_NODELIST": "gpu-1"}
     env = task_environment(environ, [], "apptainer")
     assert {k: env[k] for k in env if k.startswith("APPTAINERENV_")} == {
-        f"APPTAINERENV_{name}": environ[name] for name in TOKEN_VARIABLES}
+        f"APPTAINERENV_{name}": value for name, value in environ.items()
+        if name != "SLURM_NODELIST"}
 
 
 def test_none_environment_is_unchanged():
