@@ -9,6 +9,7 @@ in between leaves an UNCONFIRMED array that `status` recovers from sacct by its 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -52,6 +53,25 @@ def resolve_container(matrix: Matrix, executor: str) -> str:
     return container
 
 
+def export_hub_token(cells: Sequence[Cell]) -> None:
+    """Make the Hub token reach the tasks, or refuse before any sbatch.
+
+    Tasks see environment variables only (SLURM exports ours; the local executor inherits them):
+    a token kept in the login node's token file is read and put in this process's environment,
+    never written anywhere. Without any token, cells pushing to the Hub would bake and merge for
+    hours and then fail at push.
+    """
+    if not any(cell.push.kind == "hub" for cell in cells):
+        return
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if token is None:
+        raise ConfigError("the cells push to the Hub, but no Hub token was found: set HF_TOKEN or "
+                          "log in with `hf auth login` on this machine")
+    os.environ.setdefault("HF_TOKEN", token)
+
+
 def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
                 submission_id: str) -> Planned:
     """Group `cells` into arrays and build every task's command line (no I/O)."""
@@ -83,6 +103,8 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
         Plan and return the requests; submit nothing and write nothing.
     """
     resolve_container(matrix, executor)  # a config error must come before any lock or file
+    if not dry_run:
+        export_hub_token(cells)
     runner = backend(executor)
     try:
         max_size = runner.max_array_size()
