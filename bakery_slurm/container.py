@@ -8,7 +8,7 @@ from pathlib import Path
 from .matrix import Runtime
 
 
-def task_argv(runtime: Runtime, container: str, matrix_path: Path, matrix_sha256: str,
+def task_argv(runtime: Runtime, container: str, matrix_path: Path, recipe_hash: str,
               cell_id: str, work: Path, gpus: int | None) -> list[str]:
     """argv for one cell.
 
@@ -20,7 +20,7 @@ def task_argv(runtime: Runtime, container: str, matrix_path: Path, matrix_sha256
         GPUs per node; apptainer gets `--nv` only when the task has GPUs.
     """
     run_cell = ["-m", "bakery_slurm", "run-cell", str(matrix_path), cell_id,
-                "--matrix-sha256", matrix_sha256, "--work", str(work)]
+                "--recipe-hash", recipe_hash, "--work", str(work)]
     fixed_env = [f"{name}={value}" for name, value in sorted(runtime.env.items())]
     if container == "none":
         # The same fixed environment (HF_HOME on shared storage, ...) without a container.

@@ -83,7 +83,7 @@ def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_
         arrays.append(PlannedArray(
             executor=executor, folder=str(folder), cells=[c.id for c in group],
             resources=group[0].resources.model_dump(exclude_none=True)))
-        argvs.append([task_argv(runtime, container, matrix.path, matrix.sha256, c.id,
+        argvs.append([task_argv(runtime, container, matrix.path, c.recipe_hash, c.id,
                                 matrix.work_dir, c.resources.gpus_per_node) for c in group])
     return Planned(arrays=arrays, argvs=argvs, container=container)
 

@@ -22,10 +22,11 @@ from . import cli
               show_default=True, help="Where mergekit computes; auto falls back to CPU.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path),
               help="Work folder (default: [paths] work of the matrix).")
-@click.option("--matrix-sha256", metavar="HEX",
-              help="Refuse to run if the matrix file changed since it was submitted.")
+@click.option("--recipe-hash", metavar="HEX",
+              help="Refuse to run if this cell's recipe changed since it was submitted "
+                   "(other edits to the matrix, such as a longer time limit, are fine).")
 def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
-             matrix_sha256: str | None) -> None:
+             recipe_hash: str | None) -> None:
     """Bake, merge, strip, verify and push one cell of MATRIX, resuming finished stages.
 
     Prints the cell's result record (JSON) on success; exits 1 naming the failed stage.
@@ -38,13 +39,14 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
 
     _task_environment()
     loaded = load_matrix(matrix)
-    if matrix_sha256 and matrix_sha256 != loaded.sha256:
-        raise ConfigError(f"{loaded.path}: changed since submission (sha256 {loaded.sha256}, "
-                          f"submitted {matrix_sha256}); resubmit to run the new matrix")
     cells = {cell.id: cell for cell in expand(loaded)}
     if cell_id not in cells:
         raise click.BadParameter(f"{cell_id!r} is not a cell of {loaded.path} "
                                  f"(see `bakery-slurm plan {matrix}`)", param_hint="CELL_ID")
+    if recipe_hash and recipe_hash != cells[cell_id].recipe_hash:
+        raise ConfigError(f"{loaded.path}: the recipe of {cell_id} changed since submission "
+                          f"(recipe hash {cells[cell_id].recipe_hash[:12]}, submitted "
+                          f"{recipe_hash[:12]}); submit again to run the new recipe")
     result = run(cells[cell_id], work or loaded.work_dir, device=device)
     click.echo(json.dumps(result, indent=2))
 

@@ -39,6 +39,7 @@ import pytest
 
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import all_arrays, load_ledger
+from bakery_slurm.matrix import expand, load_matrix
 
 pytestmark = pytest.mark.slurm
 
@@ -273,8 +274,9 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path, tiny_mod
         assert line in out.splitlines(), line
     name = re.search(r"^#SBATCH --job-name=(bakery-[0-9a-f]{8}-0)$", out, re.MULTILINE)
     assert name, out
+    recipes = {c.id: c.recipe_hash for c in expand(load_matrix(matrix))}
     for cell in (cid("tiny1b", "linear"), cid("tiny1b", "ties")):
-        command = (f"-m bakery_slurm run-cell {matrix} {cell} --matrix-sha256 {sha256(matrix)} "
+        command = (f"-m bakery_slurm run-cell {matrix} {cell} --recipe-hash {recipes[cell]} "
                    f"--work {tmp_path / 'work'}")
         assert any(line.strip().endswith(command) for line in out.splitlines()), (cell, out)
     assert "dry run: 1 array(s), 2 task(s); nothing submitted or written." in out
@@ -404,15 +406,16 @@ def test_resubmit_sends_exactly_the_failed_cells_as_one_new_array(faults, resubm
 
 
 def test_resubmitted_cells_complete_with_the_edited_matrix(faults, resubmitted):
-    # run-cell refuses a matrix whose sha256 differs from the submitted one: completing shows the
-    # new submission passed the new sha256 to its tasks.
+    # The edited matrix (longer time limit) keeps every recipe, so tasks of both submissions run;
+    # a task whose cell's recipe changed since submission is refused.
     assert {c: (r["state"], r["attempt"]) for c, r in resubmitted.rows.items()} == {
         SLOW: ("COMPLETED", 2), BROKEN: ("COMPLETED", 2), STUCK: ("COMPLETED", 2),
         OK: ("COMPLETED", 1)}
     assert resubmitted.status.exit_code == 0, resubmitted.status.output
     stale = subprocess.run([str(BIN / "bakery-slurm"), "run-cell", str(faults.matrix), OK,
-                            "--matrix-sha256", faults.first_sha256], capture_output=True, text=True)
-    assert stale.returncode == 2 and "changed since submission" in stale.stderr, stale.stderr
+                            "--recipe-hash", "0" * 64], capture_output=True, text=True)
+    assert stale.returncode == 2, stale.stderr
+    assert f"the recipe of {OK} changed since submission" in stale.stderr, stale.stderr
     for cell in FAULTS:
         record = json.loads((faults.root / "published" / cell / "bakery.json").read_text())
         assert record["cell"] == cell

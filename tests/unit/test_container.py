@@ -36,7 +36,7 @@ def test_apptainer_argv_is_exact():
         "--bind", "/cluster/projects/nn1k,/data/matrices,/scratch,/scratch/work",
         "--env=A_FIRST=1", "--env=HF_HOME=/cluster/projects/nn1k/hf-home",
         "/images/bakery.sif", "python3", "-m", "bakery_slurm", "run-cell",
-        "/data/matrices/matrix.toml", CELL, "--matrix-sha256", SHA, "--work", "/scratch/work"]
+        "/data/matrices/matrix.toml", CELL, "--recipe-hash", SHA, "--work", "/scratch/work"]
 
 
 def test_apptainer_argv_binds_the_matrix_and_work_folders_once():
@@ -51,7 +51,7 @@ def test_apptainer_argv_without_gpus_has_no_nv(gpus):
     argv = task_argv(runtime, "apptainer", Path("/m/matrix.toml"), SHA, CELL, Path("/w"), gpus=gpus)
     assert argv == ["apptainer", "exec", "--cleanenv", "--bind", "/m,/w", "/i.sif",
                     "/opt/py/bin/python3", "-m", "bakery_slurm", "run-cell", "/m/matrix.toml",
-                    CELL, "--matrix-sha256", SHA, "--work", "/w"]
+                    CELL, "--recipe-hash", SHA, "--work", "/w"]
 
 
 def test_none_argv_runs_this_python_directly_with_the_fixed_environment():
@@ -59,7 +59,7 @@ def test_none_argv_runs_this_python_directly_with_the_fixed_environment():
                       env={"HF_HOME": "/h", "A_FIRST": "1"})
     argv = task_argv(runtime, "none", Path("/m/matrix.toml"), SHA, CELL, Path("/w"), gpus=1)
     assert argv == ["env", "A_FIRST=1", "HF_HOME=/h", sys.executable, "-m", "bakery_slurm",
-                    "run-cell", "/m/matrix.toml", CELL, "--matrix-sha256", SHA, "--work", "/w"]
+                    "run-cell", "/m/matrix.toml", CELL, "--recipe-hash", SHA, "--work", "/w"]
 
 
 def test_none_argv_without_fixed_environment_is_just_python():
