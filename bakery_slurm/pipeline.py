@@ -89,7 +89,8 @@ class _Run:
     def __init__(self, cell: Cell, paths: CellPaths):
         self.cell, self.paths = cell, paths
         self.result: dict[str, Any] = {
-            "cell": cell.id, "recipe_hash": cell.recipe_hash, "status": "running",
+            "cell": cell.id, "recipe_hash": cell.recipe_hash, "push": str(cell.push),
+            "status": "running",
             "started": now(), "finished": None, "stages": {}, "versions": library_versions(),
             "error": None,
         }

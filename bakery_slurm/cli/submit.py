@@ -87,8 +87,10 @@ def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_ru
         if cell.id in live:
             skipped.append((cell.id, f"an attempt is {live[cell.id]}"))
         elif (not force and result and result.get("status") == "done"
-              and result.get("recipe_hash") == cell.recipe_hash):
-            skipped.append((cell.id, "already completed with this recipe (use --force)"))
+              and result.get("recipe_hash") == cell.recipe_hash
+              and result.get("push") == str(cell.push)):
+            skipped.append((cell.id, "already completed and published with this recipe "
+                                     "(use --force)"))
         else:
             keep.append(cell)
     return keep, skipped

@@ -365,7 +365,8 @@ def fake_done(matrix_path: Path, cells) -> None:
         paths = CellPaths(matrix.work_dir, cell.id)
         paths.result.parent.mkdir(parents=True, exist_ok=True)
         paths.result.write_text(json.dumps({"cell": cell.id, "recipe_hash": cell.recipe_hash,
-                                            "status": "done", "stages": {}}))
+                                            "push": str(cell.push), "status": "done",
+                                            "stages": {}}))
 
 
 def test_submit_skips_cells_already_completed(project):
@@ -375,10 +376,22 @@ def test_submit_skips_cells_already_completed(project):
     result = invoke("submit", matrix_path, "--executor", "local")
     assert result.exit_code == 0, result.output
     assert sorted(line for line in result.stderr.splitlines() if line.startswith("skip ")) == [
-        f"skip {c}: already completed with this recipe (use --force)" for c in CELLS]
+        f"skip {c}: already completed and published with this recipe (use --force)" for c in CELLS]
     assert not (project / LEDGER).exists()
     assert not (project / f"{LEDGER}.lock").exists()
     assert not (project / "bakery-work" / "arrays").exists()
+
+
+def test_submit_publishes_completed_cells_again_when_the_push_target_changed(project):
+    matrix_path = write_project(project)
+    fake_done(matrix_path, expand(load_matrix(matrix_path)))
+    text = matrix_path.read_text()
+    assert '"dir:published"' in text
+    matrix_path.write_text(text.replace('"dir:published"', '"dir:elsewhere"'))
+    result = invoke("submit", matrix_path, "--executor", "local", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "skip " not in result.stderr
+    assert "3 task(s)" in result.stdout
 
 
 def test_submit_dry_run_plans_only_the_cells_not_done(project):
@@ -388,7 +401,7 @@ def test_submit_dry_run_plans_only_the_cells_not_done(project):
     fake_done(matrix_path, done)
     result = invoke("submit", matrix_path, "--executor", "local", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "skip tiny-std/eng-nob__ties: already completed with this recipe (use --force)" in result.stderr
+    assert "skip tiny-std/eng-nob__ties: already completed and published with this recipe (use --force)" in result.stderr
     tasks = sorted(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("-- task "))
     assert tasks == FAILED_CELLS
     assert "dry run: 1 array(s), 2 task(s); nothing submitted or written." in result.stdout
