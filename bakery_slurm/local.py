@@ -102,8 +102,9 @@ def supervise(folder: Path) -> None:
             _write_state(folder, index, "CANCELLED", exit_code="0:15")
         while pending and len(running) < spec["parallelism"]:
             index = pending.pop(0)
-            running[index] = (_start(folder, index, spec["argvs"][index], env, spec["job_id"]),
-                              time.monotonic() + spec["time_limit_s"])
+            process = _start(folder, index, spec["argvs"][index], env, spec["job_id"])
+            if process is not None:
+                running[index] = (process, time.monotonic() + spec["time_limit_s"])
         for index, (process, deadline) in list(running.items()):
             if process.poll() is None and time.monotonic() > deadline:
                 os.killpg(process.pid, signal.SIGKILL)
@@ -117,12 +118,19 @@ def supervise(folder: Path) -> None:
 
 
 def _start(folder: Path, index: int, argv: list[str], env: dict[str, str],
-           job_id: str) -> subprocess.Popen:
+           job_id: str) -> subprocess.Popen | None:
+    """Start task `index`; a command that cannot start (e.g. no `apptainer` here) fails the task
+    with the reason in its stderr log, as a shell would (exit 127), and returns None."""
     out, err = log_paths(folder, index)
     task_env = {**env, "BAKERY_LOCAL_JOB_ID": f"{job_id}_{index}"}
     with open(out, "ab") as stdout, open(err, "ab") as stderr:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                   env=task_env, start_new_session=True)
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
+                                       stderr=stderr, env=task_env, start_new_session=True)
+        except OSError as e:
+            stderr.write(f"cannot start {argv[0]}: {e}\n".encode())
+            _write_state(folder, index, "FAILED", exit_code="127:0", started=_now(), ended=_now())
+            return None
     _write_state(folder, index, "RUNNING", pid=process.pid, started=_now())
     return process
 

@@ -138,6 +138,16 @@ def test_time_limit_ends_the_task_as_timeout(folder, tmp_path):
     assert not pid_alive(int(marker.read_text()))  # the process group was killed
 
 
+def test_a_command_that_cannot_start_fails_its_task_with_the_reason_in_its_log(folder):
+    write_array(folder, [["/nonexistent/apptainer", "exec"], [PY, "-c", "pass"]], parallelism=1,
+                time_limit_s=60)
+    local.supervise(folder)  # returns: one task failing to start does not stop the array
+    states = local.read_states(folder, JOB)
+    assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("FAILED", "127:0")
+    assert states[f"{JOB}_1"].state == "COMPLETED"
+    assert "cannot start /nonexistent/apptainer" in local.log_paths(folder, 0)[1].read_text()
+
+
 def test_submit_records_the_time_limit_in_seconds(folder):
     local.submit(folder, JOB, [[PY, "-c", "pass"]], ["https_proxy"], "none", parallelism=3,
                  time_min=2)
