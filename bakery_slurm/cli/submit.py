@@ -29,7 +29,8 @@ ARRAY_COLUMNS = ["array", "job_id", "executor", "cells", "resources"]
               help="Print arrays, sbatch scripts, task commands and recipes; submit nothing.")
 @click.option("--force", is_flag=True, help="Also submit cells already completed with this recipe.")
 @click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Ledger file (default: {LEDGER_NAME} beside MATRIX).")
+              envvar="BAKERY_LEDGER",
+              help=f"Ledger file (env BAKERY_LEDGER; default: {LEDGER_NAME} beside MATRIX).")
 @output_options
 def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: bool,
            ledger_path: Path | None, fmt: str) -> None:

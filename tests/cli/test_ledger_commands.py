@@ -464,3 +464,14 @@ def test_light_commands_do_not_import_torch(failed, command):
     # the command really ran
     expected = {"status": "totals: FAILED 3", "plan": "tiny-std/eng-nob__ties", "--help": "resubmit"}
     assert expected[command] in "\n".join(output)
+
+
+def test_submit_and_status_agree_on_the_ledger_named_by_bakery_ledger(project, monkeypatch):
+    ledger = project / "elsewhere" / "my-ledger.json"
+    monkeypatch.setenv("BAKERY_LEDGER", str(ledger))
+    matrix_path = write_project(project)
+    result = invoke("submit", matrix_path, "--executor", "local")
+    assert result.exit_code == 0, result.output
+    assert ledger.exists() and not (project / LEDGER).exists()
+    status = invoke("status", "--json")  # no --ledger: BAKERY_LEDGER names it
+    assert sorted(row["cell"] for row in json.loads(status.stdout)) == sorted(CELLS)
