@@ -92,6 +92,19 @@ def locked(lock_path: Path, blocking: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir/open would under the umask.
+
+    mkdtemp makes folders 0700 and safetensors writes files 0600: left so, a teammate sharing the
+    work folder could not read the bake cache, nor a group the published checkpoints.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; on success rename it to `final`.
@@ -102,13 +115,9 @@ def staging_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    # mkdtemp makes the folder 0700; a finished folder gets the mode any mkdir would give it,
-    # so group members on a shared project area can read bakes and results.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        _usual_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
