@@ -24,6 +24,7 @@ tokens (HfApi finds its own; HubTarget never passes one, so the fake accepts non
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ class FakeHubApi:
         self.calls.append((method, arguments))
         scripted = self.failures.get(method)
         if scripted:
-            raise http_error(scripted.pop(0))
+            failure = scripted.pop(0)  # an HTTP status, or an exception such as a connect error
+            raise failure if isinstance(failure, BaseException) else http_error(failure)
 
     def calls_to(self, method: str) -> list[dict[str, Any]]:
         return [arguments for name, arguments in self.calls if name == method]
@@ -90,14 +92,22 @@ class FakeHubApi:
         return f"{HUB}/{repo_id}"
 
     def upload_folder(self, *, repo_id: str, folder_path: str | Path, path_in_repo: str | None = None,
-                      commit_message: str | None = None) -> FakeCommit:
+                      commit_message: str | None = None,
+                      delete_patterns: str | list[str] | None = None) -> FakeCommit:
         self._enter("upload_folder", repo_id=repo_id, folder_path=str(folder_path),
-                    path_in_repo=path_in_repo, commit_message=commit_message)
+                    path_in_repo=path_in_repo, commit_message=commit_message,
+                    delete_patterns=delete_patterns)
         if repo_id not in self.repos:
             raise http_error(404, f"{HUB}/api/models/{repo_id}/commit/main",
                              cls=RepositoryNotFoundError)
         folder = Path(folder_path)
         prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
+        # As HfApi: patterns match paths relative to path_in_repo; .gitattributes is never deleted.
+        patterns = [delete_patterns] if isinstance(delete_patterns, str) else delete_patterns or []
+        for name in [n for n in self.repos[repo_id] if n.startswith(prefix)]:
+            relative = name[len(prefix):]
+            if name != ".gitattributes" and any(fnmatch.fnmatch(relative, p) for p in patterns):
+                del self.repos[repo_id][name]
         files = {prefix + p.relative_to(folder).as_posix(): p.read_bytes()
                  for p in sorted(folder.rglob("*")) if p.is_file()}
         self.repos[repo_id].update(files)

@@ -12,6 +12,7 @@ logged or written by us.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import random
@@ -84,9 +85,11 @@ class HubTarget:
     def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
         self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private,
                                                  exist_ok=True), "create the repo")
+        # delete_patterns="*": the cell's folder ends up holding exactly this upload, so a
+        # re-push with fewer or renamed shards leaves none of the old ones behind.
         commit = self._retry(lambda: self.api.upload_folder(
             folder_path=str(folder), repo_id=self.repo_id, path_in_repo=path_in_repo,
-            commit_message=message), "upload")
+            commit_message=message, delete_patterns="*"), "upload")
         return str(getattr(commit, "commit_url", commit))
 
     def _retry(self, call: Callable[[], Any], what: str) -> Any:
@@ -95,14 +98,30 @@ class HubTarget:
         for attempt in range(1, MAX_TRIES + 1):
             try:
                 return call()
-            except HfHubHTTPError as e:
-                status = getattr(e.response, "status_code", None)
-                if status not in RETRY_STATUSES or attempt == MAX_TRIES:
-                    raise PushError(f"{self.repo_id}: could not {what}: HTTP {status}: {e}") from None
+            except (HfHubHTTPError, *_transport_errors()) as e:
+                if isinstance(e, HfHubHTTPError):
+                    status = getattr(e.response, "status_code", None)
+                    retryable, why = status in RETRY_STATUSES, f"HTTP {status}"
+                else:  # a reset or timeout, e.g. through the compute nodes' proxy
+                    retryable, why = True, type(e).__name__
+                if not retryable or attempt == MAX_TRIES:
+                    raise PushError(f"{self.repo_id}: could not {what}: {why}: {e}") from None
                 delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
-                log.warning("%s: %s got HTTP %s (try %d/%d); retrying in %.1f s",
-                            self.repo_id, what, status, attempt, MAX_TRIES, delay)
+                log.warning("%s: %s got %s (try %d/%d); retrying in %.1f s",
+                            self.repo_id, what, why, attempt, MAX_TRIES, delay)
                 self.sleep(delay)
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection-level failures of the HTTP client huggingface_hub uses (httpx2 from 2.x,
+    httpx in 1.x)."""
+    errors = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _read_record(record: Path) -> dict[str, Any] | None:

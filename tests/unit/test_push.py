@@ -99,6 +99,29 @@ def test_mixed_failures_on_every_call_then_one_commit(tmp_path, folder, sleeps):
     assert all(call["exist_ok"] is True for call in api.calls_to("create_repo"))
 
 
+def test_connection_errors_are_retried(tmp_path, folder, sleeps):
+    import httpx2
+
+    target, api = hub(tmp_path, sleeps, upload_folder=[httpx2.ConnectError("proxy reset"),
+                                                       httpx2.ReadTimeout("slow proxy")])
+    target.publish(folder, CELL, "msg")
+    assert len(api.calls_to("upload_folder")) == 3 and len(api.commits) == 1
+    assert len(sleeps) == 2
+
+
+def test_a_repush_leaves_exactly_the_new_files(tmp_path, folder, sleeps):
+    target, api = hub(tmp_path, sleeps)
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"old shard")
+    target.publish(folder, CELL, "first")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    api.repos[REPO]["other-cell/README.md"] = b"untouched"
+    target.publish(folder, CELL, "second")
+    assert sorted(api.repos[REPO]) == sorted(
+        [f"{CELL}/{n}" for n in (RECORD_FILE, "README.md", "model.safetensors")]
+        + ["other-cell/README.md"])
+    assert all(call["delete_patterns"] == "*" for call in api.calls_to("upload_folder"))
+
+
 def test_gives_up_after_max_tries(tmp_path, folder, sleeps):
     target, api = hub(tmp_path, sleeps, upload_folder=[503] * MAX_TRIES)
     with pytest.raises(PushError, match=rf"{REPO}: could not upload: HTTP 503"):
