@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..executors import backend, resolve_executor
-from ..ledger import load_ledger
+from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pipeline import CellPaths, read_result
@@ -58,11 +58,21 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
                for c in cells}
     for cell in cells:
         validate_recipe(cell.id, recipes[cell.id])
-    cells, skipped = _skip_done_or_live(cells, ledger_path, loaded.work_dir, force, dry_run)
+    cells, skipped, seen = _skip_done_or_live(cells, ledger_path, loaded.work_dir, force, dry_run)
     for cell_id, reason in skipped:
         click.echo(f"skip {cell_id}: {reason}", err=True)
+
+    def unchanged(fresh):
+        # Another submit may have taken some of these cells since we looked: under the ledger
+        # lock, keep only cells whose latest attempt is still the one we judged.
+        return [c for c in cells if latest_attempt(fresh, c.id) == seen.get(c.id)]
+
     kind = resolve_executor(executor)
-    requests = submit_cells(ledger_path, loaded, cells, kind, dry_run=dry_run) if cells else []
+    requests = submit_cells(ledger_path, loaded, cells, kind, dry_run=dry_run,
+                            guard=unchanged) if cells else []
+    taken = {c.id for c in cells} - {cell for r in requests for cell in r.array.cells}
+    for cell_id in sorted(taken):
+        click.echo(f"skip {cell_id}: submitted meanwhile by another process", err=True)
     if dry_run:
         _print_dry_run(requests, kind, recipes)
         return
@@ -75,11 +85,16 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
 
 
 def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_run: bool):
-    """Split off cells already completed with their recipe, or with a live attempt."""
+    """Split off cells already completed with their recipe, or with a live attempt.
+
+    Returns the cells to submit, (cell id, reason) for the others, and the latest attempt of
+    each cell as judged here.
+    """
     skipped, keep = [], []
-    live = set()
+    live, seen = {}, {}
     if ledger_path.exists():
         ledger = load_ledger(ledger_path)
+        seen = {c.id: latest_attempt(ledger, c.id) for c in cells}
         if any(c.id in ledger.cells for c in cells):
             live = {s.cell: s.state for s in snapshot(ledger_path, ledger, recover=not dry_run).statuses
                     if s.state in LIVE_STATES}
@@ -94,7 +109,7 @@ def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_ru
                                      "(use --force)"))
         else:
             keep.append(cell)
-    return keep, skipped
+    return keep, skipped, seen
 
 
 def _print_dry_run(requests, kind: str, recipes: dict[str, str]) -> None:

@@ -475,3 +475,26 @@ def test_submit_and_status_agree_on_the_ledger_named_by_bakery_ledger(project, m
     assert ledger.exists() and not (project / LEDGER).exists()
     status = invoke("status", "--json")  # no --ledger: BAKERY_LEDGER names it
     assert sorted(row["cell"] for row in json.loads(status.stdout)) == sorted(CELLS)
+
+
+def test_a_submit_overtaken_after_judging_its_cells_submits_none_of_them(project, monkeypatch):
+    """The race of two submits, made deterministic: another submission lands between this one's
+    look at the ledger and its taking the ledger lock."""
+    from bakery_slurm.cli import submit as submit_command
+
+    matrix_path = write_project(project)
+    judge = submit_command._skip_done_or_live
+
+    def judged_then_overtaken(*args, **kwargs):
+        verdict = judge(*args, **kwargs)
+        matrix = load_matrix(matrix_path)
+        submission.submit_cells(project / LEDGER, matrix, expand(matrix), "local")
+        return verdict
+
+    monkeypatch.setattr(submit_command, "_skip_done_or_live", judged_then_overtaken)
+    result = invoke("submit", matrix_path, "--executor", "local")
+    assert result.exit_code == 0, result.output
+    ledger = load_ledger(project / LEDGER)
+    assert {cell: len(attempts) for cell, attempts in ledger.cells.items()} == dict.fromkeys(CELLS, 1)
+    assert sorted(line for line in result.stderr.splitlines() if line.startswith("skip ")) == [
+        f"skip {cell}: submitted meanwhile by another process" for cell in sorted(CELLS)]
