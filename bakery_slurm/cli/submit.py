@@ -36,9 +36,9 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
            ledger_path: Path | None, fmt: str) -> None:
     """Submit the cells of MATRIX as job arrays, one per resource group (one sbatch each).
 
-    Cells already completed with the same recipe hash, and cells with a pending or running
-    attempt, are skipped (--force submits completed ones again). Every rendered recipe is
-    validated with mergekit before anything is submitted.
+    Cells already completed and published with the same recipe hash and push target, and cells
+    with a pending or running attempt, are skipped (--force submits completed ones again).
+    Every rendered recipe is validated with mergekit before anything is submitted.
 
     \b
     Example:
