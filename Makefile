@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast slurm-up slurm-down bench
+.PHONY: install demo test test-fast test-gpu slurm-up slurm-down bench
 
 # torch goes first and pinned: its CPU wheel is what we test with, and a bare `torch`
 # requirement resolved later by pip would pull a multi-GB CUDA build.
@@ -25,7 +25,11 @@ test: install slurm-up
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not e2e and not slurm" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not e2e and not slurm and not gpu" tests
+
+# On a machine with a CUDA GPU (and a CUDA build of torch in the venv).
+test-gpu: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m gpu tests/gpu
 
 slurm-up:
 	@if [ "$$(id -u)" = 0 ]; then tests/integration/slurm_cluster.sh up; \

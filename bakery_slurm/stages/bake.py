@@ -91,7 +91,9 @@ def _merge_and_unload(base: Path, adapter: Path, dtype: str, out: Path) -> None:
     from peft import PeftModel
 
     model = load_model(base, getattr(torch, dtype))
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    # PEFT loads adapter weights onto CUDA whenever it is available (peft.utils.infer_device): on a
+    # node whose GPU is busy or broken, that alone failed the bake. Baking is CPU work.
+    model = PeftModel.from_pretrained(model, str(adapter), torch_device="cpu").merge_and_unload()
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
 
 
