@@ -136,20 +136,20 @@ class SlurmBackend:
 
         Returns the states and their source ("sacct" or a note on the fallback).
         """
-        job_ids = [a.job_id for a in arrays if a.job_id]
-        if not job_ids:
+        names = {a.job_id: a.name for a in arrays if a.job_id}
+        if not names:
             return {}, "sacct"
         if shutil.which("sacct") is None:
-            return self._fallback(job_ids, "sacct is not installed")
+            return self._fallback(names, "sacct is not installed")
         try:
-            return query_sacct(job_ids, starttime, runner=self.runner), "sacct"
+            return query_sacct(names, starttime, runner=self.runner), "sacct"
         except SchedulerError as e:
             if "accounting storage is disabled" not in str(e).lower():
                 raise
-            return self._fallback(job_ids, "SLURM accounting is disabled")
+            return self._fallback(names, "SLURM accounting is disabled")
 
-    def _fallback(self, job_ids: list[str], why: str) -> tuple[dict[str, TaskState], str]:
-        return (query_squeue(job_ids, runner=self.runner),
+    def _fallback(self, names: dict[str, str], why: str) -> tuple[dict[str, TaskState], str]:
+        return (query_squeue(names, runner=self.runner),
                 f"squeue + completion markers ({why}; finished tasks are read from result.json)")
 
     def recover(self, names: Sequence[str], starttime: str) -> dict[str, list[str]]:

@@ -1,7 +1,8 @@
 """Task states from sacct (or squeue), reduced to one status per cell.
 
 The pure core: `parse_sacct` and `parse_squeue` turn scheduler text into `TaskState`s keyed by
-``"<array job id>_<index>"``; `reduce_cells` maps them onto the ledger's latest attempt of every cell;
+``"<array job id>_<index>"``, keeping only rows whose job id *and* job name are an array's of the
+ledger; `reduce_cells` maps them onto the ledger's latest attempt of every cell;
 `choose_resubmit` and `totals` work on the resulting `CellStatus` list.
 
 The shell, kept thin: `query_sacct`, `query_squeue` and `find_jobs_by_name` run one command (or one
@@ -26,12 +27,13 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from .errors import SchedulerError
 from .ledger import Ledger, all_arrays
 
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList")
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList", "JobName")
 SACCT_FORMAT = ",".join(SACCT_FIELDS)
-"""The ``-o`` of every status sacct call (with ``-X --parsable2 --noheader``)."""
+"""The ``-o`` of every status sacct call (with ``-X --parsable2 --noheader``). JobName is last: a
+foreign job's name may itself contain "|"."""
 
-SQUEUE_FORMAT = "%i|%T|%M|%N"
-"""The ``-o`` of the squeue fallback: job id, long state, time used, nodes."""
+SQUEUE_FORMAT = "%i|%T|%M|%N|%j"
+"""The ``-o`` of the squeue fallback: job id, long state, time used, nodes, job name."""
 
 MAX_IDS_PER_CALL = 1000
 """Job ids (or names) per sacct call. 1000 ids make a ~10 kB ``-j`` argument, far below Linux's
@@ -139,7 +141,7 @@ class Refusal:
     reason: str
 
 
-def parse_sacct(text: str) -> dict[str, TaskState]:
+def parse_sacct(text: str, names: Mapping[str, str]) -> dict[str, TaskState]:
     """Parse ``sacct -X --parsable2 --noheader -o SACCT_FORMAT`` output.
 
     Parameters
@@ -147,6 +149,11 @@ def parse_sacct(text: str) -> dict[str, TaskState]:
     text
         The output; blank lines are ignored and empty output gives an empty dict. Step rows
         (``1234_5.batch``), which sacct prints without ``-X``, are skipped.
+    names
+        Array job id -> its job name (`ArrayRecord.name`, unique per array). Rows of any other
+        job are skipped: job ids are not unique forever. A controller whose state was reset or
+        restored from an older copy hands out ids again, and ``sacct -j`` then also answers with
+        the earlier job's rows (sacct(1), ``--duplicates``), whose states are not ours.
 
     Returns
     -------
@@ -160,17 +167,18 @@ def parse_sacct(text: str) -> dict[str, TaskState]:
         A line does not have the expected fields, job id, state or exit code.
     """
     states: dict[str, TaskState] = {}
-    for number, fields in _rows(text, len(SACCT_FIELDS), "sacct"):
-        job_id, state, exit_code, elapsed, node = fields
+    for number, fields in _rows(text, len(SACCT_FIELDS), "sacct", maxsplit=len(SACCT_FIELDS) - 1):
+        job_id, state, exit_code, elapsed, node, name = fields
         if exit_code and not _EXIT_CODE.fullmatch(exit_code):
             raise SchedulerError(f"sacct line {number}: cannot parse exit code {exit_code!r}")
         task = TaskState(_base_state(state, number, "sacct"), exit_code or None, elapsed or None, _node(node))
-        states.update(dict.fromkeys(_task_keys(job_id, number, "sacct"), task))
+        states.update(dict.fromkeys(_task_keys(job_id, name, names, number, "sacct"), task))
     return states
 
 
-def parse_squeue(text: str) -> dict[str, TaskState]:
-    """Parse ``squeue --array --noheader -o SQUEUE_FORMAT`` output, as `parse_sacct` does sacct's.
+def parse_squeue(text: str, names: Mapping[str, str]) -> dict[str, TaskState]:
+    """Parse ``squeue --array --noheader -o SQUEUE_FORMAT`` output, as `parse_sacct` does sacct's
+    (rows of jobs other than the named arrays are skipped).
 
     Returns
     -------
@@ -183,9 +191,9 @@ def parse_squeue(text: str) -> dict[str, TaskState]:
         A line does not have the expected fields, job id or state.
     """
     states: dict[str, TaskState] = {}
-    for number, (job_id, state, elapsed, node) in _rows(text, 4, "squeue"):
+    for number, (job_id, state, elapsed, node, name) in _rows(text, 5, "squeue", maxsplit=4):
         task = TaskState(_base_state(state, number, "squeue"), None, elapsed or None, _node(node))
-        states.update(dict.fromkeys(_task_keys(job_id, number, "squeue"), task))
+        states.update(dict.fromkeys(_task_keys(job_id, name, names, number, "squeue"), task))
     return states
 
 
@@ -304,14 +312,14 @@ def sacct_starttime(ledger: Ledger, margin: timedelta = timedelta(hours=1)) -> s
 
 
 def query_sacct(
-    job_ids: Sequence[str], starttime: str | None = None, *, runner: Runner = subprocess.run
+    names: Mapping[str, str], starttime: str | None = None, *, runner: Runner = subprocess.run
 ) -> dict[str, TaskState]:
     """Ask sacct for every task of the given array jobs: one call per `MAX_IDS_PER_CALL` ids.
 
     Parameters
     ----------
-    job_ids
-        Array job ids (duplicates are ignored); none means no call.
+    names
+        Array job id -> job name, as `parse_sacct` takes them; none means no call.
     starttime
         sacct ``--starttime`` (see `sacct_starttime`); narrows the accounting query.
     runner
@@ -329,16 +337,16 @@ def query_sacct(
         message holds the command and sacct's stderr.
     """
     states: dict[str, TaskState] = {}
-    for chunk in _chunks(job_ids):
+    for chunk in _chunks(list(names)):
         command = ["sacct", "-X", "--parsable2", "--noheader", "-o", SACCT_FORMAT, "-j", ",".join(chunk)]
         if starttime is not None:
             command += ["--starttime", starttime]
-        states.update(_parse_output(command, runner, parse_sacct))
+        states.update(_parse_output(command, runner, functools.partial(parse_sacct, names=names)))
     return states
 
 
-def query_squeue(job_ids: Sequence[str], *, runner: Runner = subprocess.run) -> dict[str, TaskState]:
-    """Ask squeue for the tasks of the given array jobs still known to the controller.
+def query_squeue(names: Mapping[str, str], *, runner: Runner = subprocess.run) -> dict[str, TaskState]:
+    """Ask squeue for the tasks of the given array jobs (id -> name) still known to the controller.
 
     The fallback when there is no accounting. It lists all the user's jobs (``--me``) and keeps the
     given ones, because ``squeue -j`` fails outright when a single requested job has left the queue.
@@ -351,9 +359,7 @@ def query_squeue(job_ids: Sequence[str], *, runner: Runner = subprocess.run) -> 
         As `query_sacct`.
     """
     command = ["squeue", "--me", "--array", "--noheader", "--states=all", "-o", SQUEUE_FORMAT]
-    wanted = set(job_ids)
-    states = _parse_output(command, runner, parse_squeue) if wanted else {}
-    return {key: task for key, task in states.items() if key.split("_", 1)[0] in wanted}
+    return _parse_output(command, runner, functools.partial(parse_squeue, names=names)) if names else {}
 
 
 def find_jobs_by_name(
@@ -426,11 +432,14 @@ def _rows(text: str, n_fields: int, source: str, maxsplit: int = -1) -> Iterator
         yield number, [field.strip() for field in fields]
 
 
-def _task_keys(job_id: str, number: int, source: str) -> list[str]:
+def _task_keys(job_id: str, name: str, names: Mapping[str, str], number: int, source: str) -> list[str]:
+    """The task keys a row stands for; none for a step row or a row of a job not in `names`."""
     match = _JOB_ID.fullmatch(job_id)
     if match is None:
         raise SchedulerError(f"{source} line {number}: cannot parse job id {job_id!r}")
     job = match["job"]
+    if names.get(job) != name:
+        return []
     if match["step"] is not None:
         # A step row (sacct without -X) repeats its job's state; the job row is what counts.
         return []

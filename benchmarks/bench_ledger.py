@@ -42,9 +42,9 @@ def synthetic_ledger(path: Path, n_cells: int, n_arrays: int) -> str:
         confirm_array(ledger, array.name, job)
         done = per_array // 2
         rows += [f"{job}_{i}|{'FAILED' if i % 17 == 0 else 'COMPLETED'}|{1 if i % 17 == 0 else 0}:0"
-                 f"|00:12:{i % 60:02d}|gpu-{i % 8}" for i in range(done - 2)]
-        rows += [f"{job}_{i}|RUNNING|0:0|00:03:00|gpu-1" for i in (done - 2, done - 1)]
-        rows.append(f"{job}_[{done}-{per_array - 1}%4]|PENDING|0:0|00:00:00|None assigned")
+                 f"|00:12:{i % 60:02d}|gpu-{i % 8}|{array.name}" for i in range(done - 2)]
+        rows += [f"{job}_{i}|RUNNING|0:0|00:03:00|gpu-1|{array.name}" for i in (done - 2, done - 1)]
+        rows.append(f"{job}_[{done}-{per_array - 1}%4]|PENDING|0:0|00:00:00|None assigned|{array.name}")
     save_ledger(path, ledger)
     return "\n".join(rows) + "\n"
 

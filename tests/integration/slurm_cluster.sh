@@ -2,7 +2,7 @@
 # Bring up / tear down a real single-node SLURM cluster with accounting
 # (munge + MariaDB + slurmdbd + slurmctld + slurmd) for integration tests.
 #
-# Usage: slurm_cluster.sh up|down|status
+# Usage: slurm_cluster.sh up|down|status|reset-job-ids
 #
 #   up      install missing packages (apt-get), write configs, start every daemon
 #           that is not already healthy, wait until the node is usable.
@@ -10,6 +10,10 @@
 #   down    stop slurmd, slurmctld, slurmdbd, MariaDB and munged (in that order).
 #           Running job steps (slurmstepd) are left alone.
 #   status  exit 0 iff `sinfo` and `sacct` both answer.
+#   reset-job-ids
+#           restart slurmctld without its saved job state, so it hands out job ids
+#           from 1 again while accounting keeps the earlier jobs: what a controller
+#           restored from an older copy does. Refuses while any job is queued.
 #
 # Debian 12 (SLURM 22.05), run as root, no systemd needed. Config goes to
 # /etc/slurm (the Debian binaries read /etc/slurm/slurm.conf, no SLURM_CONF
@@ -528,13 +532,31 @@ cmd_status() {
     return "$rc"
 }
 
+cmd_reset_job_ids() {
+    require_root
+    ctld_ok || die "slurmctld is not running: run '$0 up' first" "$CTLD_LOG"
+    local queued
+    queued=$(squeue -h -o '%i' | wc -l)
+    ((queued == 0)) || die "$queued job(s) still queued: the controller would forget them"
+    stop_pidfile "$CTLD_PID" slurmctld slurmctld
+    rm -f "$CTLD_SPOOL/job_state" "$CTLD_SPOOL/job_state.old"
+    log "slurmctld: starting without saved job state"
+    slurmctld </dev/null >>"$CTLD_LOG.stdio" 2>&1 \
+        || die "slurmctld failed to start" "$CTLD_LOG" "$CTLD_LOG.stdio"
+    wait_until "$WAIT_TIMEOUT" ctld_ok \
+        || die "slurmctld not answering (scontrol ping) after ${WAIT_TIMEOUT}s" "$CTLD_LOG" "$CTLD_LOG.stdio"
+    wait_until "$WAIT_TIMEOUT" node_ok || die "node not usable after the restart" "$CTLD_LOG" "$SLURMD_LOG"
+    log "reset-job-ids: job ids start again from 1"
+}
+
 main() {
     case ${1:-} in
         up) cmd_up ;;
         down) cmd_down ;;
         status) cmd_status ;;
+        reset-job-ids) cmd_reset_job_ids ;;
         *)
-            echo "usage: $0 up|down|status" >&2
+            echo "usage: $0 up|down|status|reset-job-ids" >&2
             exit 2
             ;;
     esac

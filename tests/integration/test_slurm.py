@@ -40,12 +40,16 @@ import pytest
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import all_arrays, load_ledger
 from bakery_slurm.matrix import expand, load_matrix
+from support import wait_for
 
 pytestmark = pytest.mark.slurm
 
 BIN = Path(sys.executable).parent
 METHODS = {"linear": {"weight": 0.5}, "ties": {"density": 0.5, "weight": 0.5}}
 DEFAULT_TIME = "00:10:00"
+CLUSTER_SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
+# Upper bound for the queue to drain and the controller to restart; only hit on a hang.
+RESET_DEADLINE_S = 240
 
 
 def cid(size: str, method: str = "ties") -> str:
@@ -517,3 +521,35 @@ def test_sbatch_refusing_an_array_exits_3_and_leaves_no_stuck_cells(tmp_path, ti
     # The refused cells were never submitted: submit takes them again (and fails the same way).
     again = bakery.run("submit", matrix, "--executor", "slurm", "--only", "b-*", ledger=ledger)
     assert again.exit_code == 3 and "an attempt is" not in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Job ids handed out again (last in this module: it restarts the controller)
+
+
+def test_states_come_from_our_jobs_when_the_controller_reuses_job_ids(tmp_path, tiny_models,
+                                                                      bakery):
+    """A controller restored from an older copy of its state (as a machine image is) or with its
+    state cleared hands out job ids again, while accounting keeps the earlier jobs: `sacct -j ID`
+    then also prints the earlier job's rows, finished long ago. Read as ours, they made a cell look
+    COMPLETED before its task had run (CI saw it once). Here the ids really are reused."""
+    queue = ["squeue", "-h", "-o", "%i"]
+    wait_for(lambda: not subprocess.run(queue, capture_output=True, text=True, check=True).stdout.strip(),
+             "the queue to drain", deadline_s=RESET_DEADLINE_S, interval_s=1.0)
+    reset = subprocess.run([str(CLUSTER_SCRIPT), "reset-job-ids"], capture_output=True, text=True,
+                           timeout=RESET_DEADLINE_S)
+    assert reset.returncode == 0, reset.stderr
+    cells = [cid("again", "linear"), cid("again", "ties")]
+    matrix = write_matrix(tmp_path, {"again": size(tiny_models, "text", ["linear", "ties"])})
+    ledger = tmp_path / "bakery-ledger.json"
+    bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+    [array] = all_arrays(load_ledger(ledger))
+    accounted = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-o", "JobName", "-j", array.job_id,
+                                "--starttime", "now-1days"], capture_output=True, text=True, check=True)
+    assert set(accounted.stdout.split()) - {array.name}, \
+        f"job id {array.job_id} was not used before, so nothing is tested: {accounted.stdout!r}"
+    rows = bakery.wait_settled(ledger)
+    assert {c: (r["state"], r["array_job_id"], r["attempt"]) for c, r in rows.items()} == \
+        dict.fromkeys(cells, ("COMPLETED", array.job_id, 1))
+    for cell in cells:  # really done: published, not a finished stranger's row
+        assert json.loads((tmp_path / "published" / cell / "bakery.json").read_text())["cell"] == cell

@@ -248,8 +248,10 @@ def sacct_on_path(monkeypatch):
 
 
 def test_states_from_one_sacct_call(sacct_on_path):
-    runner = Recorder({"sacct": (0, "100_0|COMPLETED|0:0|00:01:00|n1\n100_1|FAILED|1:0|00:00:02|n2\n"
-                                    "200|RUNNING|0:0|00:00:10|n3\n", "")})
+    # 100_1 also has a row of an earlier job 100 (ids reset): it is not ours.
+    runner = Recorder({"sacct": (0, "100_0|COMPLETED|0:0|00:01:00|n1|a\n100_1|FAILED|1:0|00:00:02|n2|a\n"
+                                    "100_1|COMPLETED|0:0|00:00:09|n9|old\n"
+                                    "200|RUNNING|0:0|00:00:10|n3|b\n", "")})
     states, source = SlurmBackend(runner).states(
         [array("a", "100", 2), array("b", "200", 1), array("c", None, 1)], "2025-03-01T11:00:00")
     assert source == "sacct"
@@ -271,7 +273,7 @@ def test_states_of_unconfirmed_arrays_only_asks_nothing(sacct_on_path):
 def test_states_fall_back_to_squeue_when_accounting_is_disabled(sacct_on_path):
     runner = Recorder({
         "sacct": (1, "", "sacct: error: Slurm accounting storage is disabled\n"),
-        "squeue": (0, "100_1|RUNNING|1:02|n1\n100_[2-3]|PENDING|0:00|\n999_0|RUNNING|5:00|n9\n", ""),
+        "squeue": (0, "100_1|RUNNING|1:02|n1|a\n100_[2-3]|PENDING|0:00||a\n999_0|RUNNING|5:00|n9|z\n", ""),
     })
     states, source = SlurmBackend(runner).states([array("a", "100", 4)], "2025-03-01T11:00:00")
     assert [c[0] for c in runner.calls] == ["sacct", "squeue"]
@@ -286,7 +288,7 @@ def test_states_fall_back_to_squeue_when_sacct_is_not_installed(monkeypatch):
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sacct"
                         else real_which(name, *a, **k))
-    runner = Recorder({"squeue": (0, "100_0|RUNNING|0:05|n1\n", "")})
+    runner = Recorder({"squeue": (0, "100_0|RUNNING|0:05|n1|a\n", "")})
     states, source = SlurmBackend(runner).states([array("a", "100", 1)], None)
     assert [c[0] for c in runner.calls] == ["squeue"]
     assert "sacct is not installed" in source
@@ -297,10 +299,10 @@ def test_states_fall_back_to_squeue_when_sacct_is_not_installed(monkeypatch):
     ((1, "", "sacct: error: Problem talking to the database: Connection refused\n"),
      "Problem talking to the database"),
     ((0, "", "sacct: error: slurmdbd: Connection refused\n"), "slurmdbd: Connection refused"),
-    ((0, "garbage\n", ""), "expected 5 '|'-separated fields"),
+    ((0, "garbage\n", ""), "expected 6 '|'-separated fields"),
 ])
 def test_states_raise_for_other_sacct_failures(sacct_on_path, answer, message):
-    runner = Recorder({"sacct": answer, "squeue": (0, "100_0|RUNNING|0:05|n1\n", "")})
+    runner = Recorder({"sacct": answer, "squeue": (0, "100_0|RUNNING|0:05|n1|a\n", "")})
     with pytest.raises(SchedulerError, match=message):
         SlurmBackend(runner).states([array("a", "100", 2)], None)
     assert [c[0] for c in runner.calls] == ["sacct"]  # no silent fallback

@@ -29,23 +29,27 @@ from bakery_slurm.sacct import (
 )
 
 SACCT_TEXT = """\
-1234_0|COMPLETED|0:0|00:01:02|c1-1
-1234_3|FAILED|7:0|00:00:05|c1-2
-1234_[4-9%2]|PENDING|0:0|00:00:00|None assigned
-1234_3.batch|FAILED|7:0|00:00:05|c1-2
-1235_[1,3,5-7]|PENDING|0:0|00:00:00|None assigned
-1236|RUNNING|0:0|00:10:00|c1-[1-2]
-1237_2|CANCELLED by 0|0:15|00:00:09|c1-3
-1237_10|OUT_OF_MEMORY|0:125|01:00:00|c1-4
-1237_11|NODE_FAIL|1:0|1-02:03:04|c1-5
-1237_12|REQUEUED|0:0|00:00:30|c1-6
-1238_[0-6:3]|PENDING|0:0|00:00:00|None assigned
+1234_0|COMPLETED|0:0|00:01:02|c1-1|bakery-t-1234
+1234_3|FAILED|7:0|00:00:05|c1-2|bakery-t-1234
+1234_[4-9%2]|PENDING|0:0|00:00:00|None assigned|bakery-t-1234
+1234_3.batch|FAILED|7:0|00:00:05|c1-2|bakery-t-1234
+1235_[1,3,5-7]|PENDING|0:0|00:00:00|None assigned|bakery-t-1235
+1236|RUNNING|0:0|00:10:00|c1-[1-2]|bakery-t-1236
+1237_2|CANCELLED by 0|0:15|00:00:09|c1-3|bakery-t-1237
+1237_10|OUT_OF_MEMORY|0:125|01:00:00|c1-4|bakery-t-1237
+1237_11|NODE_FAIL|1:0|1-02:03:04|c1-5|bakery-t-1237
+1237_12|REQUEUED|0:0|00:00:30|c1-6|bakery-t-1237
+1238_[0-6:3]|PENDING|0:0|00:00:00|None assigned|bakery-t-1238
+1234_5|COMPLETED|0:0|00:00:01|c9-9|train|old
+1236|COMPLETED|0:0|00:00:01|c9-9|bakery-t-9999
 
 """
+# Array job id -> job name, as the ledger records them.
+NAMES = {str(job): f"bakery-t-{job}" for job in range(1234, 1239)}
 
 
 def test_parse_sacct_expands_ranges_and_strips_state_detail():
-    states = parse_sacct(SACCT_TEXT)
+    states = parse_sacct(SACCT_TEXT, NAMES)
     assert states["1234_0"] == TaskState("COMPLETED", "0:0", "00:01:02", "c1-1")
     assert states["1234_3"] == TaskState("FAILED", "7:0", "00:00:05", "c1-2")
     assert {k for k in states if k.startswith("1234_")} == {"1234_0", "1234_3"} | {f"1234_{i}" for i in range(4, 10)}
@@ -58,37 +62,48 @@ def test_parse_sacct_expands_ranges_and_strips_state_detail():
     assert sorted(k for k in states if k.startswith("1238_")) == ["1238_0", "1238_3", "1238_6"]
 
 
+def test_parse_sacct_skips_rows_of_other_jobs_with_the_same_id():
+    # After a controller's state is reset, ids are handed out again and `sacct -j` also prints the
+    # earlier jobs' rows: 1234_5 is still PENDING in our array, 1236 still RUNNING.
+    states = parse_sacct(SACCT_TEXT, NAMES)
+    assert states["1234_5"].state == "PENDING"
+    assert states["1236"].state == "RUNNING"
+    assert parse_sacct(SACCT_TEXT, {"1234": "bakery-t-other"}) == {}
+
+
 @pytest.mark.parametrize("text", ["", "\n", "  \n\n"])
 def test_parse_sacct_empty_output(text):
-    assert parse_sacct(text) == {}
+    assert parse_sacct(text, NAMES) == {}
 
 
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("hello world", "expected 5 '|'-separated fields"),
-        ("1234_1|COMPLETED|0:0|00:00:01", "expected 5"),
-        ("abc_1|COMPLETED|0:0|00:00:01|n1", "cannot parse job id 'abc_1'"),
-        ("1234_[1-3,5...|PENDING|0:0|00:00:00|None assigned", "cannot parse job id"),  # cut by SLURM_BITSTR_LEN
-        ("1234_[1--3]|PENDING|0:0|00:00:00|None assigned", "cannot parse array range '1--3'"),
-        ("1234+1|COMPLETED|0:0|00:00:01|n1", "cannot parse job id '1234\\+1'"),
-        ("1234_1|completed|0:0|00:00:01|n1", "cannot parse state 'completed'"),
-        ("1234_1|COMPLETED|zero|00:00:01|n1", "cannot parse exit code 'zero'"),
+        ("hello world", "expected 6 '|'-separated fields"),
+        ("1234_1|COMPLETED|0:0|00:00:01|n1", "expected 6"),
+        ("abc_1|COMPLETED|0:0|00:00:01|n1|bakery-t-1234", "cannot parse job id 'abc_1'"),
+        # cut by SLURM_BITSTR_LEN
+        ("1234_[1-3,5...|PENDING|0:0|00:00:00|None assigned|bakery-t-1234", "cannot parse job id"),
+        ("1234_[1--3]|PENDING|0:0|00:00:00|None assigned|bakery-t-1234", "cannot parse array range '1--3'"),
+        ("1234+1|COMPLETED|0:0|00:00:01|n1|bakery-t-1234", "cannot parse job id '1234\\+1'"),
+        ("1234_1|completed|0:0|00:00:01|n1|bakery-t-1234", "cannot parse state 'completed'"),
+        ("1234_1|COMPLETED|zero|00:00:01|n1|bakery-t-1234", "cannot parse exit code 'zero'"),
     ],
 )
 def test_parse_sacct_refuses_garbage(line, message):
     with pytest.raises(SchedulerError, match=f"sacct line 2: {message}"):
-        parse_sacct(f"1_0|COMPLETED|0:0|00:00:01|n0\n{line}\n")
+        parse_sacct(f"1_0|COMPLETED|0:0|00:00:01|n0|bakery-t-1\n{line}\n", NAMES)
 
 
 def test_parse_squeue():
-    text = "500_0|RUNNING|1:02|c1-1\n500_[1-3%1]|PENDING|0:00|\n501_0|COMPLETED|0:20|c1-2\n"
-    states = parse_squeue(text)
+    text = ("500_0|RUNNING|1:02|c1-1|a500\n500_[1-3%1]|PENDING|0:00||a500\n501_0|COMPLETED|0:20|c1-2|a501\n"
+            "502_0|RUNNING|0:20|c1-2|someone else's\n")
+    states = parse_squeue(text, {"500": "a500", "501": "a501", "502": "a502"})
     assert states["500_0"] == TaskState("RUNNING", None, "1:02", "c1-1")
     assert states["500_3"] == TaskState("PENDING", None, "0:00", None)
     assert len(states) == 5
-    with pytest.raises(SchedulerError, match="squeue line 1: expected 4"):
-        parse_squeue("500_0 RUNNING\n")
+    with pytest.raises(SchedulerError, match="squeue line 1: expected 5"):
+        parse_squeue("500_0 RUNNING\n", {})
 
 
 def planned(*cells: str) -> PlannedArray:
@@ -119,7 +134,9 @@ def test_reduce_cells_uses_the_latest_attempt_by_cell_not_index():
     ledger, names = build_ledger()
     # 100_0 (cell a) is COMPLETED and 100_1 (b's first attempt) FAILED; b's latest is 200_0.
     states = parse_sacct(
-        "100_0|COMPLETED|0:0|00:01:00|n1\n100_1|FAILED|1:0|00:00:10|n2\n200_0|RUNNING|0:0|00:00:05|n3\n"
+        f"100_0|COMPLETED|0:0|00:01:00|n1|{names[0]}\n100_1|FAILED|1:0|00:00:10|n2|{names[0]}\n"
+        f"200_0|RUNNING|0:0|00:00:05|n3|{names[1]}\n",
+        {"100": names[0], "200": names[1]},
     )
     by_cell = {s.cell: s for s in reduce_cells(ledger, states)}
     assert list(by_cell) == ["a", "b", "c", "d"]
@@ -210,10 +227,10 @@ class FakeRunner:
 
 
 def test_query_sacct_one_call_for_all_arrays():
-    runner = FakeRunner("100_0|COMPLETED|0:0|00:01:00|n1\n200_[0-1]|PENDING|0:0|00:00:00|None assigned\n")
-    states = query_sacct(["100", "200", "100"], "2025-03-01T11:00:00", runner=runner)
+    runner = FakeRunner("100_0|COMPLETED|0:0|00:01:00|n1|a\n200_[0-1]|PENDING|0:0|00:00:00|None assigned|b\n")
+    states = query_sacct({"100": "a", "200": "b"}, "2025-03-01T11:00:00", runner=runner)
     assert runner.calls == [
-        ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,State,ExitCode,Elapsed,NodeList"]
+        ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,State,ExitCode,Elapsed,NodeList,JobName"]
         + ["-j", "100,200", "--starttime", "2025-03-01T11:00:00"]
     ]
     assert runner.kwargs[0]["env"]["SLURM_BITSTR_LEN"] == "0"
@@ -222,10 +239,10 @@ def test_query_sacct_one_call_for_all_arrays():
 
 def test_query_sacct_chunks_long_id_lists(monkeypatch):
     runner = FakeRunner()
-    assert query_sacct([], runner=runner) == {}
+    assert query_sacct({}, runner=runner) == {}
     assert runner.calls == []
     monkeypatch.setattr(sacct, "MAX_IDS_PER_CALL", 10)
-    query_sacct([str(i) for i in range(25)], runner=runner)
+    query_sacct({str(i): f"a{i}" for i in range(25)}, runner=runner)
     assert [len(call[call.index("-j") + 1].split(",")) for call in runner.calls] == [10, 10, 5]
 
 
@@ -242,21 +259,21 @@ def test_query_sacct_chunks_long_id_lists(monkeypatch):
             FakeRunner(stderr="sacct: error: Problem talking to the database: Connection refused"),
             "failed \\(exit status 0\\): sacct: error: Problem talking",
         ),
-        (FakeRunner(stdout="JobID|State\n"), "sacct -X .* -j 7: sacct line 1: expected 5"),
+        (FakeRunner(stdout="JobID|State\n"), "sacct -X .* -j 7: sacct line 1: expected 6"),
     ],
 )
 def test_query_sacct_failures_raise(runner, message):
     with pytest.raises(SchedulerError, match=message):
-        query_sacct(["7"], runner=runner)
+        query_sacct({"7": "a7"}, runner=runner)
 
 
 def test_query_squeue_lists_own_jobs_and_keeps_ours():
-    runner = FakeRunner("500_0|RUNNING|1:02|c1-1\n999_0|RUNNING|5:00|c1-2\n")
-    assert query_squeue(["500"], runner=runner) == {"500_0": TaskState("RUNNING", None, "1:02", "c1-1")}
-    assert runner.calls == [["squeue", "--me", "--array", "--noheader", "--states=all", "-o", "%i|%T|%M|%N"]]
+    runner = FakeRunner("500_0|RUNNING|1:02|c1-1|a500\n999_0|RUNNING|5:00|c1-2|other\n")
+    assert query_squeue({"500": "a500"}, runner=runner) == {"500_0": TaskState("RUNNING", None, "1:02", "c1-1")}
+    assert runner.calls == [["squeue", "--me", "--array", "--noheader", "--states=all", "-o", "%i|%T|%M|%N|%j"]]
     down = FakeRunner(returncode=1, stderr="squeue: error: Unable to contact slurm controller")
     with pytest.raises(SchedulerError, match="squeue --me .* failed \\(exit status 1\\): squeue: error: Unable"):
-        query_squeue(["500"], runner=down)
+        query_squeue({"500": "a500"}, runner=down)
 
 
 def test_find_jobs_by_name():
