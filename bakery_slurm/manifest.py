@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from . import fsutil
 
@@ -27,11 +28,38 @@ def sha256_file(path: Path) -> str:
 
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"size", "sha256"}} for every regular file under `folder`."""
+    return {name: {"size": info["size"], "sha256": info["sha256"]}
+            for name, info in scan(folder).items()}
+
+
+def stat_signature(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes may have: size, mtime, ctime (which no one can set
+    back), inode and device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def scan(folder: Path, known: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256", "signature"}} for every regular file under `folder`.
+
+    A file whose `stat_signature` equals its entry in `known` (an earlier scan) keeps that sha256
+    without being read. One that changed while it was read gets signature None: never trusted.
+    """
     folder = Path(folder)
-    return {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+    known = known or {}
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(folder))
+        before = stat_signature(path.stat())
+        earlier = known.get(name) or {}
+        if earlier.get("signature") == before and earlier.get("sha256"):
+            out[name] = {"size": before[0], "sha256": earlier["sha256"], "signature": before}
+            continue
+        sha256 = sha256_file(path)
+        after = stat_signature(path.stat())
+        out[name] = {"size": after[0], "sha256": sha256, "signature": after if after == before else None}
+    return out
 
 
 def content_hash(files: dict[str, dict[str, Any]]) -> str:

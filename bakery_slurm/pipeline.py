@@ -67,7 +67,8 @@ class CellPaths:
 
     @property
     def cache(self) -> Path:
-        """Shared by every cell: bakes/ and bases/ are content-addressed."""
+        """Shared by every cell: bakes/ and bases/ are content-addressed; hashes/ keeps the file
+        hashes of local sources (`sources.fetch`)."""
         return self.work / "cache"
 
 
@@ -154,8 +155,9 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any) -> dict[str, A
         shutil.rmtree(stale, ignore_errors=True)
 
     def bake() -> dict[str, Any]:
-        base = fetch(cell.base)
-        adapters = {name: fetch(source) for name, source in cell.adapters}
+        hashes = paths.cache / "hashes"
+        base = fetch(cell.base, hash_cache=hashes)
+        adapters = {name: fetch(source, hash_cache=hashes) for name, source in cell.adapters}
         base_dir, base_tensors, base_record = bake_stage.prepare_base(base, paths.cache)
         baked, records = {}, {}
         for name, adapter in adapters.items():

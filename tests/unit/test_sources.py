@@ -1,0 +1,74 @@
+"""Local sources: identity by content, with file hashes reused while the files are untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bakery_slurm import manifest
+from bakery_slurm.matrix import ModelSource
+from bakery_slurm.sources import fetch
+
+
+def local(folder) -> ModelSource:
+    return ModelSource(repo=None, path=str(folder), subfolder=None, revision=None)
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """The names of the files `sha256_file` reads (the real function, watched)."""
+    seen: list[str] = []
+    real = manifest.sha256_file
+
+    def watched(path):
+        seen.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(manifest, "sha256_file", watched)
+    return seen
+
+
+@pytest.fixture
+def model(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights " * 1000)
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    return folder
+
+
+def test_unchanged_files_are_not_read_again(model, tmp_path, reads):
+    cache = tmp_path / "hashes"
+    first = fetch(local(model), hash_cache=cache)
+    assert sorted(reads) == ["adapter_config.json", "adapter_model.safetensors"]
+    reads.clear()
+    again = fetch(local(model), hash_cache=cache)
+    assert reads == []
+    assert again.identity == first.identity == fetch(local(model)).identity
+
+
+def test_a_file_rewritten_in_place_with_its_old_size_and_mtime_is_read_again(model, tmp_path, reads):
+    cache = tmp_path / "hashes"
+    first = fetch(local(model), hash_cache=cache)
+    weights = model / "adapter_model.safetensors"
+    st = weights.stat()
+    weights.write_bytes(b"retrain " * 1000)  # same size
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime; ctime moves regardless
+    reads.clear()
+    second = fetch(local(model), hash_cache=cache)
+    assert reads == ["adapter_model.safetensors"]
+    assert second.identity["sha256"] != first.identity["sha256"]
+
+
+def test_an_unreadable_cache_record_means_hashing_everything(model, tmp_path, reads):
+    cache = tmp_path / "hashes"
+    fetch(local(model), hash_cache=cache)
+    [record] = cache.glob("*.json")
+    record.write_text("{ truncated")
+    reads.clear()
+    fetch(local(model), hash_cache=cache)
+    assert len(reads) == 2
+    assert set(json.loads(record.read_text())["files"]) == {"adapter_config.json",
+                                                           "adapter_model.safetensors"}
