@@ -14,6 +14,10 @@ class SchedulerError(BakeryError):
     """sbatch, sacct, squeue, scancel or scontrol failed or printed something we cannot parse."""
 
 
+class SchedulerMissing(SchedulerError):
+    """A SLURM command is not installed or not on PATH."""
+
+
 class LedgerError(BakeryError):
     """The ledger cannot be read (missing, truncated, corrupt, newer schema). It is never overwritten."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import local, task
-from .errors import SchedulerError
+from .errors import SchedulerError, SchedulerMissing
 from .ledger import ArrayRecord
 from .matrix import Cell, Resources
 from .sacct import (
@@ -139,10 +139,10 @@ class SlurmBackend:
         names = {a.job_id: a.name for a in arrays if a.job_id}
         if not names:
             return {}, "sacct"
-        if shutil.which("sacct") is None:
-            return self._fallback(names, "sacct is not installed")
         try:
             return query_sacct(names, starttime, runner=self.runner), "sacct"
+        except SchedulerMissing:
+            return self._fallback(names, "sacct is not installed")
         except SchedulerError as e:
             if "accounting storage is disabled" not in str(e).lower():
                 raise

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from .errors import SchedulerError
+from .errors import SchedulerError, SchedulerMissing
 from .ledger import Ledger, all_arrays
 
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList", "JobName")
@@ -483,7 +483,7 @@ def _parse_output(command: list[str], runner: Runner, parse: Callable[[str], dic
     try:
         result = runner(command, capture_output=True, text=True, env=env, timeout=SCHEDULER_TIMEOUT_S, check=False)
     except FileNotFoundError:
-        raise SchedulerError(f"{command[0]} is not installed or not on PATH (ran: {shown})") from None
+        raise SchedulerMissing(f"{command[0]} is not installed or not on PATH (ran: {shown})") from None
     except subprocess.TimeoutExpired:
         raise SchedulerError(f"{shown} did not answer within {SCHEDULER_TIMEOUT_S} s") from None
     except OSError as exc:

@@ -7,6 +7,10 @@ asked for CUDA. Everything else (the CPU retry, the merge, the record) is real.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from bakery_slurm.matrix import expand, load_matrix
@@ -42,5 +46,11 @@ def test_a_cuda_failure_at_start_falls_back_to_cpu_and_is_recorded(tiny_matrix, 
 
 
 def test_without_cuda_auto_merges_on_cpu_and_says_why():
-    assert merge_stage.choose_device("cpu") == ("cpu", None)
-    assert merge_stage.choose_device("auto") == ("cpu", "CUDA is not available")
+    # In a fresh process with every GPU hidden, so that this holds on a GPU machine too.
+    code = ("from bakery_slurm.stages.merge import choose_device as choose\n"
+            "print(choose('cpu'), choose('auto'), choose('cuda'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(") (") == [
+        "('cpu', None", "'cpu', 'CUDA is not available'", "'cpu', 'CUDA requested but not available')\n"]

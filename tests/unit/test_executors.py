@@ -240,14 +240,7 @@ def test_cancel_without_scancel_is_a_scheduler_error():
         SlurmBackend(Recorder()).cancel([(array("a", "100", 2), 1)])
 
 
-@pytest.fixture
-def sacct_on_path(monkeypatch):
-    real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}"
-                        if name == "sacct" else real_which(name, *a, **k))
-
-
-def test_states_from_one_sacct_call(sacct_on_path):
+def test_states_from_one_sacct_call():
     # 100_1 also has a row of an earlier job 100 (ids reset): it is not ours.
     runner = Recorder({"sacct": (0, "100_0|COMPLETED|0:0|00:01:00|n1|a\n100_1|FAILED|1:0|00:00:02|n2|a\n"
                                     "100_1|COMPLETED|0:0|00:00:09|n9|old\n"
@@ -264,13 +257,13 @@ def test_states_from_one_sacct_call(sacct_on_path):
     assert call[call.index("--starttime") + 1] == "2025-03-01T11:00:00"
 
 
-def test_states_of_unconfirmed_arrays_only_asks_nothing(sacct_on_path):
+def test_states_of_unconfirmed_arrays_only_asks_nothing():
     runner = Recorder()
     assert SlurmBackend(runner).states([array("c", None, 2)], None) == ({}, "sacct")
     assert runner.calls == []
 
 
-def test_states_fall_back_to_squeue_when_accounting_is_disabled(sacct_on_path):
+def test_states_fall_back_to_squeue_when_accounting_is_disabled():
     runner = Recorder({
         "sacct": (1, "", "sacct: error: Slurm accounting storage is disabled\n"),
         "squeue": (0, "100_1|RUNNING|1:02|n1|a\n100_[2-3]|PENDING|0:00||a\n999_0|RUNNING|5:00|n9|z\n", ""),
@@ -284,13 +277,10 @@ def test_states_fall_back_to_squeue_when_accounting_is_disabled(sacct_on_path):
                       "100_3": TaskState("PENDING", None, "0:00", None)}
 
 
-def test_states_fall_back_to_squeue_when_sacct_is_not_installed(monkeypatch):
-    real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sacct"
-                        else real_which(name, *a, **k))
-    runner = Recorder({"squeue": (0, "100_0|RUNNING|0:05|n1|a\n", "")})
+def test_states_fall_back_to_squeue_when_sacct_is_not_installed():
+    runner = Recorder({"squeue": (0, "100_0|RUNNING|0:05|n1|a\n", "")})  # no sacct to run
     states, source = SlurmBackend(runner).states([array("a", "100", 1)], None)
-    assert [c[0] for c in runner.calls] == ["squeue"]
+    assert [c[0] for c in runner.calls] == ["sacct", "squeue"]
     assert "sacct is not installed" in source
     assert states == {"100_0": TaskState("RUNNING", None, "0:05", "n1")}
 
@@ -301,14 +291,14 @@ def test_states_fall_back_to_squeue_when_sacct_is_not_installed(monkeypatch):
     ((0, "", "sacct: error: slurmdbd: Connection refused\n"), "slurmdbd: Connection refused"),
     ((0, "garbage\n", ""), "expected 6 '|'-separated fields"),
 ])
-def test_states_raise_for_other_sacct_failures(sacct_on_path, answer, message):
+def test_states_raise_for_other_sacct_failures(answer, message):
     runner = Recorder({"sacct": answer, "squeue": (0, "100_0|RUNNING|0:05|n1|a\n", "")})
     with pytest.raises(SchedulerError, match=message):
         SlurmBackend(runner).states([array("a", "100", 2)], None)
     assert [c[0] for c in runner.calls] == ["sacct"]  # no silent fallback
 
 
-def test_states_raise_when_the_squeue_fallback_fails(sacct_on_path):
+def test_states_raise_when_the_squeue_fallback_fails():
     runner = Recorder({
         "sacct": (1, "", "sacct: error: Slurm accounting storage is disabled\n"),
         "squeue": (1, "", "squeue: error: Unable to contact slurm controller\n"),
