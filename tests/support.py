@@ -68,3 +68,14 @@ class Recorder:
         if kwargs.get("check") and code != 0:
             raise subprocess.CalledProcessError(code, argv, out, err)
         return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors checkpoint folder (all shards), by name."""
+    from safetensors.torch import load_file  # imported here: most tests never load a checkpoint
+
+    out: dict[str, Any] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    assert out, f"no safetensors in {folder}"
+    return out

@@ -27,11 +27,11 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from bakery_slurm.manifest import intact_marker, marker_path
 from bakery_slurm.matrix import Cell, expand, load_matrix
 from bakery_slurm.pipeline import STAGES, CellPaths, read_result, run_cell
+from support import checkpoint_tensors
 
 pytestmark = pytest.mark.e2e
 
@@ -51,15 +51,6 @@ def cell_id(size: str, method: str) -> str:
 def cells_of(matrix_path: Path) -> tuple[Any, dict[str, Cell]]:
     matrix = load_matrix(matrix_path)
     return matrix, {cell.id: cell for cell in expand(matrix)}
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint folder (all shards)."""
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    assert out, f"no safetensors in {folder}"
-    return out
 
 
 def header_specs(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -196,14 +187,15 @@ def test_merge_is_bit_identical_to_mergekit_cli(matrix_run, cli_merges, size, me
         str(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS]
     assert recipe["merge_method"] == method
     assert ("base_model" in recipe) == (method != "linear")
-    ours, theirs = tensors(matrix_run.published / cid), tensors(cli_merges[cid])
+    ours = checkpoint_tensors(matrix_run.published / cid)
+    theirs = checkpoint_tensors(cli_merges[cid])
     assert ours.keys() == theirs.keys()
     different = [n for n in ours if ours[n].dtype != theirs[n].dtype
                  or not torch.equal(ours[n], theirs[n])]
     assert not different, f"{len(different)} tensors differ from mergekit-yaml's, e.g. {different[:5]}"
     # ...and the merge did something: the output is neither the base nor one of the bakes.
-    base = tensors(Path(matrix_run.cells[cid].base.path))
-    for other in [base] + [tensors(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS]:
+    base = checkpoint_tensors(Path(matrix_run.cells[cid].base.path))
+    for other in [base, *(checkpoint_tensors(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS)]:
         assert any(not torch.equal(ours[n], other[n]) for n in ours)
 
 
@@ -217,11 +209,11 @@ def test_linear_and_task_arithmetic_agree_within_bf16_rounding(matrix_run, size)
     most (1 + 1 + 1 + 0.5) * 2**-7 M < 2**-5 M. Measured here: up to ~2**-6.1 M, with ~88% of
     elements bit-equal. The bound is not vacuous: task vectors counted at weight 1 instead of 0.5
     break it by a factor of ~60, and most elements moved from the base by more than it."""
-    lin = tensors(matrix_run.published / cell_id(size, "linear"))
-    ta = tensors(matrix_run.published / cell_id(size, "task_arithmetic"))
+    lin = checkpoint_tensors(matrix_run.published / cell_id(size, "linear"))
+    ta = checkpoint_tensors(matrix_run.published / cell_id(size, "task_arithmetic"))
     result = matrix_run.results[cell_id(size, "linear")]
-    a, b = (tensors(bake_folder(matrix_run.work, result, name)) for name in ADAPTERS)
-    base = tensors(Path(matrix_run.cells[cell_id(size, "linear")].base.path))
+    a, b = (checkpoint_tensors(bake_folder(matrix_run.work, result, name)) for name in ADAPTERS)
+    base = checkpoint_tensors(Path(matrix_run.cells[cell_id(size, "linear")].base.path))
     assert lin.keys() == ta.keys() == base.keys()
 
     def within_rounding(x: torch.Tensor, y: torch.Tensor, name: str) -> bool:
@@ -473,7 +465,7 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
     cell = cells[cell_id("tiny1b", "linear")]
     published = matrix.root / "published" / cell.id
     first = run_cell(cell, matrix.work_dir, device="cpu")
-    old_weights = tensors(published)
+    old_weights = checkpoint_tensors(published)
 
     adapter = models / "adapters" / "text" / "nob"
     old_bytes = (adapter / "adapter_model.safetensors").read_bytes()
@@ -490,7 +482,7 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
     assert len(bake_folders(matrix.work_dir)) == 3
     # The published cell is the new merge, not the stale one.
     assert second["stages"]["push"]["status"] == "done"
-    new_weights = tensors(published)
+    new_weights = checkpoint_tensors(published)
     assert any(not torch.equal(old_weights[n], new_weights[n]) for n in old_weights)
     record = json.loads((published / "bakery.json").read_text())
     assert record["inputs"] == second["stages"]["bake"]["inputs"]

@@ -25,14 +25,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from bakery_slurm.cli import cli
 from bakery_slurm.ledger import load_ledger
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths, read_result, run_cell
 from bakery_slurm.tracking import LIVE_STATES, snapshot
-from support import wait_for
+from support import checkpoint_tensors, wait_for
 
 pytestmark = pytest.mark.gpu
 
@@ -49,14 +48,6 @@ def cuda() -> None:
 
 def cell_id(size: str, method: str) -> str:
     return f"{size}-std/eng-nob__{method}"
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    assert out, f"no safetensors in {folder}"
-    return out
 
 
 def test_a_cuda_failure_at_start_falls_back_to_cpu(write_tiny_matrix, tmp_path):
@@ -102,7 +93,7 @@ def test_auto_merges_on_the_gpu_like_mergekit_yaml_cuda(runs, size, method, tmp_
          str(tmp_path / "out"), "--cuda", "--no-copy-tokenizer"],
         capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ours, theirs = tensors(published), tensors(tmp_path / "out")
+    ours, theirs = checkpoint_tensors(published), checkpoint_tensors(tmp_path / "out")
     assert ours.keys() == theirs.keys()
     different = [n for n in ours if not torch.equal(ours[n], theirs[n])]
     assert not different, f"{len(different)} tensors differ from mergekit-yaml --cuda's: {different[:5]}"
@@ -120,7 +111,7 @@ def close_in_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("size", SIZES)
 def test_gpu_and_cpu_merges_agree_within_bf16_rounding(runs, size, method):
     cid = cell_id(size, method)
-    gpu, cpu = tensors(runs.published["auto"] / cid), tensors(runs.published["cpu"] / cid)
+    gpu, cpu = (checkpoint_tensors(runs.published[device] / cid) for device in ("auto", "cpu"))
     assert gpu.keys() == cpu.keys()
     for name in gpu:
         assert gpu[name].dtype == cpu[name].dtype == torch.bfloat16, name
@@ -135,9 +126,10 @@ def test_gpu_and_cpu_ties_differ_only_where_the_density_cut_ties(runs, size):
     differs beyond rounding must be such a tie in some adapter's task vector."""
     cid = cell_id(size, "ties")
     recipe = yaml.safe_load((runs.published["cpu"] / cid / "mergekit_config.yml").read_text())
-    base = tensors(Path(recipe["base_model"]))
-    deltas = [(tensors(Path(m["model"])), m["parameters"]["density"]) for m in recipe["models"]]
-    gpu, cpu = tensors(runs.published["auto"] / cid), tensors(runs.published["cpu"] / cid)
+    base = checkpoint_tensors(Path(recipe["base_model"]))
+    deltas = [(checkpoint_tensors(Path(m["model"])), m["parameters"]["density"])
+              for m in recipe["models"]]
+    gpu, cpu = (checkpoint_tensors(runs.published[device] / cid) for device in ("auto", "cpu"))
     assert gpu.keys() == cpu.keys()
     for name in gpu:
         differs = ~close_in_bf16(gpu[name], cpu[name])
