@@ -41,3 +41,4 @@ slurm-down:
 bench: install slurm-up
 	$(BIN)/python benchmarks/bench_ledger.py
 	$(BIN)/python benchmarks/bench_sources.py
+	$(BIN)/python benchmarks/bench_merge.py
