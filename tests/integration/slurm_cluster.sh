@@ -437,6 +437,17 @@ node_ok() {
     esac
 }
 
+start_slurmctld() {
+    log "slurmctld: starting"
+    slurmctld </dev/null >>"$CTLD_LOG.stdio" 2>&1 \
+        || die "slurmctld failed to start" "$CTLD_LOG" "$CTLD_LOG.stdio"
+}
+
+wait_ctld() {
+    wait_until "$WAIT_TIMEOUT" ctld_ok \
+        || die "slurmctld not answering (scontrol ping) after ${WAIT_TIMEOUT}s" "$CTLD_LOG" "$CTLD_LOG.stdio"
+}
+
 ensure_slurm() {
     if ((SLURM_CONF_CHANGED)); then
         if pid_running "$SLURMD_PID" slurmd || pid_running "$CTLD_PID" slurmctld; then
@@ -445,13 +456,8 @@ ensure_slurm() {
         if pid_running "$SLURMD_PID" slurmd; then stop_pidfile "$SLURMD_PID" slurmd slurmd; fi
         if pid_running "$CTLD_PID" slurmctld; then stop_pidfile "$CTLD_PID" slurmctld slurmctld; fi
     fi
-    if ! pid_running "$CTLD_PID" slurmctld; then
-        log "slurmctld: starting"
-        slurmctld </dev/null >>"$CTLD_LOG.stdio" 2>&1 \
-            || die "slurmctld failed to start" "$CTLD_LOG" "$CTLD_LOG.stdio"
-    fi
-    wait_until "$WAIT_TIMEOUT" ctld_ok \
-        || die "slurmctld not answering (scontrol ping) after ${WAIT_TIMEOUT}s" "$CTLD_LOG" "$CTLD_LOG.stdio"
+    if ! pid_running "$CTLD_PID" slurmctld; then start_slurmctld; fi
+    wait_ctld
 
     local started_slurmd=0
     if ! pid_running "$SLURMD_PID" slurmd; then
@@ -543,11 +549,9 @@ cmd_reset_job_ids() {
     ((queued == 0)) || die "$queued job(s) still queued: the controller would forget them"
     stop_pidfile "$CTLD_PID" slurmctld slurmctld
     rm -f "$CTLD_SPOOL/job_state" "$CTLD_SPOOL/job_state.old"
-    log "slurmctld: starting without saved job state"
-    slurmctld </dev/null >>"$CTLD_LOG.stdio" 2>&1 \
-        || die "slurmctld failed to start" "$CTLD_LOG" "$CTLD_LOG.stdio"
-    wait_until "$WAIT_TIMEOUT" ctld_ok \
-        || die "slurmctld not answering (scontrol ping) after ${WAIT_TIMEOUT}s" "$CTLD_LOG" "$CTLD_LOG.stdio"
+    log "slurmctld: job state removed"
+    start_slurmctld
+    wait_ctld
     wait_until "$WAIT_TIMEOUT" node_ok || die "node not usable after the restart" "$CTLD_LOG" "$SLURMD_LOG"
     log "reset-job-ids: job ids start again from 1"
 }
