@@ -28,8 +28,12 @@ def sha256_file(path: Path) -> str:
 
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"size", "sha256"}} for every regular file under `folder`."""
-    return {name: {"size": info["size"], "sha256": info["sha256"]}
-            for name, info in scan(folder).items()}
+    return without_signatures(scan(folder))
+
+
+def without_signatures(files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A `scan` as a `manifest`: the stat signatures describe this machine, not the content."""
+    return {name: {"size": info["size"], "sha256": info["sha256"]} for name, info in files.items()}
 
 
 def stat_signature(st: os.stat_result) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import fsutil
 from .errors import BakeryError
-from .manifest import content_hash, manifest, scan
+from .manifest import content_hash, manifest, scan, without_signatures
 from .matrix import ModelSource
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,10 @@ def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError):
         known = {}  # none yet, or unreadable: hash everything and write it anew
     files = scan(path, known)
-    with fsutil.locked(record.with_suffix(".lock")):
-        fsutil.atomic_write_json(record, {"path": str(path.resolve()), "files": files})
-    return {name: {"size": info["size"], "sha256": info["sha256"]} for name, info in files.items()}
+    if files != known:
+        with fsutil.locked(record.with_suffix(".lock")):
+            fsutil.atomic_write_json(record, {"path": str(path.resolve()), "files": files})
+    return without_signatures(files)
 
 
 def _fetch_hub(source: ModelSource) -> LocalModel:

@@ -44,8 +44,11 @@ def test_unchanged_files_are_not_read_again(model, tmp_path, reads):
     first = fetch(local(model), hash_cache=cache)
     assert sorted(reads) == ["adapter_config.json", "adapter_model.safetensors"]
     reads.clear()
+    [record] = cache.glob("*.json")
+    written = record.stat().st_mtime_ns, record.stat().st_ino
     again = fetch(local(model), hash_cache=cache)
     assert reads == []
+    assert (record.stat().st_mtime_ns, record.stat().st_ino) == written  # nothing to write
     assert again.identity == first.identity == fetch(local(model)).identity
 
 
