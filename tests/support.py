@@ -79,3 +79,12 @@ def checkpoint_tensors(folder: Path) -> dict[str, Any]:
         out.update(load_file(str(shard)))
     assert out, f"no safetensors in {folder}"
     return out
+
+
+def settled(ledger_path: Path) -> list[Any] | None:
+    """The ledger's cell statuses once no cell is pending or running, else None (for `wait_for`)."""
+    from bakery_slurm.ledger import load_ledger
+    from bakery_slurm.tracking import LIVE_STATES, snapshot
+
+    statuses = snapshot(ledger_path, load_ledger(ledger_path)).statuses
+    return statuses if not any(s.state in LIVE_STATES for s in statuses) else None

@@ -28,7 +28,7 @@ from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
 from bakery_slurm.tracking import LIVE_STATES, snapshot
 from conftest import MINIMAL_MATRIX
-from support import wait_for
+from support import settled, wait_for
 
 # Three cells, all with local sources under models/ that do not exist.
 FAILING_MATRIX = MINIMAL_MATRIX.replace(
@@ -53,12 +53,6 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
 
 
-
-
-def settled(ledger_path: Path):
-    """The statuses once no cell is pending or running, else None."""
-    statuses = snapshot(ledger_path, load_ledger(ledger_path)).statuses
-    return statuses if not any(s.state in LIVE_STATES for s in statuses) else None
 
 
 def write_project(root: Path, max_attempts: int = 3, parallelism: int = 16) -> Path:

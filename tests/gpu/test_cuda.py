@@ -27,11 +27,9 @@ import yaml
 from click.testing import CliRunner
 
 from bakery_slurm.cli import cli
-from bakery_slurm.ledger import load_ledger
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths, read_result, run_cell
-from bakery_slurm.tracking import LIVE_STATES, snapshot
-from support import checkpoint_tensors, wait_for
+from support import checkpoint_tensors, settled, wait_for
 
 pytestmark = pytest.mark.gpu
 
@@ -165,13 +163,8 @@ def submit_locally(matrix_path: Path, env: dict[str, str]) -> dict[str, dict]:
     result = CliRunner().invoke(cli, ["submit", str(matrix_path), "--executor", "local",
                                       "--ledger", str(ledger)], env=env)
     assert result.exit_code == 0, result.output
-
-    def settled():
-        statuses = snapshot(ledger, load_ledger(ledger)).statuses
-        return statuses if not any(s.state in LIVE_STATES for s in statuses) else None
-
-    statuses = wait_for(settled, "the local tasks to end", deadline_s=PROCESS_TIMEOUT_S,
-                        interval_s=0.5)
+    statuses = wait_for(lambda: settled(ledger), "the local tasks to end",
+                        deadline_s=PROCESS_TIMEOUT_S, interval_s=0.5)
     assert {s.state for s in statuses} == {"COMPLETED"}, [(s.cell, s.state) for s in statuses]
     matrix = load_matrix(matrix_path)
     return {s.cell: read_result(CellPaths(matrix.work_dir, s.cell)) for s in statuses}
