@@ -1,9 +1,10 @@
 """Job arrays: the only module that imports submitit.
 
 `group_cells` (pure) puts cells with equal resources into one array each, split so no array exceeds
-the cluster's MaxArraySize (submitit never splits; facts.md). `SlurmBackend` submits an array with
-one `sbatch` through submitit, `LocalBackend` through the embedded local executor; both return the
-array's job id, read task states, cancel tasks and locate logs.
+the cluster's MaxArraySize (submitit submits one sbatch per call and never splits an array above
+it). `SlurmBackend` submits an array with one `sbatch` through submitit, `LocalBackend` through the
+embedded local executor; both return the array's job id, read task states, cancel tasks and locate
+logs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import local, task
+from . import array_task, fsutil, local
 from .errors import SchedulerError, SchedulerMissing
 from .ledger import ArrayRecord
 from .matrix import Cell, Resources
+from .task_command import LAUNCHER_NAME
 from .sacct import (
     SCHEDULER_TIMEOUT_S,
     Runner,
@@ -64,15 +66,40 @@ def slurm_parameters(resources: Resources, job_name: str, parallelism: int) -> d
 
 @dataclass(frozen=True)
 class SubmitRequest:
-    """Everything needed to start one array: its ledger record and each task's command."""
+    """Everything needed to start one array: its ledger record and each task's command.
+
+    Attributes
+    ----------
+    cell_args
+        Per task, the arguments of `python -m bakery_slurm` (`task_command.cell_args`).
+    argvs
+        Per task, the whole command (`task_command.task_argv`): what the local executor runs.
+    fixed_env
+        The runtime's fixed environment, for a task without a container (apptainer gets it as
+        `--env`, in the launcher).
+    launcher
+        The script that starts submitit's runner inside the image (apptainer runtime), or None:
+        the runner is then this Python.
+    """
 
     array: ArrayRecord
+    cell_args: list[list[str]]
     argvs: list[list[str]]
+    fixed_env: dict[str, str]
+    launcher: str | None
     pass_env: list[str]
     container: str
     parallelism: int
     resources: Resources
-    host_python: str | None
+
+    @property
+    def launcher_path(self) -> Path:
+        return Path(self.array.folder).expanduser().absolute() / LAUNCHER_NAME
+
+    @property
+    def python(self) -> str:
+        """What the sbatch script runs `-u -m submitit.core._submit FOLDER` with."""
+        return shlex.quote(str(self.launcher_path) if self.launcher else sys.executable)
 
 
 class SlurmBackend:
@@ -100,31 +127,31 @@ class SlurmBackend:
         from submitit.slurm.slurm import _make_sbatch_string
 
         folder = Path(request.array.folder).expanduser().absolute()
-        python = shlex.quote(sys.executable) if request.host_python is None else request.host_python
-        command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+        command = " ".join([request.python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
         params = slurm_parameters(request.resources, request.array.name, request.parallelism)
         n = len(request.argvs)
         return _make_sbatch_string(command=command, folder=folder,
                                    map_count=n if n > 1 else None, **params)
 
     def submit(self, request: SubmitRequest) -> str:
-        import cloudpickle
         import submitit
 
-        # The task function travels by value: the compute node's Python needs submitit only.
-        cloudpickle.register_pickle_by_value(task)
+        if request.launcher:
+            request.launcher_path.parent.mkdir(parents=True, exist_ok=True)
+            fsutil.atomic_write_text(request.launcher_path, request.launcher, executable=True)
         try:
             # submitit refuses to build a SlurmExecutor (RuntimeError) where srun is missing.
-            executor = submitit.SlurmExecutor(folder=request.array.folder,
-                                              python=request.host_python)
+            executor = submitit.SlurmExecutor(folder=request.array.folder, python=request.python)
         except RuntimeError as e:
             raise SchedulerError(f"cannot submit to SLURM here: {e}") from None
         executor.update_parameters(**slurm_parameters(request.resources, request.array.name,
                                                       request.parallelism))
-        n = len(request.argvs)
+        n = len(request.cell_args)
+        # run_task is pickled by reference (bakery_slurm.array_task.run_task), not as bytecode:
+        # the Python that unpickles it is the image's, whatever the login node runs.
+        task_env = {} if request.launcher else request.fixed_env
         try:
-            jobs = executor.map_array(task.run_task, request.argvs, [request.pass_env] * n,
-                                      [request.container] * n)
+            jobs = executor.map_array(array_task.run_task, request.cell_args, [task_env] * n)
         # sbatch refusing (bad partition, account, ...) is FailedJobError, an UncompletedJobError.
         except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.UncompletedJobError,
                 OSError) as e:

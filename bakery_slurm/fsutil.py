@@ -42,12 +42,25 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via temp file + fsync + rename."""
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to read
+    it would, for a moment, affect files other threads create)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes, executable: bool = False) -> None:
+    """Write `data` to `path` via temp file + fsync + rename, with the mode a plain `open` would
+    give (mkstemp's is 0600, which hides the file from the rest of a group-shared folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, (0o777 if executable else 0o666) & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -60,8 +73,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, executable: bool = False) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), executable)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -98,11 +111,10 @@ def _usual_modes(folder: Path) -> None:
     mkdtemp makes folders 0700 and safetensors writes files 0600: left so, a teammate sharing the
     work folder could not read the bake cache, nor a group the published checkpoints.
     """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
     for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Annotated, Iterator, Literal, Mapping, Sequence
 
 from pydantic import (
     AwareDatetime,
@@ -114,12 +114,20 @@ class Submission(_Model):
 
 
 class Attempt(_Model):
-    """One run of one cell: which array (by name) and index ran it, when, with which recipe."""
+    """One run of one cell: which array (by name) and index ran it, when, with which recipe.
+
+    Attributes
+    ----------
+    pins
+        The commit each of its Hub inputs was pinned to, keyed by the source as the matrix names
+        it (`ModelSource.key`); empty for local inputs, or when submitted without Hub access.
+    """
 
     array: str
     index: int = Field(ge=0)
     submitted: AwareDatetime
     recipe_hash: str
+    pins: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]] = {}
 
 
 class Ledger(_Model):
@@ -289,6 +297,7 @@ def record_intent(
     recipe_hashes: Mapping[str, str],
     now: datetime | None = None,
     submission_id: str | None = None,
+    pins: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Submission:
     """Append a submission whose arrays are not yet submitted, and one attempt per task.
 
@@ -308,6 +317,8 @@ def record_intent(
         The time to record (default: the current UTC time).
     submission_id
         32 hex digits (default: a fresh uuid4 whose array names are unused in `ledger`).
+    pins
+        Cell id -> {source key: commit} of its Hub inputs (`Attempt.pins`).
 
     Returns
     -------
@@ -345,7 +356,8 @@ def record_intent(
     ledger.submissions.append(submission)
     for record in records:
         for index, cell in enumerate(record.cells):
-            attempt = Attempt(array=record.name, index=index, submitted=now, recipe_hash=recipe_hashes[cell])
+            attempt = Attempt(array=record.name, index=index, submitted=now,
+                              recipe_hash=recipe_hashes[cell], pins=dict((pins or {}).get(cell, {})))
             ledger.cells.setdefault(cell, []).append(attempt)
     return submission
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import fsutil
 from .sacct import TaskState
-from .task import task_environment
+from .task_command import task_environment
 
 POLL_S = 0.2  # how often the supervisor checks its children, deadlines and cancel requests
 

@@ -36,6 +36,7 @@ TIME_LIMIT = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
 EXCLUDE_KEYS = ("size", "variant", "method", "id")
 # Environment variables that carry credentials never belong in a matrix file.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|KEY)", re.IGNORECASE)
 
 
@@ -72,20 +73,30 @@ class SourceSpec(_Model):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model location. `repo` and `path` are exclusive; `path` is absolute."""
+    """A resolved model location. `repo` and `path` are exclusive; `path` is absolute.
+
+    `commit` is the Hub commit a submission pinned `revision` to (`pins.apply_pins`); it is not
+    part of the recipe, which names sources, not their content.
+    """
 
     repo: str | None
     path: str | None
     subfolder: str | None
     revision: str | None
+    commit: str | None = None
 
-    def describe(self) -> str:
+    @property
+    def key(self) -> str:
+        """The source as the matrix names it (without its pin): what pins are keyed by."""
         where = f"hub:{self.repo}" if self.repo else self.path
         if self.subfolder:
             where += f"/{self.subfolder}"
         if self.revision:
             where += f"@{self.revision}"
         return where
+
+    def describe(self) -> str:
+        return self.key + (f" (commit {self.commit[:12]})" if self.commit else "")
 
     def as_dict(self) -> dict[str, str | None]:
         return {"repo": self.repo, "path": self.path, "subfolder": self.subfolder,
@@ -136,12 +147,14 @@ class Runtime(_Model):
     # Variables copied from the submitting environment when set (Olivia's proxies).
     pass_env: list[str] = ["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                            "NO_PROXY"]
-    # Python inside the image that runs `-m bakery_slurm run-cell`.
+    # Names from pass_env that must be set when submitting (e.g. the proxy of a site whose
+    # compute nodes reach the Hub only through it): checked before any sbatch.
+    require_env: list[str] = []
+    # The image's Python: it runs submitit's task runner and `-m bakery_slurm run-cell`.
     python: str = "python3"
-    # Python on the compute node (outside the container) that runs submitit's task wrapper; it
-    # needs only submitit. Default: the Python running `submit`, which must then exist there
-    # (on Olivia the login nodes are x86 and the compute nodes arm64: point this at an arm64 venv).
-    host_python: str | None = None
+    # Tasks read their inputs with the Hub offline (HF_HUB_OFFLINE=1), from what
+    # `bakery-slurm prefetch` put in HF_HOME; an input not there fails the task at once.
+    offline: bool = False
 
     @field_validator("env")
     @classmethod
@@ -151,6 +164,21 @@ class Runtime(_Model):
                 raise ValueError(f"{name!r} looks like a credential; tokens come from the "
                                  "environment or the Hub token file, never from the matrix")
         return v
+
+    @field_validator("pass_env", "require_env")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"not environment variable names: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _required_are_passed(self) -> "Runtime":
+        missing = [name for name in self.require_env if name not in self.pass_env]
+        if missing:
+            raise ValueError(f"require_env names {missing} that pass_env does not forward")
+        return self
 
     def resolve(self, executor: str) -> Literal["apptainer", "none"]:
         """The container runtime for tasks run by `executor` ("slurm" or "local")."""

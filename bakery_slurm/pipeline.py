@@ -120,8 +120,11 @@ class _Run:
         return record
 
 
-def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None) -> dict[str, Any]:
+def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None,
+             offline: bool = False) -> dict[str, Any]:
     """Run (or resume) every stage of `cell` under `work`; return the result record.
+
+    With `offline`, Hub inputs are read from the Hub cache only (`[runtime] offline`).
 
     Raises
     ------
@@ -133,12 +136,12 @@ def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None) 
     paths = CellPaths(Path(work), cell.id)
     try:
         with fsutil.locked(paths.lock, blocking=False):
-            return _run(cell, paths, device, hub_api)
+            return _run(cell, paths, device, hub_api, offline)
     except fsutil.LockBusy:
         raise BakeryError(f"{cell.id}: another task is running this cell ({paths.lock})") from None
 
 
-def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any) -> dict[str, Any]:
+def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool) -> dict[str, Any]:
     from .recipe import render_recipe, validate_recipe
     from .repair import repair_checkpoint
     from .sources import fetch
@@ -156,8 +159,9 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any) -> dict[str, A
 
     def bake() -> dict[str, Any]:
         hashes = paths.cache / "hashes"
-        base = fetch(cell.base, hash_cache=hashes)
-        adapters = {name: fetch(source, hash_cache=hashes) for name, source in cell.adapters}
+        base = fetch(cell.base, hash_cache=hashes, offline=offline)
+        adapters = {name: fetch(source, hash_cache=hashes, offline=offline)
+                    for name, source in cell.adapters}
         base_dir, base_tensors, base_record = bake_stage.prepare_base(base, paths.cache)
         baked, records = {}, {}
         for name, adapter in adapters.items():

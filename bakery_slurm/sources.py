@@ -3,7 +3,11 @@
 A Hub source is downloaded with `snapshot_download` (token from the environment or the Hub's token
 file, handled by huggingface_hub; we never see or store it) and identified by the commit it resolved
 to. A local source is identified by the sha256 of its files, so a retrained adapter at the same path
-gets a new identity (mergekit's own LoRA cache keys by folder name only; facts.md).
+gets a new identity (mergekit's own LoRA cache keys a bake by folder names only, and would reuse it).
+
+Only the files a cell reads are downloaded (`WANTED`): weights as safetensors, configs, tokenizer
+files; never `.bin`/`.pth` copies of the weights, optimizer states or `checkpoint-*` folders, which
+adapter repos often hold and which can be larger than the model.
 
 Hashing a 12B base reads ~24 GB (~1 GiB/s, benchmarks/bench_sources.py) in every cell of that
 base. With a `hash_cache` folder each file's hash is kept beside its stat signature and reused
@@ -35,13 +39,26 @@ class LocalModel:
     identity: dict[str, Any]
 
 
-def fetch(source: ModelSource, hash_cache: Path | None = None) -> LocalModel:
+WANTED = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+UNWANTED = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*optimizer*", "*checkpoint-*", "*.msgpack", "*.h5")
+
+
+def hub_patterns(subfolder: str | None) -> tuple[list[str], list[str]]:
+    """(allow_patterns, ignore_patterns) for `snapshot_download` of one source."""
+    prefix = f"{subfolder}/" if subfolder else ""
+    return [prefix + p for p in WANTED], [prefix + p for p in UNWANTED]
+
+
+def fetch(source: ModelSource, hash_cache: Path | None = None, offline: bool = False,
+          cache_dir: Path | None = None) -> LocalModel:
     """Download (Hub) or locate (local path) `source`; raise BakeryError if it is not there.
 
-    `hash_cache` is a folder where a local source's file hashes are kept between runs.
+    `hash_cache` is a folder where a local source's file hashes are kept between runs. With
+    `offline`, a Hub source is read from the Hub cache only (`cache_dir`, default HF_HOME's) and
+    a file missing there fails at once, naming it.
     """
     if source.repo is not None:
-        return _fetch_hub(source)
+        return _fetch_hub(source, offline, cache_dir)
     path = Path(source.path) / (source.subfolder or "")
     if not path.is_dir():
         raise BakeryError(f"model folder {path} does not exist (from {source.describe()})")
@@ -63,20 +80,52 @@ def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
     return without_signatures(files)
 
 
-def _fetch_hub(source: ModelSource) -> LocalModel:
+def _fetch_hub(source: ModelSource, offline: bool, cache_dir: Path | None) -> LocalModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = [f"{source.subfolder}/*"] if source.subfolder else None
-    log.info("downloading %s", source.describe())
+    allow, ignore = hub_patterns(source.subfolder)
+    log.info("%s %s", "reading cached" if offline else "downloading", source.describe())
     try:
-        snapshot = Path(snapshot_download(source.repo, revision=source.revision,
-                                          allow_patterns=patterns))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        snapshot = Path(snapshot_download(source.repo, revision=source.commit or source.revision,
+                                          allow_patterns=allow, ignore_patterns=ignore,
+                                          local_files_only=offline, cache_dir=cache_dir))
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise BakeryError(f"{source.describe()} is not in the Hub cache and the runtime is "
+                              f"offline: run `bakery-slurm prefetch` on the login node ({e})") from None
+        raise BakeryError(f"cannot download {source.describe()}: {e}") from None
+    except (HfHubHTTPError, OSError) as e:
         raise BakeryError(f"cannot download {source.describe()}: {e}") from None
     path = snapshot / (source.subfolder or "")
     if not path.is_dir():
         raise BakeryError(f"{source.describe()}: no folder {source.subfolder!r} in the repo")
+    if offline:
+        missing = missing_files(path)
+        if missing:
+            raise BakeryError(f"{source.describe()}: {path / missing[0]} is not in the Hub cache "
+                              f"and the runtime is offline ({len(missing)} file(s) missing): run "
+                              f"`bakery-slurm prefetch` on the login node")
     # snapshot_download returns .../snapshots/<commit sha>: the exact revision we got.
     return LocalModel(path=path, identity={"repo": source.repo, "subfolder": source.subfolder,
                                            "revision": source.revision, "commit": snapshot.name})
+
+
+def missing_files(folder: Path) -> list[str]:
+    """Files a model or adapter folder names but lacks: the shards its safetensors index lists,
+    else its single weights file. A cached snapshot can be partial (an interrupted download, a
+    prefetch of other files): offline, that must fail here, not deep inside a load."""
+    names = {p.name for p in folder.iterdir()}
+    if "adapter_config.json" in names:
+        wanted = {"adapter_model.safetensors"}
+    elif "config.json" in names:
+        index = folder / "model.safetensors.index.json"
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except FileNotFoundError:
+            wanted = {"model.safetensors"}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return [index.name]
+    else:
+        return ["config.json or adapter_config.json"]
+    return sorted(wanted - names)

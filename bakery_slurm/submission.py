@@ -14,9 +14,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from .container import task_argv
 from .errors import ConfigError, SchedulerError
 from .executors import DEFAULT_MAX_ARRAY_SIZE, SubmitRequest, backend, group_cells
 from .ledger import (
@@ -30,16 +29,21 @@ from .ledger import (
     update_ledger,
 )
 from .matrix import Cell, Matrix, Resources
+from .pins import cell_inputs, cell_pins
+from .task_command import apptainer_prefix, cell_args, launcher_script, task_argv
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Planned:
-    """Arrays as planned (not yet named in a ledger) and each one's task commands."""
+    """Arrays as planned (not yet named in a ledger), each task's arguments and command, and the
+    launcher of each array (None without a container)."""
 
     arrays: list[PlannedArray]
+    cell_args: list[list[list[str]]]
     argvs: list[list[list[str]]]
+    launchers: list[str | None]
     container: str
 
 
@@ -73,28 +77,47 @@ def export_hub_token(cells: Sequence[Cell]) -> None:
 
 
 def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
-                submission_id: str) -> Planned:
-    """Group `cells` into arrays and build every task's command line (no I/O)."""
+                submission_id: str, pins: Mapping[str, str]) -> Planned:
+    """Group `cells` into arrays and build every task's command line (no I/O).
+
+    `pins` maps a Hub source's key to the commit this submission reads it at.
+    """
     runtime = matrix.spec.runtime
     container = resolve_container(matrix, executor)
-    arrays, argvs = [], []
+    arrays, args, argvs, launchers = [], [], [], []
     for n, group in enumerate(group_cells(cells, max_array_size)):
         folder = matrix.work_dir / "arrays" / array_name(submission_id, n)
         arrays.append(PlannedArray(
             executor=executor, folder=str(folder), cells=[c.id for c in group],
             resources=group[0].resources.model_dump(exclude_none=True)))
-        argvs.append([task_argv(runtime, container, matrix.path, c.recipe_hash, c.id,
-                                matrix.work_dir, c.resources.gpus_per_node) for c in group])
-    return Planned(arrays=arrays, argvs=argvs, container=container)
+        # One array shares its resources, so its tasks share the container command too.
+        gpus = group[0].resources.gpus_per_node
+        prefix = (apptainer_prefix(runtime, matrix.path, matrix.work_dir, gpus)
+                  if container == "apptainer" else None)
+        args.append([cell_args(matrix.path, c.id, c.recipe_hash, matrix.work_dir,
+                               cell_pins(c, pins)) for c in group])
+        argvs.append([task_argv(prefix, runtime.env, a) for a in args[-1]])
+        launchers.append(launcher_script(prefix, runtime.pass_env) if prefix else None)
+    return Planned(arrays=arrays, cell_args=args, argvs=argvs, launchers=launchers,
+                   container=container)
+
+
+def attempt_pins(cells: Sequence[Cell], pins: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Cell id -> {source key: commit} of the cell's pinned Hub inputs, for the ledger."""
+    return {c.id: {s.key: pins[s.key] for s in cell_inputs(c).values() if s.key in pins}
+            for c in cells}
 
 
 def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], executor: str, *,
-                 dry_run: bool = False,
+                 pins: Mapping[str, str] | None = None, dry_run: bool = False,
                  guard: Callable[[Ledger], list[Cell]] | None = None) -> list[SubmitRequest]:
     """Submit `cells` as arrays (one sbatch each) and record them; return what was submitted.
 
     Parameters
     ----------
+    pins:
+        Hub source key -> the commit every task reads it at (`preflight.resolve_pins`); sources
+        not in it are resolved by each task when it starts.
     guard:
         Called with the locked, freshly loaded ledger just before the intent is recorded; returns
         the cells that may still be submitted (resubmit uses it so two racing resubmits submit
@@ -115,22 +138,24 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
                     DEFAULT_MAX_ARRAY_SIZE)
         max_size = DEFAULT_MAX_ARRAY_SIZE
     submission_id = uuid.uuid4().hex
+    pins = dict(pins or {})
     recipe_hashes = {c.id: c.recipe_hash for c in cells}
     if dry_run:
-        planned = plan_arrays(matrix, cells, executor, max_size, submission_id)
+        planned = plan_arrays(matrix, cells, executor, max_size, submission_id, pins)
         submission = record_intent(Ledger(), matrix_path=str(matrix.path),
                                    matrix_sha256=matrix.sha256, arrays=planned.arrays,
-                                   recipe_hashes=recipe_hashes, submission_id=submission_id)
+                                   recipe_hashes=recipe_hashes, submission_id=submission_id,
+                                   pins=attempt_pins(cells, pins))
         return _requests(matrix, planned, submission.arrays)
     with update_ledger(ledger_path) as ledger:
         chosen = guard(ledger) if guard else list(cells)
         if not chosen:
             return []
-        planned = plan_arrays(matrix, chosen, executor, max_size, submission_id)
+        planned = plan_arrays(matrix, chosen, executor, max_size, submission_id, pins)
         submission = record_intent(ledger, matrix_path=str(matrix.path),
                                    matrix_sha256=matrix.sha256, arrays=planned.arrays,
                                    recipe_hashes=recipe_hashes, now=datetime.now(timezone.utc),
-                                   submission_id=submission_id)
+                                   submission_id=submission_id, pins=attempt_pins(chosen, pins))
     requests = _requests(matrix, planned, submission.arrays)
     for i, request in enumerate(requests):
         try:
@@ -153,8 +178,10 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
 
 
 def _requests(matrix: Matrix, planned: Planned, arrays: list[ArrayRecord]) -> list[SubmitRequest]:
-    return [SubmitRequest(array=array, argvs=argvs, pass_env=list(matrix.spec.runtime.pass_env),
+    runtime = matrix.spec.runtime
+    return [SubmitRequest(array=array, cell_args=args, argvs=argvs, fixed_env=dict(runtime.env),
+                          launcher=launcher, pass_env=list(runtime.pass_env),
                           container=planned.container, parallelism=matrix.spec.array_parallelism,
-                          resources=Resources.model_validate(array.resources),
-                          host_python=matrix.spec.runtime.host_python)
-            for array, argvs in zip(arrays, planned.argvs)]
+                          resources=Resources.model_validate(array.resources))
+            for array, args, argvs, launcher in zip(arrays, planned.cell_args, planned.argvs,
+                                                    planned.launchers)]

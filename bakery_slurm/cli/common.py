@@ -17,6 +17,14 @@ LEDGER_NAME = "bakery-ledger.json"
 STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "log"]
 
 
+def preflight_option(f: Callable) -> Callable:
+    """--no-preflight: for a login node that cannot reach the Hub."""
+    return click.option(
+        "--no-preflight", "no_preflight", is_flag=True,
+        help="Skip the checks before sbatch (image, apptainer, Hub inputs, token, required "
+             "variables); Hub inputs are then pinned from the Hub cache where it has them.")(f)
+
+
 def ledger_option(f: Callable) -> Callable:
     """--ledger PATH (env BAKERY_LEDGER), default ./bakery-ledger.json."""
     return click.option(

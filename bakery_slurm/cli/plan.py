@@ -6,19 +6,28 @@ from pathlib import Path
 
 import click
 
+from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
+from .common import LEDGER_NAME
 from . import cli
 
-COLUMNS = ["id", "method", "parameters", "base"]
+COLUMNS = ["id", "method", "parameters", "base", "pinned"]
 
 
 @cli.command()
 @click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB, e.g. '4b-*'.")
+@click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="BAKERY_LEDGER",
+              help=f"Ledger to read pinned commits from (env BAKERY_LEDGER; default: "
+                   f"{LEDGER_NAME} beside MATRIX, if there is one).")
 @output_options
-def plan(matrix: Path, only: str | None, fmt: str) -> None:
+def plan(matrix: Path, only: str | None, ledger_path: Path | None, fmt: str) -> None:
     """Show the cells MATRIX expands to, with their recipes, inputs and push target.
+
+    Where the ledger has submitted a cell, its Hub inputs are shown with the commits its latest
+    attempt was pinned to (`pins` in --json; the table counts them).
 
     \b
     Example:
@@ -29,9 +38,15 @@ def plan(matrix: Path, only: str | None, fmt: str) -> None:
     cells = select(expand(loaded), only)
     if not cells:
         raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
-    rows = [cell.as_dict() for cell in cells]
+    ledger = load_ledger(ledger_path or loaded.root / LEDGER_NAME, missing_ok=True)
+    rows = []
+    for cell in cells:
+        attempt = latest_attempt(ledger, cell.id)
+        rows.append({**cell.as_dict(), "pins": attempt.pins if attempt else {}})
     if fmt == "table":
-        rows = [{**row, "parameters": _summary(row["parameters"])} for row in rows]
+        rows = [{**row, "parameters": _summary(row["parameters"]),
+                 "pinned": "; ".join(f"{k}@{v[:12]}" for k, v in row["pins"].items()) or "-"}
+                for row in rows]
     click.echo(format_rows(rows, COLUMNS, fmt))
 
 

@@ -13,7 +13,8 @@ from ..output import format_rows, output_options
 from ..sacct import TERMINAL_FAILURES, choose_resubmit
 from ..submission import submit_cells
 from ..tracking import snapshot
-from .common import ledger_option
+from ..preflight import gate
+from .common import ledger_option, preflight_option
 from . import EXIT_FAILED, cli
 
 COLUMNS = ["cell", "state", "action"]
@@ -25,14 +26,20 @@ COLUMNS = ["cell", "state", "action"]
               help="Only cells in this state (repeatable; default: every terminal failure).")
 @click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB.")
 @click.option("--dry-run", is_flag=True, help="Show what would be resubmitted; submit nothing.")
+@click.option("--refresh-inputs", is_flag=True,
+              help="Pin Hub inputs to what their revisions name now, instead of the commits the "
+                   "failed attempts read.")
+@preflight_option
 @output_options
 def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_run: bool,
-             fmt: str) -> None:
+             refresh_inputs: bool, no_preflight: bool, fmt: str) -> None:
     """Resubmit exactly the cells whose latest attempt ended in a terminal failure.
 
     States are refreshed first. Pending, running and completed cells are refused, and so are
     cells that used up the matrix's max_attempts. The new arrays go to the executor that ran the
-    failed attempt, grouped by resources; the ledger records the new attempts.
+    failed attempt, grouped by resources; the ledger records the new attempts. Each cell reads
+    its Hub inputs at the commits its failed attempt was pinned to (--refresh-inputs resolves
+    them again), and the checks of `bakery-slurm check` run first.
 
     \b
     Example:
@@ -45,12 +52,15 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
         click.echo(f"note: {note}", err=True)
     matrix_of = {a.name: s.matrix_path for s in ledger.submissions for a in s.arrays}
     rows, submitted, refused_all = [], 0, []
-    # Cells are resubmitted per (matrix, executor) of their latest attempt.
-    groups: dict[tuple[str, str], list] = {}
+    # Cells are resubmitted per (matrix, executor, pins) of their latest attempt: cells pinned at
+    # different times may read one source at different commits.
+    groups: dict[tuple[str, str, tuple], list] = {}
     for status in snap.statuses:
-        key = (matrix_of[status.array_name], snap.arrays[status.array_name].executor)
+        pins = {} if refresh_inputs else ledger.cells[status.cell][-1].pins
+        key = (matrix_of[status.array_name], snap.arrays[status.array_name].executor,
+               tuple(sorted(pins.items())))
         groups.setdefault(key, []).append(status)
-    for (matrix_path, executor), statuses in groups.items():
+    for (matrix_path, executor, known_pins), statuses in groups.items():
         matrix = load_matrix(matrix_path)
         to_run, refused = choose_resubmit(statuses, max_attempts=matrix.spec.max_attempts,
                                           states=states or TERMINAL_FAILURES, only=only)
@@ -70,7 +80,10 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
             return [cells[c] for c, (array, index) in evaluated.items()
                     if (a := latest_attempt(fresh, c)) and (a.array, a.index) == (array, index)]
 
-        requests = submit_cells(ledger_path, matrix, list(cells[c] for c in evaluated), executor,
+        chosen = [cells[c] for c in evaluated]
+        pins = gate(matrix, chosen, executor, run_checks=not no_preflight,
+                    known_pins=dict(known_pins)) if chosen else {}
+        requests = submit_cells(ledger_path, matrix, chosen, executor, pins=pins,
                                 dry_run=dry_run, guard=None if dry_run else still_failed)
         resubmitted = {c: r.array for r in requests for c in r.array.cells}
         for cell, (array, index) in evaluated.items():

@@ -12,6 +12,7 @@ import click
 
 from ..errors import ConfigError
 from ..matrix import expand, load_matrix
+from ..pins import apply_pins
 from . import cli
 
 
@@ -22,10 +23,13 @@ from . import cli
               show_default=True, help="Where mergekit computes; auto falls back to CPU.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path),
               help="Work folder (default: [paths] work of the matrix).")
+@click.option("--pin", "pins", multiple=True, metavar="INPUT=COMMIT",
+              help="Read this Hub input (`base` or an adapter name) at this commit (repeatable; "
+                   "submit pins every Hub input so all cells of a submission read the same).")
 @click.option("--recipe-hash", metavar="HEX",
               help="Refuse to run if this cell's recipe changed since it was submitted "
                    "(other edits to the matrix, such as a longer time limit, are fine).")
-def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
+def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: tuple[str, ...],
              recipe_hash: str | None) -> None:
     """Bake, merge, strip, verify and push one cell of MATRIX, resuming finished stages.
 
@@ -34,6 +38,7 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
     \b
     Example:
         bakery-slurm run-cell matrix.toml 4b-std/eng-nob__ties --device cpu
+        bakery-slurm run-cell matrix.toml 1b-std/eng-nob__ties --pin nob=<40-hex commit>
     """
     from ..pipeline import run_cell as run
 
@@ -47,13 +52,20 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
         raise ConfigError(f"{loaded.path}: the recipe of {cell_id} changed since submission "
                           f"(recipe hash {cells[cell_id].recipe_hash[:12]}, submitted "
                           f"{recipe_hash[:12]}); submit again to run the new recipe")
-    result = run(cells[cell_id], work or loaded.work_dir, device=device)
+    pinned = {}
+    for pin in pins:
+        name, sep, commit = pin.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pin!r} is not INPUT=COMMIT", param_hint="--pin")
+        pinned[name] = commit
+    cell = apply_pins(cells[cell_id], pinned)
+    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline)
     click.echo(json.dumps(result, indent=2))
 
 
 def _task_environment() -> None:
-    """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (tasks sharing one
-    corrupted it; facts.md) unless the user chose one."""
+    """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (concurrent tasks
+    sharing one have corrupted it) unless the user chose one."""
     # SLURM's USR2 warning before the time limit (see task.run_task) may reach us through
     # apptainer even where the host-side task ignored it: the default action would kill the cell
     # early, and its end would read FAILED instead of TIMEOUT.

@@ -12,9 +12,10 @@ from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pipeline import CellPaths, read_result
+from ..preflight import gate
 from ..submission import submit_cells
 from ..tracking import LIVE_STATES, snapshot
-from .common import LEDGER_NAME
+from .common import LEDGER_NAME, preflight_option
 from . import cli
 
 ARRAY_COLUMNS = ["array", "job_id", "executor", "cells", "resources"]
@@ -31,14 +32,17 @@ ARRAY_COLUMNS = ["array", "job_id", "executor", "cells", "resources"]
 @click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="BAKERY_LEDGER",
               help=f"Ledger file (env BAKERY_LEDGER; default: {LEDGER_NAME} beside MATRIX).")
+@preflight_option
 @output_options
 def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: bool,
-           ledger_path: Path | None, fmt: str) -> None:
+           ledger_path: Path | None, no_preflight: bool, fmt: str) -> None:
     """Submit the cells of MATRIX as job arrays, one per resource group (one sbatch each).
 
     Cells already completed and published with the same recipe hash and push target, and cells
     with a pending or running attempt, are skipped (--force submits completed ones again).
-    Every rendered recipe is validated with mergekit before anything is submitted.
+    Every rendered recipe is validated with mergekit, and the checks of `bakery-slurm check`
+    run, before anything is submitted. Every Hub input is pinned to the commit its revision
+    names now; the tasks read exactly that commit, and the ledger records it.
 
     \b
     Example:
@@ -68,7 +72,8 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
         return [c for c in cells if latest_attempt(fresh, c.id) == seen.get(c.id)]
 
     kind = resolve_executor(executor)
-    requests = submit_cells(ledger_path, loaded, cells, kind, dry_run=dry_run,
+    pins = gate(loaded, cells, kind, run_checks=not no_preflight) if cells else {}
+    requests = submit_cells(ledger_path, loaded, cells, kind, pins=pins, dry_run=dry_run,
                             guard=unchanged) if cells else []
     taken = {c.id for c in cells} - {cell for r in requests for cell in r.array.cells}
     for cell_id in sorted(taken):
@@ -119,6 +124,9 @@ def _print_dry_run(requests, kind: str, recipes: dict[str, str]) -> None:
         click.echo(f"== array {array.name} ({kind}, {len(array.cells)} tasks) "
                    f"resources {json.dumps(array.resources)}")
         click.echo(runner.render(request).rstrip())
+        if request.launcher and kind == "slurm":
+            click.echo(f"-- launcher {request.launcher_path} (the sbatch script's Python):")
+            click.echo(request.launcher.rstrip())
         for index, (cell_id, argv) in enumerate(zip(array.cells, request.argvs)):
             click.echo(f"-- task {index}: {cell_id}")
             click.echo("   " + " ".join(_quote(a) for a in argv))

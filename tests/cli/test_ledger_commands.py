@@ -1,7 +1,8 @@
 """submit, status, logs, resubmit and cancel through CliRunner, on the LOCAL executor.
 
-Ledgers are built with `submission.submit_cells` from a matrix whose local model paths do not
-exist, so every `run-cell` task fails fast with a clear error and ends FAILED. Where a cell must
+Ledgers are built with `submission.submit_cells` from a matrix whose local model folders hold
+only the files preflight looks for (config.json, adapter_config.json) and no weights, so every
+`run-cell` task fails fast with a clear error and ends FAILED. Where a cell must
 look COMPLETED, its local state file says so (the executor is faked, not the commands); where a
 task must stay PENDING or RUNNING, `submission.task_argv` is replaced by a sleeper.
 """
@@ -30,7 +31,7 @@ from bakery_slurm.tracking import LIVE_STATES, snapshot
 from conftest import MINIMAL_MATRIX
 from support import settled, wait_for
 
-# Three cells, all with local sources under models/ that do not exist.
+# Three cells, all with local sources under models/ that hold no weights.
 FAILING_MATRIX = MINIMAL_MATRIX.replace(
     'adapters = ["eng", "nob"]\n', 'adapters = ["eng", "nob"]\nmax_attempts = {max_attempts}\n'
     "array_parallelism = {parallelism}\n") + """
@@ -60,6 +61,10 @@ def write_project(root: Path, max_attempts: int = 3, parallelism: int = 16) -> P
     path = root / "matrix.toml"
     path.write_text(FAILING_MATRIX.replace("{max_attempts}", str(max_attempts))
                     .replace("{parallelism}", str(parallelism)))
+    for folder, marker in [("base-tiny", "config.json"), *[
+            (f"adapter-tiny-std-{name}", "adapter_config.json") for name in ("eng", "nob")]]:
+        (root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "models" / folder / marker).write_text("{}")
     return path
 
 
@@ -220,8 +225,8 @@ def test_logs_stderr_shows_the_error(failed):
     matrix, ledger = failed
     result = invoke("logs", "tiny-std/eng-nob__linear", "--stderr", "--ledger", ledger)
     assert result.exit_code == 0, result.output
-    missing = matrix.parent / "models" / "base-tiny"
-    assert f"model folder {missing} does not exist" in result.stdout
+    empty = matrix.parent / "models" / "base-tiny"
+    assert f"{empty}: neither model.safetensors nor model.safetensors.index.json" in result.stdout
     assert "stage bake failed" in result.stdout
     array = all_arrays(load_ledger(ledger))[0]
     index = array.cells.index("tiny-std/eng-nob__linear")
@@ -233,7 +238,7 @@ def test_logs_stdout_is_the_other_file(failed):
     result = invoke("logs", "tiny-std/eng-nob__linear", "--ledger", ledger)
     assert result.exit_code == 0, result.output
     assert result.stderr.rstrip().endswith(".out")
-    assert "does not exist" not in result.stdout
+    assert "neither model.safetensors" not in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -416,7 +421,7 @@ def test_submit_only_matching_nothing_exits_2(project):
     result = invoke("submit", matrix_path, "--executor", "local", "--only", "99b-*")
     assert result.exit_code == 2
     assert f"--only '99b-*' matches no cell of {matrix_path}" in result.stderr
-    assert sorted(p.name for p in project.iterdir()) == ["matrix.toml"]
+    assert sorted(p.name for p in project.iterdir()) == ["matrix.toml", "models"]
 
 
 def test_submit_apptainer_without_image_exits_2(project):

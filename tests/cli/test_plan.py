@@ -52,12 +52,12 @@ def test_plan_table_lists_the_14_seed_cells():
     result = CliRunner().invoke(cli, ["plan", str(REPO_MATRIX)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["id", "method", "parameters", "base"]
+    assert lines[0].split() == ["id", "method", "parameters", "base", "pinned"]
     assert [line.split()[0] for line in lines[1:]] == SEED_IDS
     row = next(line for line in lines if line.startswith("12b-open/eng-nob__ties "))
     assert row.split()[1:] == [
         "ties", "density=0.5", "weight=0.5",
-        "hub:NbAiLab/nb-gpt-gemma3-12b-instruct-epoch-3-aurora-sft-2603-open-posttrain"]
+        "hub:NbAiLab/nb-gpt-gemma3-12b-instruct-epoch-3-aurora-sft-2603-open-posttrain", "-"]
     assert result.stderr == ""
 
 

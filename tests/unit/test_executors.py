@@ -4,6 +4,7 @@ SLURM backend's scancel/sacct calls against a recording fake at the subprocess b
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,7 @@ from support import Recorder, assert_matches_golden
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
-HOST_PYTHON = "/cluster/arm64-venv/bin/python"
+LAUNCHER = "#!/bin/sh\nexec apptainer exec --cleanenv /i.sif python3 \"$@\"\n"
 
 
 @pytest.fixture
@@ -135,15 +136,16 @@ def test_slurm_parameters_are_valid_submitit_parameters():
 
 
 def request(folder: Path, n: int = 3, parallelism: int = 2, resources: Resources | None = None,
-            host_python: str | None = HOST_PYTHON, name: str = "bakery-0123abcd-0") -> SubmitRequest:
+            launcher: str | None = LAUNCHER, name: str = "bakery-0123abcd-0") -> SubmitRequest:
     resources = resources or Resources(partition="accel", account="nn1234k", gpus_per_node=1,
                                        cpus_per_task=70, mem="110G", time="00:30:00")
     cells = [f"1b-std/eng-nob__m{i}" for i in range(n)]
     array = ArrayRecord(name=name, executor="slurm", folder=str(folder), cells=cells,
                         resources=resources.model_dump(exclude_none=True), submitted=T0)
-    return SubmitRequest(array=array, argvs=[["true", c] for c in cells], pass_env=[],
-                         container="apptainer", parallelism=parallelism, resources=resources,
-                         host_python=host_python)
+    return SubmitRequest(array=array, cell_args=[["run-cell", c] for c in cells],
+                         argvs=[["true", c] for c in cells], fixed_env={}, launcher=launcher,
+                         pass_env=[], container="apptainer" if launcher else "none",
+                         parallelism=parallelism, resources=resources)
 
 
 def test_render_has_the_array_and_resources(tmp_path):
@@ -195,14 +197,20 @@ def test_render_needs_no_srun_and_matches_the_executor_command(tmp_path, monkeyp
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/bin/srun" if name == "srun"
                         else real_which(name, *a, **k))
-    expected = SlurmExecutor(folder, python=HOST_PYTHON)._submitit_command_str
+    launcher = folder / "apptainer-launch.sh"
+    expected = SlurmExecutor(folder, python=str(launcher))._submitit_command_str
     with_srun = SlurmBackend().render(request(folder))
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "srun"
                         else real_which(name, *a, **k))
     without_srun = SlurmBackend().render(request(folder))
     assert without_srun == with_srun
     assert with_srun.splitlines()[-1].endswith(" " + expected)
-    assert expected == f"{HOST_PYTHON} -u -m submitit.core._submit {folder}"
+    assert expected == f"{launcher} -u -m submitit.core._submit {folder}"
+
+
+def test_without_a_container_the_runner_is_this_python(tmp_path):
+    text = SlurmBackend().render(request(tmp_path, launcher=None))
+    assert text.splitlines()[-1].endswith(f" {sys.executable} -u -m submitit.core._submit {tmp_path}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The command line of one array task (`container.task_argv`) and its environment
-(`task.task_environment`): exact argvs, and the Hub token passed by environment only."""
+"""What one array task runs (`task_command`): exact argvs, the launcher that starts submitit's
+runner inside the image, and the Hub token passed by environment only."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,60 +14,114 @@ from click.testing import CliRunner
 
 from bakery_slurm import local, submission
 from bakery_slurm.cli import cli
-from bakery_slurm.container import task_argv
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.matrix import Runtime, expand, load_matrix
-from bakery_slurm.task import task_environment
+from bakery_slurm.task_command import (
+    apptainer_prefix,
+    cell_args,
+    launcher_script,
+    task_argv,
+    task_environment,
+)
 from conftest import MINIMAL_MATRIX
 
 SHA = "ab" * 32
+PIN = "0123456789abcdef0123456789abcdef01234567"
 CELL = "4b-std/eng-nob__ties"
 SECRET = "hf_secret_do_not_print_0123456789"
+ARGS = cell_args(Path("/m/matrix.toml"), CELL, SHA, Path("/w"), {})
 
 
-def test_apptainer_argv_is_exact():
+def test_cell_args_name_the_cell_its_recipe_and_its_pins_in_order():
+    assert cell_args(Path("/m/matrix.toml"), CELL, SHA, Path("/w"), {"nob": PIN, "base": "c" * 40}) == [
+        "run-cell", "/m/matrix.toml", CELL, "--recipe-hash", SHA, "--work", "/w",
+        "--pin", f"base={'c' * 40}", "--pin", f"nob={PIN}"]
+
+
+def test_apptainer_prefix_is_exact():
     runtime = Runtime(container="apptainer", image="/images/bakery.sif",
                       binds=["/cluster/projects/nn1k", "/data/matrices", "/scratch"],
                       env={"HF_HOME": "/cluster/projects/nn1k/hf-home", "A_FIRST": "1"})
-    argv = task_argv(runtime, "apptainer", Path("/data/matrices/matrix.toml"), SHA, CELL,
-                     Path("/scratch/work"), gpus=1)
-    assert argv == [
+    prefix = apptainer_prefix(runtime, Path("/data/matrices/matrix.toml"), Path("/scratch/work"), 1)
+    assert prefix == [
         "apptainer", "exec", "--nv", "--cleanenv",
         # the runtime's binds, then the matrix folder and the work folder; duplicates dropped
         "--bind", "/cluster/projects/nn1k,/data/matrices,/scratch,/scratch/work",
         "--env=A_FIRST=1", "--env=HF_HOME=/cluster/projects/nn1k/hf-home",
-        "/images/bakery.sif", "python3", "-m", "bakery_slurm", "run-cell",
-        "/data/matrices/matrix.toml", CELL, "--recipe-hash", SHA, "--work", "/scratch/work"]
+        "/images/bakery.sif", "python3"]
+    assert task_argv(prefix, runtime.env, ARGS) == [*prefix, "-m", "bakery_slurm", *ARGS]
 
 
-def test_apptainer_argv_binds_the_matrix_and_work_folders_once():
+def test_apptainer_prefix_binds_the_matrix_and_work_folders_once():
     runtime = Runtime(container="apptainer", image="/i.sif", binds=["/w", "/m", "/w"])
-    argv = task_argv(runtime, "apptainer", Path("/m/matrix.toml"), SHA, CELL, Path("/w"), gpus=4)
-    assert argv[argv.index("--bind") + 1] == "/w,/m"
+    prefix = apptainer_prefix(runtime, Path("/m/matrix.toml"), Path("/w"), gpus=4)
+    assert prefix[prefix.index("--bind") + 1] == "/w,/m"
 
 
 @pytest.mark.parametrize("gpus", [0, None])
-def test_apptainer_argv_without_gpus_has_no_nv(gpus):
+def test_apptainer_prefix_without_gpus_has_no_nv(gpus):
     runtime = Runtime(container="apptainer", image="/i.sif", python="/opt/py/bin/python3")
-    argv = task_argv(runtime, "apptainer", Path("/m/matrix.toml"), SHA, CELL, Path("/w"), gpus=gpus)
-    assert argv == ["apptainer", "exec", "--cleanenv", "--bind", "/m,/w", "/i.sif",
-                    "/opt/py/bin/python3", "-m", "bakery_slurm", "run-cell", "/m/matrix.toml",
-                    CELL, "--recipe-hash", SHA, "--work", "/w"]
+    assert apptainer_prefix(runtime, Path("/m/matrix.toml"), Path("/w"), gpus=gpus) == [
+        "apptainer", "exec", "--cleanenv", "--bind", "/m,/w", "/i.sif", "/opt/py/bin/python3"]
 
 
 def test_none_argv_runs_this_python_directly_with_the_fixed_environment():
-    runtime = Runtime(container="none", image="/i.sif", binds=["/b"],
-                      env={"HF_HOME": "/h", "A_FIRST": "1"})
-    argv = task_argv(runtime, "none", Path("/m/matrix.toml"), SHA, CELL, Path("/w"), gpus=1)
-    assert argv == ["env", "A_FIRST=1", "HF_HOME=/h", sys.executable, "-m", "bakery_slurm",
-                    "run-cell", "/m/matrix.toml", CELL, "--recipe-hash", SHA, "--work", "/w"]
+    argv = task_argv(None, {"HF_HOME": "/h", "A_FIRST": "1"}, ARGS)
+    assert argv == ["env", "A_FIRST=1", "HF_HOME=/h", sys.executable, "-m", "bakery_slurm", *ARGS]
 
 
 def test_none_argv_without_fixed_environment_is_just_python():
-    argv = task_argv(Runtime(container="none"), "none", Path("/m/matrix.toml"), SHA, CELL,
-                     Path("/w"), gpus=None)
-    assert argv[0] == sys.executable
+    assert task_argv(None, {}, ARGS)[0] == sys.executable
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher: a real sh runs it, with a recording `apptainer` on PATH
+
+RECORDER = """#!/bin/sh
+printf '%s\n' "$@" > "$RECORD.args"
+env > "$RECORD.env"
+"""
+
+
+def run_launcher(tmp_path: Path, environ: dict[str, str], pass_env: list[str]) -> tuple[list[str], dict[str, str], str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(RECORDER)
+    (bin_dir / "apptainer").chmod(0o755)
+    runtime = Runtime(container="apptainer", image="/i.sif", env={"HF_HOME": "/h"})
+    script = launcher_script(apptainer_prefix(runtime, Path("/m/x.toml"), Path("/w"), 1), pass_env)
+    path = tmp_path / "launch.sh"
+    path.write_text(script)
+    path.chmod(0o755)
+    record = tmp_path / "record"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), **environ}
+    subprocess.run([str(path), "-u", "-m", "submitit.core._submit", "/w/arrays/a b"], env=env,
+                   check=True)
+    args = (record.with_suffix(".args")).read_text().splitlines()
+    seen = dict(line.split("=", 1) for line in record.with_suffix(".env").read_text().splitlines()
+                if "=" in line)
+    return args, seen, script
+
+
+def test_launcher_forwards_the_job_the_token_and_pass_env_by_name(tmp_path):
+    environ = {"SLURM_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "0",
+               "SLURM_JOB_NODELIST": "gpu-[1-2]", "SUBMITIT_EXECUTOR": "slurm",
+               "HF_TOKEN": SECRET, "https_proxy": "http://proxy:3128", "CUDA_VISIBLE_DEVICES": "1",
+               "UNRELATED": "x", "MY_VAR": "with spaces and $dollar"}
+    args, seen, script = run_launcher(tmp_path, environ, ["https_proxy", "http_proxy", "MY_VAR"])
+    assert args == ["exec", "--nv", "--cleanenv", "--bind", "/m,/w", "--env=HF_HOME=/h", "/i.sif",
+                    "python3", "-u", "-m", "submitit.core._submit", "/w/arrays/a b"]
+    forwarded = {k[len("APPTAINERENV_"):]: v for k, v in seen.items()
+                 if k.startswith("APPTAINERENV_")}
+    assert forwarded == {k: v for k, v in environ.items() if k != "UNRELATED"}
+    assert SECRET not in script and "proxy:3128" not in script  # names only, never values
+
+
+def test_launcher_leaves_unset_names_unset(tmp_path):
+    _, seen, _ = run_launcher(tmp_path, {"SLURM_JOB_ID": "1"}, ["https_proxy"])
+    assert "APPTAINERENV_https_proxy" not in seen and "APPTAINERENV_HF_TOKEN" not in seen
+    assert seen["APPTAINERENV_SLURM_JOB_ID"] == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,15 +197,22 @@ def test_dry_run_never_shows_or_writes_the_token(tmp_path, write_matrix, monkeyp
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "srun"
                         else real_which(name, *a, **k))
     before = files_under(tmp_path)
-    result = CliRunner().invoke(cli, ["submit", str(matrix), "--executor", "slurm", "--dry-run"],
+    result = CliRunner().invoke(cli, ["submit", str(matrix), "--executor", "slurm", "--dry-run",
+                                      "--no-preflight"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "apptainer exec --nv --cleanenv" in result.stdout
     assert "#SBATCH --array=0-1%2" in result.stdout
+    # submitit's runner starts inside the image: the sbatch script runs the launcher, not this
+    # Python, whose path means nothing on an arm64 compute node.
+    assert "apptainer-launch.sh -u -m submitit.core._submit" in result.stdout
+    assert sys.executable not in result.stdout
     assert "--env=HF_HOME=/cluster/projects/nn1k/hf-home" in result.stdout
     assert SECRET not in result.stdout
     assert SECRET not in result.stderr
-    assert "HF_TOKEN" not in result.stdout  # not even by name on a command line
+    # Not even by name on a command line: only the launcher's list of forwarded names has it.
+    assert [line for line in result.stdout.splitlines() if "HF_TOKEN" in line] == [
+        line for line in result.stdout.splitlines() if line.startswith("for name in $(env")]
     assert files_under(tmp_path) == before  # a dry run writes nothing
 
 

@@ -1,0 +1,29 @@
+"""The function submitit runs for each array task: `python -m bakery_slurm run-cell ...`.
+
+Pickled by reference (`bakery_slurm.array_task.run_task`), so it runs wherever bakery-slurm is
+installed: inside the image under the apptainer runtime (submitit's runner itself started there by
+the launcher of `task_command`), or in the submitting Python without a container.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Mapping, Sequence
+
+
+def run_task(args: Sequence[str], fixed_env: Mapping[str, str]) -> None:
+    """Run `python -m bakery_slurm ARGS` with this Python; a non-zero exit raises, so SLURM
+    records the task as FAILED."""
+    # submitit has SLURM send USR2 90 s before the time limit (--signal=USR2@90) and answers it,
+    # for a function that cannot checkpoint, by failing the task at once: a cell that ran out of
+    # time would end FAILED (90 s early, or at once under a short limit), never TIMEOUT. Ignore the
+    # signal here and in the command (an ignored signal stays ignored across exec), so SLURM ends
+    # the task at its limit and records TIMEOUT, which `resubmit --state TIMEOUT` relies on.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    command = [sys.executable, "-m", "bakery_slurm", *args]
+    code = subprocess.run(command, env={**os.environ, **fixed_env}).returncode
+    if code != 0:
+        raise RuntimeError(f"bakery-slurm {args[0]} exited with status {code}: see this task's log")

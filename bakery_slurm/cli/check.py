@@ -1,0 +1,51 @@
+"""`bakery-slurm check`: the checks `submit` runs before any sbatch, alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..executors import resolve_executor
+from ..matrix import expand, load_matrix, select
+from ..output import format_rows, output_options
+from ..preflight import preflight, raise_problems
+from ..submission import resolve_container
+from . import cli
+
+COLUMNS = ["input", "commit"]
+
+
+@cli.command()
+@click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB, e.g. '4b-*'.")
+@click.option("--executor", type=click.Choice(["auto", "slurm", "local"]), default="auto",
+              show_default=True, help="The executor whose runtime to check (as for submit).")
+@output_options
+def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
+    """Check that the cells of MATRIX can start: image, apptainer, inputs, token, variables.
+
+    Checks the image file (readable) and apptainer where the runtime needs them; every local
+    input folder; every Hub base and adapter (repo, revision, subfolder: resolved to the commit
+    a submit now would pin, or read from the Hub cache when the runtime is offline); that the
+    Hub token may write to (or create) the push repo; and that the variables in
+    [runtime] require_env are set. Prints each Hub input with its commit; exits 2 naming every
+    problem with its matrix key and value.
+
+    \b
+    Example:
+        bakery-slurm check matrix.toml
+        bakery-slurm check matrix.toml --only '12b-*' --json
+    """
+    loaded = load_matrix(matrix)
+    cells = select(expand(loaded), only)
+    if not cells:
+        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    kind = resolve_executor(executor)
+    report = preflight(loaded, cells, kind, container=resolve_container(loaded, kind))
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    raise_problems(loaded, report)
+    rows = [{"input": key, "commit": commit} for key, commit in sorted(report.pins.items())]
+    click.echo(format_rows(rows, COLUMNS, fmt))
+    click.echo(f"ok: {len(cells)} cell(s) of {loaded.path} can be submitted", err=True)

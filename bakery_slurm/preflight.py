@@ -1,0 +1,303 @@
+"""Checks before any sbatch, and the Hub commits a submission pins its inputs to.
+
+A typo in an image path, an adapter subfolder or a repo id otherwise shows only when a task starts,
+after its wait in the queue, once per cell. `preflight` finds every such problem at once, naming
+the matrix key and value of each, and resolves each Hub input's revision to a commit on the way
+(which is what proves it exists). `submit`, `resubmit` and `check` run it; `--no-preflight`
+skips it on a login node that cannot reach the Hub, and pins are then read from the Hub cache
+where it has them.
+
+The judgement on a token (`token_write_problem`) is a pure function of `HfApi.whoami()`'s answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import ConfigError
+from .matrix import Cell, Matrix, ModelSource
+from .pins import COMMIT, cell_inputs, hub_sources
+
+log = logging.getLogger(__name__)
+
+# The file that shows a folder is a model (base) or a LoRA adapter.
+MARKER = {"base": "config.json", "adapter": "adapter_config.json"}
+
+
+@dataclass
+class Report:
+    """What preflight found: problems (each naming a matrix key and value) and the pins."""
+
+    problems: list[str] = field(default_factory=list)
+    pins: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def hub_cache_dir(matrix: Matrix) -> Path | None:
+    """The Hub cache the tasks use: the runtime's HF_HUB_CACHE or HF_HOME/hub; None means
+    huggingface_hub's default (this environment's)."""
+    env = matrix.spec.runtime.env
+    if "HF_HUB_CACHE" in env:
+        return Path(env["HF_HUB_CACHE"])
+    if "HF_HOME" in env:
+        return Path(env["HF_HOME"]) / "hub"
+    return None
+
+
+def cached_commit(source: ModelSource, cache_dir: Path | None) -> str | None:
+    """The commit the Hub cache holds for the source's revision (a ref written by a download, as
+    `prefetch` does), or None."""
+    from huggingface_hub import constants
+
+    revision = source.revision or "main"
+    if COMMIT.match(revision):
+        return revision
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{source.repo.replace('/', '--')}"
+    try:
+        commit = (folder / "refs" / revision).read_text().strip()
+    except OSError:
+        return None
+    return commit if COMMIT.match(commit) else None
+
+
+def preflight(matrix: Matrix, cells: Sequence[Cell], executor: str, *, container: str,
+              known_pins: Mapping[str, str] | None = None, api: Any = None,
+              environ: Mapping[str, str] | None = None) -> Report:
+    """Every problem the cells would meet before running, and their inputs' commits.
+
+    Parameters
+    ----------
+    container
+        The runtime the tasks use ("apptainer" or "none").
+    known_pins
+        Commits already chosen for some sources (a resubmit reuses its cells' pins): kept, not
+        resolved again, but still checked.
+    api
+        An `HfApi` (default: a new one, with the environment's token).
+    """
+    environ = os.environ if environ is None else environ
+    report = Report()
+    _check_runtime(matrix, executor, container, environ, report)
+    _check_local_sources(matrix, cells, report)
+    sources = hub_sources(list(cells))
+    needs_hub = bool(sources) or any(c.push.kind == "hub" for c in cells)
+    if not needs_hub:
+        return report
+    api = api or hub_api()
+    if matrix.spec.runtime.offline:
+        _pin_from_cache(matrix, cells, known_pins or {}, report)
+    else:
+        _resolve_hub_sources(matrix, cells, api, known_pins or {}, report)
+    if any(c.push.kind == "hub" for c in cells):
+        _check_push(matrix, api, report)
+    return report
+
+
+def hub_api() -> Any:
+    """The Hub client (the environment's token); the one seam tests replace with tests/fakes.py."""
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def gate(matrix: Matrix, cells: Sequence[Cell], executor: str, *, run_checks: bool,
+         known_pins: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What `submit` and `resubmit` do before any sbatch: preflight (unless `run_checks` is
+    False), notes logged, problems raised as one ConfigError; returns the pins."""
+    from .submission import resolve_container
+
+    container = resolve_container(matrix, executor)  # no image at all is a config error first
+    report = (preflight(matrix, cells, executor, container=container, known_pins=known_pins)
+              if run_checks else pins_without_hub(matrix, cells, known_pins))
+    for note in report.notes:
+        log.warning("%s", note)
+    raise_problems(matrix, report)
+    return report.pins
+
+
+def pins_without_hub(matrix: Matrix, cells: Sequence[Cell],
+                     known_pins: Mapping[str, str] | None = None) -> Report:
+    """Pins for `--no-preflight`: known ones, else what the Hub cache holds; sources in neither
+    are left to each task (noted)."""
+    report = Report()
+    _pin_from_cache(matrix, cells, known_pins or {}, report, required=matrix.spec.runtime.offline)
+    return report
+
+
+def raise_problems(matrix: Matrix, report: Report) -> None:
+    if report.problems:
+        raise ConfigError(f"preflight found {len(report.problems)} problem(s) in {matrix.path} "
+                          f"(nothing was submitted; --no-preflight skips these checks):\n"
+                          + "\n".join(f"  {p}" for p in report.problems))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _kind(name: str) -> str:
+    """The matrix table an input comes from: [base] or [adapter]."""
+    return "base" if name == "base" else "adapter"
+
+
+def _where(cells: Sequence[Cell], source: ModelSource) -> tuple[str, str]:
+    """The matrix table a source came from and the input name of one cell reading it."""
+    for cell in cells:
+        for name, s in cell_inputs(cell).items():
+            if s.key == source.key:
+                return _kind(name), name
+    raise KeyError(source.key)
+
+
+def _check_runtime(matrix: Matrix, executor: str, container: str, environ: Mapping[str, str],
+                   report: Report) -> None:
+    runtime = matrix.spec.runtime
+    if container == "apptainer":
+        image = Path(runtime.image).expanduser()
+        if not image.is_file():
+            report.problems.append(f"runtime.image: no such image file ({runtime.image!r})")
+        elif not os.access(image, os.R_OK):
+            report.problems.append(f"runtime.image: the image is not readable by this user "
+                                   f"({runtime.image!r})")
+        if shutil.which("apptainer", path=environ.get("PATH")) is None:
+            if executor == "local":
+                report.problems.append("runtime.container: 'apptainer' is not on PATH here, and "
+                                       "the local executor runs the tasks here "
+                                       f"(got {runtime.container!r})")
+            else:
+                report.notes.append("apptainer is not on this node's PATH; the compute nodes "
+                                    "must have it")
+    for name in runtime.require_env:
+        if not environ.get(name):
+            report.problems.append(f"runtime.require_env: {name} is not set in this environment, "
+                                   f"and the tasks need it (got {list(runtime.require_env)!r})")
+
+
+def _check_local_sources(matrix: Matrix, cells: Sequence[Cell], report: Report) -> None:
+    seen = set()
+    for cell in cells:
+        for name, source in cell_inputs(cell).items():
+            if source.path is None or source.key in seen:
+                continue
+            seen.add(source.key)
+            kind = _kind(name)
+            folder = Path(source.path) / (source.subfolder or "")
+            if not (folder / MARKER[kind]).is_file():
+                what = "no such folder" if not folder.is_dir() else f"no {MARKER[kind]} in it"
+                report.problems.append(f"{kind}.path: {what}: {folder} (input {name!r} of "
+                                       f"{cell.id})")
+
+
+def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,
+                         known: Mapping[str, str], report: Report) -> None:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    files: dict[tuple[str, str], set[str]] = {}
+    for key, source in hub_sources(list(cells)).items():
+        kind, name = _where(cells, source)
+        try:
+            commit = known.get(key) or api.repo_info(source.repo, revision=source.revision).sha
+            if (source.repo, commit) not in files:
+                files[(source.repo, commit)] = set(api.list_repo_files(source.repo, revision=commit))
+        except RevisionNotFoundError:
+            report.problems.append(f"{kind}.revision: {source.repo} has no revision "
+                                   f"{source.revision!r} (input {name!r})")
+            continue
+        except GatedRepoError:
+            report.problems.append(f"{kind}.repo: {source.repo} is gated and this token has no "
+                                   f"access (input {name!r}; accept its terms on the Hub)")
+            continue
+        except RepositoryNotFoundError:
+            report.problems.append(f"{kind}.repo: no such repo on the Hub, or it is private and "
+                                   f"this token cannot read it ({source.repo!r}, input {name!r})")
+            continue
+        except HfHubHTTPError as e:
+            report.problems.append(f"{kind}.repo: the Hub refused {source.repo!r} ({e})")
+            continue
+        except Exception as e:  # connection refused, proxy, DNS, timeout: httpx's own errors
+            report.problems.append(f"{kind}.repo: cannot reach the Hub for {source.repo!r} "
+                                   f"({type(e).__name__}: {e}); on a login node without Hub "
+                                   f"access use --no-preflight")
+            continue
+        marker = f"{source.subfolder}/{MARKER[kind]}" if source.subfolder else MARKER[kind]
+        if marker not in files[(source.repo, commit)]:
+            where = (f"{kind}.subfolder: no {MARKER[kind]} under {source.subfolder!r}"
+                     if source.subfolder else f"{kind}.repo: no {MARKER[kind]} at the root")
+            report.problems.append(f"{where} in {source.repo}@{commit[:12]} (input {name!r})")
+            continue
+        report.pins[key] = commit
+
+
+def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], known: Mapping[str, str],
+                    report: Report, required: bool = True) -> None:
+    cache = hub_cache_dir(matrix)
+    for key, source in hub_sources(list(cells)).items():
+        commit = known.get(key) or cached_commit(source, cache)
+        if commit:
+            report.pins[key] = commit
+        elif required:
+            kind, name = _where(cells, source)
+            report.problems.append(
+                f"{kind}.repo: {source.key} is not in the Hub cache {cache or '(default)'} and "
+                f"runtime.offline is true: run `bakery-slurm prefetch {matrix.path}` first "
+                f"(input {name!r})")
+        else:
+            report.notes.append(f"{source.key} is not pinned (no Hub access here, not in the "
+                                f"cache): each task resolves it when it starts")
+
+
+def _check_push(matrix: Matrix, api: Any, report: Report) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id = matrix.push_target.location
+    try:
+        identity = api.whoami()
+    except HfHubHTTPError as e:
+        report.problems.append(f"push.target: the Hub token was refused ({e}); set HF_TOKEN or "
+                               f"run `hf auth login` (got {matrix.spec.push.target!r})")
+        return
+    except Exception as e:
+        report.problems.append(f"push.target: cannot reach the Hub to check the token "
+                               f"({type(e).__name__}: {e}); --no-preflight skips this")
+        return
+    problem = token_write_problem(identity, repo_id)
+    if problem:
+        report.problems.append(f"push.target: {problem} (got {matrix.spec.push.target!r})")
+
+
+def token_write_problem(identity: Mapping[str, Any], repo_id: str) -> str | None:
+    """Why the token `whoami` describes may not write (or create) `repo_id`, or None.
+
+    Classic tokens are "read" or "write" for everything their user may touch: the user's own
+    namespace and the organisations it belongs to. Fine-grained tokens list permissions per
+    entity: `repo.write` on the repo itself, or on its owner (user or organisation).
+    """
+    namespace = repo_id.split("/")[0]
+    user = identity.get("name")
+    token = (identity.get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    orgs = {org.get("name") for org in identity.get("orgs") or []}
+    if role == "read":
+        return f"the Hub token of {user} is read-only; {repo_id} needs a write token"
+    if role == "fineGrained":
+        scoped = (token.get("fineGrained") or {}).get("scoped") or []
+        for entry in scoped:
+            entity = entry.get("entity") or {}
+            if (entity.get("name") in (repo_id, namespace)
+                    and "repo.write" in (entry.get("permissions") or [])):
+                return None
+        return (f"the fine-grained Hub token of {user} has no repo.write on {repo_id} or on "
+                f"{namespace}")
+    if namespace != user and namespace not in orgs:
+        return (f"the Hub token belongs to {user}, who is not a member of {namespace!r}, so it "
+                f"cannot write or create {repo_id}")
+    return None
