@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# A second venv standing for the apptainer image in the integration tier: bakery-slurm installed
+# from this checkout as a package (not editable), as the image has it. Never on the tests' PATH.
+IMAGE_VENV ?= .image-venv
+PACKAGE_FILES := $(shell find bakery_slurm templates -type f -not -name '*.pyc')
 
-.PHONY: install demo test test-fast test-gpu slurm-up slurm-down bench
+.PHONY: install image-venv demo test test-fast test-gpu slurm-up slurm-down bench
 
 # torch goes first and pinned: its CPU wheel is what we test with, and a bare `torch`
 # requirement resolved later by pip would pull a multi-GB CUDA build.
@@ -16,13 +20,27 @@ $(VENV)/.installed: setup.cfg constraints.txt
 
 install: $(VENV)/.installed
 
+$(IMAGE_VENV)/.deps: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/pip install -q --upgrade pip
+	$(IMAGE_VENV)/bin/pip install -q torch==2.13.0
+	$(IMAGE_VENV)/bin/pip install -q -c constraints.txt .
+	touch $@
+
+$(IMAGE_VENV)/.installed: $(IMAGE_VENV)/.deps $(PACKAGE_FILES)
+	$(IMAGE_VENV)/bin/pip install -q --no-deps --force-reinstall .
+	rm -rf build
+	touch $@
+
+image-venv: $(IMAGE_VENV)/.installed
+
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/bakery-slurm demo bakery-demo
 
 # Every tier: unit, cli, e2e (tiny real models) and slurm (a real single-node cluster, started
 # here as root). Under CI=true a missing SLURM fails the run instead of skipping.
-test: install slurm-up
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+test: install image-venv slurm-up
+	HF_HUB_OFFLINE=1 BAKERY_IMAGE_VENV=$(IMAGE_VENV) $(BIN)/python -m pytest tests
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not e2e and not slurm and not gpu" tests

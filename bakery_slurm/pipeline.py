@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -93,6 +95,9 @@ class _Run:
             "cell": cell.id, "recipe_hash": cell.recipe_hash, "push": str(cell.push),
             "status": "running",
             "started": now(), "finished": None, "stages": {}, "versions": library_versions(),
+            # Which Python and image ran the cell (apptainer sets APPTAINER_CONTAINER inside).
+            "runtime": {"python": sys.executable,
+                        "container": os.environ.get("APPTAINER_CONTAINER")},
             "error": None,
         }
         self.save()

@@ -210,7 +210,8 @@ def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,
                 files[(source.repo, commit)] = set(api.list_repo_files(source.repo, revision=commit))
         except RevisionNotFoundError:
             report.problems.append(f"{kind}.revision: {source.repo} has no revision "
-                                   f"{source.revision!r} (input {name!r})")
+                                   f"{known.get(key) or source.revision or 'main'!r} "
+                                   f"(input {name!r})")
             continue
         except GatedRepoError:
             report.problems.append(f"{kind}.repo: {source.repo} is gated and this token has no "

@@ -10,7 +10,8 @@ from ..errors import BakeryError, ConfigError
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pins import hub_sources
-from ..preflight import hub_api, hub_cache_dir
+from .. import preflight
+from ..preflight import hub_cache_dir
 from ..sources import hub_patterns, missing_files
 from . import cli
 
@@ -43,7 +44,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
     if not cells:
         raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
     cache = hub_cache_dir(loaded)
-    api = hub_api()
+    api = preflight.hub_api()
     rows = []
     for key, source in hub_sources(cells).items():
         allow, ignore = hub_patterns(source.subfolder)

@@ -4,6 +4,12 @@
 passes; otherwise it runs `slurm_cluster.sh up` when we are root. If SLURM still cannot be had, the
 tests fail under CI=true and are skipped elsewhere (a laptop).
 
+`standin_image` (session, autouse here) puts the stand-in `apptainer` (standin/apptainer, see its
+header) first on PATH, which SLURM passes on to the tasks, and writes a stand-in image naming the
+image venv (`make image-venv`: a second venv with bakery-slurm installed from this checkout, as the
+real image has it) and hiding the submitting venv from the tasks. Its path is in
+BAKERY_STANDIN_IMAGE for `write_matrix`.
+
 `bakery` drives the tool only through its own CLI (Click's CliRunner on `bakery_slurm.cli.cli`) and
 waits for states by polling `status --json` until a condition holds or a deadline passes; at the
 end of the session it cancels whatever is still live in the ledgers it touched. `held_lock` holds
@@ -28,6 +34,9 @@ from click.testing import CliRunner, Result
 from bakery_slurm.cli import cli
 
 CLUSTER_SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
+STANDIN = Path(__file__).with_name("standin")
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_VENV = Path(os.environ.get("BAKERY_IMAGE_VENV", ROOT / ".image-venv")).absolute()
 # Bringing the cluster up may install packages (apt-get) on a fresh machine.
 CLUSTER_UP_TIMEOUT_S = 900
 # Upper bound for any one wait on task states; generous next to what the tests need (a tiny cell
@@ -78,6 +87,49 @@ def slurm_cluster() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+def _image_venv_problem() -> str | None:
+    """Why the image venv cannot stand for the image, or None when it holds this checkout's
+    bakery_slurm (a stale copy would test old code)."""
+    python = IMAGE_VENV / "bin" / "python"
+    if not python.exists():
+        return f"no image venv at {IMAGE_VENV} (run `make image-venv`)"
+    found = subprocess.run([str(python), "-c", "import bakery_slurm, os; "
+                            "print(os.path.dirname(bakery_slurm.__file__))"],
+                           capture_output=True, text=True, cwd="/")
+    if found.returncode != 0:
+        return f"{python} cannot import bakery_slurm: {found.stderr.strip()[-500:]}"
+    installed = Path(found.stdout.strip())
+    if installed.resolve().is_relative_to(ROOT / "bakery_slurm"):
+        return f"the image venv imports bakery_slurm from the checkout ({installed}), not a copy"
+    stale = [str(source.relative_to(ROOT)) for source in (ROOT / "bakery_slurm").rglob("*.py")
+             if not (installed / source.relative_to(ROOT / "bakery_slurm")).exists()
+             or (installed / source.relative_to(ROOT / "bakery_slurm")).read_bytes() != source.read_bytes()]
+    if stale:
+        return f"the image venv's bakery_slurm is older than the checkout ({', '.join(stale[:3])}...): run `make image-venv`"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def standin_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The stand-in image file; the stand-in apptainer first on PATH for this session."""
+    problem = _image_venv_problem()
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no image venv for the stand-in apptainer: {problem}", pytrace=False)
+        pytest.skip(f"no image venv for the stand-in apptainer: {problem}")
+    image = tmp_path_factory.mktemp("images") / "bakery-standin.sif"
+    image.write_text(f"bakery-standin-image {IMAGE_VENV}\nhide {sys.prefix}\n")
+    saved = {name: os.environ.get(name) for name in ("PATH", "BAKERY_STANDIN_IMAGE")}
+    os.environ["PATH"] = f"{STANDIN}:{os.environ['PATH']}"
+    os.environ["BAKERY_STANDIN_IMAGE"] = str(image)
+    yield image
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class Bakery:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickletools
 import re
 import shutil
 import subprocess
@@ -62,7 +64,8 @@ def size(root: Path, kind: str, methods: list[str], **resources: str) -> dict[st
 
 def write_matrix(folder: Path, sizes: dict[str, dict[str, Any]]) -> Path:
     """folder/matrix.toml over `sizes` (name -> `size(...)`), pushing to dir:published, working in
-    folder/work, no container, 1 CPU and 2G per task, at most 2 tasks of an array at once."""
+    folder/work, in the stand-in image (BAKERY_STANDIN_IMAGE, conftest.py) with the sizes' model
+    folders bound, 1 CPU and 2G per task, at most 2 tasks of an array at once."""
     lines = [
         'name = "integration"',
         'adapters = ["eng", "nob"]',
@@ -86,8 +89,11 @@ def write_matrix(folder: Path, sizes: dict[str, dict[str, Any]]) -> Path:
     for method in sorted(used):
         lines.append(f"[methods.{method}]")
         lines += [f"{k} = {v}" for k, v in METHODS[method].items()]
+    binds = sorted({str(spec["root"]) for spec in sizes.values() if spec["root"].exists()})
     lines += ["[resources]", "cpus_per_task = 1", 'mem = "2G"', f'time = "{DEFAULT_TIME}"',
-              "[runtime]", 'container = "none"', "[paths]", 'work = "work"']
+              "[runtime]", 'container = "apptainer"',
+              f"image = {json.dumps(os.environ['BAKERY_STANDIN_IMAGE'])}",
+              f"binds = {json.dumps(binds)}", "[paths]", 'work = "work"']
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "matrix.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -238,12 +244,13 @@ def test_status_recovers_the_job_id_lost_in_a_crash_after_sbatch(tmp_path, baker
         sbatched.append(real_submit(self, request))
         raise Crash(f"killed after sbatch printed job {sbatched[-1]}")
 
-    # A cell whose sources do not exist: its task ends FAILED within seconds.
+    # A cell whose sources do not exist (preflight, which would refuse it, is skipped): its task
+    # ends FAILED within seconds.
     matrix = write_matrix(tmp_path, {"gone": size(tmp_path / "no-models", "text", ["ties"])})
     ledger = tmp_path / "bakery-ledger.json"
     with monkeypatch.context() as patch, pytest.raises(Crash):
         patch.setattr(SlurmBackend, "submit", submit_then_crash)
-        bakery.run("submit", matrix, "--executor", "slurm", ledger=ledger)
+        bakery.run("submit", matrix, "--executor", "slurm", "--no-preflight", ledger=ledger)
     [job_id] = sbatched
     [array] = all_arrays(load_ledger(ledger))
     assert array.job_id is None  # the intent was saved before sbatch; the confirmation never was
@@ -441,11 +448,13 @@ def test_racing_resubmits_submit_each_failed_cell_once(tmp_path, bakery):
     matrix = write_matrix(tmp_path, {"gone": size(tmp_path / "no-models", "text", ["linear", "ties"])})
     ledger = tmp_path / "bakery-ledger.json"
     cells = [cid("gone", "linear"), cid("gone", "ties")]
-    bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+    # Preflight would refuse them: skip it, so that they fail on the node.
+    bakery.ok("submit", matrix, "--executor", "slurm", "--no-preflight", ledger=ledger)
     rows = bakery.wait_settled(ledger)
     assert {c: r["state"] for c, r in rows.items()} == dict.fromkeys(cells, "FAILED")
     arrays_before = {a.name for a in all_arrays(load_ledger(ledger))}
-    command = [str(BIN / "bakery-slurm"), "resubmit", "--json", "--ledger", str(ledger)]
+    command = [str(BIN / "bakery-slurm"), "resubmit", "--json", "--no-preflight", "--ledger",
+               str(ledger)]
     racers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(2)]
     outputs = [racer.communicate(timeout=120) for racer in racers]
@@ -468,31 +477,48 @@ def test_racing_resubmits_submit_each_failed_cell_once(tmp_path, bakery):
 
 
 # ---------------------------------------------------------------------------------------------
-# The compute node's host Python needs only submitit
+# Nothing on the compute node but apptainer and the image
 
 
-def test_a_host_python_with_only_submitit_runs_the_tasks(tmp_path, tiny_models, bakery,
-                                                         monkeypatch):
-    """On Olivia the login nodes are x86 and the compute nodes arm64, so `[runtime] host_python`
-    names another Python there: the task function travels by value and needs no bakery_slurm."""
-    # SLURM starts the task in the submitting directory, which `python -m` puts on sys.path:
-    # submit from a folder where bakery_slurm cannot be imported from.
-    monkeypatch.chdir(tmp_path)
-    host = tmp_path / "host-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(host)], check=True)
-    subprocess.run([str(host / "bin" / "pip"), "install", "-q", "submitit==1.5.4"], check=True)
-    lacks = subprocess.run([str(host / "bin" / "python"), "-c", "import bakery_slurm"],
-                           cwd=tmp_path, capture_output=True, text=True)
-    assert "No module named 'bakery_slurm'" in lacks.stderr
-    matrix = write_matrix(tmp_path / "project", {"tiny1b": size(tiny_models, "text", ["linear"])})
-    matrix.write_text(matrix.read_text().replace(
-        'container = "none"', f'container = "none"\nhost_python = "{host / "bin" / "python"}"'))
-    ledger = matrix.parent / "bakery-ledger.json"
-    bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
-    script = next((matrix.parent / "work" / "arrays").glob("*/*_submission.sh")).read_text()
-    assert f"{host / 'bin' / 'python'} -u -m submitit.core._submit" in script
-    rows = bakery.wait_settled(ledger)
-    assert rows[cid("tiny1b", "linear")]["state"] == "COMPLETED"
+def test_tasks_run_inside_the_image_and_need_nothing_of_the_submitting_python(happy, standin_image):
+    """The sbatch script starts submitit's runner through the launcher, inside the (stand-in)
+    image, where the submitting venv is invisible; what submitit pickled names importable code,
+    not bytecode tied to the login node's Python version."""
+    folder = Path(all_arrays(load_ledger(happy.ledger))[0].folder)
+    script = next(folder.glob("*_submission.sh")).read_text()
+    assert f"{folder / 'apptainer-launch.sh'} -u -m submitit.core._submit {folder}" in script
+    assert sys.executable not in script
+    launcher = (folder / "apptainer-launch.sh").read_text()
+    assert "apptainer exec --cleanenv --bind" in launcher and str(standin_image) in launcher
+    pickled = next(folder.glob("*_submitted.pkl")).read_bytes()
+    assert b"_make_function" not in pickled and b"CodeType" not in pickled  # no bytecode
+    strings = [arg for op, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)]
+    assert "bakery_slurm.array_task" in strings and "run_task" in strings
+    for cell in HAPPY:
+        result = json.loads((happy.root / "work" / "cells" / cell / "result.json").read_text())
+        assert result["runtime"]["container"] == str(standin_image)
+        assert not result["runtime"]["python"].startswith(sys.prefix)
+
+
+def test_the_standin_hides_the_submitting_venv_and_host_paths(tmp_path, standin_image):
+    """The stand-in keeps apptainer's rules that make a task needing the login node's Python
+    fail: --cleanenv empties the environment, host executables are not found, the submitting
+    venv is empty inside, and a bind whose source is missing refuses to start."""
+    probe = ("import os, sys; print(sys.prefix); print(sorted(os.listdir(sys.argv[1]))); "
+             "print(sorted(k for k in os.environ if k.startswith(('VIRTUAL_ENV', 'PYTHON', 'SECRET', 'FWD')))))")
+    env = {**os.environ, "SECRET_HOST": "x", "APPTAINERENV_FWD": "yes"}
+    inside = subprocess.run(["apptainer", "exec", "--cleanenv", "--bind", str(tmp_path),
+                             str(standin_image), "python3", "-c", probe, sys.prefix],
+                            env=env, capture_output=True, text=True)
+    assert inside.returncode == 0, inside.stderr
+    prefix, listing, names = inside.stdout.splitlines()
+    assert not prefix.startswith(sys.prefix) and listing == "[]" and names == "['FWD']"
+    host_python = subprocess.run(["apptainer", "exec", str(standin_image), sys.executable, "-V"],
+                                 capture_output=True, text=True)
+    assert host_python.returncode == 255 and "not found in the container" in host_python.stderr
+    missing = subprocess.run(["apptainer", "exec", "--bind", str(tmp_path / "nope"),
+                              str(standin_image), "true"], capture_output=True, text=True)
+    assert missing.returncode == 255 and "doesn't exist" in missing.stderr
 
 
 # ---------------------------------------------------------------------------------------------

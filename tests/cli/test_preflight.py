@@ -1,0 +1,263 @@
+"""Preflight (`check`, and `submit`/`resubmit` before any sbatch) and pinned Hub inputs, through
+CliRunner with the Hub stood in by `tests/fakes.FakeHubApi` (`preflight.hub_api` is the seam)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bakery_slurm import preflight
+from bakery_slurm.cli import cli
+from bakery_slurm.ledger import load_ledger
+from bakery_slurm.preflight import token_write_problem
+from fakes import FakeHubApi
+
+A = "a" * 40
+B = "b" * 40
+CELL = "1b-std/eng-nob__ties"
+
+HUB_MATRIX = """\
+name = "hub"
+adapters = ["eng", "nob"]
+[base]
+repo = "acme/base-{size}"
+[adapter]
+repo = "acme/adapters"
+subfolder = "{size}-{variant}/{adapter}"
+[push]
+target = "hub:acme/merges"
+[variants.std]
+[sizes.1b]
+[methods.ties]
+density = 0.5
+weight = 0.5
+[runtime]
+container = "none"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    logger = logging.getLogger("bakery_slurm")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> FakeHubApi:
+    api = FakeHubApi(download_dir=tmp_path / "downloads")
+    api.repos["acme/base-1b"] = {"config.json": b"{}", "model.safetensors": b"w" * 10,
+                                 "pytorch_model.bin": b"old" * 10, "tokenizer.json": b"{}"}
+    api.repos["acme/adapters"] = {
+        f"1b-std/{name}/{file}": b"{}" for name in ("eng", "nob")
+        for file in ("adapter_config.json", "adapter_model.safetensors")}
+    api.repos["acme/adapters"]["1b-std/nob/checkpoint-100/adapter_model.safetensors"] = b"x"
+    api.repos["acme/adapters"]["1b-std/nob/optimizer.pt"] = b"x"
+    api.refs = {"acme/base-1b": {"main": A}, "acme/adapters": {"main": A, "v2": B}}
+    api.repos["acme/merges"] = {}
+    api.identity["orgs"] = [{"name": "acme"}]
+    monkeypatch.setattr(preflight, "hub_api", lambda: api)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return api
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def problems(result) -> list[str]:
+    return [line.strip() for line in result.stderr.splitlines() if line.startswith("  ")]
+
+
+def test_check_prints_every_hub_input_with_its_commit(hub, write_matrix):
+    result = invoke("check", write_matrix(HUB_MATRIX), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [
+        {"input": "hub:acme/adapters/1b-std/eng", "commit": A},
+        {"input": "hub:acme/adapters/1b-std/nob", "commit": A},
+        {"input": "hub:acme/base-1b", "commit": A}]
+    # One listing per repo and commit, however many subfolders are read from it.
+    assert len(hub.calls_to("list_repo_files")) == 2
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (('repo = "acme/base-{size}"', 'repo = "acme/base-{size}-typo"'),
+     "base.repo: no such repo on the Hub, or it is private and this token cannot read it "
+     "('acme/base-1b-typo', input 'base')"),
+    (('subfolder = "{size}-{variant}/{adapter}"', 'subfolder = "{size}/{adapter}"'),
+     "adapter.subfolder: no adapter_config.json under '1b/eng' in acme/adapters@aaaaaaaaaaaa "
+     "(input 'eng')"),
+    (('subfolder = "{size}-{variant}/{adapter}"', 'subfolder = "{size}-{variant}/{adapter}"\nrevision = "v3"'),
+     "adapter.revision: acme/adapters has no revision 'v3' (input 'eng')"),
+])
+def test_a_missing_hub_input_is_named_by_key_and_nothing_is_written(hub, write_matrix, tmp_path,
+                                                                    edit, expected):
+    matrix = write_matrix(HUB_MATRIX.replace(*edit))
+    for command in (["check", matrix], ["submit", matrix, "--executor", "local"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert expected in problems(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["matrix.toml"]
+
+
+@pytest.mark.parametrize("identity, expected", [
+    ({"name": "tester", "auth": {"accessToken": {"role": "read"}}},
+     "the Hub token of tester is read-only; acme/merges needs a write token"),
+    ({"name": "tester", "orgs": [{"name": "other"}], "auth": {"accessToken": {"role": "write"}}},
+     "the Hub token belongs to tester, who is not a member of 'acme', so it cannot write or "
+     "create acme/merges"),
+    ({"name": "tester", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {
+        "scoped": [{"entity": {"type": "model", "name": "acme/merges"},
+                    "permissions": ["repo.content.read"]}]}}}},
+     "the fine-grained Hub token of tester has no repo.write on acme/merges or on acme"),
+    ({"name": "tester", "orgs": [{"name": "acme"}], "auth": {"accessToken": {"role": "write"}}},
+     None),
+    ({"name": "acme", "auth": {"accessToken": {"role": "write"}}}, None),
+    ({"name": "tester", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {
+        "scoped": [{"entity": {"type": "org", "name": "acme"}, "permissions": ["repo.write"]}]}}}},
+     None),
+    ({"name": "tester", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {
+        "scoped": [{"entity": {"type": "model", "name": "acme/merges"},
+                    "permissions": ["repo.write"]}]}}}}, None),
+])
+def test_token_write_problem(identity, expected):
+    assert token_write_problem(identity, "acme/merges") == expected
+
+
+def test_a_read_only_token_fails_submit_before_sbatch(hub, write_matrix, tmp_path):
+    hub.identity = {"name": "tester", "auth": {"accessToken": {"role": "read"}}}
+    result = invoke("submit", write_matrix(HUB_MATRIX), "--executor", "local")
+    assert result.exit_code == 2
+    assert problems(result) == [
+        "push.target: the Hub token of tester is read-only; acme/merges needs a write token "
+        "(got 'hub:acme/merges')"]
+    assert not (tmp_path / "bakery-ledger.json").exists()
+
+
+def test_image_apptainer_and_required_variables_are_checked(hub, write_matrix, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apptainer here
+    monkeypatch.delenv("https_proxy", raising=False)
+    matrix = write_matrix(HUB_MATRIX.replace('container = "none"', f'''container = "apptainer"
+image = "{tmp_path}/nope.sif"
+require_env = ["https_proxy"]'''))
+    result = invoke("check", matrix, "--executor", "local")
+    assert result.exit_code == 2
+    assert problems(result) == [
+        f"runtime.image: no such image file ('{tmp_path}/nope.sif')",
+        "runtime.container: 'apptainer' is not on PATH here, and the local executor runs the "
+        "tasks here (got 'apptainer')",
+        "runtime.require_env: https_proxy is not set in this environment, and the tasks need it "
+        "(got ['https_proxy'])"]
+    assert result.stderr.startswith(f"Error: preflight found 3 problem(s) in {matrix}")
+
+
+def test_require_env_must_name_passed_variables(write_matrix):
+    matrix = write_matrix(HUB_MATRIX + 'require_env = ["MY_PROXY"]\n')
+    result = invoke("plan", matrix)
+    assert result.exit_code == 2
+    assert "runtime: require_env names ['MY_PROXY'] that pass_env does not forward" in result.stderr
+
+
+def test_local_inputs_must_exist(hub, write_matrix, tmp_path):
+    matrix = write_matrix(HUB_MATRIX.replace('repo = "acme/base-{size}"', 'path = "models/{size}"'))
+    result = invoke("check", matrix)
+    assert result.exit_code == 2
+    assert problems(result) == [f"base.path: no such folder: {tmp_path}/models/1b "
+                                f"(input 'base' of {CELL})"]
+
+
+def test_no_preflight_skips_every_check(hub, write_matrix):
+    matrix = write_matrix(HUB_MATRIX.replace('repo = "acme/base-{size}"', 'repo = "acme/gone"'))
+    result = invoke("submit", matrix, "--executor", "local", "--dry-run", "--no-preflight")
+    assert result.exit_code == 0, result.output
+    assert hub.calls == []
+    assert "is not pinned (no Hub access here, not in the cache)" in result.stderr
+    assert "--pin" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Pins
+
+
+def test_submit_pins_every_hub_input_and_the_task_reads_exactly_those(hub, write_matrix, tmp_path):
+    matrix = write_matrix(HUB_MATRIX)
+    dry = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert f"--pin base={A} --pin eng={A} --pin nob={A}" in dry.stdout
+    result = invoke("submit", matrix, "--executor", "local")
+    assert result.exit_code == 0, result.output
+    [attempt] = load_ledger(tmp_path / "bakery-ledger.json").cells[CELL]
+    assert attempt.pins == {"hub:acme/base-1b": A, "hub:acme/adapters/1b-std/eng": A,
+                            "hub:acme/adapters/1b-std/nob": A}
+    plan = invoke("plan", matrix, "--json")
+    assert json.loads(plan.stdout)[0]["pins"] == attempt.pins
+
+
+def test_resubmit_reuses_the_pins_unless_refreshed(hub, write_matrix, tmp_path):
+    from support import settled, wait_for
+
+    matrix = write_matrix(HUB_MATRIX)
+    ledger = tmp_path / "bakery-ledger.json"
+    assert invoke("submit", matrix, "--executor", "local").exit_code == 0
+    # Offline here, the task cannot download its inputs: it fails.
+    wait_for(lambda: settled(ledger), "the cell to fail")
+    hub.refs["acme/adapters"]["main"] = B  # a new adapter pushed meanwhile
+    again = invoke("resubmit", "--ledger", ledger, "--dry-run")
+    assert again.exit_code == 0, again.output
+    assert "resubmitted" in again.stdout or "would resubmit 1" in again.stderr
+    kept = invoke("resubmit", "--ledger", ledger)
+    assert kept.exit_code == 0, kept.output
+    second = load_ledger(ledger).cells[CELL][-1]
+    assert second.pins["hub:acme/adapters/1b-std/nob"] == A
+    wait_for(lambda: settled(ledger), "the second attempt to fail")
+    fresh = invoke("resubmit", "--ledger", ledger, "--refresh-inputs")
+    assert fresh.exit_code == 0, fresh.output
+    third = load_ledger(ledger).cells[CELL][-1]
+    assert third.pins["hub:acme/adapters/1b-std/nob"] == B
+    assert third.pins["hub:acme/base-1b"] == A
+    wait_for(lambda: settled(ledger), "the third attempt to fail")
+
+
+# ---------------------------------------------------------------------------------------------
+# prefetch
+
+
+def test_prefetch_downloads_only_what_a_cell_reads_into_the_matrix_hub_cache(hub, write_matrix,
+                                                                          tmp_path):
+    hf_home = tmp_path / "hf-home"
+    matrix = write_matrix(HUB_MATRIX + f'env = {{ HF_HOME = "{hf_home}" }}\n')
+    result = invoke("prefetch", matrix, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["input"]: r for r in json.loads(result.stdout)}
+    assert rows["hub:acme/base-1b"] == {"input": "hub:acme/base-1b", "commit": A, "files": 3,
+                                        "bytes": 14}
+    snapshot = hf_home / "hub" / "models--acme--adapters" / "snapshots" / A
+    assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == [
+        f"1b-std/{n}/{f}" for n in ("eng", "nob")
+        for f in ("adapter_config.json", "adapter_model.safetensors")]
+    base = hf_home / "hub" / "models--acme--base-1b"
+    assert not (base / "snapshots" / A / "pytorch_model.bin").exists()
+    assert (base / "refs" / "main").read_text() == A
+    assert "prefetched 3 input(s)" in result.stderr
+
+
+def test_offline_submit_pins_what_prefetch_cached_and_needs_it(hub, write_matrix, tmp_path):
+    hf_home = tmp_path / "hf-home"
+    matrix = write_matrix(HUB_MATRIX + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n')
+    before = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert before.exit_code == 2
+    assert (f"base.repo: hub:acme/base-1b is not in the Hub cache {hf_home}/hub and "
+            f"runtime.offline is true: run `bakery-slurm prefetch {matrix}` first "
+            "(input 'base')") in problems(before)
+    assert invoke("prefetch", matrix).exit_code == 0
+    hub.refs["acme/adapters"]["main"] = B  # pushed after the prefetch: not what offline tasks get
+    after = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert after.exit_code == 0, after.output
+    assert f"--pin base={A} --pin eng={A} --pin nob={A}" in after.stdout
+    assert [c for c in hub.calls if c[0] in ("repo_info", "list_repo_files")] == []
