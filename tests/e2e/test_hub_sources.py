@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -94,3 +95,59 @@ def test_a_missing_hub_repo_fails_the_bake_naming_it(tmp_path, tiny_models):
     assert done.returncode == 1
     assert "stage bake failed: cannot download hub:acme/not-there" in done.stderr
     assert not (tmp_path / "project" / "published").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pinned inputs and [runtime] offline
+
+NEWER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def offline_matrix(folder: Path, hf_home: Path) -> Path:
+    matrix = write_matrix(folder, "acme/tiny-text")
+    matrix.write_text(matrix.read_text().replace(
+        'container = "none"', f'container = "none"\noffline = true\nenv = {{ HF_HOME = "{hf_home}" }}'))
+    return matrix
+
+
+def task_command(matrix: Path) -> list[str]:
+    """The command `submit --dry-run` shows for the matrix's one cell."""
+    from click.testing import CliRunner
+
+    from bakery_slurm.cli import cli
+
+    dry = CliRunner().invoke(cli, ["submit", str(matrix), "--executor", "local", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    line = next(line for line in dry.stdout.splitlines() if " run-cell " in line)
+    return shlex.split(line)
+
+
+def test_an_adapter_pushed_after_submit_does_not_change_what_the_task_bakes(tmp_path, tiny_models):
+    hf_home = hub_cache(tmp_path / "hf-home", tiny_models)
+    matrix = offline_matrix(tmp_path / "project", hf_home)
+    command = task_command(matrix)
+    assert f"nob={COMMIT}" in command
+    # Then a new nob adapter lands, and main moves to it, before the task starts.
+    adapters = hf_home / "hub" / "models--acme--tiny-adapters"
+    shutil.copytree(adapters / "snapshots" / COMMIT, adapters / "snapshots" / NEWER)
+    (adapters / "snapshots" / NEWER / "nob" / "adapter_model.safetensors").write_bytes(b"junk")
+    (adapters / "refs" / "main").write_text(NEWER)
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    inputs = json.loads(done.stdout)["stages"]["bake"]["inputs"]
+    assert inputs["adapters"]["nob"]["commit"] == inputs["adapters"]["eng"]["commit"] == COMMIT
+    # Unpinned, the same cell would now read the new commit, whose junk adapter fails the bake.
+    unpinned = [c for c in command if c != "--pin" and not c.startswith(("base=", "eng=", "nob="))]
+    assert subprocess.run(unpinned, capture_output=True, text=True).returncode == 1
+
+
+def test_an_offline_task_fails_at_once_naming_the_file_missing_from_the_cache(tmp_path, tiny_models):
+    hf_home = hub_cache(tmp_path / "hf-home", tiny_models)
+    snapshot = hf_home / "hub" / "models--acme--tiny-adapters" / "snapshots" / COMMIT
+    (snapshot / "eng" / "adapter_model.safetensors").unlink()  # an interrupted download
+    matrix = offline_matrix(tmp_path / "project", hf_home)
+    done = subprocess.run(task_command(matrix), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert (f"{snapshot / 'eng' / 'adapter_model.safetensors'} is not in the Hub cache and the "
+            "runtime is offline") in done.stderr
+    assert "bakery-slurm prefetch" in done.stderr
