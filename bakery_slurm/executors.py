@@ -137,7 +137,6 @@ class SlurmBackend:
         import submitit
 
         if request.launcher:
-            request.launcher_path.parent.mkdir(parents=True, exist_ok=True)
             fsutil.atomic_write_text(request.launcher_path, request.launcher, executable=True)
         try:
             # submitit refuses to build a SlurmExecutor (RuntimeError) where srun is missing.

@@ -505,7 +505,7 @@ def test_the_standin_hides_the_submitting_venv_and_host_paths(tmp_path, standin_
     fail: --cleanenv empties the environment, host executables are not found, the submitting
     venv is empty inside, and a bind whose source is missing refuses to start."""
     probe = ("import os, sys; print(sys.prefix); print(sorted(os.listdir(sys.argv[1]))); "
-             "print(sorted(k for k in os.environ if k.startswith(('VIRTUAL_ENV', 'PYTHON', 'SECRET', 'FWD')))))")
+             "print(sorted(k for k in os.environ if k.startswith(('VIRTUAL_ENV', 'PYTHON', 'SECRET', 'FWD'))))")
     env = {**os.environ, "SECRET_HOST": "x", "APPTAINERENV_FWD": "yes"}
     inside = subprocess.run(["apptainer", "exec", "--cleanenv", "--bind", str(tmp_path),
                              str(standin_image), "python3", "-c", probe, sys.prefix],
