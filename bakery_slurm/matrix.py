@@ -301,6 +301,15 @@ class Matrix:
     def work_dir(self) -> Path:
         return (self.root / Path(self.spec.paths.work).expanduser()).resolve()
 
+    def task_env(self, container: str) -> dict[str, str]:
+        """The fixed environment of every task: [runtime] env, and in a container a Hub cache
+        under the work folder unless env names one (the image's default would be under $HOME,
+        which clusters keep small; without a container the task inherits this environment's)."""
+        env = dict(self.spec.runtime.env)
+        if container == "apptainer" and not {"HF_HOME", "HF_HUB_CACHE"} & set(env):
+            env["HF_HOME"] = str(self.work_dir / "hf-home")
+        return env
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading

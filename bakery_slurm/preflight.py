@@ -38,10 +38,10 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def hub_cache_dir(matrix: Matrix) -> Path | None:
-    """The Hub cache the tasks use: the runtime's HF_HUB_CACHE or HF_HOME/hub; None means
-    huggingface_hub's default (this environment's)."""
-    env = matrix.spec.runtime.env
+def hub_cache_dir(matrix: Matrix, container: str) -> Path | None:
+    """The Hub cache the tasks use: HF_HUB_CACHE or HF_HOME/hub of their fixed environment; None
+    means huggingface_hub's default (this environment's)."""
+    env = matrix.task_env(container)
     if "HF_HUB_CACHE" in env:
         return Path(env["HF_HUB_CACHE"])
     if "HF_HOME" in env:
@@ -90,7 +90,7 @@ def preflight(matrix: Matrix, cells: Sequence[Cell], executor: str, *, container
         return report
     api = api or hub_api()
     if matrix.spec.runtime.offline:
-        _pin_from_cache(matrix, cells, known_pins or {}, report)
+        _pin_from_cache(matrix, cells, container, known_pins or {}, report)
     else:
         _resolve_hub_sources(matrix, cells, api, known_pins or {}, report)
     if any(c.push.kind == "hub" for c in cells):
@@ -113,19 +113,20 @@ def gate(matrix: Matrix, cells: Sequence[Cell], executor: str, *, run_checks: bo
 
     container = resolve_container(matrix, executor)  # no image at all is a config error first
     report = (preflight(matrix, cells, executor, container=container, known_pins=known_pins)
-              if run_checks else pins_without_hub(matrix, cells, known_pins))
+              if run_checks else pins_without_hub(matrix, cells, container, known_pins))
     for note in report.notes:
         log.warning("%s", note)
     raise_problems(matrix, report)
     return report.pins
 
 
-def pins_without_hub(matrix: Matrix, cells: Sequence[Cell],
+def pins_without_hub(matrix: Matrix, cells: Sequence[Cell], container: str,
                      known_pins: Mapping[str, str] | None = None) -> Report:
     """Pins for `--no-preflight`: known ones, else what the Hub cache holds; sources in neither
     are left to each task (noted)."""
     report = Report()
-    _pin_from_cache(matrix, cells, known_pins or {}, report, required=matrix.spec.runtime.offline)
+    _pin_from_cache(matrix, cells, container, known_pins or {}, report,
+                    required=matrix.spec.runtime.offline)
     return report
 
 
@@ -156,6 +157,11 @@ def _where(cells: Sequence[Cell], source: ModelSource) -> tuple[str, str]:
 def _check_runtime(matrix: Matrix, executor: str, container: str, environ: Mapping[str, str],
                    report: Report) -> None:
     runtime = matrix.spec.runtime
+    for bind in runtime.binds:
+        source = bind.split(":")[0]
+        if not Path(source).expanduser().exists():
+            report.problems.append(f"runtime.binds: {source} does not exist, and apptainer "
+                                   f"refuses to start with it (got {bind!r})")
     if container == "apptainer":
         image = Path(runtime.image).expanduser()
         if not image.is_file():
@@ -238,9 +244,9 @@ def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,
         report.pins[key] = commit
 
 
-def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], known: Mapping[str, str],
-                    report: Report, required: bool = True) -> None:
-    cache = hub_cache_dir(matrix)
+def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
+                    known: Mapping[str, str], report: Report, required: bool = True) -> None:
+    cache = hub_cache_dir(matrix, container)
     for key, source in hub_sources(list(cells)).items():
         commit = known.get(key) or cached_commit(source, cache)
         if commit:

@@ -84,6 +84,7 @@ def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_
     """
     runtime = matrix.spec.runtime
     container = resolve_container(matrix, executor)
+    env = matrix.task_env(container)
     arrays, args, argvs, launchers = [], [], [], []
     for n, group in enumerate(group_cells(cells, max_array_size)):
         folder = matrix.work_dir / "arrays" / array_name(submission_id, n)
@@ -92,11 +93,11 @@ def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_
             resources=group[0].resources.model_dump(exclude_none=True)))
         # One array shares its resources, so its tasks share the container command too.
         gpus = group[0].resources.gpus_per_node
-        prefix = (apptainer_prefix(runtime, matrix.path, matrix.work_dir, gpus)
+        prefix = (apptainer_prefix(runtime, env, matrix.path, matrix.work_dir, gpus)
                   if container == "apptainer" else None)
         args.append([cell_args(matrix.path, c.id, c.recipe_hash, matrix.work_dir,
                                cell_pins(c, pins)) for c in group])
-        argvs.append([task_argv(prefix, runtime.env, a) for a in args[-1]])
+        argvs.append([task_argv(prefix, env, a) for a in args[-1]])
         launchers.append(launcher_script(prefix, runtime.pass_env) if prefix else None)
     return Planned(arrays=arrays, cell_args=args, argvs=argvs, launchers=launchers,
                    container=container)
@@ -179,7 +180,8 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
 
 def _requests(matrix: Matrix, planned: Planned, arrays: list[ArrayRecord]) -> list[SubmitRequest]:
     runtime = matrix.spec.runtime
-    return [SubmitRequest(array=array, cell_args=args, argvs=argvs, fixed_env=dict(runtime.env),
+    return [SubmitRequest(array=array, cell_args=args, argvs=argvs,
+                          fixed_env=matrix.task_env(planned.container),
                           launcher=launcher, pass_env=list(runtime.pass_env),
                           container=planned.container, parallelism=matrix.spec.array_parallelism,
                           resources=Resources.model_validate(array.resources))

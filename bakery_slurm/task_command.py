@@ -41,8 +41,10 @@ def cell_args(matrix_path: Path, cell_id: str, recipe_hash: str, work: Path,
     return args
 
 
-def apptainer_prefix(runtime: Runtime, matrix_path: Path, work: Path, gpus: int | None) -> list[str]:
-    """`apptainer exec ... IMAGE PYTHON`: what starts the image's Python.
+def apptainer_prefix(runtime: Runtime, env: Mapping[str, str], matrix_path: Path, work: Path,
+                     gpus: int | None) -> list[str]:
+    """`apptainer exec ... IMAGE PYTHON`: what starts the image's Python, with the fixed
+    environment `env` (`Matrix.task_env`).
 
     The matrix and work folders are bound (they must be visible inside at the same paths), after
     the runtime's own binds; `--nv` only when the task has GPUs.
@@ -52,7 +54,7 @@ def apptainer_prefix(runtime: Runtime, matrix_path: Path, work: Path, gpus: int 
     if gpus:
         argv.append("--nv")
     argv += ["--cleanenv", "--bind", ",".join(binds)]
-    argv += [f"--env={name}={value}" for name, value in sorted(runtime.env.items())]
+    argv += [f"--env={name}={value}" for name, value in sorted(env.items())]
     return [*argv, str(runtime.image), runtime.python]
 
 

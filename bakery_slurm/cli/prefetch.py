@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import BakeryError, ConfigError
+from ..executors import resolve_executor
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pins import hub_sources
@@ -25,8 +26,8 @@ COLUMNS = ["input", "commit", "files", "bytes"]
 def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
     """Download every Hub base and adapter of MATRIX into the Hub cache its tasks read.
 
-    Run it on the login node: the cache is [runtime] env's HF_HUB_CACHE or HF_HOME/hub (else
-    this environment's), so twelve tasks do not download the same bases through the proxy at
+    Run it on the login node: the cache is the tasks' HF_HUB_CACHE or HF_HOME/hub ([runtime] env;
+    in a container <work>/hf-home by default; else this environment's), so twelve tasks do not download the same bases through the proxy at
     once, and with [runtime] offline = true the tasks never touch the network. Only what a cell
     reads is fetched (safetensors weights, configs, tokenizer files; no .bin/.pth copies,
     optimizer states or checkpoint-* folders). A second run resumes or skips what is there.
@@ -43,7 +44,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
     cells = select(expand(loaded), only)
     if not cells:
         raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
-    cache = hub_cache_dir(loaded)
+    cache = hub_cache_dir(loaded, loaded.spec.runtime.resolve(resolve_executor("auto")))
     api = preflight.hub_api()
     rows = []
     for key, source in hub_sources(cells).items():

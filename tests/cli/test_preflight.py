@@ -261,3 +261,53 @@ def test_offline_submit_pins_what_prefetch_cached_and_needs_it(hub, write_matrix
     assert after.exit_code == 0, after.output
     assert f"--pin base={A} --pin eng={A} --pin nob={A}" in after.stdout
     assert [c for c in hub.calls if c[0] in ("repo_info", "list_repo_files")] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped matrix.toml, with only account, image and work edited
+
+
+def test_the_shipped_matrix_with_three_keys_edited_passes_check_and_runs_in_the_image(
+        hub, tmp_path, monkeypatch):
+    from bakery_slurm.errors import SchedulerError
+    from bakery_slurm.executors import SlurmBackend
+    from bakery_slurm.matrix import expand, load_matrix
+
+    text = (Path(__file__).resolve().parents[2] / "matrix.toml").read_text()
+    image, work = tmp_path / "images" / "bakery.sif", tmp_path / "bakery-work"
+    image.parent.mkdir()
+    image.write_text("an image")
+    for old, new in [('account = "nnXXXXk"', 'account = "nn1234k"'),
+                     ('image = "/cluster/work/projects/nnXXXXk/images/bakery-gh200.sif"', f'image = "{image}"'),
+                     ('work = "/cluster/work/projects/nnXXXXk/bakery-work"', f'work = "{work}"')]:
+        assert old in text
+        text = text.replace(old, new)
+    assert "nnXXXXk" not in text.split("[paths]")[0].split("[runtime]")[1]  # nothing else to edit
+    matrix = tmp_path / "matrix.toml"
+    matrix.write_text(text)
+    hub.repos.clear()
+    hub.refs.clear()
+    cells = expand(load_matrix(matrix))
+    for cell in cells:
+        hub.repos.setdefault(cell.base.repo, {"config.json": b"{}"})
+        for name, source in cell.adapters:
+            hub.repos.setdefault(source.repo, {})[f"{source.subfolder}/adapter_config.json"] = b"{}"
+    hub.repos["NbAiLab/nb-gpt-gemma3-bakery-merges-2603"] = {}
+    hub.identity["orgs"] = [{"name": "NbAiLab"}]
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path('/usr/bin')}")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "apptainer").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "apptainer").chmod(0o755)
+
+    def no_scontrol(self):
+        raise SchedulerError("scontrol show config failed: not installed")
+
+    monkeypatch.setattr(SlurmBackend, "max_array_size", no_scontrol)
+    checked = invoke("check", matrix, "--executor", "slurm", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert len(json.loads(checked.stdout)) == 6 + 12  # six bases, two adapters per (size, variant)
+    dry = invoke("submit", matrix, "--executor", "slurm", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert (f"exec apptainer exec --nv --cleanenv --bind {tmp_path},{work} "
+            f"--env=HF_HOME={work}/hf-home {image} python3 \"$@\"") in dry.stdout
+    assert "dry run: 3 array(s), 14 task(s)" in dry.stdout

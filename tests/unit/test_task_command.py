@@ -43,7 +43,8 @@ def test_apptainer_prefix_is_exact():
     runtime = Runtime(container="apptainer", image="/images/bakery.sif",
                       binds=["/cluster/projects/nn1k", "/data/matrices", "/scratch"],
                       env={"HF_HOME": "/cluster/projects/nn1k/hf-home", "A_FIRST": "1"})
-    prefix = apptainer_prefix(runtime, Path("/data/matrices/matrix.toml"), Path("/scratch/work"), 1)
+    prefix = apptainer_prefix(runtime, runtime.env, Path("/data/matrices/matrix.toml"),
+                              Path("/scratch/work"), 1)
     assert prefix == [
         "apptainer", "exec", "--nv", "--cleanenv",
         # the runtime's binds, then the matrix folder and the work folder; duplicates dropped
@@ -55,15 +56,23 @@ def test_apptainer_prefix_is_exact():
 
 def test_apptainer_prefix_binds_the_matrix_and_work_folders_once():
     runtime = Runtime(container="apptainer", image="/i.sif", binds=["/w", "/m", "/w"])
-    prefix = apptainer_prefix(runtime, Path("/m/matrix.toml"), Path("/w"), gpus=4)
+    prefix = apptainer_prefix(runtime, {}, Path("/m/matrix.toml"), Path("/w"), gpus=4)
     assert prefix[prefix.index("--bind") + 1] == "/w,/m"
 
 
 @pytest.mark.parametrize("gpus", [0, None])
 def test_apptainer_prefix_without_gpus_has_no_nv(gpus):
     runtime = Runtime(container="apptainer", image="/i.sif", python="/opt/py/bin/python3")
-    assert apptainer_prefix(runtime, Path("/m/matrix.toml"), Path("/w"), gpus=gpus) == [
+    assert apptainer_prefix(runtime, {}, Path("/m/matrix.toml"), Path("/w"), gpus=gpus) == [
         "apptainer", "exec", "--cleanenv", "--bind", "/m,/w", "/i.sif", "/opt/py/bin/python3"]
+
+
+def test_a_container_gets_a_hub_cache_under_work_unless_env_names_one(write_matrix):
+    matrix = load_matrix(write_matrix(MINIMAL_MATRIX + '[paths]\nwork = "w"\n'))
+    assert matrix.task_env("apptainer") == {"HF_HOME": str(matrix.work_dir / "hf-home")}
+    assert matrix.task_env("none") == {}  # without a container the task inherits ours
+    named = load_matrix(write_matrix(MINIMAL_MATRIX + '[runtime]\nenv = { HF_HUB_CACHE = "/c" }\n'))
+    assert named.task_env("apptainer") == {"HF_HUB_CACHE": "/c"}
 
 
 def test_none_argv_runs_this_python_directly_with_the_fixed_environment():
@@ -90,7 +99,8 @@ def run_launcher(tmp_path: Path, environ: dict[str, str], pass_env: list[str]) -
     (bin_dir / "apptainer").write_text(RECORDER)
     (bin_dir / "apptainer").chmod(0o755)
     runtime = Runtime(container="apptainer", image="/i.sif", env={"HF_HOME": "/h"})
-    script = launcher_script(apptainer_prefix(runtime, Path("/m/x.toml"), Path("/w"), 1), pass_env)
+    script = launcher_script(apptainer_prefix(runtime, runtime.env, Path("/m/x.toml"), Path("/w"), 1),
+                             pass_env)
     path = tmp_path / "launch.sh"
     path.write_text(script)
     path.chmod(0o755)
