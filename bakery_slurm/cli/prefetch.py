@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
+from .. import preflight
 from ..errors import BakeryError, ConfigError
 from ..executors import resolve_executor
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pins import hub_sources
-from .. import preflight
 from ..preflight import hub_cache_dir
 from ..sources import hub_patterns, missing_files
 from . import cli
@@ -26,12 +26,12 @@ COLUMNS = ["input", "commit", "files", "bytes"]
 def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
     """Download every Hub base and adapter of MATRIX into the Hub cache its tasks read.
 
-    Run it on the login node: the cache is the tasks' HF_HUB_CACHE or HF_HOME/hub ([runtime] env;
-    in a container <work>/hf-home by default; else this environment's), so twelve tasks do not download the same bases through the proxy at
-    once, and with [runtime] offline = true the tasks never touch the network. Only what a cell
-    reads is fetched (safetensors weights, configs, tokenizer files; no .bin/.pth copies,
-    optimizer states or checkpoint-* folders). A second run resumes or skips what is there.
-    Prints each input's commit, files and bytes.
+    Run it on the login node: the cache is the tasks' HF_HUB_CACHE or HF_HOME/hub ([runtime]
+    env; in a container <work>/hf-home by default; else this environment's), so twelve tasks do
+    not download the same bases through the proxy at once, and with [runtime] offline = true the
+    tasks never touch the network. Only what a cell reads is fetched (safetensors weights,
+    configs, tokenizer files; no .bin/.pth copies, optimizer states or checkpoint-* folders). A
+    second run resumes or skips what is there. Prints each input's commit, files and bytes.
 
     \b
     Example:
@@ -68,5 +68,5 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
                      "bytes": sum(p.stat().st_size for p in files)})
     click.echo(format_rows(rows, COLUMNS, fmt))
     total = sum(r["bytes"] for r in rows)
-    click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB in {cache or 'the default Hub cache'}",
-               err=True)
+    click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB in "
+               f"{cache or 'the default Hub cache'}", err=True)
