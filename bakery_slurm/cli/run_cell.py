@@ -36,6 +36,7 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
         bakery-slurm run-cell matrix.toml 4b-std/eng-nob__ties --device cpu
     """
     from ..pipeline import run_cell as run
+    from ..rootcard import CardContext
 
     _task_environment()
     loaded = load_matrix(matrix)
@@ -47,7 +48,8 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
         raise ConfigError(f"{loaded.path}: the recipe of {cell_id} changed since submission "
                           f"(recipe hash {cells[cell_id].recipe_hash[:12]}, submitted "
                           f"{recipe_hash[:12]}); submit again to run the new recipe")
-    result = run(cells[cell_id], work or loaded.work_dir, device=device)
+    result = run(cells[cell_id], work or loaded.work_dir, device=device,
+                 card=CardContext.of_matrix(loaded))
     click.echo(json.dumps(result, indent=2))
 
 
