@@ -53,12 +53,14 @@ def manual_section(previous: str | None) -> str:
 
 
 def front_matter(card: str) -> dict[str, Any]:
-    """The YAML metadata block of a model card ({} when it has none or it does not parse)."""
+    """The YAML metadata block of a model card, scalars as strings ({} when it has none or it
+    does not parse)."""
     match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", card, re.S)
     if not match:
         return {}
     try:
-        data = yaml.safe_load(match.group(1))
+        # Every scalar a string: YAML 1.1 reads the language code `no` (Norwegian) as False.
+        data = yaml.load(match.group(1), Loader=yaml.BaseLoader)
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
@@ -74,9 +76,11 @@ def reference(identity: Mapping[str, Any]) -> str:
 
 
 def card_metadata(records: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Hub metadata shared by the root card and every cell card: every Hub base, and the license
-    and languages the bases' own cards declare."""
-    bases = sorted({r["inputs"]["base"]["repo"] for r in records if r["inputs"]["base"].get("repo")})
+    """Hub metadata shared by the root card and every cell card: every Hub base (in the records'
+    order), and the license and languages the bases' own cards declare (no license when the
+    bases disagree)."""
+    bases = list(dict.fromkeys(r["inputs"]["base"]["repo"] for r in records
+                               if r["inputs"]["base"].get("repo")))
     licenses = sorted({str(r["base_card"]["license"]) for r in records
                        if r.get("base_card", {}).get("license")})
     languages: list[str] = []
@@ -121,8 +125,11 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
         for name, identity in r["inputs"]["adapters"].items():
             inputs.setdefault(reference(identity), (f"adapter {name}", r["size"] + "-" + r["variant"]))
     devices: dict[str, int] = {}
+    fallbacks: dict[str, list[str]] = {}
     for r in cells:
         devices[r["device"]] = devices.get(r["device"], 0) + 1
+        if r.get("fallback_reason"):
+            fallbacks.setdefault(r["fallback_reason"], []).append(r["cell"])
     versions: dict[str, list[str]] = {}
     for r in cells:
         for name, version in r["versions"].items():
@@ -132,7 +139,7 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
     return render(
         "root_card.md.j2", title=context.title, location=location, metadata=card_metadata(cells),
         tags=TAGS, cells=cells, rows=rows, adapters=adapters, recipes=recipes, inputs=inputs,
-        devices=devices, fallbacks=[r for r in cells if r.get("fallback_reason")],
+        devices=devices, fallbacks=fallbacks,
         versions=versions, example=cells[-1]["cell"] if cells else None,
         dtypes=sorted({r["dtype"] for r in cells}), manual_start=MANUAL_START,
         manual_end=MANUAL_END, notes=manual_section(previous),

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
+from .login_push import VERIFIED, ready_to_publish
 from .pipeline import CellPaths, read_result
 from .sacct import (
     COMPLETED,
     LOST,
     NOT_FOUND,
     UNCONFIRMED,
+    UNPUBLISHED,
     CellStatus,
     reduce_cells,
     sacct_starttime,
@@ -71,6 +73,7 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
                 for s in reduce_cells(ledger, states)]
     if source != "sacct":
         statuses = [_from_marker(s, by_name) for s in statuses]
+    statuses = [_publication(s, by_name) for s in statuses]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
 
 
@@ -102,22 +105,42 @@ def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str
     return [f"recovered job id {job_id} of array {name} from sacct" for name, job_id in found.items()]
 
 
+def _attempt_result(status: CellStatus, arrays: dict[str, ArrayRecord]) -> tuple[CellPaths, dict | None]:
+    """The cell's paths, and its result record if this very attempt wrote it (one written before
+    the attempt started may be a --force rerun's)."""
+    # Array folders live at <work>/arrays/<name> (submission.py).
+    paths = CellPaths(Path(arrays[status.array_name].folder).parent.parent, status.cell)
+    result = read_result(paths)
+    if not result or result.get("recipe_hash") != status.recipe_hash:
+        return paths, None
+    try:
+        started = datetime.fromisoformat(result["started"])
+    except (KeyError, TypeError, ValueError):
+        return paths, None
+    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
+        return paths, None
+    return paths, result
+
+
 def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
     """Without accounting, a task that left squeue takes its state from the cell's result record
     (COMPLETED or FAILED), if that record was written by this attempt."""
     if status.state != NOT_FOUND:
         return status
-    # Array folders live at <work>/arrays/<name> (submission.py).
-    work = Path(arrays[status.array_name].folder).parent.parent
-    result = read_result(CellPaths(work, status.cell))
-    if not result or result.get("recipe_hash") != status.recipe_hash:
-        return status
-    # The record of this very attempt: one written before it started may be a --force rerun's.
-    try:
-        started = datetime.fromisoformat(result["started"])
-    except (KeyError, TypeError, ValueError):
-        return status
-    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
-        return status
-    state = {"done": COMPLETED, "failed": "FAILED"}.get(result.get("status"))
+    result = _attempt_result(status, arrays)[1] or {}
+    state = {"done": COMPLETED, "failed": "FAILED", VERIFIED: COMPLETED}.get(result.get("status"))
     return replace(status, state=state) if state else status
+
+
+def _publication(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    """A task that ended verified but did not publish (its push failed, or `[push] defer`) is
+    UNPUBLISHED, not FAILED or COMPLETED: `bakery-slurm push` publishes it, no rerun needed. One
+    published since from the login node is COMPLETED, whatever its task's exit."""
+    if status.state not in (COMPLETED, "FAILED"):
+        return status
+    paths, result = _attempt_result(status, arrays)
+    if ready_to_publish(paths, result):
+        return replace(status, state=UNPUBLISHED)
+    if result and result.get("status") == "done" and result["stages"].get("push", {}).get("pushed_by"):
+        return replace(status, state=COMPLETED)
+    return status

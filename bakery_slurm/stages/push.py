@@ -385,9 +385,9 @@ def is_published(record: Mapping[str, Any], published: Mapping[str, Any] | None)
 
 
 def publish_cells(target: Target, push: PushTarget, items: list[Publication],
-                  context: CardContext | None) -> list[str]:
+                  context: CardContext | None) -> dict[str, str]:
     """Publish `items` to `target`, at most MAX_OPERATIONS_PER_COMMIT files per commit, each
-    commit with the root card; returns where each commit went."""
+    commit with the root card; returns where each cell went (its commit's URL, or its folder)."""
     batches: list[list[Publication]] = []
     count = MAX_OPERATIONS_PER_COMMIT
     for item in items:
@@ -398,7 +398,11 @@ def publish_cells(target: Target, push: PushTarget, items: list[Publication],
         batches[-1].append(item)
         count += files
     render_root = root_renderer(push, context)
-    return [target.publish(batch, _message(batch), render_root) for batch in batches]
+    where = {}
+    for batch in batches:
+        url = target.publish(batch, _message(batch), render_root)
+        where.update({item.cell_id: url for item in batch})
+    return where
 
 
 def _message(items: list[Publication]) -> str:
@@ -415,7 +419,7 @@ def push_cell(cell: Cell, folder: Path, record: dict[str, Any], api: Any = None,
         return {"status": "skipped",
                 "reason": "the target holds this recipe hash and these inputs already",
                 "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
-    where = publish_cells(target, cell.push, [Publication(cell.id, folder, record)], context)[0]
+    where = publish_cells(target, cell.push, [Publication(cell.id, folder, record)], context)[cell.id]
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return {"target": where, "bytes_read": size, "bytes_written": size}
 
