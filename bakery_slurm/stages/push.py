@@ -245,9 +245,11 @@ class HubTarget:
             except (RuntimeError, OSError) as e:
                 if not transfer:
                     raise
-                # huggingface_hub wraps a failed LFS/Xet transfer in RuntimeError; hf_xet
-                # raises its own errors
-                retryable, why, error = True, "transfer failed", e
+                # huggingface_hub wraps a failed LFS/Xet transfer in RuntimeError; hf_xet raises
+                # its own errors, of which a refused token (PermissionError) and a missing
+                # file (FileNotFoundError) would fail again
+                retryable = not isinstance(e, (PermissionError, FileNotFoundError))
+                why, error = "transfer failed", e
             if not retryable or attempt == MAX_TRIES:
                 cause = f" ({error.__cause__})" if error.__cause__ else ""
                 raise PushError(f"{self.repo_id}: could not {what}: {why}: {error}{cause}") from None

@@ -180,6 +180,17 @@ def test_transfer_failures_give_up_naming_the_file(tmp_path, item, sleeps):
     assert api.calls_to("create_commit") == []
 
 
+def test_a_refused_token_during_a_transfer_is_not_retried(tmp_path, item, sleeps):
+    class XetAuthenticationError(PermissionError):  # as hf_xet's: a PermissionError
+        pass
+
+    target, api = hub(tmp_path, sleeps,
+                      preupload_lfs_files=[XetAuthenticationError("token refused")])
+    with pytest.raises(PushError, match=r"could not upload: transfer failed: token refused"):
+        target.publish([item], "msg", render_root())
+    assert sleeps == [] and len(api.calls_to("preupload_lfs_files")) == 1
+
+
 def test_a_429_waits_as_long_as_retry_after_says(tmp_path, item, sleeps):
     target, api = hub(tmp_path, sleeps, create_commit=[http_error(429, retry_after=90)])
     target.publish([item], "msg", render_root())
