@@ -111,13 +111,16 @@ class DirTarget:
             return None
 
     def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str:
-        with fsutil.locked(self.root / ".bakery-push.lock"):
-            for item in items:
-                with fsutil.staging_dir(self.root / item.cell_id) as tmp:
-                    for path in item.folder.iterdir():
-                        shutil.copy2(path, tmp / path.name)
-            fsutil.atomic_write_text(self.root / ROOT_CARD,
-                                     render_root(self.published_records(), self.root_card()))
+        try:
+            with fsutil.locked(self.root / ".bakery-push.lock"):
+                for item in items:
+                    with fsutil.staging_dir(self.root / item.cell_id) as tmp:
+                        for path in item.folder.iterdir():
+                            shutil.copy2(path, tmp / path.name)
+                fsutil.atomic_write_text(self.root / ROOT_CARD,
+                                         render_root(self.published_records(), self.root_card()))
+        except OSError as e:
+            raise PushError(f"{self.root}: could not publish: {e}") from None
         return str(self.root / items[0].cell_id) if len(items) == 1 else str(self.root)
 
 
@@ -198,7 +201,10 @@ class HubTarget:
         uploaded = {op.path_in_repo for op in additions}
         prefixes = tuple(f"{item.cell_id}/" for item in items)
         for conflict in range(1, MAX_CONFLICTS + 1):
-            sha, files = self.head() or ("", [])
+            state = self.head()
+            if state is None:
+                raise PushError(f"{self.repo_id}: the repo vanished while publishing")
+            sha, files = state
             records = self.records_at(sha, files)
             records.update({item.cell_id: item.record for item in items})
             previous = self.read(sha, ROOT_CARD).decode() if ROOT_CARD in files else None

@@ -102,3 +102,22 @@ def test_a_failed_hub_push_is_published_later_without_a_rerun(tmp_path, write_ti
     assert after["status"] == "done" and after["stages"]["push"]["pushed_by"] == "bakery-slurm push"
     assert after["stages"]["merge"] == before["stages"]["merge"]  # nothing ran again
     assert "| tiny1b | std | ties |" in api.repos["owner/merges"]["README.md"].decode()
+
+
+def test_a_task_whose_push_failed_is_unpublished_then_completed_by_push(tmp_path, write_tiny_matrix):
+    path = write_tiny_matrix(tmp_path, methods=("linear",))
+    (tmp_path / "published").write_text("a file where the target folder should be")
+    ledger = tmp_path / "bakery-ledger.json"
+    result = invoke("submit", path, "--only", "tiny1b-*", "--executor", "local", "--ledger", ledger)
+    assert result.exit_code == 0, result.output
+    (status,) = wait_for(lambda: settled(ledger), "the cell to settle", deadline_s=600)
+    assert status.state == "UNPUBLISHED"  # its task exited 1 (FAILED), but only the push failed
+    assert invoke("status", "--ledger", ledger).exit_code == 0
+
+    failed = invoke("push", path)
+    assert failed.exit_code == 1 and "Error:" in failed.output
+    (tmp_path / "published").unlink()  # the user fixes the target
+    assert invoke("push", path, "--only", "tiny1b-*").exit_code == 0
+    rows = json.loads(invoke("status", "--ledger", ledger, "--json").output)
+    assert [(row["state"], row["exit_code"]) for row in rows] == [("COMPLETED", "1:0")]
+    assert (tmp_path / "published" / "tiny1b-std/eng-nob__linear" / "bakery.json").exists()

@@ -461,3 +461,9 @@ def test_cell_pushed_to_hub_once(tmp_path, write_tiny_matrix, monkeypatch):
     assert third["stages"]["push"]["status"] == "done" and len(api.commits) == 4
     assert json.loads(api.repos[REPO][record_name])["inputs"] == public_inputs(
         result["stages"]["bake"]["inputs"])
+
+
+def test_a_dir_target_that_cannot_be_written_says_so(tmp_path, item):
+    (tmp_path / "published").write_text("a file, not a folder")
+    with pytest.raises(PushError, match=r"published: could not publish: "):
+        DirTarget(tmp_path / "published").publish([item], "x", render_root("dir:/x"))
