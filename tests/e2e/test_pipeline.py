@@ -182,12 +182,19 @@ def test_published_folder_loads_with_base_tensor_set(matrix_run, size, method):
 def test_merge_is_bit_identical_to_mergekit_cli(matrix_run, cli_merges, size, method):
     cid = cell_id(size, method)
     result = matrix_run.results[cid]
-    recipe = yaml.safe_load((matrix_run.published / cid / "mergekit_config.yml").read_text())
+    recipe = yaml.safe_load(CellPaths(matrix_run.work, cid).recipe.read_text())
     # The CLI merged exactly our baked inputs (and base, where the method uses one).
     assert [m["model"] for m in recipe["models"]] == [
         str(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS]
     assert recipe["merge_method"] == method
     assert ("base_model" in recipe) == (method != "linear")
+    # The published recipe is the same recipe, its models named by their inputs.
+    published = yaml.safe_load((matrix_run.published / cid / "mergekit_config.yml").read_text())
+    assert {k: v for k, v in published.items() if k not in ("models", "base_model")} == {
+        k: v for k, v in recipe.items() if k not in ("models", "base_model")}
+    assert [m["parameters"] for m in published["models"]] == [m["parameters"] for m in recipe["models"]]
+    assert [m["model"].split("+")[1].split("@")[0] for m in published["models"]] == [
+        f"local:{'text' if size == 'tiny1b' else 'multimodal'}/{a}" for a in ADAPTERS]
     ours = checkpoint_tensors(matrix_run.published / cid)
     theirs = checkpoint_tensors(cli_merges[cid])
     assert ours.keys() == theirs.keys()
