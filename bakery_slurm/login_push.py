@@ -26,6 +26,7 @@ from .rootcard import CardContext
 from .stages import push as push_stage
 
 VERIFIED = "verified"  # the result status of a cell whose task stopped after verify (defer)
+PUSHED_BY = "bakery-slurm push"  # marks a push stage done from the login node (`status` reads it)
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,14 @@ def push_verified(cells: list[Cell], work: Path, push: PushTarget, context: Card
         for item in there:
             _mark_published(CellPaths(work, item.cell_id), {
                 "status": "skipped", "target": f"{push}/{item.cell_id}", "seconds": 0,
-                "reason": "the target holds this recipe hash and these inputs already"})
+                "reason": "the target holds this recipe hash and these inputs already",
+                "pushed_by": PUSHED_BY})
             rows.append({"cell": item.cell_id, "action": "already at the target"})
         for item in todo:
             where = wheres[item.cell_id]
             _mark_published(CellPaths(work, item.cell_id), {
                 "status": "done", "target": where, "seconds": seconds,
-                "pushed_by": "bakery-slurm push"})
+                "pushed_by": PUSHED_BY})
             rows.append({"cell": item.cell_id, "action": f"published: {where}"})
     return rows
 
