@@ -71,6 +71,14 @@ class Publication:
 
 
 class Target(Protocol):
+    """Where cells are published (`DirTarget`, `HubTarget`).
+
+    `published_records` maps every published cell id to its `bakery.json`; `root_card` is the
+    current README.md; `publish` puts the cells' folders in place and rewrites README.md with
+    `render_root(records after this commit, previous README)`, atomically with the cells, and
+    returns where they went.
+    """
+
     def published_records(self) -> dict[str, dict[str, Any]]: ...
 
     def published_record(self, path_in_repo: str) -> dict[str, Any] | None: ...
@@ -229,12 +237,19 @@ class HubTarget:
 
     def _retry(self, call: Callable[[], Any], what: str, transfer: bool = False,
                conflicts: bool = False) -> Any:
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+        )
 
         for attempt in range(1, MAX_TRIES + 1):
             wait = 0.0
             try:
                 return call()
+            except OfflineModeIsEnabled:
+                raise PushError(f"{self.repo_id}: could not {what}: HF_HUB_OFFLINE is set here; "
+                                "publish from a machine that reaches the Hub") from None
             except HfHubHTTPError as e:
                 status = getattr(e.response, "status_code", None)
                 if status == CONFLICT and conflicts:

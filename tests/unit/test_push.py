@@ -191,6 +191,15 @@ def test_a_refused_token_during_a_transfer_is_not_retried(tmp_path, item, sleeps
     assert sleeps == [] and len(api.calls_to("preupload_lfs_files")) == 1
 
 
+def test_offline_mode_is_said_not_retried(tmp_path, item, sleeps):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    target, api = hub(tmp_path, sleeps, repo_info=[OfflineModeIsEnabled("offline")])
+    with pytest.raises(PushError, match=r"could not read the head commit: HF_HUB_OFFLINE is set"):
+        target.published_record(CELL)
+    assert sleeps == []
+
+
 def test_a_429_waits_as_long_as_retry_after_says(tmp_path, item, sleeps):
     target, api = hub(tmp_path, sleeps, create_commit=[http_error(429, retry_after=90)])
     target.publish([item], "msg", render_root())
