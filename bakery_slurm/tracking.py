@@ -8,14 +8,17 @@ Never imports torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from .errors import ConfigError
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
 from .login_push import VERIFIED, ready_to_publish
+from .matrix import load_matrix
 from .pipeline import CellPaths, read_result
 from .sacct import (
     COMPLETED,
@@ -73,7 +76,8 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
                 for s in reduce_cells(ledger, states)]
     if source != "sacct":
         statuses = [_from_marker(s, by_name) for s in statuses]
-    statuses = [_publication(s, by_name) for s in statuses]
+    defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
+    statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
 
 
@@ -132,11 +136,22 @@ def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStat
     return replace(status, state=state) if state else status
 
 
-def _publication(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+@functools.lru_cache(maxsize=None)
+def _defers(matrix_path: str) -> bool:
+    """Whether the matrix's tasks stop after verify (`[push] defer`). False when it cannot be
+    read: `bakery-slurm push` needs the matrix, so there is nothing to tell its cells apart for."""
+    try:
+        return load_matrix(matrix_path, check_cells=False).spec.push.defer
+    except (ConfigError, OSError):
+        return False
+
+
+def _publication(status: CellStatus, arrays: dict[str, ArrayRecord], defers: bool) -> CellStatus:
     """A task that ended verified but did not publish (its push failed, or `[push] defer`) is
     UNPUBLISHED, not FAILED or COMPLETED: `bakery-slurm push` publishes it, no rerun needed. One
-    published since from the login node is COMPLETED, whatever its task's exit."""
-    if status.state not in (COMPLETED, "FAILED"):
+    published since from the login node is COMPLETED, whatever its task's exit. (A COMPLETED
+    task of a matrix that does not defer published its cell: its record is not read.)"""
+    if status.state != "FAILED" and not (status.state == COMPLETED and defers):
         return status
     paths, result = _attempt_result(status, arrays)
     if ready_to_publish(paths, result):
