@@ -173,7 +173,7 @@ class VariantSpec(_Model):
 class PushSpec(_Model):
     target: str
     private: bool = False
-    defer: bool = False  # tasks stop after verify; `bakery-slurm push` publishes from the login node
+    defer: bool = False  # tasks stop after verify; `bakery-slurm push` publishes (login node)
 
 
 class PathsSpec(_Model):

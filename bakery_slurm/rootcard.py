@@ -70,7 +70,8 @@ def reference(identity: Mapping[str, Any]) -> str:
     """A published input as anyone can name it: `repo[/subfolder]@commit` for a Hub source,
     `local:<folder>@sha256:<hash>` for a local one (its path is the cluster's business)."""
     if identity.get("commit"):
-        where = identity["repo"] + (f"/{identity['subfolder']}" if identity.get("subfolder") else "")
+        subfolder = f"/{identity['subfolder']}" if identity.get("subfolder") else ""
+        where = identity["repo"] + subfolder
         return f"{where}@{identity['commit']}"
     return f"local:{identity['local']}@sha256:{identity['sha256']}"
 
@@ -121,9 +122,10 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
             recipes[r["method"]].append(params)
     inputs: dict[str, tuple[str, str]] = {}
     for r in cells:
-        inputs.setdefault(reference(r["inputs"]["base"]), ("base", r["size"] + "-" + r["variant"]))
+        used_by = f"{r['size']}-{r['variant']}"
+        inputs.setdefault(reference(r["inputs"]["base"]), ("base", used_by))
         for name, identity in r["inputs"]["adapters"].items():
-            inputs.setdefault(reference(identity), (f"adapter {name}", r["size"] + "-" + r["variant"]))
+            inputs.setdefault(reference(identity), (f"adapter {name}", used_by))
     devices: dict[str, int] = {}
     fallbacks: dict[str, list[str]] = {}
     for r in cells:

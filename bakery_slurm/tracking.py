@@ -109,7 +109,8 @@ def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str
     return [f"recovered job id {job_id} of array {name} from sacct" for name, job_id in found.items()]
 
 
-def _attempt_result(status: CellStatus, arrays: dict[str, ArrayRecord]) -> tuple[CellPaths, dict | None]:
+def _attempt_result(status: CellStatus,
+                    arrays: dict[str, ArrayRecord]) -> tuple[CellPaths, dict | None]:
     """The cell's paths, and its result record if this very attempt wrote it (one written before
     the attempt started may be a --force rerun's)."""
     # Array folders live at <work>/arrays/<name> (submission.py).
@@ -156,6 +157,7 @@ def _publication(status: CellStatus, arrays: dict[str, ArrayRecord], defers: boo
     paths, result = _attempt_result(status, arrays)
     if ready_to_publish(paths, result):
         return replace(status, state=UNPUBLISHED)
-    if result and result.get("status") == "done" and result["stages"].get("push", {}).get("pushed_by"):
+    pushed_here = result and result.get("stages", {}).get("push", {}).get("pushed_by")
+    if pushed_here and result.get("status") == "done":
         return replace(status, state=COMPLETED)
     return status

@@ -154,7 +154,8 @@ class FakeHubApi:
             if repo_id not in self.repos:
                 self.repos[repo_id] = {}
                 self._store[repo_id] = set()
-                self._commit(repo_id, None, "initial commit", {".gitattributes": b"*.safetensors filter=lfs\n"}, [])
+                self._commit(repo_id, None, "initial commit",
+                             {".gitattributes": b"*.safetensors filter=lfs\n"}, [])
         return f"{HUB}/{repo_id}"
 
     def repo_info(self, repo_id: str, *, revision: str | None = None,
@@ -255,14 +256,16 @@ class FakeHubApi:
         files = dict(self._snapshots[parent]) if parent else {}
         for op in deleted:
             prefix = op.path_in_repo.rstrip("/") + "/"
-            gone = [n for n in files if n == op.path_in_repo or (op.is_folder and n.startswith(prefix))]
+            gone = [n for n in files
+                    if n == op.path_in_repo or (op.is_folder and n.startswith(prefix))]
             if not gone:
                 raise http_error(404, f"{HUB}/api/models/{repo_id}/commit/main",
                                  cls=RemoteEntryNotFoundError)
             for name in gone:
                 del files[name]
         files.update(added)
-        oid = hashlib.sha1(repr((repo_id, len(self.commits), parent, sorted(files))).encode()).hexdigest()
+        key = repr((repo_id, len(self.commits), parent, sorted(files)))
+        oid = hashlib.sha1(key.encode()).hexdigest()
         self._snapshots[oid] = files
         self._heads[repo_id] = oid
         self.repos[repo_id] = files

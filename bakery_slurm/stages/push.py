@@ -201,9 +201,9 @@ class HubTarget:
 
         self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private,
                                                  exist_ok=True), "create the repo")
-        additions = [CommitOperationAdd(f"{item.cell_id}/{path.relative_to(item.folder).as_posix()}",
-                                        str(path))
-                     for item in items for path in sorted(item.folder.rglob("*")) if path.is_file()]
+        additions = [
+            CommitOperationAdd(f"{item.cell_id}/{path.relative_to(item.folder).as_posix()}", str(path))
+            for item in items for path in sorted(item.folder.rglob("*")) if path.is_file()]
         self._retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=additions),
                     "upload", transfer=True)
         uploaded = {op.path_in_repo for op in additions}
@@ -273,7 +273,8 @@ class HubTarget:
                 why, error = "transfer failed", e
             if not retryable or attempt == MAX_TRIES:
                 cause = f" ({error.__cause__})" if error.__cause__ else ""
-                raise PushError(f"{self.repo_id}: could not {what}: {why}: {error}{cause}") from None
+                raise PushError(
+                    f"{self.repo_id}: could not {what}: {why}: {error}{cause}") from None
             delay = max(wait or 0.0,
                         random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)))
             log.warning("%s: %s got %s (try %d/%d); retrying in %.1f s",
@@ -442,7 +443,8 @@ def push_cell(cell: Cell, folder: Path, record: dict[str, Any], api: Any = None,
         return {"status": "skipped",
                 "reason": "the target holds this recipe hash and these inputs already",
                 "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
-    where = publish_cells(target, cell.push, [Publication(cell.id, folder, record)], context)[cell.id]
+    item = Publication(cell.id, folder, record)
+    where = publish_cells(target, cell.push, [item], context)[cell.id]
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return {"target": where, "bytes_read": size, "bytes_written": size}
 
@@ -453,8 +455,8 @@ def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
     inputs = [("base", reference(record["inputs"]["base"]))] + [
         (f"adapter {name}", reference(identity))
         for name, identity in record["inputs"]["adapters"].items()]
-    return render("model_card.md.j2", cell=cell, recipe=recipe, metadata=card_metadata([record]), tags=TAGS,
-                  repo=cell.push.location, adapter_names=record["adapters"],
+    return render("model_card.md.j2", cell=cell, recipe=recipe, metadata=card_metadata([record]),
+                  tags=TAGS, repo=cell.push.location, adapter_names=record["adapters"],
                   inputs=inputs, output_sha256=record["output"]["content_sha256"],
                   device=record["device"], fallback_reason=record["fallback_reason"],
                   versions=record["versions"])

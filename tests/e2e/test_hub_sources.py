@@ -88,7 +88,8 @@ def test_hub_sources_are_fetched_and_identified_by_commit(tmp_path, tiny_models)
     # The root card names the same inputs at their commits.
     root = (tmp_path / "project" / "published" / "README.md").read_text()
     assert "base_model:\n- acme/tiny-text\n" in root and f"`acme/tiny-text@{COMMIT}`" in root
-    recipe = (tmp_path / "project" / "published" / "tiny1b-std" / "eng-nob__ties" / "mergekit_config.yml").read_text()
+    cell = tmp_path / "project" / "published" / "tiny1b-std" / "eng-nob__ties"
+    recipe = (cell / "mergekit_config.yml").read_text()
     assert f'"acme/tiny-text@{COMMIT}+acme/tiny-adapters/nob@{COMMIT}"' in recipe
 
 

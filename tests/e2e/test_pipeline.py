@@ -111,7 +111,8 @@ def matrix_run(tmp_path_factory: pytest.TempPathFactory, write_tiny_matrix) -> S
 @pytest.fixture(scope="module")
 def cli_merges(matrix_run: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An independent `mergekit-yaml --device cpu --no-copy-tokenizer` run per cell, on the recipe
-    the cell ran with (`cells/<id>/mergekit_config.yml`: it names the cached bakes and the base). Started together, one thread each."""
+    the cell ran with (`cells/<id>/mergekit_config.yml`: it names the cached bakes and the
+    base). Started together, one thread each."""
     root = tmp_path_factory.mktemp("mergekit-cli")
     procs = {}
     for cid in matrix_run.cells:
