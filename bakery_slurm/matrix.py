@@ -201,6 +201,7 @@ class VariantSpec(_Model):
 class PushSpec(_Model):
     target: str
     private: bool = False
+    defer: bool = False  # tasks stop after verify; `bakery-slurm push` publishes (login node)
 
 
 class PathsSpec(_Model):
@@ -239,6 +240,7 @@ class PushTarget:
     kind: Literal["hub", "dir"]
     location: str
     private: bool = False
+    defer: bool = False
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.location}"
@@ -563,7 +565,8 @@ def _push_target(matrix: Matrix) -> PushTarget:
     kind, _, location = matrix.spec.push.target.partition(":")
     if kind == "dir":
         location = str((matrix.root / Path(location).expanduser()).resolve())
-    return PushTarget(kind=kind, location=location, private=matrix.spec.push.private)
+    return PushTarget(kind=kind, location=location, private=matrix.spec.push.private,
+                      defer=matrix.spec.push.defer)
 
 
 def select(cells: list[Cell], only: str | None) -> list[Cell]:

@@ -1,4 +1,4 @@
-"""One cell, start to finish: bake -> merge -> strip -> verify -> push.
+"""One cell, start to finish: bake -> merge -> strip -> verify -> push (or stop after verify).
 
 Every stage writes its output atomically and records what it produced; a rerun reuses an output
 whose marker is intact and whose recorded inputs are the current ones, so a task killed at any
@@ -25,6 +25,7 @@ from . import fsutil
 from .errors import BakeryError, StageError
 from .manifest import intact_marker, total_size, write_marker
 from .matrix import Cell
+from .rootcard import CardContext
 from .versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class CellPaths:
     @property
     def verified(self) -> Path:
         return self.root / "verified.json"
+
+    @property
+    def recipe(self) -> Path:
+        """The mergekit recipe with this machine's paths (the bakes), for rerunning it here."""
+        return self.root / "mergekit_config.yml"
 
     @property
     def result(self) -> Path:
@@ -126,9 +132,11 @@ class _Run:
 
 
 def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None,
-             offline: bool = False) -> dict[str, Any]:
+             offline: bool = False, card: CardContext | None = None) -> dict[str, Any]:
     """Run (or resume) every stage of `cell` under `work`; return the result record.
 
+    The result's status is "done", or "verified" when `[push] defer` left publishing to
+    `bakery-slurm push`. `card` titles and orders the target's root card (from the matrix).
     With `offline`, Hub inputs are read from the Hub cache only (`[runtime] offline`).
 
     Raises
@@ -141,12 +149,13 @@ def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None,
     paths = CellPaths(Path(work), cell.id)
     try:
         with fsutil.locked(paths.lock, blocking=False):
-            return _run(cell, paths, device, hub_api, offline)
+            return _run(cell, paths, device, hub_api, offline, card)
     except fsutil.LockBusy:
         raise BakeryError(f"{cell.id}: another task is running this cell ({paths.lock})") from None
 
 
-def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool) -> dict[str, Any]:
+def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool,
+         card: CardContext | None) -> dict[str, Any]:
     from .recipe import render_recipe, validate_recipe
     from .repair import repair_checkpoint
     from .sources import fetch
@@ -186,7 +195,8 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool)
     def merge() -> dict[str, Any]:
         recipe = render_recipe(cell, str(state["base_dir"]),
                                {n: str(p) for n, p in state["baked"].items()})
-        state["recipe"] = recipe
+        # The recipe as mergekit runs it here; the published one names repo ids and commits.
+        fsutil.atomic_write_text(paths.recipe, recipe)
         inputs = {"recipe_hash": cell.recipe_hash,
                   "baked": run.result["stages"]["bake"]["outputs"]}
         marker = intact_marker(paths.merged)
@@ -231,33 +241,18 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool)
         return {**record, "bytes_read": _size(paths.final), "bytes_written": 0}
 
     def push() -> dict[str, Any]:
-        target = push_stage.make_target(cell.push, api=hub_api)
-        # The recipe hash names sources, not their content: a retrained adapter at the same path
-        # (or a new commit of an unpinned repo) keeps it. Skip only if the resolved inputs match too.
-        published = target.published_record(cell.id) or {}
-        if (published.get("recipe_hash") == cell.recipe_hash
-                and published.get("inputs") == state["inputs"]):
-            return {"status": "skipped",
-                    "reason": "the target holds this recipe hash and these inputs already",
-                    "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
-        final_marker = intact_marker(paths.final)
-        record = {"cell": cell.id, "recipe_hash": cell.recipe_hash, "inputs": state["inputs"],
-                  "parameters": cell.parameters, "method": cell.method, "dtype": cell.dtype,
-                  "output": {"content_sha256": final_marker["content_sha256"],
-                             "files": final_marker["files"]},
-                  "device": run.result["stages"]["merge"]["device"],
-                  "fallback_reason": run.result["stages"]["merge"]["fallback_reason"],
-                  "versions": run.result["versions"]}
-        card = push_stage.render_card(cell, state["recipe"], record)
-        push_stage.build_publish_folder(paths.final, paths.publish, card, state["recipe"], record)
-        where = target.publish(paths.publish, cell.id,
-                               f"bakery-slurm: {cell.id} (recipe {cell.recipe_hash[:12]})")
-        return {"target": where, "bytes_read": _size(paths.publish),
-                "bytes_written": _size(paths.publish)}
+        record = push_stage.prepare(cell, paths.final, paths.publish, state["inputs"],
+                                    state["base"].path, run.result["stages"]["merge"],
+                                    run.result["versions"])
+        if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
+            return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
+                    "bytes_read": 0, "bytes_written": 0}
+        return push_stage.push_cell(cell, paths.publish, record, api=hub_api, context=card)
 
     for name, body in zip(STAGES, (bake, merge, strip, check, push)):
         run.stage(name, body)
-    run.result.update(status="done", finished=now())
+    deferred = run.result["stages"]["push"]["status"] == "deferred"
+    run.result.update(status="verified" if deferred else "done", finished=now())
     run.save()
     return run.result
 

@@ -51,6 +51,10 @@ NOT_FOUND = "NOT_FOUND"
 COMPLETED = "COMPLETED"
 """The only state that means a cell's latest attempt succeeded."""
 
+UNPUBLISHED = "UNPUBLISHED"
+"""The task verified the cell but did not publish it (its push failed, or `[push] defer`): set by
+`tracking.snapshot`; `bakery-slurm push` publishes it, `resubmit` never reruns it for that."""
+
 LOST = "LOST"
 """The intent was recorded but no scheduler ever had the array (sbatch failed or was interrupted
 before it ran): set by `tracking.snapshot` once sacct had time to know it by name and does not."""
@@ -415,6 +419,8 @@ def _refusal_reason(status: CellStatus, wanted: frozenset[str], max_attempts: in
         return f"{status.state} is not among the selected states ({', '.join(sorted(wanted))})"
     if status.state == COMPLETED:
         return "already COMPLETED"
+    if status.state == UNPUBLISHED:
+        return "verified, only publishing is left: `bakery-slurm push MATRIX` publishes it"
     if status.state == UNCONFIRMED:
         return f"array {status.array_name} has no recorded job id; run status to recover it first"
     if status.state == NOT_FOUND:

@@ -8,19 +8,24 @@ Never imports torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from .errors import ConfigError
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
+from .login_push import VERIFIED, ready_to_publish
+from .matrix import load_matrix
 from .pipeline import CellPaths, read_result
 from .sacct import (
     COMPLETED,
     LOST,
     NOT_FOUND,
     UNCONFIRMED,
+    UNPUBLISHED,
     CellStatus,
     reduce_cells,
     sacct_starttime,
@@ -71,6 +76,8 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
                 for s in reduce_cells(ledger, states)]
     if source != "sacct":
         statuses = [_from_marker(s, by_name) for s in statuses]
+    defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
+    statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
 
 
@@ -102,22 +109,55 @@ def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str
     return [f"recovered job id {job_id} of array {name} from sacct" for name, job_id in found.items()]
 
 
+def _attempt_result(status: CellStatus,
+                    arrays: dict[str, ArrayRecord]) -> tuple[CellPaths, dict | None]:
+    """The cell's paths, and its result record if this very attempt wrote it (one written before
+    the attempt started may be a --force rerun's)."""
+    # Array folders live at <work>/arrays/<name> (submission.py).
+    paths = CellPaths(Path(arrays[status.array_name].folder).parent.parent, status.cell)
+    result = read_result(paths)
+    if not result or result.get("recipe_hash") != status.recipe_hash:
+        return paths, None
+    try:
+        started = datetime.fromisoformat(result["started"])
+    except (KeyError, TypeError, ValueError):
+        return paths, None
+    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
+        return paths, None
+    return paths, result
+
+
 def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
     """Without accounting, a task that left squeue takes its state from the cell's result record
     (COMPLETED or FAILED), if that record was written by this attempt."""
     if status.state != NOT_FOUND:
         return status
-    # Array folders live at <work>/arrays/<name> (submission.py).
-    work = Path(arrays[status.array_name].folder).parent.parent
-    result = read_result(CellPaths(work, status.cell))
-    if not result or result.get("recipe_hash") != status.recipe_hash:
-        return status
-    # The record of this very attempt: one written before it started may be a --force rerun's.
-    try:
-        started = datetime.fromisoformat(result["started"])
-    except (KeyError, TypeError, ValueError):
-        return status
-    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
-        return status
-    state = {"done": COMPLETED, "failed": "FAILED"}.get(result.get("status"))
+    result = _attempt_result(status, arrays)[1] or {}
+    state = {"done": COMPLETED, "failed": "FAILED", VERIFIED: COMPLETED}.get(result.get("status"))
     return replace(status, state=state) if state else status
+
+
+@functools.lru_cache(maxsize=None)
+def _defers(matrix_path: str) -> bool:
+    """Whether the matrix's tasks stop after verify (`[push] defer`). False when it cannot be
+    read: `bakery-slurm push` needs the matrix, so there is nothing to tell its cells apart for."""
+    try:
+        return load_matrix(matrix_path, check_cells=False).spec.push.defer
+    except (ConfigError, OSError):
+        return False
+
+
+def _publication(status: CellStatus, arrays: dict[str, ArrayRecord], defers: bool) -> CellStatus:
+    """A task that ended verified but did not publish (its push failed, or `[push] defer`) is
+    UNPUBLISHED, not FAILED or COMPLETED: `bakery-slurm push` publishes it, no rerun needed. One
+    published since from the login node is COMPLETED, whatever its task's exit. (A COMPLETED
+    task of a matrix that does not defer published its cell: its record is not read.)"""
+    if status.state != "FAILED" and not (status.state == COMPLETED and defers):
+        return status
+    paths, result = _attempt_result(status, arrays)
+    if ready_to_publish(paths, result):
+        return replace(status, state=UNPUBLISHED)
+    pushed_here = result and result.get("stages", {}).get("push", {}).get("pushed_by")
+    if pushed_here and result.get("status") == "done":
+        return replace(status, state=COMPLETED)
+    return status

@@ -70,4 +70,6 @@ def main() -> None:
 
 
 # Each module registers its command on `cli` at import.
-from . import cancel, check, demo, logs, plan, prefetch, resubmit, run_cell, status, submit  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    cancel, card, check, demo, logs, plan, prefetch, push, resubmit, run_cell, status, submit,
+)

@@ -80,11 +80,13 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
             return [cells[c] for c, (array, index) in evaluated.items()
                     if (a := latest_attempt(fresh, c)) and (a.array, a.index) == (array, index)]
 
+        # Nothing failed in this group (e.g. every cell COMPLETED or UNPUBLISHED): no array.
         chosen = [cells[c] for c in evaluated]
         pins = gate(matrix, chosen, executor, run_checks=not no_preflight,
                     known_pins=dict(known_pins)) if chosen else {}
         requests = submit_cells(ledger_path, matrix, chosen, executor, pins=pins,
-                                dry_run=dry_run, guard=None if dry_run else still_failed)
+                                dry_run=dry_run, guard=None if dry_run else still_failed
+                                ) if chosen else []
         resubmitted = {c: r.array for r in requests for c in r.array.cells}
         for cell, (array, index) in evaluated.items():
             state = next(s.state for s in to_run if s.cell == cell)

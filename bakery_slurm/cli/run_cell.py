@@ -41,6 +41,7 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: t
         bakery-slurm run-cell matrix.toml 1b-std/eng-nob__ties --pin nob=<40-hex commit>
     """
     from ..pipeline import run_cell as run
+    from ..rootcard import CardContext
 
     _task_environment()
     loaded = load_matrix(matrix)
@@ -59,7 +60,8 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: t
             raise click.BadParameter(f"{pin!r} is not INPUT=COMMIT", param_hint="--pin")
         pinned[name] = commit
     cell = apply_pins(cells[cell_id], pinned)
-    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline)
+    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline,
+                 card=CardContext.of_matrix(loaded))
     click.echo(json.dumps(result, indent=2))
 
 

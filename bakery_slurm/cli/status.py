@@ -10,7 +10,7 @@ import click
 
 from ..ledger import load_ledger
 from ..output import format_rows, output_options
-from ..sacct import TERMINAL_FAILURES, totals
+from ..sacct import TERMINAL_FAILURES, UNPUBLISHED, totals
 from ..tracking import LIVE_STATES, snapshot
 from .common import STATUS_COLUMNS, ledger_option, status_rows
 from . import EXIT_FAILED, cli
@@ -27,6 +27,8 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
     """Show the state of every cell's latest attempt, from one batched sacct call.
 
     Exit status 1 when any cell's latest attempt failed (FAILED, TIMEOUT, OUT_OF_MEMORY, ...).
+    UNPUBLISHED cells were verified but not published (push failed, or `[push] defer`):
+    `bakery-slurm push` publishes them.
     Without SLURM accounting, states come from squeue and the cells' result records, and a
     note on stderr says so.
 
@@ -54,6 +56,10 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         if watch is None or not live:
             break
         time.sleep(watch)
+    unpublished = [s.cell for s in snap.statuses if s.state == UNPUBLISHED]
+    if unpublished:
+        click.echo(f"{len(unpublished)} cell(s) verified but not published: `bakery-slurm push "
+                   "MATRIX` publishes them (no rerun)", err=True)
     failed = [s.cell for s in snap.statuses if s.state in TERMINAL_FAILURES]
     if failed:
         click.echo(f"{len(failed)} cell(s) failed: `bakery-slurm logs {failed[0]} --stderr` shows "

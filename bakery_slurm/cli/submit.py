@@ -11,6 +11,7 @@ from ..executors import backend, resolve_executor
 from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
+from ..login_push import ready_to_publish
 from ..pipeline import CellPaths, read_result
 from ..preflight import gate
 from ..submission import submit_cells
@@ -112,6 +113,10 @@ def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_ru
               and result.get("push") == str(cell.push)):
             skipped.append((cell.id, "already completed and published with this recipe "
                                      "(use --force)"))
+        elif (not force and result and ready_to_publish(CellPaths(work, cell.id), result)
+              and result.get("recipe_hash") == cell.recipe_hash):
+            skipped.append((cell.id, "verified, not published: `bakery-slurm push` publishes it "
+                                     "(use --force to run it again)"))
         else:
             keep.append(cell)
     return keep, skipped, seen

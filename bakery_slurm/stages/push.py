@@ -1,10 +1,23 @@
-"""push: publish a verified cell at path_in_repo = cell id, one commit per cell.
+"""push: publish verified cells at path_in_repo = cell id, with the repo's root card.
 
-A target is a Hub repo (`hub:owner/name`, via `HfApi.upload_folder`) or a local folder (`dir:/path`)
-with the same layout, so `from_pretrained(root, subfolder=cell_id)` loads either. Each published
-folder carries `bakery.json` (recipe hash, resolved inputs, file hashes); a target that already
-holds the same recipe hash and inputs at that path is not pushed again. Hub calls failing with 412
-(concurrent commit), 429 (rate limit) or 5xx are retried with exponential backoff and full jitter.
+A target is a Hub repo (`hub:owner/name`) or a local folder (`dir:/path`) with the same layout, so
+`from_pretrained(root, subfolder=cell_id)` loads either. Each published folder carries
+`bakery.json` (recipe hash, inputs as repo ids and commits, file hashes); a target that already
+holds the same recipe hash and inputs at that path is not pushed again.
+
+Every commit also rewrites the root README.md (`rootcard.py`) from the records published at the
+commit it builds on. Several array tasks finish at once, so the Hub commit is optimistic: read
+the head of main, render the card from the records at exactly that commit, and commit with
+`parent_commit=head`; when another task committed first the Hub answers 412, and we read again.
+A `dir:` target does the same under a lock. Reads are pinned to the head commit: `hf_hub_download`
+of `main` falls back silently to the copy cached earlier on a connection error, which would make a
+stale record or card look current; a file cached for a commit can only be that commit's.
+
+The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a
+re-read, not a re-upload. Failed transfers (huggingface_hub wraps a failed LFS/Xet transfer in a
+`RuntimeError`), 429, 5xx and connection errors are retried with capped exponential backoff and
+full jitter; a 429's `Retry-After` is honoured. A retried upload resumes: the Hub reports content
+it already holds, and only the rest is transferred again.
 
 The token is whatever huggingface_hub finds in HF_TOKEN or its token file; it is never passed,
 logged or written by us.
@@ -18,44 +31,105 @@ import logging
 import random
 import shutil
 import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from .. import fsutil
 from ..errors import PushError
 from ..matrix import Cell, PushTarget
+from ..rootcard import TAGS, CardContext, card_metadata, front_matter, reference, render_root_card
 from ..templating import render
 
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "bakery.json"
-RETRY_STATUSES = frozenset({408, 412, 429, 500, 502, 503, 504})
+ROOT_CARD = "README.md"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+CONFLICT = 412  # the branch moved since the commit we built on: read again
 MAX_TRIES = 6
+MAX_CONFLICTS = 20  # N tasks committing at once need up to N - 1 re-reads each
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 120.0
+# A longer Retry-After (the hourly commit limit) is not worth holding a GPU node for.
+MAX_RETRY_AFTER_S = 600.0
+# Far below create_commit's documented limits (25k LFS files, 1 GB of regular files).
+MAX_OPERATIONS_PER_COMMIT = 1000
+
+# Renders the root card from every published record (cell id -> record) and the card it replaces.
+RenderRoot = Callable[[dict[str, dict[str, Any]], "str | None"], str]
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One prepared cell: its publish folder (checkpoint, card, recipe, `bakery.json`)."""
+
+    cell_id: str
+    folder: Path
+    record: dict[str, Any]
 
 
 class Target(Protocol):
+    """Where cells are published (`DirTarget`, `HubTarget`).
+
+    `published_records` maps every published cell id to its `bakery.json`; `root_card` is the
+    current README.md; `publish` puts the cells' folders in place and rewrites README.md with
+    `render_root(records after this commit, previous README)`, atomically with the cells, and
+    returns where they went.
+    """
+
+    def published_records(self) -> dict[str, dict[str, Any]]: ...
+
     def published_record(self, path_in_repo: str) -> dict[str, Any] | None: ...
 
-    def publish(self, folder: Path, path_in_repo: str, message: str) -> str: ...
+    def root_card(self) -> str | None: ...
+
+    def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str: ...
+
+
+class _Conflict(Exception):
+    """HTTP 412 on a commit with `parent_commit`: someone else committed first."""
 
 
 class DirTarget:
-    """A local folder laid out like the Hub repo: <root>/<cell id>/..."""
+    """A local folder laid out like the Hub repo: <root>/<cell id>/..., <root>/README.md."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def published_records(self) -> dict[str, dict[str, Any]]:
+        records = {}
+        for path in sorted(self.root.rglob(RECORD_FILE)) if self.root.is_dir() else []:
+            cell_id = path.parent.relative_to(self.root).as_posix()
+            if any(part.startswith(".") for part in cell_id.split("/")):
+                continue  # a staging folder
+            record = _read_record(path)
+            if record is not None:
+                records[cell_id] = record
+        return records
+
     def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
         return _read_record(self.root / path_in_repo / RECORD_FILE)
 
-    def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
-        with fsutil.locked(self.root / ".bakery-push.lock"):
-            with fsutil.staging_dir(self.root / path_in_repo) as tmp:
-                for item in folder.iterdir():
-                    shutil.copy2(item, tmp / item.name)
-        return str(self.root / path_in_repo)
+    def root_card(self) -> str | None:
+        try:
+            return (self.root / ROOT_CARD).read_text()
+        except OSError:
+            return None
+
+    def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str:
+        try:
+            with fsutil.locked(self.root / ".bakery-push.lock"):
+                for item in items:
+                    with fsutil.staging_dir(self.root / item.cell_id) as tmp:
+                        for path in item.folder.iterdir():
+                            shutil.copy2(path, tmp / path.name)
+                fsutil.atomic_write_text(self.root / ROOT_CARD,
+                                         render_root(self.published_records(), self.root_card()))
+        except OSError as e:
+            raise PushError(f"{self.root}: could not publish: {e}") from None
+        return str(self.root / items[0].cell_id) if len(items) == 1 else str(self.root)
 
 
 class HubTarget:
@@ -69,47 +143,154 @@ class HubTarget:
             api = HfApi()
         self.repo_id, self.private, self.api, self.sleep = repo_id, private, api, sleep
 
-    def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
-        """The `bakery.json` published at `path_in_repo`, or None (absent, no repo, unreadable)."""
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    # -- reading, always at one commit ----------------------------------------------------------
 
-        def download() -> str | None:
+    def head(self) -> tuple[str, list[str]] | None:
+        """(commit at the head of main, its files), or None when the repo does not exist."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        def info() -> str | None:
             try:
-                return self.api.hf_hub_download(self.repo_id, f"{path_in_repo}/{RECORD_FILE}")
-            except (EntryNotFoundError, RepositoryNotFoundError):
+                return self.api.repo_info(self.repo_id).sha
+            except RepositoryNotFoundError:
                 return None
 
-        local = self._retry(download, "read the published record")
-        return None if local is None else _read_record(Path(local))
+        sha = self._retry(info, "read the head commit")
+        if sha is None:
+            return None
+        files = self._retry(lambda: self.api.list_repo_files(self.repo_id, revision=sha),
+                            "list the repo's files")
+        return sha, list(files)
 
-    def publish(self, folder: Path, path_in_repo: str, message: str) -> str:
+    def read(self, sha: str, name: str) -> bytes:
+        local = self._retry(lambda: self.api.hf_hub_download(self.repo_id, name, revision=sha),
+                            f"read {name}")
+        return Path(local).read_bytes()
+
+    def records_at(self, sha: str, files: list[str], cells: list[str] | None = None
+                   ) -> dict[str, dict[str, Any]]:
+        """The records published at commit `sha` (only `cells`' when given)."""
+        suffix = f"/{RECORD_FILE}"
+        records = {}
+        for name in files:
+            cell_id = name[:-len(suffix)]
+            if name.endswith(suffix) and (cells is None or cell_id in cells):
+                record = _parse_record(self.read(sha, name))
+                if record is not None:
+                    records[cell_id] = record
+        return records
+
+    def published_records(self) -> dict[str, dict[str, Any]]:
+        state = self.head()
+        return {} if state is None else self.records_at(*state)
+
+    def published_record(self, path_in_repo: str) -> dict[str, Any] | None:
+        state = self.head()
+        return None if state is None else self.records_at(*state, [path_in_repo]).get(path_in_repo)
+
+    def root_card(self) -> str | None:
+        state = self.head()
+        if state is None or ROOT_CARD not in state[1]:
+            return None
+        return self.read(state[0], ROOT_CARD).decode()
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
         self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private,
                                                  exist_ok=True), "create the repo")
-        # delete_patterns="*": the cell's folder ends up holding exactly this upload, so a
-        # re-push with fewer or renamed shards leaves none of the old ones behind.
-        commit = self._retry(lambda: self.api.upload_folder(
-            folder_path=str(folder), repo_id=self.repo_id, path_in_repo=path_in_repo,
-            commit_message=message, delete_patterns="*"), "upload")
-        return str(getattr(commit, "commit_url", commit))
+        additions = [
+            CommitOperationAdd(f"{item.cell_id}/{path.relative_to(item.folder).as_posix()}", str(path))
+            for item in items for path in sorted(item.folder.rglob("*")) if path.is_file()]
+        self._retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=additions),
+                    "upload", transfer=True)
+        uploaded = {op.path_in_repo for op in additions}
+        prefixes = tuple(f"{item.cell_id}/" for item in items)
+        for conflict in range(1, MAX_CONFLICTS + 1):
+            state = self.head()
+            if state is None:
+                raise PushError(f"{self.repo_id}: the repo vanished while publishing")
+            sha, files = state
+            records = self.records_at(sha, files)
+            records.update({item.cell_id: item.record for item in items})
+            previous = self.read(sha, ROOT_CARD).decode() if ROOT_CARD in files else None
+            card = CommitOperationAdd(ROOT_CARD, render_root(records, previous).encode())
+            # The cells' folders end up holding exactly this upload: a re-push with fewer or
+            # renamed shards leaves none of the old ones behind.
+            stale = [CommitOperationDelete(name) for name in files
+                     if name.startswith(prefixes) and name not in uploaded]
+            try:
+                commit = self._retry(lambda: self.api.create_commit(
+                    self.repo_id, [*additions, card, *stale], commit_message=message,
+                    parent_commit=sha), "commit", transfer=True, conflicts=True)
+            except _Conflict:
+                delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** conflict))
+                log.info("%s: main moved while committing (try %d/%d); reading again in %.1f s",
+                         self.repo_id, conflict, MAX_CONFLICTS, delay)
+                self.sleep(delay)
+                continue
+            return str(getattr(commit, "commit_url", commit))
+        raise PushError(f"{self.repo_id}: could not commit: main kept moving "
+                        f"({MAX_CONFLICTS} conflicting commits)")
 
-    def _retry(self, call: Callable[[], Any], what: str) -> Any:
-        from huggingface_hub.errors import HfHubHTTPError
+    def _retry(self, call: Callable[[], Any], what: str, transfer: bool = False,
+               conflicts: bool = False) -> Any:
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+        )
 
         for attempt in range(1, MAX_TRIES + 1):
+            wait = 0.0
             try:
                 return call()
-            except (HfHubHTTPError, *_transport_errors()) as e:
-                if isinstance(e, HfHubHTTPError):
-                    status = getattr(e.response, "status_code", None)
-                    retryable, why = status in RETRY_STATUSES, f"HTTP {status}"
-                else:  # a reset or timeout, e.g. through the compute nodes' proxy
-                    retryable, why = True, type(e).__name__
-                if not retryable or attempt == MAX_TRIES:
-                    raise PushError(f"{self.repo_id}: could not {what}: {why}: {e}") from None
-                delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
-                log.warning("%s: %s got %s (try %d/%d); retrying in %.1f s",
-                            self.repo_id, what, why, attempt, MAX_TRIES, delay)
-                self.sleep(delay)
+            except OfflineModeIsEnabled:
+                raise PushError(f"{self.repo_id}: could not {what}: HF_HUB_OFFLINE is set here; "
+                                "publish from a machine that reaches the Hub") from None
+            except HfHubHTTPError as e:
+                status = getattr(e.response, "status_code", None)
+                if status == CONFLICT and conflicts:
+                    raise _Conflict() from None
+                retryable, why, error = status in RETRY_STATUSES, f"HTTP {status}", e
+                wait = _retry_after(e.response) if status == 429 else None
+                if wait is not None and wait > MAX_RETRY_AFTER_S:
+                    raise PushError(f"{self.repo_id}: could not {what}: rate limited for "
+                                    f"{wait:.0f} s (Retry-After); publish later with "
+                                    "`bakery-slurm push`") from None
+            except (*_transport_errors(), LocalEntryNotFoundError) as e:
+                # a reset or timeout, e.g. through the compute nodes' proxy
+                retryable, why, error = True, type(e).__name__, e
+            except (RuntimeError, OSError) as e:
+                if not transfer:
+                    raise
+                # huggingface_hub wraps a failed LFS/Xet transfer in RuntimeError; hf_xet raises
+                # its own errors, of which a refused token (PermissionError) and a missing
+                # file (FileNotFoundError) would fail again
+                retryable = not isinstance(e, (PermissionError, FileNotFoundError))
+                why, error = "transfer failed", e
+            if not retryable or attempt == MAX_TRIES:
+                cause = f" ({error.__cause__})" if error.__cause__ else ""
+                raise PushError(
+                    f"{self.repo_id}: could not {what}: {why}: {error}{cause}") from None
+            delay = max(wait or 0.0,
+                        random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)))
+            log.warning("%s: %s got %s (try %d/%d); retrying in %.1f s",
+                        self.repo_id, what, why, attempt, MAX_TRIES, delay)
+            self.sleep(delay)
+
+
+def _retry_after(response: Any) -> float | None:
+    """Seconds a 429 asks us to wait (`Retry-After`: seconds or an HTTP date), or None."""
+    value = (getattr(response, "headers", None) or {}).get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
@@ -124,12 +305,19 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
+def _parse_record(data: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _read_record(record: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
+        return _parse_record(record.read_bytes())
+    except OSError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def make_target(push: PushTarget, api: Any = None) -> Target:
@@ -138,18 +326,137 @@ def make_target(push: PushTarget, api: Any = None) -> Target:
     return HubTarget(push.location, private=push.private, api=api)
 
 
-def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
-    """The model card (README.md) of a published cell: metadata, how to load, recipe, provenance."""
-    def resolved(identity: dict[str, Any]) -> str:
-        return f"commit {identity['commit']}" if identity.get("commit") else (
-            f"sha256 {identity['sha256'][:16]}")
+def root_renderer(push: PushTarget, context: CardContext | None) -> RenderRoot:
+    """The root card renderer for a target; without a matrix the title is the target's name."""
+    context = context or CardContext(title=Path(push.location).name)
 
-    inputs = [("base", cell.base.describe(), resolved(record["inputs"]["base"]))] + [
-        (f"adapter {name}", source.describe(), resolved(record["inputs"]["adapters"][name]))
-        for name, source in cell.adapters]
-    return render("model_card.md.j2", cell=cell, recipe=recipe,
-                  base_models=[cell.base.repo] if cell.base.repo else [],
-                  repo=cell.push.location, adapter_names=[name for name, _ in cell.adapters],
+    def render_root(records: dict[str, dict[str, Any]], previous: str | None) -> str:
+        return render_root_card(records, context, push.location, previous)
+
+    return render_root
+
+
+# -- what a cell publishes ---------------------------------------------------------------------
+
+
+def public_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """An input's identity as published: a Hub source by repo and commit; a local one by its
+    folder's last two names and content hash, never by the cluster path it was read from."""
+    if identity.get("commit"):
+        return {key: identity.get(key) for key in ("repo", "subfolder", "revision", "commit")}
+    return {"local": "/".join(Path(identity["path"]).parts[-2:]), "sha256": identity["sha256"]}
+
+
+def public_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"base": public_identity(inputs["base"]),
+            "adapters": {name: public_identity(i) for name, i in inputs["adapters"].items()}}
+
+
+def base_card(base_dir: Path) -> dict[str, Any]:
+    """License and language from the base's own model card, where it has them."""
+    try:
+        meta = front_matter((Path(base_dir) / "README.md").read_text())
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {key: meta[key] for key in ("license", "language") if meta.get(key)}
+
+
+def public_recipe(cell: Cell, inputs: Mapping[str, Any]) -> str:
+    """The cell's mergekit recipe with each model named by its published inputs
+    (`base@commit+adapter@commit`: the base with that adapter baked in) instead of the bake
+    folders it was merged from."""
+    from ..recipe import render_recipe
+
+    base = reference(inputs["base"])
+    baked = {name: f"{base}+{reference(identity)}" for name, identity in inputs["adapters"].items()}
+    return ("# Each model below is the base with one adapter baked in (PEFT merge_and_unload, "
+            f"{cell.dtype}),\n# named `base@commit+adapter@commit`; see bakery.json for hashes.\n"
+            + render_recipe(cell, base, baked))
+
+
+def prepare(cell: Cell, final: Path, out: Path, inputs: Mapping[str, Any], base_dir: Path,
+            merge: Mapping[str, Any], versions: Mapping[str, str]) -> dict[str, Any]:
+    """Write `out` (the publish folder) for a verified cell and return its record."""
+    from ..manifest import intact_marker
+
+    marker = intact_marker(final)
+    if marker is None:
+        raise PushError(f"{cell.id}: {final} is not intact; run the cell again")
+    published_inputs = public_inputs(inputs)
+    record = {"cell": cell.id, "size": cell.size, "variant": cell.variant, "method": cell.method,
+              "adapters": [name for name, _ in cell.adapters], "recipe_hash": cell.recipe_hash,
+              "inputs": published_inputs, "parameters": cell.parameters, "dtype": cell.dtype,
+              "base_card": base_card(base_dir),
+              "output": {"content_sha256": marker["content_sha256"], "files": marker["files"]},
+              "device": merge["device"], "fallback_reason": merge["fallback_reason"],
+              "versions": dict(versions)}
+    recipe = public_recipe(cell, published_inputs)
+    build_publish_folder(final, out, render_card(cell, recipe, record), recipe, record)
+    return record
+
+
+def prepared(out: Path) -> dict[str, Any] | None:
+    """The record of a publish folder `prepare` wrote, or None."""
+    return _read_record(Path(out) / RECORD_FILE)
+
+
+def is_published(record: Mapping[str, Any], published: Mapping[str, Any] | None) -> bool:
+    """The target holds this recipe hash and these inputs already. (The recipe hash names
+    sources, not their content: a retrained adapter at the same path, or a new commit of an
+    unpinned repo, keeps it; the inputs tell.)"""
+    return bool(published) and (published.get("recipe_hash"), published.get("inputs")) == (
+        record["recipe_hash"], record["inputs"])
+
+
+def publish_cells(target: Target, push: PushTarget, items: list[Publication],
+                  context: CardContext | None) -> dict[str, str]:
+    """Publish `items` to `target`, at most MAX_OPERATIONS_PER_COMMIT files per commit, each
+    commit with the root card; returns where each cell went (its commit's URL, or its folder)."""
+    batches: list[list[Publication]] = []
+    count = MAX_OPERATIONS_PER_COMMIT
+    for item in items:
+        files = sum(1 for p in item.folder.rglob("*") if p.is_file())
+        if count + files > MAX_OPERATIONS_PER_COMMIT:
+            batches.append([])
+            count = 0
+        batches[-1].append(item)
+        count += files
+    render_root = root_renderer(push, context)
+    where = {}
+    for batch in batches:
+        url = target.publish(batch, _message(batch), render_root)
+        where.update({item.cell_id: url for item in batch})
+    return where
+
+
+def _message(items: list[Publication]) -> str:
+    if len(items) == 1:
+        return f"bakery-slurm: {items[0].cell_id} (recipe {items[0].record['recipe_hash'][:12]})"
+    return f"bakery-slurm: {len(items)} cells ({', '.join(i.cell_id for i in items)})"
+
+
+def push_cell(cell: Cell, folder: Path, record: dict[str, Any], api: Any = None,
+              context: CardContext | None = None) -> dict[str, Any]:
+    """The push stage of one prepared cell: skip it when the target holds it already."""
+    target = make_target(cell.push, api=api)
+    if is_published(record, target.published_record(cell.id)):
+        return {"status": "skipped",
+                "reason": "the target holds this recipe hash and these inputs already",
+                "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
+    item = Publication(cell.id, folder, record)
+    where = publish_cells(target, cell.push, [item], context)[cell.id]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return {"target": where, "bytes_read": size, "bytes_written": size}
+
+
+def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
+    """The model card (README.md) of a published cell: metadata consistent with the root card's,
+    how to load, recipe, provenance."""
+    inputs = [("base", reference(record["inputs"]["base"]))] + [
+        (f"adapter {name}", reference(identity))
+        for name, identity in record["inputs"]["adapters"].items()]
+    return render("model_card.md.j2", cell=cell, recipe=recipe, metadata=card_metadata([record]),
+                  tags=TAGS, repo=cell.push.location, adapter_names=record["adapters"],
                   inputs=inputs, output_sha256=record["output"]["content_sha256"],
                   device=record["device"], fallback_reason=record["fallback_reason"],
                   versions=record["versions"])
@@ -158,9 +465,11 @@ def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
 def build_publish_folder(final: Path, out: Path, card: str, recipe: str,
                          record: dict[str, Any]) -> None:
     """`out` = the verified checkpoint (hardlinked) + README.md + mergekit_config.yml + bakery.json."""
+    ours = {"README.md", "mergekit_config.yml", RECORD_FILE}
     with fsutil.staging_dir(out) as tmp:
         for item in final.iterdir():
-            fsutil.link_or_copy(item, tmp / item.name)
+            if item.name not in ours:  # a hardlink written through would change `final` too
+                fsutil.link_or_copy(item, tmp / item.name)
         (tmp / "README.md").write_text(card)
         (tmp / "mergekit_config.yml").write_text(recipe)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,8 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_the_expected_commands_exist():
-    assert COMMANDS == ["cancel", "check", "demo", "logs", "plan", "prefetch", "resubmit", "run-cell",
+    assert COMMANDS == ["cancel", "card", "check", "demo", "logs", "plan", "prefetch", "push",
+                        "resubmit", "run-cell",
                         "status", "submit"]
 
 

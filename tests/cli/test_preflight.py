@@ -16,8 +16,6 @@ from bakery_slurm.ledger import load_ledger
 from bakery_slurm.preflight import token_write_problem
 from fakes import FakeHubApi
 
-A = "a" * 40
-B = "b" * 40
 CELL = "1b-std/eng-nob__ties"
 
 HUB_MATRIX = """\
@@ -50,20 +48,28 @@ def _restore_logging():
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> FakeHubApi:
+    """The Hub with acme/base-1b, acme/adapters (1b-std/{eng,nob}, plus files no cell reads) and
+    an empty acme/merges; the token's user is a member of acme. `hub.base` and `hub.adapters` are
+    the repos' commits."""
     api = FakeHubApi(download_dir=tmp_path / "downloads")
-    api.repos["acme/base-1b"] = {"config.json": b"{}", "model.safetensors": b"w" * 10,
-                                 "pytorch_model.bin": b"old" * 10, "tokenizer.json": b"{}"}
-    api.repos["acme/adapters"] = {
-        f"1b-std/{name}/{file}": b"{}" for name in ("eng", "nob")
-        for file in ("adapter_config.json", "adapter_model.safetensors")}
-    api.repos["acme/adapters"]["1b-std/nob/checkpoint-100/adapter_model.safetensors"] = b"x"
-    api.repos["acme/adapters"]["1b-std/nob/optimizer.pt"] = b"x"
-    api.refs = {"acme/base-1b": {"main": A}, "acme/adapters": {"main": A, "v2": B}}
-    api.repos["acme/merges"] = {}
+    api.base = api.seed("acme/base-1b", {
+        "config.json": b"{}", "model.safetensors": b"w" * 10, "pytorch_model.bin": b"old" * 10,
+        "tokenizer.json": b"{}"})
+    files = {f"1b-std/{name}/{file}": b"{}" for name in ("eng", "nob")
+             for file in ("adapter_config.json", "adapter_model.safetensors")}
+    files["1b-std/nob/checkpoint-100/adapter_model.safetensors"] = b"x"
+    files["1b-std/nob/optimizer.pt"] = b"x"
+    api.adapters = api.seed("acme/adapters", files)
+    api.seed("acme/merges", {})
     api.identity["orgs"] = [{"name": "acme"}]
     monkeypatch.setattr(preflight, "hub_api", lambda: api)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return api
+
+
+def push_new_adapter(hub: FakeHubApi) -> str:
+    """A new nob adapter lands on main; returns the new commit."""
+    return hub.put("acme/adapters", {"1b-std/nob/adapter_model.safetensors": b"retrained"})
 
 
 def invoke(*args):
@@ -78,9 +84,9 @@ def test_check_prints_every_hub_input_with_its_commit(hub, write_matrix):
     result = invoke("check", write_matrix(HUB_MATRIX), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == [
-        {"input": "hub:acme/adapters/1b-std/eng", "commit": A},
-        {"input": "hub:acme/adapters/1b-std/nob", "commit": A},
-        {"input": "hub:acme/base-1b", "commit": A}]
+        {"input": "hub:acme/adapters/1b-std/eng", "commit": hub.adapters},
+        {"input": "hub:acme/adapters/1b-std/nob", "commit": hub.adapters},
+        {"input": "hub:acme/base-1b", "commit": hub.base}]
     # One listing per repo and commit, however many subfolders are read from it.
     assert len(hub.calls_to("list_repo_files")) == 2
 
@@ -90,7 +96,7 @@ def test_check_prints_every_hub_input_with_its_commit(hub, write_matrix):
      "base.repo: no such repo on the Hub, or it is private and this token cannot read it "
      "('acme/base-1b-typo', input 'base')"),
     (('subfolder = "{size}-{variant}/{adapter}"', 'subfolder = "{size}/{adapter}"'),
-     "adapter.subfolder: no adapter_config.json under '1b/eng' in acme/adapters@aaaaaaaaaaaa "
+     "adapter.subfolder: no adapter_config.json under '1b/eng' in acme/adapters@{adapters} "
      "(input 'eng')"),
     (('subfolder = "{size}-{variant}/{adapter}"', 'subfolder = "{size}-{variant}/{adapter}"\nrevision = "v3"'),
      "adapter.revision: acme/adapters has no revision 'v3' (input 'eng')"),
@@ -98,6 +104,7 @@ def test_check_prints_every_hub_input_with_its_commit(hub, write_matrix):
 def test_a_missing_hub_input_is_named_by_key_and_nothing_is_written(hub, write_matrix, tmp_path,
                                                                     edit, expected):
     matrix = write_matrix(HUB_MATRIX.replace(*edit))
+    expected = expected.replace("{adapters}", hub.adapters[:12])
     for command in (["check", matrix], ["submit", matrix, "--executor", "local"]):
         result = invoke(*command)
         assert result.exit_code == 2, result.output
@@ -189,12 +196,13 @@ def test_submit_pins_every_hub_input_and_the_task_reads_exactly_those(hub, write
     matrix = write_matrix(HUB_MATRIX)
     dry = invoke("submit", matrix, "--executor", "local", "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert f"--pin base={A} --pin eng={A} --pin nob={A}" in dry.stdout
+    assert (f"--pin base={hub.base} --pin eng={hub.adapters} --pin nob={hub.adapters}"
+            in dry.stdout)
     result = invoke("submit", matrix, "--executor", "local")
     assert result.exit_code == 0, result.output
     [attempt] = load_ledger(tmp_path / "bakery-ledger.json").cells[CELL]
-    assert attempt.pins == {"hub:acme/base-1b": A, "hub:acme/adapters/1b-std/eng": A,
-                            "hub:acme/adapters/1b-std/nob": A}
+    assert attempt.pins == {"hub:acme/base-1b": hub.base, "hub:acme/adapters/1b-std/eng": hub.adapters,
+                            "hub:acme/adapters/1b-std/nob": hub.adapters}
     plan = invoke("plan", matrix, "--json")
     assert json.loads(plan.stdout)[0]["pins"] == attempt.pins
 
@@ -207,20 +215,20 @@ def test_resubmit_reuses_the_pins_unless_refreshed(hub, write_matrix, tmp_path):
     assert invoke("submit", matrix, "--executor", "local").exit_code == 0
     # Offline here, the task cannot download its inputs: it fails.
     wait_for(lambda: settled(ledger), "the cell to fail")
-    hub.refs["acme/adapters"]["main"] = B  # a new adapter pushed meanwhile
+    newer = push_new_adapter(hub)
     again = invoke("resubmit", "--ledger", ledger, "--dry-run")
     assert again.exit_code == 0, again.output
     assert "resubmitted" in again.stdout or "would resubmit 1" in again.stderr
     kept = invoke("resubmit", "--ledger", ledger)
     assert kept.exit_code == 0, kept.output
     second = load_ledger(ledger).cells[CELL][-1]
-    assert second.pins["hub:acme/adapters/1b-std/nob"] == A
+    assert second.pins["hub:acme/adapters/1b-std/nob"] == hub.adapters
     wait_for(lambda: settled(ledger), "the second attempt to fail")
     fresh = invoke("resubmit", "--ledger", ledger, "--refresh-inputs")
     assert fresh.exit_code == 0, fresh.output
     third = load_ledger(ledger).cells[CELL][-1]
-    assert third.pins["hub:acme/adapters/1b-std/nob"] == B
-    assert third.pins["hub:acme/base-1b"] == A
+    assert third.pins["hub:acme/adapters/1b-std/nob"] == newer
+    assert third.pins["hub:acme/base-1b"] == hub.base
     wait_for(lambda: settled(ledger), "the third attempt to fail")
 
 
@@ -235,15 +243,15 @@ def test_prefetch_downloads_only_what_a_cell_reads_into_the_matrix_hub_cache(hub
     result = invoke("prefetch", matrix, "--json")
     assert result.exit_code == 0, result.output
     rows = {r["input"]: r for r in json.loads(result.stdout)}
-    assert rows["hub:acme/base-1b"] == {"input": "hub:acme/base-1b", "commit": A, "files": 3,
-                                        "bytes": 14}
-    snapshot = hf_home / "hub" / "models--acme--adapters" / "snapshots" / A
+    assert rows["hub:acme/base-1b"] == {"input": "hub:acme/base-1b", "commit": hub.base,
+                                        "files": 3, "bytes": 14}
+    snapshot = hf_home / "hub" / "models--acme--adapters" / "snapshots" / hub.adapters
     assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == [
         f"1b-std/{n}/{f}" for n in ("eng", "nob")
         for f in ("adapter_config.json", "adapter_model.safetensors")]
     base = hf_home / "hub" / "models--acme--base-1b"
-    assert not (base / "snapshots" / A / "pytorch_model.bin").exists()
-    assert (base / "refs" / "main").read_text() == A
+    assert not (base / "snapshots" / hub.base / "pytorch_model.bin").exists()
+    assert (base / "refs" / "main").read_text() == hub.base
     assert "prefetched 3 input(s)" in result.stderr
 
 
@@ -256,10 +264,11 @@ def test_offline_submit_pins_what_prefetch_cached_and_needs_it(hub, write_matrix
             f"runtime.offline is true: run `bakery-slurm prefetch {matrix}` first "
             "(input 'base')") in problems(before)
     assert invoke("prefetch", matrix).exit_code == 0
-    hub.refs["acme/adapters"]["main"] = B  # pushed after the prefetch: not what offline tasks get
+    push_new_adapter(hub)  # pushed after the prefetch: not what offline tasks get
     after = invoke("submit", matrix, "--executor", "local", "--dry-run")
     assert after.exit_code == 0, after.output
-    assert f"--pin base={A} --pin eng={A} --pin nob={A}" in after.stdout
+    assert (f"--pin base={hub.base} --pin eng={hub.adapters} --pin nob={hub.adapters}"
+            in after.stdout)
     assert [c for c in hub.calls if c[0] in ("repo_info", "list_repo_files")] == []
 
 
@@ -285,14 +294,13 @@ def test_the_shipped_matrix_with_three_keys_edited_passes_check_and_runs_in_the_
     assert "nnXXXXk" not in text.split("[paths]")[0].split("[runtime]")[1]  # nothing else to edit
     matrix = tmp_path / "matrix.toml"
     matrix.write_text(text)
-    hub.repos.clear()
-    hub.refs.clear()
     cells = expand(load_matrix(matrix))
-    for cell in cells:
-        hub.repos.setdefault(cell.base.repo, {"config.json": b"{}"})
-        for name, source in cell.adapters:
-            hub.repos.setdefault(source.repo, {})[f"{source.subfolder}/adapter_config.json"] = b"{}"
-    hub.repos["NbAiLab/nb-gpt-gemma3-bakery-merges-2603"] = {}
+    for base in {cell.base.repo for cell in cells}:
+        hub.seed(base, {"config.json": b"{}"})
+    hub.seed("NbAiLab/nb-gpt-gemma3-bakery-adapters-2603", {
+        f"{source.subfolder}/adapter_config.json": b"{}"
+        for cell in cells for _, source in cell.adapters})
+    hub.seed("NbAiLab/nb-gpt-gemma3-bakery-merges-2603", {})
     hub.identity["orgs"] = [{"name": "NbAiLab"}]
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{Path('/usr/bin')}")
     (tmp_path / "bin").mkdir()

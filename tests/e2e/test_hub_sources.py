@@ -85,7 +85,13 @@ def test_hub_sources_are_fetched_and_identified_by_commit(tmp_path, tiny_models)
                                          "revision": None, "commit": COMMIT}
     card = (tmp_path / "project" / "published" / "tiny1b-std" / "eng-nob__ties" / "README.md").read_text()
     assert "base_model:\n- acme/tiny-text\n" in card
-    assert f"commit {COMMIT}" in card
+    assert f"`acme/tiny-text@{COMMIT}`" in card and f"`acme/tiny-adapters/nob@{COMMIT}`" in card
+    # The root card names the same inputs at their commits.
+    root = (tmp_path / "project" / "published" / "README.md").read_text()
+    assert "base_model:\n- acme/tiny-text\n" in root and f"`acme/tiny-text@{COMMIT}`" in root
+    cell = tmp_path / "project" / "published" / "tiny1b-std" / "eng-nob__ties"
+    recipe = (cell / "mergekit_config.yml").read_text()
+    assert f'"acme/tiny-text@{COMMIT}+acme/tiny-adapters/nob@{COMMIT}"' in recipe
 
 
 def test_a_missing_hub_repo_fails_the_bake_naming_it(tmp_path, tiny_models):

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from bakery_slurm.manifest import intact_marker, marker_path
 from bakery_slurm.matrix import Cell, expand, load_matrix
 from bakery_slurm.pipeline import STAGES, CellPaths, read_result, run_cell
+from bakery_slurm.stages.push import public_inputs
 from support import checkpoint_tensors
 
 pytestmark = pytest.mark.e2e
@@ -110,14 +111,15 @@ def matrix_run(tmp_path_factory: pytest.TempPathFactory, write_tiny_matrix) -> S
 @pytest.fixture(scope="module")
 def cli_merges(matrix_run: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An independent `mergekit-yaml --device cpu --no-copy-tokenizer` run per cell, on the recipe
-    that was published (it names the cached bakes and the base). Started together, one thread each."""
+    the cell ran with (`cells/<id>/mergekit_config.yml`: it names the cached bakes and the
+    base). Started together, one thread each."""
     root = tmp_path_factory.mktemp("mergekit-cli")
     procs = {}
     for cid in matrix_run.cells:
         folder = root / cid.replace("/", "__")
         folder.mkdir()
         config = folder / "config.yml"
-        shutil.copyfile(matrix_run.published / cid / "mergekit_config.yml", config)
+        shutil.copyfile(CellPaths(matrix_run.work, cid).recipe, config)
         with open(folder / "log", "wb") as log:
             procs[cid] = subprocess.Popen(
                 [str(BIN / "mergekit-yaml"), str(config), str(folder / "out"), "--device", "cpu",
@@ -181,12 +183,19 @@ def test_published_folder_loads_with_base_tensor_set(matrix_run, size, method):
 def test_merge_is_bit_identical_to_mergekit_cli(matrix_run, cli_merges, size, method):
     cid = cell_id(size, method)
     result = matrix_run.results[cid]
-    recipe = yaml.safe_load((matrix_run.published / cid / "mergekit_config.yml").read_text())
+    recipe = yaml.safe_load(CellPaths(matrix_run.work, cid).recipe.read_text())
     # The CLI merged exactly our baked inputs (and base, where the method uses one).
     assert [m["model"] for m in recipe["models"]] == [
         str(bake_folder(matrix_run.work, result, a)) for a in ADAPTERS]
     assert recipe["merge_method"] == method
     assert ("base_model" in recipe) == (method != "linear")
+    # The published recipe is the same recipe, its models named by their inputs.
+    published = yaml.safe_load((matrix_run.published / cid / "mergekit_config.yml").read_text())
+    assert {k: v for k, v in published.items() if k not in ("models", "base_model")} == {
+        k: v for k, v in recipe.items() if k not in ("models", "base_model")}
+    assert [m["parameters"] for m in published["models"]] == [m["parameters"] for m in recipe["models"]]
+    assert [m["model"].split("+")[1].split("@")[0] for m in published["models"]] == [
+        f"local:{'text' if size == 'tiny1b' else 'multimodal'}/{a}" for a in ADAPTERS]
     ours = checkpoint_tensors(matrix_run.published / cid)
     theirs = checkpoint_tensors(cli_merges[cid])
     assert ours.keys() == theirs.keys()
@@ -292,6 +301,21 @@ def test_model_card_metadata(matrix_run):
         assert matrix_run.cells[cid].recipe_hash in card
         record = json.loads((matrix_run.published / cid / "bakery.json").read_text())
         assert record["recipe_hash"] == matrix_run.cells[cid].recipe_hash
+    root = (matrix_run.published / "README.md").read_text()
+    meta = yaml.safe_load(root.split("---\n")[1])
+    assert meta["base_model_relation"] == "merge" and {"merge", "mergekit", "lora"} <= set(meta["tags"])
+    assert f"Total: {len(matrix_run.cells)} merged checkpoints." in root
+
+
+def test_published_files_name_no_cluster_path(matrix_run, tiny_models):
+    """Card, recipe and record name inputs by repo id / folder name and hash, never by the paths
+    of this machine (bake folders, snapshots, the work folder)."""
+    for path in matrix_run.published.rglob("*"):
+        if path.suffix in (".md", ".yml", ".json") and path.name != "config.json":
+            text = path.read_text()
+            assert str(matrix_run.work) not in text and str(tiny_models) not in text, path
+    recipe = (matrix_run.published / next(iter(matrix_run.cells)) / "mergekit_config.yml").read_text()
+    assert "+local:" in recipe and "@sha256:" in recipe
 
 
 def test_token_is_written_nowhere(matrix_run):
@@ -485,4 +509,4 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
     new_weights = checkpoint_tensors(published)
     assert any(not torch.equal(old_weights[n], new_weights[n]) for n in old_weights)
     record = json.loads((published / "bakery.json").read_text())
-    assert record["inputs"] == second["stages"]["bake"]["inputs"]
+    assert record["inputs"] == public_inputs(second["stages"]["bake"]["inputs"])

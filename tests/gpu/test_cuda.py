@@ -70,13 +70,17 @@ def test_a_cuda_failure_at_start_falls_back_to_cpu(write_tiny_matrix, tmp_path):
 def runs(tmp_path_factory, write_tiny_matrix) -> SimpleNamespace:
     """Every tiny cell twice, in separate work folders: device auto (the GPU) and device cpu."""
     root = tmp_path_factory.mktemp("gpu-runs")
-    out = {}
+    out, work = {}, {}
     for device in ("auto", "cpu"):
         matrix_path = write_tiny_matrix(root / device)
         matrix = load_matrix(matrix_path)
+        work[device] = matrix.work_dir
         out[device] = {c.id: run_cell(c, matrix.work_dir, device=device) for c in expand(matrix)}
+    # `recipe` is the recipe each cell ran, with this machine's bake folders (the published
+    # one names its inputs by hash instead).
     return SimpleNamespace(root=root, results=out,
-                           published={d: root / d / "published" for d in out})
+                           published={d: root / d / "published" for d in out},
+                           recipe={d: lambda cid, d=d: CellPaths(work[d], cid).recipe for d in out})
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -87,7 +91,7 @@ def test_auto_merges_on_the_gpu_like_mergekit_yaml_cuda(runs, size, method, tmp_
     assert (merge["device"], merge["fallback_reason"]) == ("cuda", None)
     published = runs.published["auto"] / cid
     proc = subprocess.run(
-        [sys.executable, "-m", "mergekit.scripts.run_yaml", str(published / "mergekit_config.yml"),
+        [sys.executable, "-m", "mergekit.scripts.run_yaml", str(runs.recipe["auto"](cid)),
          str(tmp_path / "out"), "--cuda", "--no-copy-tokenizer"],
         capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -123,7 +127,7 @@ def test_gpu_and_cpu_ties_differ_only_where_the_density_cut_ties(runs, size):
     an element exactly at the cut may be kept on one and dropped on the other. Every element that
     differs beyond rounding must be such a tie in some adapter's task vector."""
     cid = cell_id(size, "ties")
-    recipe = yaml.safe_load((runs.published["cpu"] / cid / "mergekit_config.yml").read_text())
+    recipe = yaml.safe_load(runs.recipe["cpu"](cid).read_text())
     base = checkpoint_tensors(Path(recipe["base_model"]))
     deltas = [(checkpoint_tensors(Path(m["model"])), m["parameters"]["density"])
               for m in recipe["models"]]

@@ -1,24 +1,32 @@
-"""push targets: Hub retries and give-ups through `FakeHubApi` (tests/fakes.py), `dir:` targets,
-backoff bounds, and (marked e2e) a whole cell pushed to a fake Hub repo."""
+"""push targets: Hub retries, conflicts, transfer failures and reads through `FakeHubApi`
+(tests/fakes.py), `dir:` targets, the root card they keep, backoff bounds, and (marked e2e) a
+whole cell pushed to a fake Hub repo."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
+import httpx2
 import pytest
-from fakes import FakeHubApi
+from fakes import TRANSFER_FAILURE, FakeHubApi, http_error
 from huggingface_hub.errors import HfHubHTTPError
 
 from bakery_slurm.errors import PushError
+from bakery_slurm.matrix import PushTarget
+from bakery_slurm.rootcard import MANUAL_END, MANUAL_START, CardContext
 from bakery_slurm.stages import push
 from bakery_slurm.stages.push import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
+    MAX_RETRY_AFTER_S,
     MAX_TRIES,
     RECORD_FILE,
     DirTarget,
     HubTarget,
+    Publication,
+    public_inputs,
 )
 
 REPO = "owner/name"
@@ -26,9 +34,36 @@ CELL = "4b-std/eng-nob__ties"
 RECIPE_HASH = "ab" * 32
 
 
-def recipe_hash(target, path_in_repo):
-    """The recipe hash a target has published at `path_in_repo`, or None."""
-    return (target.published_record(path_in_repo) or {}).get("recipe_hash")
+def record(cell_id: str = CELL, recipe_hash: str = RECIPE_HASH) -> dict:
+    """A complete `bakery.json` record, as `push.prepare` writes it."""
+    size_variant, method = cell_id.split("/")[0], cell_id.rsplit("__", 1)[1]
+    size, variant = size_variant.split("-")
+    hub = {"repo": "org/base", "subfolder": None, "revision": None, "commit": "c" * 40}
+    return {"cell": cell_id, "size": size, "variant": variant, "method": method,
+            "adapters": ["eng", "nob"], "recipe_hash": recipe_hash, "dtype": "bfloat16",
+            "inputs": {"base": hub, "adapters": {
+                "eng": {**hub, "repo": "org/adapters", "subfolder": f"{size_variant}/eng"},
+                "nob": {**hub, "repo": "org/adapters", "subfolder": f"{size_variant}/nob"}}},
+            "parameters": {"weight": {"eng": 0.5, "nob": 0.5}},
+            "base_card": {"license": "gemma", "language": ["no", "en"]},
+            "output": {"content_sha256": "d" * 64, "files": {}},
+            "device": "cpu", "fallback_reason": None, "versions": {"mergekit": "0.1.5"}}
+
+
+def publish_folder(root: Path, cell_id: str = CELL, weights: bytes = b"\0" * 64) -> Publication:
+    """A publish folder: a record, a card and a (fake) weights file."""
+    out = root / "publish" / cell_id
+    out.mkdir(parents=True)
+    rec = record(cell_id)
+    (out / RECORD_FILE).write_text(json.dumps(rec))
+    (out / "README.md").write_text("---\nbase_model_relation: merge\n---\n")
+    (out / "model.safetensors").write_bytes(weights)
+    return Publication(cell_id, out, rec)
+
+
+def render_root(target: str = f"hub:{REPO}"):
+    kind, _, location = target.partition(":")
+    return push.root_renderer(PushTarget(kind, location), CardContext("merges", ("1b", "4b")))
 
 
 def bound(attempt: int) -> float:
@@ -37,14 +72,8 @@ def bound(attempt: int) -> float:
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    """A publish folder: a record, a card and a (fake) weights file."""
-    out = tmp_path / "publish"
-    out.mkdir()
-    (out / RECORD_FILE).write_text(json.dumps({"recipe_hash": RECIPE_HASH, "inputs": {"x": 1}}))
-    (out / "README.md").write_text("---\nbase_model_relation: merge\n---\n")
-    (out / "model.safetensors").write_bytes(b"\0" * 64)
-    return out
+def item(tmp_path: Path) -> Publication:
+    return publish_folder(tmp_path)
 
 
 @pytest.fixture
@@ -52,9 +81,14 @@ def sleeps() -> list[float]:
     return []
 
 
-def hub(tmp_path: Path, sleeps: list[float], **failures: list[int]) -> tuple[HubTarget, FakeHubApi]:
+def hub(tmp_path: Path, sleeps: list[float], **failures: list) -> tuple[HubTarget, FakeHubApi]:
     api = FakeHubApi(download_dir=tmp_path / "downloads", failures=dict(failures))
     return HubTarget(REPO, api=api, sleep=sleeps.append), api
+
+
+def cells_in(card: str) -> list[str]:
+    """The (size, variant, methods) rows of a root card's table."""
+    return [line for line in card.splitlines() if line.startswith("| 1b") or line.startswith("| 4b")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,87 +105,160 @@ def test_fake_raises_real_hub_errors(tmp_path):
         api.create_repo(REPO)  # exists, exist_ok=False
     assert info.value.response.status_code == 409
     with pytest.raises(TypeError):  # a keyword HubTarget does not use is refused, not ignored
-        api.upload_folder(repo_id=REPO, folder_path=tmp_path, token="hf_x")
+        api.create_commit(REPO, [], commit_message="m", token="hf_x")
+    assert http_error(429, retry_after=7).response.headers["Retry-After"] == "7"
+
+
+def test_fake_commit_on_a_moved_branch_is_refused_with_412(tmp_path):
+    from huggingface_hub import CommitOperationAdd
+
+    api = FakeHubApi(download_dir=tmp_path)
+    api.create_repo(REPO)
+    parent = api.repo_info(REPO).sha
+    api.put(REPO, {"other": b"x"})
+    with pytest.raises(HfHubHTTPError) as info:
+        api.create_commit(REPO, [CommitOperationAdd("a", b"1")], commit_message="m",
+                          parent_commit=parent)
+    assert info.value.response.status_code == 412 and "a" not in api.repos[REPO]
+
+
+def test_fake_download_of_main_reads_a_stale_cache_on_a_connection_error(tmp_path):
+    """The hazard HubTarget avoids: huggingface_hub returns the cached copy of main silently."""
+    api = FakeHubApi(download_dir=tmp_path)
+    api.create_repo(REPO)
+    api.put(REPO, {"f": b"old"})
+    assert Path(api.hf_hub_download(REPO, "f")).read_bytes() == b"old"
+    api.put(REPO, {"f": b"new"})
+    api.failures["hf_hub_download"] = [httpx2.ConnectError("proxy reset")]
+    assert Path(api.hf_hub_download(REPO, "f")).read_bytes() == b"old"
 
 
 # ------------------------------------------------------------------------------------------------
 # HubTarget: retries, give-ups, one commit
 
 
-@pytest.mark.parametrize("status", [412, 429, 500, 502, 503, 504])
-def test_retryable_status_is_retried_then_succeeds(tmp_path, folder, sleeps, status):
-    target, api = hub(tmp_path, sleeps, upload_folder=[status, status])
-    url = target.publish(folder, CELL, "bakery-slurm: test")
-    assert len(api.calls_to("upload_folder")) == 3
-    assert len(api.commits) == 1  # one commit, after two refused tries
-    commit = api.commits[0]
-    assert url == commit.commit_url and commit.path_in_repo == CELL
-    assert set(commit.files) == {f"{CELL}/{n}" for n in (RECORD_FILE, "README.md", "model.safetensors")}
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_retryable_status_is_retried_then_succeeds(tmp_path, item, sleeps, status):
+    target, api = hub(tmp_path, sleeps, create_commit=[status, status])
+    url = target.publish([item], "bakery-slurm: test", render_root())
+    assert len(api.calls_to("create_commit")) == 3
+    assert len(api.commits) == 2  # the repo's initial commit, then ours after two refused tries
+    commit = api.commits[-1]
+    assert url == commit.commit_url and commit.message == "bakery-slurm: test"
+    assert set(commit.files) == {f"{CELL}/{n}" for n in (RECORD_FILE, "README.md", "model.safetensors")} | {"README.md"}
     assert len(sleeps) == 2 and all(0 <= d <= bound(i) for i, d in enumerate(sleeps, 1))
 
 
-def test_mixed_failures_on_every_call_then_one_commit(tmp_path, folder, sleeps):
-    target, api = hub(tmp_path, sleeps, create_repo=[503], upload_folder=[412, 429, 503])
-    target.publish(folder, CELL, "msg")
-    assert len(api.calls_to("create_repo")) == 2 and len(api.calls_to("upload_folder")) == 4
-    assert len(api.commits) == 1 and api.commits[0].message == "msg"
-    assert len(sleeps) == 1 + 3
+def test_mixed_failures_on_every_call_then_one_commit(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, create_repo=[503], repo_info=[502],
+                      preupload_lfs_files=[429], create_commit=[503, 500])
+    target.publish([item], "msg", render_root())
+    assert len(api.calls_to("create_repo")) == 2 and len(api.calls_to("create_commit")) == 3
+    assert [c.message for c in api.commits] == ["initial commit", "msg"]
+    assert len(sleeps) == 5
     assert all(call["exist_ok"] is True for call in api.calls_to("create_repo"))
 
 
-def test_connection_errors_are_retried(tmp_path, folder, sleeps):
-    import httpx2
+def test_a_transfer_failure_is_retried_and_resumes(tmp_path, sleeps):
+    item = publish_folder(tmp_path)
+    (item.folder / "model-00002.safetensors").write_bytes(b"\1" * 64)
+    target, api = hub(tmp_path, sleeps, preupload_lfs_files=[TRANSFER_FAILURE])
+    target.publish([item], "msg", render_root())
+    assert len(api.calls_to("preupload_lfs_files")) == 2 and len(sleeps) == 1
+    # The file transferred before the failure is not transferred again.
+    files = {f"{CELL}/{n}" for n in (RECORD_FILE, "README.md", "model.safetensors",
+                                     "model-00002.safetensors")}
+    assert sorted(api.transfers[:-1]) == sorted(files) and api.transfers[-1] == "README.md"
+    assert files <= set(api.repos[REPO])
 
-    target, api = hub(tmp_path, sleeps, upload_folder=[httpx2.ConnectError("proxy reset"),
+
+def test_transfer_failures_give_up_naming_the_file(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, preupload_lfs_files=[TRANSFER_FAILURE] * MAX_TRIES)
+    (item.folder / "second").write_bytes(b"2")
+    with pytest.raises(PushError, match=r"could not upload: transfer failed: Error while uploading"):
+        target.publish([item], "msg", render_root())
+    assert api.calls_to("create_commit") == []
+
+
+def test_a_refused_token_during_a_transfer_is_not_retried(tmp_path, item, sleeps):
+    class XetAuthenticationError(PermissionError):  # as hf_xet's: a PermissionError
+        pass
+
+    target, api = hub(tmp_path, sleeps,
+                      preupload_lfs_files=[XetAuthenticationError("token refused")])
+    with pytest.raises(PushError, match=r"could not upload: transfer failed: token refused"):
+        target.publish([item], "msg", render_root())
+    assert sleeps == [] and len(api.calls_to("preupload_lfs_files")) == 1
+
+
+def test_offline_mode_is_said_not_retried(tmp_path, item, sleeps):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    target, api = hub(tmp_path, sleeps, repo_info=[OfflineModeIsEnabled("offline")])
+    with pytest.raises(PushError, match=r"could not read the head commit: HF_HUB_OFFLINE is set"):
+        target.published_record(CELL)
+    assert sleeps == []
+
+
+def test_a_429_waits_as_long_as_retry_after_says(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, create_commit=[http_error(429, retry_after=90)])
+    target.publish([item], "msg", render_root())
+    assert sleeps == [pytest.approx(90, abs=bound(1))] and sleeps[0] >= 90
+    assert len(api.commits) == 2
+
+
+def test_a_429_asking_for_longer_than_we_wait_stops_and_says_push_later(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps,
+                      create_commit=[http_error(429, retry_after=int(MAX_RETRY_AFTER_S) + 1)])
+    with pytest.raises(PushError, match=r"rate limited for 601 s .*bakery-slurm push"):
+        target.publish([item], "msg", render_root())
+    assert sleeps == []
+
+
+def test_connection_errors_are_retried(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, create_commit=[httpx2.ConnectError("proxy reset"),
                                                        httpx2.ReadTimeout("slow proxy")])
-    target.publish(folder, CELL, "msg")
-    assert len(api.calls_to("upload_folder")) == 3 and len(api.commits) == 1
+    target.publish([item], "msg", render_root())
+    assert len(api.calls_to("create_commit")) == 3 and len(api.commits) == 2
     assert len(sleeps) == 2
 
 
-def test_a_repush_leaves_exactly_the_new_files(tmp_path, folder, sleeps):
+def test_a_repush_leaves_exactly_the_new_files(tmp_path, item, sleeps):
     target, api = hub(tmp_path, sleeps)
-    (folder / "model-00002-of-00002.safetensors").write_bytes(b"old shard")
-    target.publish(folder, CELL, "first")
-    (folder / "model-00002-of-00002.safetensors").unlink()
-    api.repos[REPO]["other-cell/README.md"] = b"untouched"
-    target.publish(folder, CELL, "second")
+    (item.folder / "model-00002-of-00002.safetensors").write_bytes(b"old shard")
+    target.publish([item], "first", render_root())
+    (item.folder / "model-00002-of-00002.safetensors").unlink()
+    api.put(REPO, {f"{CELL}-density0.3/README.md": b"a sibling cell", "other/README.md": b"x"})
+    target.publish([item], "second", render_root())
     assert sorted(api.repos[REPO]) == sorted(
         [f"{CELL}/{n}" for n in (RECORD_FILE, "README.md", "model.safetensors")]
-        + ["other-cell/README.md"])
-    assert all(call["delete_patterns"] == "*" for call in api.calls_to("upload_folder"))
+        + [f"{CELL}-density0.3/README.md", "other/README.md", ".gitattributes", "README.md"])
 
 
-def test_gives_up_after_max_tries(tmp_path, folder, sleeps):
-    target, api = hub(tmp_path, sleeps, upload_folder=[503] * MAX_TRIES)
-    with pytest.raises(PushError, match=rf"{REPO}: could not upload: HTTP 503"):
-        target.publish(folder, CELL, "msg")
-    assert len(api.calls_to("upload_folder")) == MAX_TRIES
-    assert api.commits == [] and len(sleeps) == MAX_TRIES - 1
-
-
-def test_succeeds_on_the_last_try(tmp_path, folder, sleeps):
-    target, api = hub(tmp_path, sleeps, upload_folder=[429] * (MAX_TRIES - 1))
-    target.publish(folder, CELL, "msg")
-    assert len(api.commits) == 1 and len(api.calls_to("upload_folder")) == MAX_TRIES
+def test_gives_up_after_max_tries(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, create_commit=[503] * MAX_TRIES)
+    with pytest.raises(PushError, match=rf"{REPO}: could not commit: HTTP 503"):
+        target.publish([item], "msg", render_root())
+    assert len(api.calls_to("create_commit")) == MAX_TRIES
+    assert len(api.commits) == 1 and len(sleeps) == MAX_TRIES - 1
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
-def test_client_errors_are_not_retried(tmp_path, folder, sleeps, status):
-    target, api = hub(tmp_path, sleeps, upload_folder=[status])
+def test_client_errors_are_not_retried(tmp_path, item, sleeps, status):
+    target, api = hub(tmp_path, sleeps, create_commit=[status])
     with pytest.raises(PushError, match=rf"HTTP {status}"):
-        target.publish(folder, CELL, "msg")
-    assert len(api.calls_to("upload_folder")) == 1 and api.commits == [] and sleeps == []
+        target.publish([item], "msg", render_root())
+    assert len(api.calls_to("create_commit")) == 1 and len(api.commits) == 1 and sleeps == []
 
 
-def test_unauthorised_create_repo_stops_before_any_upload(tmp_path, folder, sleeps):
+def test_unauthorised_create_repo_stops_before_any_upload(tmp_path, item, sleeps):
     target, api = hub(tmp_path, sleeps, create_repo=[401])
     with pytest.raises(PushError, match=r"could not create the repo: HTTP 401"):
-        target.publish(folder, CELL, "msg")
-    assert api.calls_to("upload_folder") == [] and sleeps == []
+        target.publish([item], "msg", render_root())
+    assert api.calls_to("preupload_lfs_files") == [] and sleeps == []
 
 
-def test_backoff_is_capped_exponential_with_full_jitter(tmp_path, folder, sleeps, monkeypatch):
+def test_backoff_is_capped_exponential_with_full_jitter(tmp_path, item, sleeps, monkeypatch):
     """Each delay is drawn from uniform(0, min(cap, base * 2**attempt)): record the draws."""
     draws: list[tuple[float, float]] = []
 
@@ -162,63 +269,154 @@ def test_backoff_is_capped_exponential_with_full_jitter(tmp_path, folder, sleeps
     tries = 9  # enough failures to reach the cap
     monkeypatch.setattr(push, "MAX_TRIES", tries)
     monkeypatch.setattr(push.random, "uniform", uniform)
-    target, api = hub(tmp_path, sleeps, upload_folder=[503] * (tries - 1))
-    target.publish(folder, CELL, "msg")
+    target, api = hub(tmp_path, sleeps, create_commit=[503] * (tries - 1))
+    target.publish([item], "msg", render_root())
     expected = [bound(attempt) for attempt in range(1, tries)]
     assert draws == [(0, b) for b in expected]
     assert sleeps == expected
     assert expected[:3] == [4.0, 8.0, 16.0] and expected[-1] == BACKOFF_CAP_S
-    assert len(api.commits) == 1
+    assert len(api.commits) == 2
 
 
-def test_real_jitter_stays_within_bounds(tmp_path, folder, sleeps):
-    target, api = hub(tmp_path, sleeps, upload_folder=[503] * (MAX_TRIES - 1))
-    target.publish(folder, CELL, "msg")
+def test_real_jitter_stays_within_bounds(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, create_commit=[503] * (MAX_TRIES - 1))
+    target.publish([item], "msg", render_root())
     assert len(sleeps) == MAX_TRIES - 1
     assert all(0 <= d <= bound(i) for i, d in enumerate(sleeps, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Concurrent commits and the root card
+
+
+def test_a_commit_that_loses_a_race_reads_again_and_keeps_both_cells(tmp_path, sleeps):
+    target, api = hub(tmp_path, sleeps)
+    first = publish_folder(tmp_path / "a", "1b-std/eng-nob__linear")
+    second = publish_folder(tmp_path / "b", "4b-std/eng-nob__ties")
+    # Another task commits its cell between our read of main and our commit.
+    api.before["create_commit"] = lambda: (api.before.pop("create_commit"),
+                                           HubTarget(REPO, api=api).publish([first], "them", render_root()))
+    target.publish([second], "us", render_root())
+    assert [c.message for c in api.commits] == ["initial commit", "them", "us"]
+    assert [c["parent_commit"] is not None for c in api.calls_to("create_commit")] == [True] * 3
+    card = api.repos[REPO]["README.md"].decode()
+    assert cells_in(card) == ["| 1b | std | linear |", "| 4b | std | ties |"]
+    assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize("n", [2, 6])
+def test_concurrent_pushes_of_n_cells_end_with_all_n_in_the_card(tmp_path, n):
+    api = FakeHubApi(download_dir=tmp_path / "downloads")
+    api.create_repo(REPO)
+    ids = [f"{size}-{variant}/eng-nob__{method}" for size in ("1b", "4b")
+           for variant in ("std", "open") for method in ("linear", "ties")][:n]
+    items = [publish_folder(tmp_path / str(i), cell_id) for i, cell_id in enumerate(ids)]
+    # Every thread reads main before any commits: all but one commit must conflict at least once.
+    barrier, waited = threading.Barrier(n), threading.local()
+
+    def hold_until_all_have_read() -> None:
+        if not getattr(waited, "done", False):
+            waited.done = True
+            barrier.wait(timeout=30)
+
+    api.before["create_commit"] = hold_until_all_have_read
+    errors: list[BaseException] = []
+
+    def publish(item: Publication) -> None:
+        try:
+            HubTarget(REPO, api=api, sleep=lambda s: None).publish([item], item.cell_id, render_root())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=publish, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    conflicts = len(api.calls_to("create_commit")) - n
+    assert conflicts >= n - 1
+    card = api.repos[REPO]["README.md"].decode()
+    assert len(cells_in(card)) == len({i.split("/")[0] for i in ids})
+    assert f"Total: {n} merged checkpoint" in card
+    assert all(f"{i}/{RECORD_FILE}" in api.repos[REPO] for i in ids)
+
+
+def test_the_notes_section_survives_every_commit(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps)
+    target.publish([item], "first", render_root())
+    card = api.repos[REPO]["README.md"].decode()
+    edited = card.replace(card[card.index(MANUAL_START):card.index(MANUAL_END)],
+                          MANUAL_START + "\nNorBelebele: 69.9%\n")
+    api.put(REPO, {"README.md": edited.encode()})
+    other = publish_folder(tmp_path / "o", "1b-std/eng-nob__ties")
+    target.publish([other], "second", render_root())
+    card = api.repos[REPO]["README.md"].decode()
+    assert "NorBelebele: 69.9%" in card and "Total: 2 merged checkpoints." in card
+    assert target.root_card() == card
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading what is published (the pipeline skips a push when recipe hash and inputs match)
 
 
-def test_hub_published_record(tmp_path, folder, sleeps):
+def test_hub_published_record(tmp_path, item, sleeps):
     target, api = hub(tmp_path, sleeps)
-    assert recipe_hash(target, CELL) is None  # no repo: RepositoryNotFoundError
+    assert target.published_record(CELL) is None  # no repo
     api.create_repo(REPO)
-    assert target.published_record(CELL) is None  # repo, no file: RemoteEntryNotFoundError
-    target.publish(folder, CELL, "msg")
-    assert recipe_hash(target, CELL) == RECIPE_HASH
-    assert target.published_record(CELL) == {"recipe_hash": RECIPE_HASH, "inputs": {"x": 1}}
-    assert recipe_hash(target, "1b-std/eng-nob__ties") is None
-    assert api.calls_to("hf_hub_download")[-1]["filename"] == f"1b-std/eng-nob__ties/{RECORD_FILE}"
-    api.repos[REPO][f"{CELL}/{RECORD_FILE}"] = b"not json"
+    assert target.published_record(CELL) is None  # repo, no file
+    target.publish([item], "msg", render_root())
+    assert target.published_record(CELL) == item.record
+    assert target.published_records() == {CELL: item.record}
+    assert target.published_record("1b-std/eng-nob__ties") is None
+    api.put(REPO, {f"{CELL}/{RECORD_FILE}": b"not json"})
     assert target.published_record(CELL) is None
 
 
-def test_hub_published_record_retries_and_gives_up(tmp_path, folder, sleeps):
-    target, api = hub(tmp_path, sleeps, hf_hub_download=[429])
-    api.repos[REPO] = {f"{CELL}/{RECORD_FILE}": json.dumps({"recipe_hash": "h"}).encode()}
-    assert recipe_hash(target, CELL) == "h" and len(sleeps) == 1
-    api.failures["hf_hub_download"] = [401]
-    with pytest.raises(PushError, match=r"could not read the published record: HTTP 401"):
-        recipe_hash(target, CELL)
+def test_the_published_record_is_never_read_from_a_stale_cache(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps)
+    target.publish([item], "msg", render_root())
+    assert target.published_record(CELL)["recipe_hash"] == RECIPE_HASH
+    api.hf_hub_download(REPO, f"{CELL}/{RECORD_FILE}")  # main's copy is cached now
+    api.put(REPO, {f"{CELL}/{RECORD_FILE}": json.dumps(record(recipe_hash="new")).encode()})
+    # The Hub's file server drops the connection once: the stale copy must not be believed.
+    api.failures["hf_hub_download"] = [httpx2.ConnectError("reset")]
+    assert target.published_record(CELL)["recipe_hash"] == "new"
+    assert len(sleeps) == 1
+    assert all(call["revision"] == api.head(REPO) for call in api.calls_to("hf_hub_download")[-2:])
 
 
-def test_dir_target_publishes_and_reads_back(tmp_path, folder):
-    target = DirTarget(tmp_path / "published")
-    assert target.published_record(CELL) is None and recipe_hash(target, CELL) is None
-    where = target.publish(folder, CELL, "ignored")
-    assert Path(where) == tmp_path / "published" / CELL
-    assert sorted(p.name for p in Path(where).iterdir()) == sorted(p.name for p in folder.iterdir())
-    assert recipe_hash(target, CELL) == RECIPE_HASH
+def test_hub_published_record_retries_and_gives_up(tmp_path, item, sleeps):
+    target, api = hub(tmp_path, sleeps, repo_info=[429])
+    target.publish([item], "msg", render_root())
+    assert len(sleeps) == 1
+    api.failures["repo_info"] = [401]
+    with pytest.raises(PushError, match=r"could not read the head commit: HTTP 401"):
+        target.published_record(CELL)
+
+
+def test_dir_target_publishes_reads_back_and_keeps_a_root_card(tmp_path, item):
+    root = tmp_path / "published"
+    target = DirTarget(root)
+    assert target.published_record(CELL) is None and target.published_records() == {}
+    where = target.publish([item], "ignored", render_root(f"dir:{root}"))
+    assert Path(where) == root / CELL
+    assert sorted(p.name for p in Path(where).iterdir()) == sorted(p.name for p in item.folder.iterdir())
+    assert target.published_record(CELL) == item.record
+    card = (root / "README.md").read_text()
+    assert cells_in(card) == ["| 4b | std | ties |"] and "base_model:\n- org/base\n" in card
+    (root / "README.md").write_text(card.replace(MANUAL_START, MANUAL_START + "\nmy notes"))
     # A second publish replaces the folder whole (no stale files, no staging folder left).
-    (folder / "model.safetensors").unlink()
-    (folder / RECORD_FILE).write_text(json.dumps({"recipe_hash": "new"}))
-    target.publish(folder, CELL, "ignored")
+    (item.folder / "model.safetensors").unlink()
+    (item.folder / RECORD_FILE).write_text(json.dumps(record(recipe_hash="new")))
+    other = publish_folder(tmp_path / "o", "1b-std/eng-nob__ties")
+    target.publish([Publication(CELL, item.folder, record(recipe_hash="new")), other], "x",
+                   render_root(f"dir:{root}"))
     assert not (Path(where) / "model.safetensors").exists()
-    assert recipe_hash(target, CELL) == "new"
+    assert target.published_record(CELL)["recipe_hash"] == "new"
     assert not [p for p in Path(where).parent.iterdir() if p.name.endswith(".partial")]
+    card = (root / "README.md").read_text()
+    assert "my notes" in card and cells_in(card) == ["| 1b | std | ties |", "| 4b | std | ties |"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,15 +438,15 @@ def test_cell_pushed_to_hub_once(tmp_path, write_tiny_matrix, monkeypatch):
 
     result = run_cell(cell, matrix.work_dir, device="cpu", hub_api=api)
     assert result["status"] == "done" and result["stages"]["push"]["status"] == "done"
-    assert len(api.commits) == 1 and len(api.calls_to("upload_folder")) == 1
-    commit = api.commits[0]
-    assert commit.repo_id == REPO and commit.path_in_repo == cell.id
+    assert len(api.commits) == 2 and len(api.calls_to("create_commit")) == 1  # after the initial
+    commit = api.commits[-1]
     assert result["stages"]["push"]["target"] == commit.commit_url
+    assert all(name.startswith(f"{cell.id}/") for name in commit.files if name != "README.md")
     names = {name.removeprefix(f"{cell.id}/") for name in commit.files}
-    assert all(name.startswith(f"{cell.id}/") for name in commit.files)
     assert {"README.md", RECORD_FILE, "config.json", "model.safetensors", "mergekit_config.yml",
             "tokenizer.json", "tokenizer_config.json"} <= names
     assert json.loads(commit.files[f"{cell.id}/{RECORD_FILE}"])["recipe_hash"] == cell.recipe_hash
+    assert "| tiny1b | std | ties |" in commit.files["README.md"].decode()
     assert not [n for n, data in commit.files.items() if secret.encode() in data]
 
     # The uploaded folder is a loadable model, as the card's "How to load" says.
@@ -261,13 +459,20 @@ def test_cell_pushed_to_hub_once(tmp_path, write_tiny_matrix, monkeypatch):
     # Rerun: the repo holds this recipe hash and these inputs: no second commit.
     again = run_cell(cell, matrix.work_dir, device="cpu", hub_api=api)
     assert again["stages"]["push"]["status"] == "skipped"
-    assert len(api.commits) == 1 and len(api.calls_to("upload_folder")) == 1
+    assert len(api.commits) == 2 and len(api.calls_to("create_commit")) == 1
 
     # A published record from other inputs (say, an older adapter) is replaced: one more commit.
     record_name = f"{cell.id}/{RECORD_FILE}"
     stale = json.loads(api.repos[REPO][record_name])
     stale["inputs"]["adapters"]["nob"]["sha256"] = "0" * 64
-    api.repos[REPO][record_name] = json.dumps(stale).encode()
+    api.put(REPO, {record_name: json.dumps(stale).encode()})
     third = run_cell(cell, matrix.work_dir, device="cpu", hub_api=api)
-    assert third["stages"]["push"]["status"] == "done" and len(api.commits) == 2
-    assert json.loads(api.repos[REPO][record_name])["inputs"] == result["stages"]["bake"]["inputs"]
+    assert third["stages"]["push"]["status"] == "done" and len(api.commits) == 4
+    assert json.loads(api.repos[REPO][record_name])["inputs"] == public_inputs(
+        result["stages"]["bake"]["inputs"])
+
+
+def test_a_dir_target_that_cannot_be_written_says_so(tmp_path, item):
+    (tmp_path / "published").write_text("a file, not a folder")
+    with pytest.raises(PushError, match=r"published: could not publish: "):
+        DirTarget(tmp_path / "published").publish([item], "x", render_root("dir:/x"))

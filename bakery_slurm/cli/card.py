@@ -1,0 +1,50 @@
+"""`bakery-slurm card`: render the target's root model card for review, without pushing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import fsutil
+from ..matrix import REPO_ID, PushTarget, load_matrix
+from ..rootcard import CardContext, render_root_card
+from ..stages.push import make_target
+from . import cli
+
+
+@cli.command()
+@click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", metavar="hub:OWNER/NAME|dir:FOLDER",
+              help="Read the published cells here (default: [push] target of the matrix).")
+@click.option("--write", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the card to this file instead of printing it.")
+def card(matrix: Path, target: str | None, out: Path | None) -> None:
+    """Print the root README.md that the next push would write: rendered from the records of
+    the cells published at the target, titled and ordered by MATRIX, keeping the card's notes.
+
+    \b
+    Example:
+        bakery-slurm card matrix.toml
+        bakery-slurm card matrix.toml --target dir:published --write README.preview.md
+    """
+    loaded = load_matrix(matrix, check_cells=False)
+    push = _parse_target(target) if target else loaded.push_target
+    published = make_target(push)
+    text = render_root_card(published.published_records(), CardContext.of_matrix(loaded),
+                            push.location, published.root_card())
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        fsutil.atomic_write_text(out, text)
+        click.echo(f"wrote {out}", err=True)
+
+
+def _parse_target(text: str) -> PushTarget:
+    kind, _, location = text.partition(":")
+    if kind == "dir" and location:
+        return PushTarget("dir", str(Path(location).expanduser().resolve()))
+    if kind == "hub" and REPO_ID.match(location):
+        return PushTarget("hub", location)
+    raise click.BadParameter(f"{text!r}: must be 'hub:<owner>/<name>' or 'dir:<folder>'",
+                             param_hint="--target")

@@ -1,0 +1,135 @@
+"""Publish verified cells from the login node (`bakery-slurm push`).
+
+A cell is ready to publish when its latest run verified it and prepared its publish folder
+(`cells/<id>/publish`, with `bakery.json`) for the cell's current recipe, but did not publish it:
+its push failed (the Hub refused, a rate limit outlasted the retries), or `[push] defer = true`
+made the task stop after verify so that GPU nodes never wait on uploads. Publishing here commits
+many cells at once (the Hub allows a repo about 128 commits an hour), never reruns a stage, and
+records the push in each cell's result record, so `status` reads COMPLETED afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import fsutil
+from .manifest import intact_marker
+from .matrix import Cell, PushTarget
+from .pipeline import CellPaths, read_result
+from .rootcard import CardContext
+from .stages import push as push_stage
+
+VERIFIED = "verified"  # the result status of a cell whose task stopped after verify (defer)
+PUSHED_BY = "bakery-slurm push"  # marks a push stage done from the login node (`status` reads it)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a cell can be published from here, and why (not)."""
+
+    cell: str
+    ready: bool
+    reason: str
+
+
+def unpublished(result: Mapping[str, Any] | None) -> bool:
+    """The run this record describes verified the cell but did not publish it: deferred, or the
+    push itself failed. (Pure: `status` uses it too.)"""
+    if not result:
+        return False
+    stages = result.get("stages", {})
+    verified = stages.get("verify", {}).get("status") in ("done", "skipped")
+    push = stages.get("push", {}).get("status")
+    return verified and (result.get("status") == VERIFIED
+                         or (result.get("status") == "failed" and push == "failed"))
+
+
+def ready_to_publish(paths: CellPaths, result: Mapping[str, Any] | None) -> bool:
+    """`unpublished(result)`, with a publish folder prepared for that run's recipe."""
+    prepared = push_stage.prepared(paths.publish) if unpublished(result) else None
+    return bool(prepared) and prepared.get("recipe_hash") == result.get("recipe_hash")
+
+
+def judge(cell: Cell, result: Mapping[str, Any] | None, prepared: Mapping[str, Any] | None,
+          final_sha: str | None) -> Verdict:
+    """Can `cell` be published from its work folder? (Pure.)"""
+    if not result or result.get("recipe_hash") != cell.recipe_hash:
+        return Verdict(cell.id, False, "not run with this recipe: submit it")
+    if result.get("status") == "done":
+        return Verdict(cell.id, False, "already published")
+    if not unpublished(result):
+        return Verdict(cell.id, False, f"not verified (its run is {result.get('status')}): "
+                                       "resubmit it")
+    if (not prepared or prepared.get("recipe_hash") != cell.recipe_hash
+            or prepared.get("output", {}).get("content_sha256") != final_sha):
+        return Verdict(cell.id, False, "its publish folder is missing or stale: resubmit it")
+    return Verdict(cell.id, True, "verified, not published")
+
+
+def push_verified(cells: list[Cell], work: Path, push: PushTarget, context: CardContext,
+                  api: Any = None, dry_run: bool = False) -> list[dict[str, Any]]:
+    """Publish every ready cell of `cells` to `push`; one row per cell (cell, action).
+
+    Each cell's lock is held from the check until its result record says published, so a task
+    running the cell meanwhile is never raced (that cell is reported as running instead).
+    Raises PushError when the target refuses (the cells stay ready for the next try).
+    """
+    rows, items = [], []
+    with contextlib.ExitStack() as held:
+        for cell in cells:
+            paths = CellPaths(work, cell.id)
+            if paths.root.is_dir() and not dry_run:
+                try:
+                    held.enter_context(fsutil.locked(paths.lock, blocking=False))
+                except fsutil.LockBusy:
+                    rows.append({"cell": cell.id, "action": "skipped: a task is running it"})
+                    continue
+            final = intact_marker(paths.final) if paths.final.is_dir() else None
+            verdict = judge(cell, read_result(paths), push_stage.prepared(paths.publish),
+                            final and final["content_sha256"])
+            if not verdict.ready:
+                rows.append({"cell": cell.id, "action": f"skipped: {verdict.reason}"})
+                continue
+            items.append(push_stage.Publication(cell.id, paths.publish,
+                                                push_stage.prepared(paths.publish)))
+        if dry_run:
+            return rows + [{"cell": i.cell_id, "action": "would publish"} for i in items]
+        if not items:
+            return rows
+        target = push_stage.make_target(push, api=api)
+        published = target.published_records()
+        there = [i for i in items if push_stage.is_published(i.record, published.get(i.cell_id))]
+        todo = [i for i in items if i not in there]
+        start = time.monotonic()
+        wheres = push_stage.publish_cells(target, push, todo, context) if todo else {}
+        seconds = round(time.monotonic() - start, 3)
+        for item in there:
+            _mark_published(CellPaths(work, item.cell_id), {
+                "status": "skipped", "target": f"{push}/{item.cell_id}", "seconds": 0,
+                "reason": "the target holds this recipe hash and these inputs already",
+                "pushed_by": PUSHED_BY})
+            rows.append({"cell": item.cell_id, "action": "already at the target"})
+        for item in todo:
+            where = wheres[item.cell_id]
+            _mark_published(CellPaths(work, item.cell_id), {
+                "status": "done", "target": where, "seconds": seconds,
+                "pushed_by": PUSHED_BY})
+            rows.append({"cell": item.cell_id, "action": f"published: {where}"})
+    return rows
+
+
+def _mark_published(paths: CellPaths, stage: dict[str, Any]) -> None:
+    """Record the push in the cell's result record: the cell is done."""
+    result = json.loads(paths.result.read_text())
+    size = sum(p.stat().st_size for p in paths.publish.rglob("*") if p.is_file())
+    result["stages"]["push"] = {**stage, "bytes_read": size,
+                                "bytes_written": size if stage["status"] == "done" else 0}
+    result.update(status="done", error=None,
+                  finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    fsutil.atomic_write_json(paths.result, result)

@@ -1,0 +1,173 @@
+"""The repo's root model card (README.md), rendered from the published cells' records.
+
+The Hub reads a repo's metadata (base models, license, tags) only from its root README.md, and a
+reader looks there first for what the repo holds. This card is a pure function of the records
+every published cell carries (`bakery.json`: cell, parameters, inputs with their commits, device,
+the base's license and language) plus the matrix's name and order, so any process that publishes
+(an array task, `bakery-slurm push` on the login node, `bakery-slurm card`) renders the same card
+from the same repo state. The part between `MANUAL_START` and `MANUAL_END` is the user's
+(evaluation results, notes): it is carried over from the previous card on every regeneration.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+
+from .templating import render
+
+MANUAL_START = "<!-- bakery-slurm: notes start (kept when the card is regenerated) -->"
+MANUAL_END = "<!-- bakery-slurm: notes end -->"
+DEFAULT_NOTES = ("_Evaluation results and notes go here: edit between these two comments on the "
+                 "Hub or in this file; bakery-slurm keeps this section when it rewrites the card._")
+TAGS = ("merge", "mergekit", "lora", "bakery-slurm")
+
+
+@dataclass(frozen=True)
+class CardContext:
+    """What the card takes from the matrix rather than the records: a title and the order of
+    sizes, variants and methods (values not listed sort after the listed ones)."""
+
+    title: str
+    sizes: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+    @classmethod
+    def of_matrix(cls, matrix: Any) -> "CardContext":
+        spec = matrix.spec
+        return cls(title=spec.name, sizes=tuple(spec.sizes), variants=tuple(spec.variants),
+                   methods=tuple(spec.methods))
+
+
+def manual_section(previous: str | None) -> str:
+    """The user's section of an earlier card (without the markers), or the placeholder."""
+    if previous:
+        start, end = previous.find(MANUAL_START), previous.find(MANUAL_END)
+        if 0 <= start < end:
+            return previous[start + len(MANUAL_START):end].strip("\n")
+    return DEFAULT_NOTES
+
+
+def front_matter(card: str) -> dict[str, Any]:
+    """The YAML metadata block of a model card, scalars as strings ({} when it has none or it
+    does not parse)."""
+    match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", card, re.S)
+    if not match:
+        return {}
+    try:
+        # Every scalar a string: YAML 1.1 reads the language code `no` (Norwegian) as False.
+        data = yaml.load(match.group(1), Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def reference(identity: Mapping[str, Any]) -> str:
+    """A published input as anyone can name it: `repo[/subfolder]@commit` for a Hub source,
+    `local:<folder>@sha256:<hash>` for a local one (its path is the cluster's business)."""
+    if identity.get("commit"):
+        subfolder = f"/{identity['subfolder']}" if identity.get("subfolder") else ""
+        where = identity["repo"] + subfolder
+        return f"{where}@{identity['commit']}"
+    return f"local:{identity['local']}@sha256:{identity['sha256']}"
+
+
+def card_metadata(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Hub metadata shared by the root card and every cell card: every Hub base (in the records'
+    order), and the license and languages the bases' own cards declare (no license when the
+    bases disagree)."""
+    bases = list(dict.fromkeys(r["inputs"]["base"]["repo"] for r in records
+                               if r["inputs"]["base"].get("repo")))
+    licenses = sorted({str(r["base_card"]["license"]) for r in records
+                       if r.get("base_card", {}).get("license")})
+    languages: list[str] = []
+    for r in records:
+        value = r.get("base_card", {}).get("language") or []
+        for language in [value] if isinstance(value, str) else value:
+            if language not in languages:
+                languages.append(language)
+    return {"base_model": bases, "license": licenses[0] if len(licenses) == 1 else None,
+            "language": languages}
+
+
+def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardContext,
+                     location: str, previous: str | None = None) -> str:
+    """The root README.md for the cells `records` (cell id -> its `bakery.json`).
+
+    Parameters
+    ----------
+    records:
+        Every cell published at the target after this commit.
+    context:
+        Title and orders, from the matrix.
+    location:
+        What `from_pretrained` takes: the Hub repo id, or the `dir:` folder.
+    previous:
+        The card this one replaces, whose notes section is kept.
+    """
+    cells = sorted(records.values(), key=lambda r: _sort_key(r, context))
+    rows: dict[tuple[str, str], list[str]] = {}
+    for r in cells:
+        methods = rows.setdefault((r["size"], r["variant"]), [])
+        if _method_label(r) not in methods:
+            methods.append(_method_label(r))
+    recipes: dict[str, list[str]] = {}
+    for r in cells:
+        params = _parameters(r)
+        if params not in recipes.setdefault(r["method"], []):
+            recipes[r["method"]].append(params)
+    inputs: dict[str, tuple[str, str]] = {}
+    for r in cells:
+        used_by = f"{r['size']}-{r['variant']}"
+        inputs.setdefault(reference(r["inputs"]["base"]), ("base", used_by))
+        for name, identity in r["inputs"]["adapters"].items():
+            inputs.setdefault(reference(identity), (f"adapter {name}", used_by))
+    devices: dict[str, int] = {}
+    fallbacks: dict[str, list[str]] = {}
+    for r in cells:
+        devices[r["device"]] = devices.get(r["device"], 0) + 1
+        if r.get("fallback_reason"):
+            fallbacks.setdefault(r["fallback_reason"], []).append(r["cell"])
+    versions: dict[str, list[str]] = {}
+    for r in cells:
+        for name, version in r["versions"].items():
+            if version not in versions.setdefault(name, []):
+                versions[name].append(version)
+    adapters = cells[0]["adapters"] if cells else []
+    return render(
+        "root_card.md.j2", title=context.title, location=location, metadata=card_metadata(cells),
+        tags=TAGS, cells=cells, rows=rows, adapters=adapters, recipes=recipes, inputs=inputs,
+        devices=devices, fallbacks=fallbacks,
+        versions=versions, example=cells[-1]["cell"] if cells else None,
+        dtypes=sorted({r["dtype"] for r in cells}), manual_start=MANUAL_START,
+        manual_end=MANUAL_END, notes=manual_section(previous),
+    )
+
+
+def _sort_key(record: Mapping[str, Any], context: CardContext) -> tuple:
+    def position(value: str, order: tuple[str, ...]) -> tuple:
+        return (order.index(value), "") if value in order else (len(order), value)
+
+    return (position(record["size"], context.sizes), position(record["variant"], context.variants),
+            position(record["method"], context.methods), record["cell"])
+
+
+def _method_label(record: Mapping[str, Any]) -> str:
+    """`ties`, or `ties-density0.3` for a sweep point: the part of the cell id after `__`."""
+    return record["cell"].rsplit("__", 1)[-1]
+
+
+def _parameters(record: Mapping[str, Any]) -> str:
+    """`density=0.5, weight: eng=0.5 nob=0.5`: a cell's merge parameters on one line."""
+    parts = []
+    for name, value in sorted(record["parameters"].items()):
+        if isinstance(value, Mapping):
+            value = " ".join(f"{adapter}={v}" for adapter, v in value.items())
+            parts.append(f"{name}: {value}")
+        else:
+            parts.append(f"{name}={value}")
+    return ", ".join(parts) or "mergekit defaults"
