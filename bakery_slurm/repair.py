@@ -327,6 +327,14 @@ def _read_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    """A safetensors header as written to the file: its 8-byte little-endian length, then the JSON,
+    padded with spaces (as the spec allows) so the data section starts 8-byte aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json.loads keeps the last of two equal keys; a repeated tensor name means a corrupt file.
     result: dict[str, Any] = {}
@@ -522,18 +530,15 @@ def _rewrite_shard(src: Path, dst: Path, plan: Mapping[str, str], tally: _Tally)
     with open(src, "rb") as fin:
         header, data_start = _read_header(fin, src)
         renamed = {(k if k == METADATA_KEY else plan[k]): v for k, v in header.items()}
-        raw = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
-        # The spec pads the header with spaces so the data section starts 8-byte aligned.
-        raw += b" " * (-len(raw) % 8)
+        raw = encode_header(renamed)
         data_length = os.fstat(fin.fileno()).st_size - data_start
         with open(dst, "xb") as fout:
-            fout.write(struct.pack("<Q", len(raw)))
             fout.write(raw)
             fin.seek(data_start)
             shutil.copyfileobj(fin, fout, COPY_CHUNK_BYTES)
-            if fout.tell() != 8 + len(raw) + data_length:
+            if fout.tell() != len(raw) + data_length:
                 raise RepairError(f"{src}: changed while it was being copied")
             fout.flush()
             os.fsync(fout.fileno())
     tally.read += data_start + data_length
-    tally.written += 8 + len(raw) + data_length
+    tally.written += len(raw) + data_length
