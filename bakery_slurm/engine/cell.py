@@ -342,11 +342,15 @@ class _Context:
             # run_merge appends the base after the recipe's models when they do not include it.
             tensors.append(base)
             ids.append(BASE_ID)
-        if self.device.type != "cpu":
-            tensors = [t.to(self.device) for t in tensors]
+        tensors = to_device(tensors, self.device)
         result = merge_tensors(tensors, plan.method, parameters=plan.parameters, ids=ids,
                                base_index=len(baked) if plan.needs_base else None, name=name)
         return result.to("cpu")
+
+
+def to_device(tensors: list[Any], device: Any) -> list[Any]:
+    """The merge's inputs on `device` (baking stays on the CPU, as PEFT's merge_and_unload does)."""
+    return tensors if device.type == "cpu" else [t.to(device) for t in tensors]
 
 
 def _report_every(progress: Progress, report: Callable[[dict[str, Any]], None] | None,
