@@ -224,8 +224,9 @@ def _bake(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
             flow.engine_fallback, engine = str(e), "mergekit"
             log.warning("%s: the bakery engine cannot merge this cell exactly (%s); "
                         "baking with PEFT and merging with mergekit instead", cell.id, e)
+    # The bake's inputs are what the sources resolved to (known only once they are fetched).
     record = {"engine": engine, "engine_fallback_reason": flow.engine_fallback,
-              "outputs": {}}
+              "inputs": flow.sources, "outputs": {}}
     if flow.plan is not None:
         flow.base_tensors = dict(flow.plan.specs)
         flow.base_dir = flow.base.path
