@@ -71,9 +71,10 @@ def build_fixture(root: Path, layers: int, vocab: int) -> int:
         LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LINEAR),
                    task_type="CAUSAL_LM").save_pretrained(folder)
         factors = {}
-        for name, (rows, cols) in shapes.items():
+        for name, shape in shapes.items():
             module = name.removesuffix(".weight")
             if module.rsplit(".", 1)[-1] in LINEAR:
+                rows, cols = shape
                 key = f"base_model.model.{module}"
                 factors[f"{key}.lora_A.weight"] = torch.randn(RANK, cols, generator=generator) * 0.01
                 factors[f"{key}.lora_B.weight"] = torch.randn(rows, RANK, generator=generator) * 0.01
@@ -141,8 +142,9 @@ def main() -> None:
             for m in METHODS
             for a, b in [(load_file(str(published[e] / f"1b-std/eng-nob__{m}" / "model.safetensors"))
                           for e in ("mergekit", "bakery"))])
-        result = json.loads((root / "bakery" / "bakery-work" / "cells" / "1b-std" /
-                             "eng-nob__ties" / "result.json").read_text())
+        results = {(e, m): json.loads((root / e / "bakery-work" / "cells" / "1b-std" /
+                                       f"eng-nob__{m}" / "result.json").read_text())
+                   for e in rows for m in METHODS}
     print(f"{'cell':28s} {'mergekit':>20s} {'bakery':>20s} {'ratio':>7s} {'bakery/floor':>13s}")
     for method in METHODS:
         (old_s, old_rss), (new_s, new_rss) = rows["mergekit"][method], rows["bakery"][method]
@@ -153,7 +155,11 @@ def main() -> None:
     print(f"{'row (3 cells)':28s} {old_total:7.1f} s {max(r for _, r in rows['mergekit'].values()) / 1e9:6.2f} GB "
           f"{new_total:7.1f} s {max(r for _, r in rows['bakery'].values()) / 1e9:6.2f} GB "
           f"{new_total / old_total:6.2f}x")
-    merge = result["stages"]["merge"]
+    print("stage seconds (bake, merge, strip, verify, push):")
+    for (engine, method), result in results.items():
+        print(f"  {engine:9s} {method:16s} " + " ".join(
+            f"{stage['seconds']:6.1f}" for stage in result["stages"].values()))
+    merge = results["bakery", "ties"]["stages"]["merge"]
     print(f"bakery ties merge stage: {merge['seconds']:.1f} s, {merge['passed_through']} of "
           f"{merge['tensors']} tensors copied through unchanged")
     print(f"both engines published the same bytes: {same}")

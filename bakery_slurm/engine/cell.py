@@ -46,13 +46,15 @@ BASE_ID = "__base__"
 # Methods whose kernel is elementwise (an output element depends only on the inputs' element at
 # the same place), so a tensor may be merged in row chunks with identical results.
 ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
-# Row chunks of untouched tensors hold at most this many elements (64 Mi: 128 MB in bf16).
-CHUNK_ELEMENTS = 1 << 26
-# Estimated working memory per element and input of a merge (inputs, fp32 temporaries); TIES
-# also sorts each delta in fp32 with int64 indices.
-BYTES_PER_ELEMENT = {"ties": 24}
-DEFAULT_BYTES_PER_ELEMENT = 12
-DEFAULT_MEMORY_BUDGET = 1 << 30
+# Row chunks of untouched tensors hold at most this many elements (16 Mi: 32 MB in bf16).
+CHUNK_ELEMENTS = 1 << 24
+# Estimated working memory per element and input of a merge (the inputs, fp32 temporaries; TIES
+# also sorts each delta's magnitudes in fp32 with int64 indices). Measured peaks are below these.
+BYTES_PER_ELEMENT = {"ties": 12}
+DEFAULT_BYTES_PER_ELEMENT = 6
+# Working memory in flight: enough for every core to hold a large tensor, at least 1 GiB.
+MEMORY_PER_WORKER = 384 << 20
+MIN_MEMORY_BUDGET = 1 << 30
 PROGRESS_INTERVAL_S = 5.0
 SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
@@ -152,7 +154,7 @@ class _Unit:
 
 
 def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None = None,
-             memory_budget: int = DEFAULT_MEMORY_BUDGET, max_shard_bytes: int = 5_000_000_000,
+             memory_budget: int | None = None, max_shard_bytes: int = 5_000_000_000,
              report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write the merged checkpoint's shards into the empty folder `out`; return the final progress.
 
@@ -161,6 +163,7 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     import torch
 
     workers = workers or available_cores()
+    memory_budget = memory_budget or max(MIN_MEMORY_BUDGET, MEMORY_PER_WORKER * workers)
     units = _units(plan)
     shard_plan = plan_shards(plan.specs, max_shard_bytes)
     progress = Progress(len(plan.specs), sum(p.nbytes for p in shard_plan.placements.values()))
@@ -248,7 +251,8 @@ def _units(plan: CellPlan) -> list[_Unit]:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             units.append(_Unit(name, start, stop, False, (stop - start) * (numel // rows) * per_element))
-    return units
+    # Largest first, so the last tensors to finish are small ones and every core stays busy.
+    return sorted(units, key=lambda unit: -unit.cost)
 
 
 def _may_pass_through(plan: CellPlan) -> bool:
@@ -262,11 +266,15 @@ def _may_pass_through(plan: CellPlan) -> bool:
 
 
 def _unchanged_by_zero_delta(tensor: Any) -> bool:
-    """base + 0.0 == base bit for bit: no -0.0 (it becomes +0.0), no inf or NaN (inf - inf is NaN)."""
+    """base + 0.0 == base bit for bit: no -0.0 (it becomes +0.0), no inf or NaN (inf - inf is NaN).
+    Checked in chunks, so the masks stay small next to a large tensor."""
     import torch
 
-    return bool(torch.isfinite(tensor).all()) and not bool(
-        ((tensor == 0) & torch.signbit(tensor)).any())
+    flat = tensor.reshape(-1)
+    for part in flat.split(CHUNK_ELEMENTS):
+        if not bool(torch.isfinite(part).all()) or bool(((part == 0) & torch.signbit(part)).any()):
+            return False
+    return True
 
 
 class _Readers(threading.local):
