@@ -286,9 +286,14 @@ def read_header(path: Path) -> dict[str, Any]:
         repeated, or the data section does not have exactly the length the header describes (a
         truncated or half-written file).
     """
+    return read_header_and_offset(path)[0]
+
+
+def read_header_and_offset(path: Path) -> tuple[dict[str, Any], int]:
+    """`read_header`, plus the byte offset in the file where the data section starts (tensor
+    `data_offsets` count from there)."""
     with open(path, "rb") as f:
-        header, _ = _read_header(f, Path(path))
-    return header
+        return _read_header(f, Path(path))
 
 
 def _read_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
@@ -465,7 +470,7 @@ def repair_checkpoint(src: Path, dst: Path, base_tensors: Mapping[str, TensorSpe
         raise RepairError(f"repair destination {dst} overlaps its source {src}")
 
     shards, index, tensors = _scan(src)
-    kind = detect_kind(tensors, _read_config(src))
+    kind = detect_kind(tensors, read_config(src))
     plan = plan_renames({n: (t.dtype, t.shape) for n, t in tensors.items()}, base_tensors, kind)
     renamed = sum(old != new for old, new in plan.items())
     identity = renamed == 0
@@ -500,7 +505,8 @@ class _Tally:
     linked: int = 0
 
 
-def _read_config(folder: Path) -> dict[str, Any] | None:
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint folder's config.json, or None when it has none."""
     path = folder / "config.json"
     if not path.exists():
         return None

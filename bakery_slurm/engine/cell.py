@@ -29,13 +29,14 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..repair import checkpoint_tensors, detect_kind, to_hub_name, _read_config
 from ..errors import RepairError
+from ..repair import (checkpoint_tensors, detect_kind, read_config, read_header_and_offset,
+                      to_hub_name)
 from .lora import ADAPTER_WEIGHTS, Factors, Unsupported, baked_tensor, read_adapter
 from .shards import ELEMENT_BYTES, ShardWriter, plan_shards
 
@@ -99,7 +100,7 @@ def plan_cell(base: Path, adapters: list[tuple[str, Path]], method: str, needs_b
         The base's names cannot be brought to the hub layout.
     """
     located = checkpoint_tensors(base)
-    kind = detect_kind(located, _read_config(base))
+    kind = detect_kind(located, read_config(base))
     to_output = to_hub_name if kind == "multimodal" else (lambda name: name)
     sources: dict[str, tuple[Path, str]] = {}
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -172,8 +173,14 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
         pending_chunks[unit.name] = pending_chunks.get(unit.name, 0) + 1
     writer = ShardWriter(shard_plan, out)
     context = _Context(plan, writer, torch.device(device), progress, pending_chunks)
-    budget = max(memory_budget, max(u.cost for u in units))
-    in_flight = _Budget(budget)
+    in_flight = _Budget(memory_budget)
+    errors: list[BaseException] = []
+
+    def finished(future: Future, cost: int) -> None:
+        if future.exception() is not None:
+            errors.append(future.exception())
+        in_flight.release(cost)
+
     stop_reporting = threading.Event()
     reporter = threading.Thread(target=_report_every, args=(progress, report, stop_reporting),
                                 daemon=True)
@@ -183,26 +190,19 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     reporter.start()
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bakery-merge") as pool:
-            futures: list[Future] = []
             for unit in units:
                 in_flight.acquire(unit.cost)
-                failed = [f for f in futures if f.done() and f.exception()]
-                if failed:
+                if errors:  # stop submitting; the pool finishes what it runs
                     in_flight.release(unit.cost)
                     break
-                future = pool.submit(context.run, unit)
-                future.add_done_callback(lambda _, cost=unit.cost: in_flight.release(cost))
-                futures.append(future)
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in done:
-                if future.exception():
-                    for other in futures:
-                        other.cancel()
-                    raise future.exception()
-            wait(futures)
+                pool.submit(context.run, unit).add_done_callback(
+                    lambda future, cost=unit.cost: finished(future, cost))
+        if errors:
+            raise errors[0]
         writer.close()
     finally:
         writer.close(sync=False)
+        context.files.close()
         torch.set_num_threads(threads)
         stop_reporting.set()
         reporter.join()
@@ -236,7 +236,7 @@ class _Budget:
 
 
 def _units(plan: CellPlan) -> list[_Unit]:
-    adapted = plan.adapted
+    adapted, copies = plan.adapted, _may_pass_through(plan)
     per_element = BYTES_PER_ELEMENT.get(plan.method, DEFAULT_BYTES_PER_ELEMENT) * (len(plan.adapters) + 1)
     units = []
     for name, (_, shape) in plan.specs.items():
@@ -244,7 +244,7 @@ def _units(plan: CellPlan) -> list[_Unit]:
         rows = shape[0] if shape else 1
         if name in adapted or plan.method not in ELEMENTWISE or numel <= CHUNK_ELEMENTS or not shape:
             # A copy (checked, untouched, task-vector methods) needs no working memory beyond it.
-            cost = numel * (4 if name not in adapted and _may_pass_through(plan) else per_element)
+            cost = numel * (4 if name not in adapted and copies else per_element)
             units.append(_Unit(name, 0, rows, True, cost))
             continue
         step = max(1, CHUNK_ELEMENTS // max(1, numel // rows))
@@ -277,18 +277,53 @@ def _unchanged_by_zero_delta(tensor: Any) -> bool:
     return True
 
 
-class _Readers(threading.local):
-    """safetensors handles per thread and file (a handle is not shared between threads)."""
+class _Files:
+    """Reads tensors, or row ranges of them, straight from safetensors files with `os.pread`:
+    no memory map, so the process holds only the tensors in flight, and no shared file position,
+    so any thread may read."""
+
+    DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
     def __init__(self) -> None:
-        self.open: dict[Path, Any] = {}
+        self.lock = threading.Lock()
+        self.open: dict[Path, tuple[int, dict[str, Any], int]] = {}
 
-    def get(self, path: Path) -> Any:
-        from safetensors import safe_open
+    def _file(self, path: Path) -> tuple[int, dict[str, Any], int]:
+        with self.lock:
+            if path not in self.open:
+                header, data_start = read_header_and_offset(path)
+                self.open[path] = (os.open(path, os.O_RDONLY), header, data_start)
+            return self.open[path]
 
-        if path not in self.open:
-            self.open[path] = safe_open(str(path), framework="pt")
-        return self.open[path]
+    def read(self, path: Path, name: str, start: int = 0, stop: int | None = None) -> Any:
+        """Tensor `name` of the file at `path`, rows [start, stop) (all rows by default)."""
+        import torch
+
+        fd, header, data_start = self._file(path)
+        entry = header[name]
+        shape = list(entry["shape"])
+        dtype = getattr(torch, self.DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        if shape:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            stop = shape[0] if stop is None else stop
+            begin, end = begin + start * row_bytes, begin + stop * row_bytes
+            shape[0] = stop - start
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        position, filled = data_start + begin, 0
+        while filled < end - begin:
+            got = os.preadv(fd, [view[filled:]], position + filled)
+            if got == 0:
+                raise RepairError(f"{path}: ends inside tensor {name}")
+            filled += got
+        return out
+
+    def close(self) -> None:
+        with self.lock:
+            for fd, _, _ in self.open.values():
+                os.close(fd)
+            self.open = {}
 
 
 class _Context:
@@ -296,7 +331,7 @@ class _Context:
                  pending_chunks: dict[str, int]):
         self.plan, self.writer, self.device, self.progress = plan, writer, device, progress
         self.pending_chunks = pending_chunks
-        self.readers = _Readers()
+        self.files = _Files()
         self.pass_through = _may_pass_through(plan)
 
     def run(self, unit: _Unit) -> None:
@@ -305,11 +340,7 @@ class _Context:
         plan = self.plan
         dtype = getattr(torch, plan.dtype)
         file, source_name = plan.sources[unit.name]
-        handle = self.readers.get(file)
-        if unit.whole:
-            base = handle.get_tensor(source_name)
-        else:
-            base = handle.get_slice(source_name)[unit.start:unit.stop]
+        base = self.files.read(file, source_name, unit.start, None if unit.whole else unit.stop)
         base = base.to(dtype)
         passed = False
         if unit.name not in plan.adapted and self.pass_through and _unchanged_by_zero_delta(base):
@@ -320,9 +351,8 @@ class _Context:
                 weights, factors = plan.factors[adapter]
                 if unit.name in factors:
                     f = factors[unit.name]
-                    lora = self.readers.get(weights)
-                    baked.append(baked_tensor(base, lora.get_tensor(f.a_key), lora.get_tensor(f.b_key),
-                                              f.scaling))
+                    baked.append(baked_tensor(base, self.files.read(weights, f.a_key),
+                                              self.files.read(weights, f.b_key), f.scaling))
                 else:
                     baked.append(base)
             result = self._merge(unit.name, baked, base)
