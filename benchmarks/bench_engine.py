@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bakery_slurm.pipeline import STAGES
 from bakery_slurm.tiny import build_tokenizer
 
 METHODS = {"linear": "weight = 0.5", "task_arithmetic": "weight = 0.5",
@@ -155,10 +156,10 @@ def main() -> None:
     print(f"{'row (3 cells)':28s} {old_total:7.1f} s {max(r for _, r in rows['mergekit'].values()) / 1e9:6.2f} GB "
           f"{new_total:7.1f} s {max(r for _, r in rows['bakery'].values()) / 1e9:6.2f} GB "
           f"{new_total / old_total:6.2f}x")
-    print("stage seconds (bake, merge, strip, verify, push):")
+    print("stage seconds: " + ", ".join(STAGES))
     for (engine, method), result in results.items():
         print(f"  {engine:9s} {method:16s} " + " ".join(
-            f"{stage['seconds']:6.1f}" for stage in result["stages"].values()))
+            f"{result['stages'][stage]['seconds']:6.1f}" for stage in STAGES))
     merge = results["bakery", "ties"]["stages"]["merge"]
     print(f"bakery ties merge stage: {merge['seconds']:.1f} s, {merge['passed_through']} of "
           f"{merge['tensors']} tensors copied through unchanged")
