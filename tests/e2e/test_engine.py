@@ -218,3 +218,33 @@ def test_unsupported_adapters_fall_back_to_peft_and_mergekit(tmp_path, tiny_mode
     ours, reference = both["bakery"]["tensors"], both["mergekit"]["tensors"]
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[n], reference[n]) for n in reference)
+
+
+def test_a_failing_tensor_fails_the_merge_with_nothing_in_place(tmp_path, write_tiny_matrix,
+                                                                monkeypatch, runs):
+    """An error in one worker stops the merge: the stage fails naming it, no final/ appears, and
+    the next run merges everything to the same bytes as an undisturbed run."""
+    from bakery_slurm.engine import cell as engine_cell
+    from bakery_slurm.errors import StageError
+
+    real = engine_cell.baked_tensor
+
+    def failing(base, a, b, scaling):
+        if base.shape[0] == 128:  # the MLP's gate/up projections
+            raise RuntimeError("disk on fire")
+        return real(base, a, b, scaling)
+
+    matrix = load_matrix(write_tiny_matrix(tmp_path, methods=("ties",)))
+    cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
+    paths = CellPaths(matrix.work_dir, cell.id)
+    monkeypatch.setattr(engine_cell, "baked_tensor", failing)
+    with pytest.raises(StageError, match="merge failed: disk on fire"):
+        run_cell(cell, matrix.work_dir, device="cpu")
+    assert not paths.final.exists() and not marker_path(paths.final).exists()
+    monkeypatch.setattr(engine_cell, "baked_tensor", real)
+    result = run_cell(cell, matrix.work_dir, device="cpu")
+    assert result["status"] == "done"
+    assert not list(paths.root.glob(".*.partial"))
+    ours = checkpoint_tensors(tmp_path / "published" / cell.id)
+    reference = checkpoint_tensors(runs.published["hub", "bakery"] / cell.id)
+    assert all(torch.equal(ours[n], reference[n]) for n in reference)
