@@ -331,6 +331,7 @@ class _Context:
                  pending_chunks: dict[str, int]):
         self.plan, self.writer, self.device, self.progress = plan, writer, device, progress
         self.pending_chunks = pending_chunks
+        self.computed: set[str] = set()  # tensors with a chunk that was merged, not copied
         self.files = _Files()
         self.pass_through = _may_pass_through(plan)
 
@@ -367,9 +368,11 @@ class _Context:
         with self.progress.lock:
             self.pending_chunks[unit.name] -= 1
             self.progress.bytes_done += data.nbytes
+            if not passed:
+                self.computed.add(unit.name)
             if self.pending_chunks[unit.name] == 0:
                 self.progress.tensors_done += 1
-                self.progress.passed_through += passed
+                self.progress.passed_through += unit.name not in self.computed
 
     def _merge(self, name: str, baked: list[Any], base: Any) -> Any:
         from mergekit.merge_methods import merge_tensors
