@@ -60,3 +60,4 @@ bench: install slurm-up
 	$(BIN)/python benchmarks/bench_ledger.py
 	$(BIN)/python benchmarks/bench_sources.py
 	$(BIN)/python benchmarks/bench_merge.py
+	$(BIN)/python benchmarks/bench_engine.py

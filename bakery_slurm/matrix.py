@@ -208,6 +208,19 @@ class PathsSpec(_Model):
     work: str = "bakery-work"
 
 
+class MergeSpec(_Model):
+    """How a cell is merged. Both engines give the same bytes; neither is part of the recipe hash.
+
+    `bakery` (the default) computes each baked tensor from the base and the LoRA factors and feeds
+    it to mergekit's merge method, one pass, in parallel over tensors; adapters it cannot compute
+    exactly fall back to `mergekit`: PEFT bakes each adapter into a full checkpoint, then mergekit's
+    run_merge merges those. `keep_bakes` also writes the baked checkpoints under the bakery engine.
+    """
+
+    engine: Literal["bakery", "mergekit"] = "bakery"
+    keep_bakes: bool = False
+
+
 # A number, a list of numbers (a sweep axis), a per-adapter table, or a bool; `_check_param`
 # checks the shape against the method's registry entry, so a quoted "0.5" is reported, not coerced.
 ParamValue = Any
@@ -231,6 +244,7 @@ class MatrixSpec(_Model):
     resources: Resources = Resources()
     runtime: Runtime = Runtime()
     paths: PathsSpec = PathsSpec()
+    merge: MergeSpec = MergeSpec()
 
 
 @dataclass(frozen=True)
@@ -260,6 +274,7 @@ class Cell:
     push: PushTarget
     resources: Resources
     dtype: str
+    merge: MergeSpec = MergeSpec()
 
     @property
     def recipe_hash(self) -> str:
@@ -483,7 +498,8 @@ def expand(matrix: Matrix) -> list[Cell]:
                     cells.append(Cell(
                         id=cell_id, size=size, variant=variant, method=method,
                         parameters=parameters, base=base, adapters=adapters,
-                        push=matrix.push_target, resources=resources, dtype=spec.dtype))
+                        push=matrix.push_target, resources=resources, dtype=spec.dtype,
+                        merge=spec.merge))
     if not cells:
         raise _fail(matrix, "exclude", spec.exclude, "the rules remove every cell")
     return cells

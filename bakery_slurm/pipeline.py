@@ -1,5 +1,12 @@
 """One cell, start to finish: bake -> merge -> strip -> verify -> push (or stop after verify).
 
+The stages are the `Step`s of STEPS, in order; each declares the fields of `Flow` it needs and
+gives, the inputs its output depends on, and how it finds what it recorded last time, so one rule
+decides every skip. With the bakery engine (the default) "bake" only fetches and plans, "merge"
+writes the final checkpoint in one pass from the base and the LoRA factors, and "strip" has
+nothing to do; with `[merge] engine = "mergekit"` (or an adapter the engine cannot compute
+exactly) PEFT bakes each adapter, mergekit merges the bakes and strip repairs the names.
+
 Every stage writes its output atomically and records what it produced; a rerun reuses an output
 whose marker is intact and whose recorded inputs are the current ones, so a task killed at any
 point resumes where it stopped and a changed input redoes exactly what depends on it. The cell's
@@ -16,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -29,9 +36,6 @@ from .rootcard import CardContext
 from .versions import library_versions
 
 log = logging.getLogger(__name__)
-
-STAGES = ("bake", "merge", "strip", "verify", "push")
-
 
 @dataclass(frozen=True)
 class CellPaths:
@@ -154,103 +158,301 @@ def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None,
         raise BakeryError(f"{cell.id}: another task is running this cell ({paths.lock})") from None
 
 
-def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool,
-         card: CardContext | None) -> dict[str, Any]:
-    from .recipe import render_recipe, validate_recipe
-    from .repair import repair_checkpoint
+@dataclass
+class Flow:
+    """What the steps of one cell hand each other. Each field is set by the one step that `gives`
+    it and read only by steps that declare it in `needs` (see STEPS)."""
+
+    cell: Cell
+    paths: CellPaths
+    device: str
+    hub_api: Any
+    offline: bool                    # read Hub inputs from the Hub cache only
+    card: CardContext | None         # titles and orders the target's root card
+    result: dict[str, Any]           # the run's result record (push cites the merge's device)
+    report_progress: Callable[[dict[str, Any]], None]
+    # bake
+    base: Any = None                 # sources.LocalModel
+    base_dir: Path | None = None     # the base's folder as the merge reads it (hub layout for mergekit)
+    base_tensors: dict[str, Any] = field(default_factory=dict)   # hub-layout {name: (dtype, shape)}
+    sources: dict[str, Any] = field(default_factory=dict)        # identities of base and adapters
+    adapters: dict[str, Path] = field(default_factory=dict)      # adapter -> its fetched folder
+    plan: Any = None                 # engine.CellPlan, or None on the mergekit path
+    engine_fallback: str | None = None
+    baked: dict[str, Path] = field(default_factory=dict)         # adapter -> baked checkpoint
+    baked_sha: dict[str, str] = field(default_factory=dict)
+    # merge
+    recipe: str = ""
+    merged: Path | None = None
+    merged_sha: str = ""
+    # strip
+    final_sha: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a cell, read top to bottom in STEPS.
+
+    `inputs(flow)` is everything the step's output depends on; `previous(flow)` is what the step
+    recorded when it last made that output (None when the output is missing or not intact). The
+    one skip rule: a step whose previous record holds the same inputs is not run again;
+    `resume` then gives its fields from that record, as `run` would have.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    gives: tuple[str, ...]
+    run: Callable[[Flow, dict[str, Any]], dict[str, Any]]
+    inputs: Callable[[Flow], dict[str, Any]] = lambda flow: {}
+    previous: Callable[[Flow], dict[str, Any] | None] = lambda flow: None
+    resume: Callable[[Flow, dict[str, Any]], dict[str, Any]] = lambda flow, record: {}
+
+    def __call__(self, flow: Flow) -> dict[str, Any]:
+        inputs = self.inputs(flow)
+        previous = self.previous(flow)
+        if previous is not None and previous.get("inputs") == inputs:
+            return {"status": "skipped", "bytes_read": 0, "bytes_written": 0, "inputs": inputs,
+                    **self.resume(flow, previous)}
+        return {"inputs": inputs, **self.run(flow, inputs)}
+
+
+# ------------------------------------------------------------------------------------------------
+# bake: fetch the sources; plan the engine's merge, or bake each adapter into a checkpoint
+
+
+def _bake(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
+    from .engine import Unsupported, plan_cell
+    from .methods import get as method
     from .sources import fetch
     from .stages import bake as bake_stage
+
+    cell, cache = flow.cell, flow.paths.cache
+    flow.base = fetch(cell.base, hash_cache=cache / "hashes", offline=flow.offline)
+    adapters = {name: fetch(source, hash_cache=cache / "hashes", offline=flow.offline)
+                for name, source in cell.adapters}
+    flow.adapters = {name: adapter.path for name, adapter in adapters.items()}
+    flow.sources = {"base": flow.base.identity,
+                    "adapters": {n: a.identity for n, a in adapters.items()}}
+    engine = cell.merge.engine
+    if engine == "bakery":
+        try:
+            flow.plan = plan_cell(flow.base.path, [(n, a.path) for n, a in adapters.items()],
+                                  cell.method, method(cell.method).needs_base, cell.parameters,
+                                  cell.dtype)
+        except Unsupported as e:
+            flow.engine_fallback, engine = str(e), "mergekit"
+            log.warning("%s: the bakery engine cannot merge this cell exactly (%s); "
+                        "baking with PEFT and merging with mergekit instead", cell.id, e)
+    # The bake's inputs are what the sources resolved to (known only once they are fetched).
+    record = {"engine": engine, "engine_fallback_reason": flow.engine_fallback,
+              "inputs": flow.sources, "outputs": {}}
+    if flow.plan is not None:
+        flow.base_tensors = dict(flow.plan.specs)
+        flow.base_dir = flow.base.path
+        if not cell.merge.keep_bakes:
+            return {**record, "status": "skipped", "cached": True, "adapters": {},
+                    "reason": "the bakery engine bakes each tensor in memory during the merge",
+                    "bytes_read": 0, "bytes_written": 0}
+    base_dir, base_tensors, base_record = bake_stage.prepare_base(flow.base, cache)
+    if flow.plan is None:
+        flow.base_dir, flow.base_tensors = base_dir, base_tensors
+    records = {}
+    for name, adapter in adapters.items():
+        flow.baked[name], records[name] = bake_stage.bake(flow.base, adapter, cell.dtype,
+                                                          base_tensors, cache)
+    flow.baked_sha = {n: r["content_sha256"] for n, r in records.items()}
+    return {**record, "base": base_record, "adapters": records,
+            "cached": all(r["cached"] for r in records.values()),
+            "bytes_read": sum(r["bytes_read"] for r in records.values()) + base_record["bytes_read"],
+            "bytes_written": sum(r["bytes_written"] for r in records.values())
+            + base_record["bytes_written"],
+            "outputs": flow.baked_sha}
+
+
+# ------------------------------------------------------------------------------------------------
+# merge: the bakery engine into final/ (hub-layout names), or mergekit into merged/
+
+
+def _merge_inputs(flow: Flow) -> dict[str, Any]:
+    if flow.plan is not None:
+        return {"engine": "bakery", "recipe_hash": flow.cell.recipe_hash, "sources": flow.sources,
+                "versions": library_versions()}
+    return {"recipe_hash": flow.cell.recipe_hash, "baked": flow.baked_sha}
+
+
+def _merge_output(flow: Flow) -> Path:
+    return flow.paths.final if flow.plan is not None else flow.paths.merged
+
+
+def _merge(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
+    from .recipe import validate_recipe
     from .stages import merge as merge_stage
-    from .stages import push as push_stage
+
+    _set_recipe(flow)
+    chosen, reason = merge_stage.choose_device(flow.device)
+    out = _merge_output(flow)
+    with fsutil.staging_dir(out) as tmp:
+        if flow.plan is not None:
+            device_record = merge_stage.run_engine(flow.plan, tmp, chosen, reason,
+                                                   report=flow.report_progress)
+            read = sum(p.stat().st_size for p in {f for f, _ in flow.plan.sources.values()})
+        else:
+            config = validate_recipe(flow.cell.id, flow.recipe)
+            device_record = merge_stage.run_mergekit(config, tmp, chosen, reason)
+            read = sum(_size(p) for p in flow.baked.values())
+        tokenizer = merge_stage.copy_tokenizer(flow.base_dir, tmp)
+    marker = write_marker(out, {"inputs": inputs, **device_record})
+    flow.merged, flow.merged_sha = out, marker["content_sha256"]
+    return {**device_record, "tokenizer_sha256": tokenizer, "bytes_read": read,
+            "bytes_written": total_size(marker["files"]), "outputs": marker["content_sha256"]}
+
+
+def _merge_resume(flow: Flow, marker: dict[str, Any]) -> dict[str, Any]:
+    _set_recipe(flow)
+    flow.merged, flow.merged_sha = _merge_output(flow), marker["content_sha256"]
+    return {"device": marker["device"], "fallback_reason": marker["fallback_reason"],
+            "outputs": marker["content_sha256"]}
+
+
+def _set_recipe(flow: Flow) -> None:
+    """The mergekit recipe this cell's merge is, with this machine's paths: on the baked
+    checkpoints when there are some, else on mergekit's `base+adapter` references (what the
+    bakery engine computes). Kept in the cell's folder for rerunning it here; the published one
+    names repo ids and commits (`push.public_recipe`)."""
+    from .recipe import render_recipe
+
+    if flow.baked:
+        flow.recipe = render_recipe(flow.cell, str(flow.base_dir),
+                                    {n: str(p) for n, p in flow.baked.items()})
+    else:
+        flow.recipe = render_recipe(flow.cell, str(flow.base.path),
+                                    {name: f"{flow.base.path}+{path}"
+                                     for name, path in flow.adapters.items()})
+    fsutil.atomic_write_text(flow.paths.recipe, flow.recipe)
+
+
+# ------------------------------------------------------------------------------------------------
+# strip: bring mergekit's output to the hub layout (the engine wrote those names already)
+
+
+def _strip(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
+    from .repair import repair_checkpoint
+
+    if flow.merged == flow.paths.final:
+        flow.final_sha = flow.merged_sha
+        return {"status": "skipped", "reason": "the bakery engine wrote hub-layout names",
+                "bytes_read": 0, "bytes_written": 0, "outputs": flow.final_sha}
+    report = repair_checkpoint(flow.merged, flow.paths.final, flow.base_tensors)
+    marker = write_marker(flow.paths.final, {"inputs": inputs})
+    flow.final_sha = marker["content_sha256"]
+    return {"renamed": report.renamed, "identity": report.identity,
+            "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
+            "outputs": marker["content_sha256"]}
+
+
+def _strip_resume(flow: Flow, marker: dict[str, Any]) -> dict[str, Any]:
+    flow.final_sha = marker["content_sha256"]
+    return {"outputs": marker["content_sha256"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# verify and push
+
+
+def _verify(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     from .stages.verify import verify
 
+    record = verify(flow.paths.final, flow.base_dir, flow.base_tensors, flow.cell.dtype)
+    fsutil.atomic_write_json(flow.paths.verified, {"inputs": inputs, **record})
+    return {**record, "bytes_read": _size(flow.paths.final), "bytes_written": 0}
+
+
+def _verify_previous(flow: Flow) -> dict[str, Any] | None:
+    if intact_marker(flow.paths.final) is None:
+        return None
+    try:
+        return json.loads(flow.paths.verified.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _push_inputs(flow: Flow) -> dict[str, Any]:
+    """What a published cell must match to be skipped: its recipe hash, which names sources, and
+    the inputs they resolved to (a retrained adapter at the same path, or a new commit of an
+    unpinned repo, keeps the recipe hash), as published: repo ids and commits, content hashes."""
+    from .stages import push as push_stage
+
+    return {"recipe_hash": flow.cell.recipe_hash, "sources": push_stage.public_inputs(flow.sources)}
+
+
+def _push(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
+    from .stages import push as push_stage
+
+    cell, paths = flow.cell, flow.paths
+    record = push_stage.prepare(cell, paths.final, paths.publish, flow.sources, flow.base.path,
+                                flow.result["stages"]["merge"], flow.result["versions"])
+    if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
+        return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
+                "bytes_read": 0, "bytes_written": 0}
+    target = push_stage.make_target(cell.push, api=flow.hub_api)
+    item = push_stage.Publication(cell.id, paths.publish, record)
+    where = push_stage.publish_cells(target, cell.push, [item], flow.card)[cell.id]
+    return {"target": where, "bytes_read": _size(paths.publish),
+            "bytes_written": _size(paths.publish)}
+
+
+def _push_previous(flow: Flow) -> dict[str, Any] | None:
+    """The target's record of this cell (none asked for when the push is deferred: the node
+    may have no route to the target)."""
+    from .stages import push as push_stage
+
+    if flow.cell.push.defer:
+        return None
+    published = push_stage.make_target(flow.cell.push, api=flow.hub_api).published_record(
+        flow.cell.id)
+    if not published:
+        return None
+    return {"inputs": {"recipe_hash": published.get("recipe_hash"),
+                       "sources": published.get("inputs")}}
+
+
+STEPS = (
+    Step("bake", needs=("cell",), run=_bake,
+         gives=("base", "base_dir", "base_tensors", "sources", "adapters", "plan",
+                "engine_fallback", "baked", "baked_sha")),
+    Step("merge", needs=("plan", "baked_sha", "baked", "base_dir", "sources", "adapters"),
+         gives=("recipe", "merged", "merged_sha"), run=_merge, inputs=_merge_inputs,
+         previous=lambda flow: intact_marker(_merge_output(flow)), resume=_merge_resume),
+    Step("strip", needs=("merged", "merged_sha", "base_tensors"), gives=("final_sha",),
+         run=_strip, inputs=lambda flow: {"merged": flow.merged_sha},
+         previous=lambda flow: intact_marker(flow.paths.final), resume=_strip_resume),
+    Step("verify", needs=("final_sha", "base_dir", "base_tensors"), gives=(), run=_verify,
+         inputs=lambda flow: {"final": flow.final_sha}, previous=_verify_previous,
+         resume=lambda flow, record: {k: v for k, v in record.items() if k != "inputs"}),
+    Step("push", needs=("base", "sources"), gives=(), run=_push, inputs=_push_inputs,
+         previous=_push_previous,
+         resume=lambda flow, record: {
+             "reason": "the target holds this recipe hash and these inputs already",
+             "target": f"{flow.cell.push}/{flow.cell.id}"}),
+)
+STAGES = tuple(step.name for step in STEPS)
+
+
+def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool,
+         card: CardContext | None) -> dict[str, Any]:
     run = _Run(cell, paths)
-    state: dict[str, Any] = {}
     # A task killed mid-stage leaves its staging folder (`.<output>.*.partial`, as big as a
     # checkpoint) behind. We hold the cell's lock, so any such folder here is dead.
     for stale in paths.root.glob(".*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
 
-    def bake() -> dict[str, Any]:
-        hashes = paths.cache / "hashes"
-        base = fetch(cell.base, hash_cache=hashes, offline=offline)
-        adapters = {name: fetch(source, hash_cache=hashes, offline=offline)
-                    for name, source in cell.adapters}
-        base_dir, base_tensors, base_record = bake_stage.prepare_base(base, paths.cache)
-        baked, records = {}, {}
-        for name, adapter in adapters.items():
-            baked[name], records[name] = bake_stage.bake(base, adapter, cell.dtype,
-                                                         base_tensors, paths.cache)
-        state.update(base=base, base_dir=base_dir, base_tensors=base_tensors, baked=baked,
-                     inputs={"base": base.identity,
-                             "adapters": {n: a.identity for n, a in adapters.items()}})
-        return {"base": base_record, "adapters": records,
-                "cached": all(r["cached"] for r in records.values()),
-                "bytes_read": sum(r["bytes_read"] for r in records.values()) + base_record["bytes_read"],
-                "bytes_written": sum(r["bytes_written"] for r in records.values())
-                + base_record["bytes_written"],
-                "inputs": state["inputs"],
-                "outputs": {n: r["content_sha256"] for n, r in records.items()}}
+    def report_progress(progress: dict[str, Any]) -> None:
+        run.result["progress"] = {"stage": "merge", **progress, "updated": now()}
+        run.save()
 
-    def merge() -> dict[str, Any]:
-        recipe = render_recipe(cell, str(state["base_dir"]),
-                               {n: str(p) for n, p in state["baked"].items()})
-        # The recipe as mergekit runs it here; the published one names repo ids and commits.
-        fsutil.atomic_write_text(paths.recipe, recipe)
-        inputs = {"recipe_hash": cell.recipe_hash,
-                  "baked": run.result["stages"]["bake"]["outputs"]}
-        marker = intact_marker(paths.merged)
-        if marker is not None and marker.get("inputs") == inputs:
-            return {"status": "skipped", "device": marker["device"],
-                    "fallback_reason": marker["fallback_reason"], "bytes_read": 0,
-                    "bytes_written": 0, "outputs": marker["content_sha256"]}
-        config = validate_recipe(cell.id, recipe)
-        chosen, reason = merge_stage.choose_device(device)
-        with fsutil.staging_dir(paths.merged) as tmp:
-            device_record = merge_stage.run_mergekit(config, tmp, chosen, reason)
-            tokenizer = merge_stage.copy_tokenizer(state["base_dir"], tmp)
-        marker = write_marker(paths.merged, {"inputs": inputs, **device_record})
-        return {**device_record, "tokenizer_sha256": tokenizer,
-                "bytes_read": sum(_size(p) for p in state["baked"].values()),
-                "bytes_written": total_size(marker["files"]),
-                "inputs": inputs, "outputs": marker["content_sha256"]}
-
-    def strip() -> dict[str, Any]:
-        inputs = {"merged": run.result["stages"]["merge"]["outputs"]}
-        marker = intact_marker(paths.final)
-        if marker is not None and marker.get("inputs") == inputs:
-            return {"status": "skipped", "bytes_read": 0, "bytes_written": 0,
-                    "outputs": marker["content_sha256"], "inputs": inputs}
-        report = repair_checkpoint(paths.merged, paths.final, state["base_tensors"])
-        marker = write_marker(paths.final, {"inputs": inputs})
-        return {"renamed": report.renamed, "identity": report.identity,
-                "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
-                "inputs": inputs, "outputs": marker["content_sha256"]}
-
-    def check() -> dict[str, Any]:
-        final_sha = run.result["stages"]["strip"]["outputs"]
-        try:
-            previous = json.loads(paths.verified.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        if previous.get("final_sha256") == final_sha and intact_marker(paths.final):
-            return {"status": "skipped", "bytes_read": 0, "bytes_written": 0, **previous}
-        record = verify(paths.final, state["base_dir"], state["base_tensors"], cell.dtype)
-        record.update(final_sha256=final_sha)
-        fsutil.atomic_write_json(paths.verified, record)
-        return {**record, "bytes_read": _size(paths.final), "bytes_written": 0}
-
-    def push() -> dict[str, Any]:
-        record = push_stage.prepare(cell, paths.final, paths.publish, state["inputs"],
-                                    state["base"].path, run.result["stages"]["merge"],
-                                    run.result["versions"])
-        if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
-            return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
-                    "bytes_read": 0, "bytes_written": 0}
-        return push_stage.push_cell(cell, paths.publish, record, api=hub_api, context=card)
-
-    for name, body in zip(STAGES, (bake, merge, strip, check, push)):
-        run.stage(name, body)
+    flow = Flow(cell, paths, device, hub_api, offline, card, run.result, report_progress)
+    for step in STEPS:
+        run.stage(step.name, lambda: step(flow))
     deferred = run.result["stages"]["push"]["status"] == "deferred"
     run.result.update(status="verified" if deferred else "done", finished=now())
     run.save()

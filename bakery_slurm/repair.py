@@ -286,9 +286,14 @@ def read_header(path: Path) -> dict[str, Any]:
         repeated, or the data section does not have exactly the length the header describes (a
         truncated or half-written file).
     """
+    return read_header_and_offset(path)[0]
+
+
+def read_header_and_offset(path: Path) -> tuple[dict[str, Any], int]:
+    """`read_header`, plus the byte offset in the file where the data section starts (tensor
+    `data_offsets` count from there)."""
     with open(path, "rb") as f:
-        header, _ = _read_header(f, Path(path))
-    return header
+        return _read_header(f, Path(path))
 
 
 def _read_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
@@ -325,6 +330,14 @@ def _read_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
             f"(truncated or corrupt file)"
         )
     return header, 8 + length
+
+
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    """A safetensors header as written to the file: its 8-byte little-endian length, then the JSON,
+    padded with spaces (as the spec allows) so the data section starts 8-byte aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -457,7 +470,7 @@ def repair_checkpoint(src: Path, dst: Path, base_tensors: Mapping[str, TensorSpe
         raise RepairError(f"repair destination {dst} overlaps its source {src}")
 
     shards, index, tensors = _scan(src)
-    kind = detect_kind(tensors, _read_config(src))
+    kind = detect_kind(tensors, read_config(src))
     plan = plan_renames({n: (t.dtype, t.shape) for n, t in tensors.items()}, base_tensors, kind)
     renamed = sum(old != new for old, new in plan.items())
     identity = renamed == 0
@@ -492,7 +505,8 @@ class _Tally:
     linked: int = 0
 
 
-def _read_config(folder: Path) -> dict[str, Any] | None:
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint folder's config.json, or None when it has none."""
     path = folder / "config.json"
     if not path.exists():
         return None
@@ -522,18 +536,15 @@ def _rewrite_shard(src: Path, dst: Path, plan: Mapping[str, str], tally: _Tally)
     with open(src, "rb") as fin:
         header, data_start = _read_header(fin, src)
         renamed = {(k if k == METADATA_KEY else plan[k]): v for k, v in header.items()}
-        raw = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
-        # The spec pads the header with spaces so the data section starts 8-byte aligned.
-        raw += b" " * (-len(raw) % 8)
+        raw = encode_header(renamed)
         data_length = os.fstat(fin.fileno()).st_size - data_start
         with open(dst, "xb") as fout:
-            fout.write(struct.pack("<Q", len(raw)))
             fout.write(raw)
             fin.seek(data_start)
             shutil.copyfileobj(fin, fout, COPY_CHUNK_BYTES)
-            if fout.tell() != 8 + len(raw) + data_length:
+            if fout.tell() != len(raw) + data_length:
                 raise RepairError(f"{src}: changed while it was being copied")
             fout.flush()
             os.fsync(fout.fileno())
     tally.read += data_start + data_length
-    tally.written += 8 + len(raw) + data_length
+    tally.written += len(raw) + data_length

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 from bakery_slurm.fsutil import staging_dir
 
@@ -297,7 +297,8 @@ def model_class(model_dir: Path):
     return getattr(transformers, arch)
 
 
-def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, std: float = 0.05) -> Path:
+def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, std: float = 0.05,
+                       **lora_options: Any) -> Path:
     """Build a LoRA adapter (r=4, alpha=8, all-linear) for the base in `base_dir`, random non-zero.
 
     Parameters
@@ -311,6 +312,9 @@ def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, std: float = 0.
     std : float
         Standard deviation of those values. PEFT initialises lora_B to zero, which would make
         baking a no-op; 0.05 changes the tiny models' logits visibly.
+    **lora_options
+        Further `LoraConfig` settings (use_dora, use_rslora, target_modules, ...); every
+        trainable adapter parameter is then randomised the same way.
 
     Returns
     -------
@@ -338,18 +342,20 @@ def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, std: float = 0.
     with warnings.catch_warnings():
         # peft 0.21 calls a transformers method that 5.24 deprecates; nothing for us to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model = get_peft_model(base, LoraConfig(**{"r": 4, "lora_alpha": 8,
+                                                   "target_modules": "all-linear", **lora_options}))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # Sorted names: the values must not depend on module registration order.
         for name, param in sorted(model.named_parameters()):
-            if ".lora_A." in name or ".lora_B." in name:
+            if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
     config = model.peft_config["default"]
     config.base_model_name_or_path = neutral_name
     # PEFT stores the resolved modules as a set; a sorted list makes adapter_config.json stable
     # across PYTHONHASHSEED values.
-    config.target_modules = sorted(config.target_modules)
+    if isinstance(config.target_modules, (set, frozenset)):
+        config.target_modules = sorted(config.target_modules)
     with staging_dir(Path(out_dir)) as tmp:
         # save_embedding_layers=False: "auto" looks base_model_name_or_path up on the Hub.
         model.save_pretrained(str(tmp), save_embedding_layers=False)

@@ -79,10 +79,11 @@ TINY_METHODS = {
 
 
 def tiny_matrix_text(models: Path, push: str = "dir:published",
-                     methods: tuple[str, ...] = tuple(TINY_METHODS)) -> str:
+                     methods: tuple[str, ...] = tuple(TINY_METHODS), engine: str = "bakery") -> str:
     """A matrix like `bakery-slurm demo`'s: sizes tiny1b (text kind) and tiny4b (multimodal kind),
     variant std, the given methods, sources as absolute paths under `models` (a
-    `build_demo_models` root), push target `push`, work folder `bakery-work` beside the file."""
+    `build_demo_models` root), push target `push`, work folder `bakery-work` beside the file,
+    `[merge] engine`."""
     lines = [
         'name = "tiny"',
         'adapters = ["eng", "nob"]',
@@ -101,7 +102,7 @@ def tiny_matrix_text(models: Path, push: str = "dir:published",
     for method in methods:
         lines.append(f"[methods.{method}]")
         lines += [f"{name} = {value}" for name, value in TINY_METHODS[method].items()]
-    lines += ["[runtime]", 'container = "none"']
+    lines += ["[runtime]", 'container = "none"', "[merge]", f"engine = {json.dumps(engine)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -119,16 +120,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def write_tiny_matrix(tiny_models: Path) -> Callable[..., Path]:
-    """`write(folder, models=tiny_models, push="dir:published", methods=...)` writes
-    `folder/matrix.toml` (see `tiny_matrix_text`) and returns its path. Session-scoped, so
+    """`write(folder, models=tiny_models, push="dir:published", methods=..., engine="bakery")`
+    writes `folder/matrix.toml` (see `tiny_matrix_text`) and returns its path. Session-scoped, so
     module-scoped fixtures can use it too."""
 
     def write(folder: Path, models: Path | None = None, push: str = "dir:published",
-              methods: tuple[str, ...] = tuple(TINY_METHODS)) -> Path:
+              methods: tuple[str, ...] = tuple(TINY_METHODS), engine: str = "bakery") -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "matrix.toml"
-        path.write_text(tiny_matrix_text(models or tiny_models, push, methods), encoding="utf-8")
+        path.write_text(tiny_matrix_text(models or tiny_models, push, methods, engine),
+                        encoding="utf-8")
         return path
 
     return write
@@ -138,5 +140,5 @@ def write_tiny_matrix(tiny_models: Path) -> Callable[..., Path]:
 def tiny_matrix(tmp_path: Path, write_tiny_matrix: Callable[..., Path]) -> Path:
     """`tmp_path/matrix.toml` over the session's tiny models: 6 cells (tiny1b, tiny4b) x std x
     (linear, task_arithmetic, ties), pushed to `dir:published` (tmp_path/published), work folder
-    `bakery-work` (tmp_path/bakery-work)."""
+    `bakery-work` (tmp_path/bakery-work), the default (bakery) engine."""
     return write_tiny_matrix(tmp_path)

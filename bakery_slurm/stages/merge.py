@@ -1,22 +1,24 @@
-"""merge: run mergekit on the baked checkpoints with the cell's rendered recipe.
+"""merge: the bakery engine on the base and LoRA factors, or mergekit on the baked checkpoints.
 
 Device "auto" means CUDA when a probe allocation on it succeeds, else CPU. The seed's image failed
 with "device busy" at the first `.to(cuda)`: a CUDA failure at start falls back to CPU and the reason
 goes into the cell's result. mergekit's own tokenizer copy is off (it writes a bogus tokenizer when
-the donor has none; facts.md): we copy the base's tokenizer files and check they are identical.
+the donor has none): we copy the base's tokenizer files and check they are identical.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..errors import BakeryError
 from ..manifest import sha256_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # mergekit shards its output at 5 GB, like the Hub's own checkpoints.
 OUT_SHARD_BYTES = 5_000_000_000
@@ -54,17 +56,44 @@ def run_mergekit(config: Any, out: Path, device: str, reason: str | None) -> dic
                                out_shard_size=OUT_SHARD_BYTES, safe_serialization=True)
         run_merge(config, str(out), options=options)
 
+    return _on_device(attempt, out, device, reason, "mergekit")[1]
+
+
+def run_engine(plan: Any, out: Path, device: str, reason: str | None,
+               report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Merge `plan` (bakery_slurm.engine) into `out` with the base's config and tokenizer;
+    retry on CPU if CUDA fails. Returns the device record plus the engine's final progress."""
+    from ..engine import run_plan
+
+    progress, record = _on_device(
+        lambda dev: run_plan(plan, out, dev, max_shard_bytes=OUT_SHARD_BYTES, report=report),
+        out, device, reason, "the bakery engine")
+    write_config(plan.config, out, plan.dtype)
+    return {**record, "tensors": progress["tensors_total"],
+            "passed_through": progress["passed_through"]}
+
+
+def write_config(base_config: Path, out: Path, dtype: str) -> None:
+    """The base's config.json with the cell's dtype, as mergekit writes it for its output."""
+    config = json.loads(Path(base_config).read_text())
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _on_device(attempt: Callable[[str], T], out: Path, device: str, reason: str | None,
+               what: str) -> tuple[T, dict[str, Any]]:
+    """Run `attempt(device)`; when it fails on CUDA, empty `out` and run it again on CPU."""
     try:
-        attempt(device)
+        return attempt(device), {"device": device, "fallback_reason": reason}
     except RuntimeError as e:
         if device != "cuda":
             raise
-        log.warning("mergekit failed on CUDA (%s); retrying on CPU", e)
+        log.warning("%s failed on CUDA (%s); retrying on CPU", what, e)
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-        device, reason = "cpu", f"mergekit on CUDA failed: {e}"
-        attempt(device)
-    return {"device": device, "fallback_reason": reason}
+        return attempt("cpu"), {"device": "cpu", "fallback_reason": f"{what} on CUDA failed: {e}"}
 
 
 def tokenizer_files(folder: Path) -> list[str]:

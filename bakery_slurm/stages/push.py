@@ -435,20 +435,6 @@ def _message(items: list[Publication]) -> str:
     return f"bakery-slurm: {len(items)} cells ({', '.join(i.cell_id for i in items)})"
 
 
-def push_cell(cell: Cell, folder: Path, record: dict[str, Any], api: Any = None,
-              context: CardContext | None = None) -> dict[str, Any]:
-    """The push stage of one prepared cell: skip it when the target holds it already."""
-    target = make_target(cell.push, api=api)
-    if is_published(record, target.published_record(cell.id)):
-        return {"status": "skipped",
-                "reason": "the target holds this recipe hash and these inputs already",
-                "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
-    item = Publication(cell.id, folder, record)
-    where = publish_cells(target, cell.push, [item], context)[cell.id]
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return {"target": where, "bytes_read": size, "bytes_written": size}
-
-
 def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
     """The model card (README.md) of a published cell: metadata consistent with the root card's,
     how to load, recipe, provenance."""

@@ -497,3 +497,20 @@ def test_a_submit_overtaken_after_judging_its_cells_submits_none_of_them(project
     assert {cell: len(attempts) for cell, attempts in ledger.cells.items()} == dict.fromkeys(CELLS, 1)
     assert sorted(line for line in result.stderr.splitlines() if line.startswith("skip ")) == [
         f"skip {cell}: submitted meanwhile by another process" for cell in sorted(CELLS)]
+
+
+def test_running_cells_show_their_stage_and_merge_progress(tmp_path):
+    from bakery_slurm.cli.common import running_progress
+    from bakery_slurm.fsutil import atomic_write_json
+    from bakery_slurm.pipeline import CellPaths
+
+    cell = "1b-std/eng-nob__ties"
+    assert running_progress(tmp_path, cell) is None  # not started
+    record = {"status": "running", "stages": {"bake": {"status": "done"}}}
+    atomic_write_json(CellPaths(tmp_path, cell).result, record)
+    assert running_progress(tmp_path, cell) == "merge"
+    atomic_write_json(CellPaths(tmp_path, cell).result, {
+        **record, "progress": {"stage": "merge", "tensors_done": 120, "tensors_total": 340}})
+    assert running_progress(tmp_path, cell) == "merge 120/340"
+    atomic_write_json(CellPaths(tmp_path, cell).result, {**record, "status": "done"})
+    assert running_progress(tmp_path, cell) is None

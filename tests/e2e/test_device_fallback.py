@@ -1,8 +1,9 @@
 """The seed's failure: mergekit's first `.to(cuda)` failed with "device busy" in the image.
 
 This machine has no GPU, so the CUDA side is the one boundary stood in for: the probe is made to
-report a usable GPU and mergekit's `run_merge` to fail the way it did on Olivia whenever it is
-asked for CUDA. Everything else (the CPU retry, the merge, the record) is real.
+report a usable GPU, and mergekit's `run_merge` (or the bakery engine's move of a tensor to the
+device) to fail the way it did on Olivia whenever it is asked for CUDA. Everything else (the CPU
+retry, the merge, the record) is real.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from bakery_slurm.stages import merge as merge_stage
 pytestmark = pytest.mark.e2e
 
 
-def test_a_cuda_failure_at_start_falls_back_to_cpu_and_is_recorded(tiny_matrix, tmp_path,
-                                                                   monkeypatch):
+@pytest.mark.parametrize("engine", ("mergekit", "bakery"))
+def test_a_cuda_failure_at_start_falls_back_to_cpu_and_is_recorded(write_tiny_matrix, tmp_path,
+                                                                   monkeypatch, engine):
     import mergekit.merge
 
-    real_run_merge = mergekit.merge.run_merge
+    from bakery_slurm.engine import cell as engine_cell
+
+    real_run_merge, real_to_device = mergekit.merge.run_merge, engine_cell.to_device
     devices = []
 
     def run_merge(config, out_path, options, **kwargs):
@@ -33,16 +37,26 @@ def test_a_cuda_failure_at_start_falls_back_to_cpu_and_is_recorded(tiny_matrix, 
             raise RuntimeError("CUDA error: device busy")
         return real_run_merge(config, out_path, options=options, **kwargs)
 
+    def to_device(tensors, device):
+        if not devices or devices[-1] != device.type:
+            devices.append(device.type)
+        if device.type == "cuda":
+            raise RuntimeError("CUDA error: device busy")
+        return real_to_device(tensors, device)
+
     monkeypatch.setattr(merge_stage, "choose_device", lambda requested: ("cuda", None))
     monkeypatch.setattr(mergekit.merge, "run_merge", run_merge)
-    cell = next(c for c in expand(load_matrix(tiny_matrix)) if c.id == "tiny1b-std/eng-nob__ties")
+    monkeypatch.setattr(engine_cell, "to_device", to_device)
+    matrix = load_matrix(write_tiny_matrix(tmp_path, engine=engine))
+    cell = next(c for c in expand(matrix) if c.id == "tiny1b-std/eng-nob__ties")
     result = run_cell(cell, tmp_path / "work")
     assert devices == ["cuda", "cpu"]
     merge = result["stages"]["merge"]
     assert merge["device"] == "cpu"
-    assert merge["fallback_reason"] == "mergekit on CUDA failed: CUDA error: device busy"
+    what = {"mergekit": "mergekit", "bakery": "the bakery engine"}[engine]
+    assert merge["fallback_reason"] == f"{what} on CUDA failed: CUDA error: device busy"
     card = (tmp_path / "published" / cell.id / "README.md").read_text()
-    assert "Merged on cpu (fell back: mergekit on CUDA failed: CUDA error: device busy)" in card
+    assert f"Merged on cpu (fell back: {what} on CUDA failed: CUDA error: device busy)" in card
 
 
 def test_without_cuda_auto_merges_on_cpu_and_says_why():

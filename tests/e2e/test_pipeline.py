@@ -1,10 +1,12 @@
-"""The whole cell pipeline (bake -> merge -> strip -> verify -> push) on tiny Gemma 3 models.
+"""The whole cell pipeline (bake -> merge -> strip -> verify -> push) on tiny Gemma 3 models,
+through `[merge] engine = "mergekit"`: PEFT bakes, mergekit's run_merge, name repair. This path is
+the reference tests/e2e/test_engine.py holds the bakery engine against.
 
 Every cell of the tiny matrix (tiny1b = Gemma3ForCausalLM, tiny4b = Gemma3ForConditionalGeneration;
 linear, task_arithmetic, ties) runs once per module into one shared work folder (`matrix_run`),
 with HF_TOKEN set to a marker value; the parametrized tests then check each cell's result record,
 published folder, model card, and the merge against an independent `mergekit-yaml` run. The
-restart tests each use a fresh work folder (`tiny_matrix`, from tests/conftest.py).
+restart tests each use a fresh work folder (`tiny_matrix`, overridden here for this engine).
 
 Nothing here waits on a timer: subprocesses are awaited, and the kill test waits on a FIFO that
 its test-only hook (see `MERGE_HOOK`) opens once mergekit has written its output.
@@ -43,6 +45,12 @@ ADAPTERS = ("eng", "nob")
 BIN = Path(sys.executable).parent
 # Upper bound for one subprocess (a tiny cell takes ~7 s, mostly imports); only hit on a hang.
 PROCESS_TIMEOUT_S = 300
+
+
+@pytest.fixture
+def tiny_matrix(tmp_path: Path, write_tiny_matrix) -> Path:
+    """tests/conftest.py's six tiny cells, merged by PEFT bakes + mergekit."""
+    return write_tiny_matrix(tmp_path, engine="mergekit")
 
 
 def cell_id(size: str, method: str) -> str:
@@ -97,7 +105,7 @@ def finished_cli(proc: subprocess.Popen, log: Path) -> dict[str, Any]:
 def matrix_run(tmp_path_factory: pytest.TempPathFactory, write_tiny_matrix) -> SimpleNamespace:
     """Run all six cells in-process (CPU) with HF_TOKEN set; shared by the per-cell tests."""
     root = tmp_path_factory.mktemp("matrix-run")
-    matrix, cells = cells_of(write_tiny_matrix(root))
+    matrix, cells = cells_of(write_tiny_matrix(root, engine="mergekit"))
     assert sorted(cells) == sorted(cell_id(s, m) for s in KINDS for m in METHODS)
     results = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -477,14 +485,16 @@ def test_concurrent_cells_share_the_bakes(tiny_matrix, tmp_path):
             Path(cells[cid].base.path))
 
 
-def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, write_tiny_matrix):
-    """A new adapter at the same path (retrained: another seed) gets a new bake key; the rerun
-    re-merges and publishes the new weights."""
+@pytest.mark.parametrize("engine", ("mergekit", "bakery"))
+def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, write_tiny_matrix,
+                                                      engine):
+    """A new adapter at the same path (retrained: another seed) gets a new bake key (mergekit
+    engine) or new merge inputs (bakery engine); the rerun re-merges and publishes the new weights."""
     from bakery_slurm.tiny import build_lora_adapter
 
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
-    matrix_path = write_tiny_matrix(tmp_path, models=models, methods=("linear",))
+    matrix_path = write_tiny_matrix(tmp_path, models=models, methods=("linear",), engine=engine)
     matrix, cells = cells_of(matrix_path)
     cell = cells[cell_id("tiny1b", "linear")]
     published = matrix.root / "published" / cell.id
@@ -498,12 +508,15 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
 
     second = run_cell(cell, matrix.work_dir, device="cpu")
     assert second["status"] == "done"
-    old_bake, new_bake = first["stages"]["bake"]["adapters"], second["stages"]["bake"]["adapters"]
-    assert new_bake["eng"]["key"] == old_bake["eng"]["key"] and new_bake["eng"]["cached"]
-    assert new_bake["nob"]["key"] != old_bake["nob"]["key"] and not new_bake["nob"]["cached"]
+    if engine == "mergekit":
+        old_bake, new_bake = first["stages"]["bake"]["adapters"], second["stages"]["bake"]["adapters"]
+        assert new_bake["eng"]["key"] == old_bake["eng"]["key"] and new_bake["eng"]["cached"]
+        assert new_bake["nob"]["key"] != old_bake["nob"]["key"] and not new_bake["nob"]["cached"]
+        assert len(bake_folders(matrix.work_dir)) == 3
+    else:
+        assert not (matrix.work_dir / "cache" / "bakes").exists()
     assert second["stages"]["merge"]["status"] == "done"
     assert second["stages"]["merge"]["outputs"] != first["stages"]["merge"]["outputs"]
-    assert len(bake_folders(matrix.work_dir)) == 3
     # The published cell is the new merge, not the stale one.
     assert second["stages"]["push"]["status"] == "done"
     new_weights = checkpoint_tensors(published)

@@ -3,7 +3,8 @@ so pyproject's addopts deselect these and they are never skipped).
 
 - device "auto" picks the GPU, and mergekit merges there bit-identically to an independent
   `mergekit-yaml --cuda` run on the same baked inputs; linear and task_arithmetic agree with a CPU
-  merge within bf16 rounding, TIES too except at exact ties of its density cut;
+  merge within bf16 rounding, TIES too except at exact ties of its density cut; the bakery
+  engine gives the mergekit engine's bytes on the GPU as on the CPU;
 - a real CUDA failure at start (the caching allocator refusing the probe allocation, as "device
   busy" refused the seed's) falls back to CPU and the reason is recorded, and nothing before the
   merge touches the GPU (PEFT would load adapters there on its own);
@@ -52,7 +53,7 @@ def test_a_cuda_failure_at_start_falls_back_to_cpu(write_tiny_matrix, tmp_path):
     """The probe allocation is refused by the real allocator (a zero memory fraction), the way
     the seed's "device busy" refused mergekit's first `.to(cuda)`. First in this module: no
     cached CUDA block may serve the probe."""
-    matrix = load_matrix(write_tiny_matrix(tmp_path))
+    matrix = load_matrix(write_tiny_matrix(tmp_path, engine="mergekit"))
     cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(0.0)
@@ -68,19 +69,41 @@ def test_a_cuda_failure_at_start_falls_back_to_cpu(write_tiny_matrix, tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, write_tiny_matrix) -> SimpleNamespace:
-    """Every tiny cell twice, in separate work folders: device auto (the GPU) and device cpu."""
+    """Every tiny cell four times, in separate work folders: device auto (the GPU) and device cpu,
+    each with the mergekit engine (`results`, `published`) and the bakery engine
+    (`engine_results`, `engine_published`)."""
     root = tmp_path_factory.mktemp("gpu-runs")
     out, work = {}, {}
+    for engine in ("mergekit", "bakery"):
+        for device in ("auto", "cpu"):
+            matrix = load_matrix(write_tiny_matrix(root / engine / device, engine=engine))
+            work[engine, device] = matrix.work_dir
+            out[engine, device] = {c.id: run_cell(c, matrix.work_dir, device=device)
+                                   for c in expand(matrix)}
+    devices = ("auto", "cpu")
+    # `recipe` is the recipe each mergekit-engine cell ran, with this machine's bake folders (the
+    # published one names its inputs by hash instead).
+    return SimpleNamespace(
+        root=root, results={d: out["mergekit", d] for d in devices},
+        published={d: root / "mergekit" / d / "published" for d in devices},
+        recipe={d: lambda cid, d=d: CellPaths(work["mergekit", d], cid).recipe for d in devices},
+        engine_results={d: out["bakery", d] for d in devices},
+        engine_published={d: root / "bakery" / d / "published" for d in devices})
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", SIZES)
+def test_the_bakery_engine_on_the_gpu_matches_the_mergekit_engine_on_the_gpu(runs, size, method):
+    """Both bake on the CPU to the same bytes and run mergekit's merge method on the GPU."""
+    cid = cell_id(size, method)
+    merge = runs.engine_results["auto"][cid]["stages"]["merge"]
+    assert (merge["device"], merge["fallback_reason"]) == ("cuda", None)
     for device in ("auto", "cpu"):
-        matrix_path = write_tiny_matrix(root / device)
-        matrix = load_matrix(matrix_path)
-        work[device] = matrix.work_dir
-        out[device] = {c.id: run_cell(c, matrix.work_dir, device=device) for c in expand(matrix)}
-    # `recipe` is the recipe each cell ran, with this machine's bake folders (the published
-    # one names its inputs by hash instead).
-    return SimpleNamespace(root=root, results=out,
-                           published={d: root / d / "published" for d in out},
-                           recipe={d: lambda cid, d=d: CellPaths(work[d], cid).recipe for d in out})
+        ours = checkpoint_tensors(runs.engine_published[device] / cid)
+        reference = checkpoint_tensors(runs.published[device] / cid)
+        assert ours.keys() == reference.keys()
+        different = [n for n in ours if not torch.equal(ours[n], reference[n])]
+        assert not different, f"{device}: {len(different)} tensors differ, e.g. {different[:5]}"
 
 
 @pytest.mark.parametrize("method", METHODS)

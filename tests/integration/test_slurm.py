@@ -190,8 +190,10 @@ def test_logs_prints_the_task_log(happy, bakery):
     log_path = happy.rows[cell]["log"]
     assert out.stderr.strip() == f"== {log_path}"
     err = bakery.ok("logs", cell, "--stderr", ledger=happy.ledger)
-    for stage in ("bake", "merge", "strip", "verify", "push"):
-        assert f"{cell}: {stage} done" in err.stdout
+    # The bakery engine (the default) bakes in memory and writes hub-layout names itself.
+    for stage, status in (("bake", "skipped"), ("merge", "done"), ("strip", "skipped"),
+                          ("verify", "done"), ("push", "done")):
+        assert f"{cell}: {stage} {status}" in err.stdout
     missing = bakery.run("logs", cell, "--attempt", "2", ledger=happy.ledger)
     assert missing.exit_code == 2 and "has attempts 1..1, not 2" in missing.stderr
 

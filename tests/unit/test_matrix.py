@@ -380,3 +380,20 @@ def test_rendered_ties_recipe_matches_golden_file(seed_cells):
     text = render_recipe(cell, BASE_PATH, BAKED)
     record = GOLDEN / "recipe_ties.yaml"
     assert_matches_golden(text, record, "recipe")
+
+
+def test_merge_engine_defaults_to_bakery_and_stays_out_of_the_recipe_hash(write_matrix,
+                                                                          minimal_matrix):
+    (default,) = expand(load_matrix(write_matrix(minimal_matrix)))
+    assert (default.merge.engine, default.merge.keep_bakes) == ("bakery", False)
+    (chosen,) = expand(load_matrix(write_matrix(
+        minimal_matrix + '\n[merge]\nengine = "mergekit"\nkeep_bakes = true\n', "other.toml")))
+    assert (chosen.merge.engine, chosen.merge.keep_bakes) == ("mergekit", True)
+    assert chosen.recipe_hash == default.recipe_hash
+
+
+@pytest.mark.parametrize("table, named", [('engine = "fast"', "merge.engine"),
+                                          ("threads = 4", "merge.threads")])
+def test_merge_table_is_validated(write_matrix, minimal_matrix, table, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_matrix(write_matrix(minimal_matrix + f"\n[merge]\n{table}\n"))

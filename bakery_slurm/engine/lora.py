@@ -1,0 +1,172 @@
+"""A LoRA adapter as factors per base tensor, and the baked tensor exactly as PEFT computes it.
+
+PEFT's `merge_and_unload` (peft 0.18-0.21, `lora.Linear.merge` / `get_delta_weight`) does, for each
+adapted linear layer on CPU: the adapter's A and B are fp32 (PEFT upcasts bf16/fp16 adapter weights
+when it loads them, and an fp32 file stays fp32), `delta = (B @ A) * scaling` in fp32 with
+`scaling = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA), and `weight += delta` in place on
+the base weight in the model's dtype: one rounding. `baked_tensor` does exactly these operations.
+
+Anything else an adapter may carry changes what PEFT does (DoRA's magnitude vectors, lora_bias,
+modules_to_save, embedding or convolution LoRA, per-module rank or alpha patterns, ...).
+`read_adapter` refuses such an adapter with the reason, and the cell falls back to PEFT and mergekit
+(recorded in its result), never to a silently different result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+# adapter_config.json keys that do not change the merged weights: metadata, training-time settings
+# (dropout, initialisation) and module selection (the engine follows the saved factors instead).
+NEUTRAL_KEYS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "target_modules", "exclude_modules", "lora_dropout",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+    "qalora_group_size", "ensure_weight_tying",
+})
+# Keys the engine reads itself.
+HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora"})
+
+
+class Unsupported(Exception):
+    """The adapter uses something the engine does not compute exactly; the message says what."""
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One adapted base tensor: where its A and B are in the adapter file, and the scaling."""
+
+    a_key: str
+    b_key: str
+    scaling: float
+
+
+def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> str | None:
+    """The first adapter_config.json setting that would make PEFT do more than plain LoRA, or None.
+
+    Parameters
+    ----------
+    config:
+        The adapter's adapter_config.json.
+    defaults:
+        PEFT's `LoraConfig()` defaults, as JSON values: any other key must hold its default (or be
+        absent), so a setting a newer PEFT adds is refused until someone checks what it does.
+    """
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft_type {config.get('peft_type')!r} is not LORA"
+    for key in sorted(config):
+        if key in NEUTRAL_KEYS or key in HANDLED_KEYS:
+            continue
+        value = config[key]
+        if key not in defaults:
+            if value in (None, False, {}, [], ""):
+                continue
+            return f"{key} = {value!r} (a setting this engine does not know)"
+        if value != defaults[key] and not (value in (None, {}, []) and defaults[key] in (None, {}, [])):
+            return f"{key} = {value!r} (PEFT default {defaults[key]!r})"
+    return None
+
+
+def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                 base: Mapping[str, tuple[int, ...]], to_base_name: Callable[[str], str]
+                 ) -> dict[str, Factors]:
+    """Map every LoRA pair of an adapter to the base tensor it changes.
+
+    Parameters
+    ----------
+    config:
+        adapter_config.json (already checked by `unsupported_setting`).
+    shapes:
+        The adapter file's {key: shape}.
+    base:
+        The base's {name: shape}, names in the layout `to_base_name` produces.
+    to_base_name:
+        Maps a module's weight name as PEFT saw it (`model.layers.0.mlp.up_proj.weight`) to the base's.
+
+    Raises
+    ------
+    Unsupported
+        A key that is not a plain linear LoRA factor, an A without its B, a rank that differs from
+        the config's r, or a target that is not a 2-D base tensor of the product's shape.
+    """
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise Unsupported(f"adapter_config.json has r = {r!r}, lora_alpha = {alpha!r}")
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    modules: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        for suffix, part in ((A_SUFFIX, "A"), (B_SUFFIX, "B")):
+            if key.startswith(KEY_PREFIX) and key.endswith(suffix):
+                modules.setdefault(key[len(KEY_PREFIX):-len(suffix)], {})[part] = key
+                break
+        else:
+            raise Unsupported(f"adapter tensor {key} is not a linear LoRA factor")
+    plan: dict[str, Factors] = {}
+    for module, parts in sorted(modules.items()):
+        if set(parts) != {"A", "B"}:
+            raise Unsupported(f"{module}: lora_A and lora_B must both be present")
+        a_shape, b_shape = tuple(shapes[parts["A"]]), tuple(shapes[parts["B"]])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
+            raise Unsupported(f"{module}: factor shapes {a_shape} and {b_shape} are not rank-{r} linear")
+        target = to_base_name(module + ".weight")
+        if tuple(base.get(target, ())) != (b_shape[0], a_shape[1]):
+            raise Unsupported(f"{module}: no base tensor {target} of shape {(b_shape[0], a_shape[1])}")
+        if target in plan:
+            raise Unsupported(f"{module}: a second LoRA pair for {target}")
+        plan[target] = Factors(parts["A"], parts["B"], scaling)
+    return plan
+
+
+def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
+                 to_base_name: Callable[[str], str]) -> dict[str, Factors]:
+    """Read an adapter folder's config and file header; return its factors per base tensor.
+
+    Raises
+    ------
+    Unsupported
+        See `unsupported_setting` and `plan_factors`; also a folder without the two PEFT files.
+    """
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from ..repair import read_header
+
+    try:
+        config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise Unsupported(f"{folder}: no readable {ADAPTER_CONFIG} ({e})") from None
+    weights = Path(folder) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise Unsupported(f"{folder}: no {ADAPTER_WEIGHTS}")
+    defaults = LoraConfig()
+    reason = unsupported_setting(config, {f.name: _json_value(getattr(defaults, f.name))
+                                          for f in dataclasses.fields(defaults)})
+    if reason:
+        raise Unsupported(f"{folder}: {reason}")
+    shapes = {k: tuple(v["shape"]) for k, v in read_header(weights).items() if k != "__metadata__"}
+    return plan_factors(config, shapes, base, to_base_name)
+
+
+def _json_value(value: Any) -> Any:
+    """A LoraConfig default as it reads back from adapter_config.json (enums as their values)."""
+    value = getattr(value, "value", value)
+    return json.loads(json.dumps(value, default=lambda v: None))
+
+
+def baked_tensor(base: Any, a: Any, b: Any, scaling: float) -> Any:
+    """`base` (already in the cell's dtype) with one adapter merged, bit for bit as PEFT does it."""
+    delta = (b.float() @ a.float()) * scaling
+    out = base.clone()
+    out += delta
+    return out

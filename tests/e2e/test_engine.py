@@ -1,0 +1,250 @@
+"""The bakery engine (`[merge] engine = "bakery"`, the default) against the reference path.
+
+The reference is `[merge] engine = "mergekit"`: PEFT merge_and_unload bakes, mergekit's run_merge,
+name repair; tests/e2e/test_pipeline.py holds it bit-identical to an independent mergekit-yaml
+run. Here every method on every base layout the tool accepts must come out of the engine with the
+same bytes: the 1B-like text model, the multimodal model in the hub layout, the multimodal model
+in transformers 5.4-5.5's double-prefixed layout, and sharded bases (text and multimodal; one
+untouched tensor holds -0.0, which a TIES or task_arithmetic merge turns into +0.0, so it must not
+be copied through). Adapters the engine cannot compute exactly fall back, recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bakery_slurm.manifest import marker_path
+from bakery_slurm.matrix import expand, load_matrix
+from bakery_slurm.pipeline import CellPaths, run_cell
+from support import checkpoint_tensors
+
+pytestmark = pytest.mark.e2e
+
+LAYOUTS = ("hub", "prefixed", "sharded")
+SIZES = ("tiny1b", "tiny4b")
+METHODS = ("linear", "task_arithmetic", "ties")
+ENGINES = ("bakery", "mergekit")
+
+
+def cell_id(size: str, method: str) -> str:
+    return f"{size}-std/eng-nob__{method}"
+
+
+def reshard(base: Path, negative_zero_in: str) -> None:
+    """Split `base/model.safetensors` into two shards plus an index, and set the first element of
+    the (untouched) tensor `negative_zero_in` to -0.0."""
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors[negative_zero_in] = tensors[negative_zero_in].clone()
+    tensors[negative_zero_in].view(-1)[0] = -0.0
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, str(base / file), metadata={"format": "pt"})
+    (base / "model.safetensors").unlink()
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+         "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    """A models root per layout (bases/{text,multimodal}, adapters/...)."""
+    from bakery_slurm.tiny import build_demo_models
+
+    root = tmp_path_factory.mktemp("layouts")
+    prefixed = root / "prefixed"
+    build_demo_models(prefixed, layout="prefixed")
+    sharded = root / "sharded"
+    shutil.copytree(tiny_models, sharded)
+    reshard(sharded / "bases" / "text", "model.norm.weight")
+    reshard(sharded / "bases" / "multimodal", "language_model.model.norm.weight")
+    return {"hub": tiny_models, "prefixed": prefixed, "sharded": sharded}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, write_tiny_matrix, layouts) -> SimpleNamespace:
+    """Every tiny cell of every layout, once per engine, on CPU."""
+    root = tmp_path_factory.mktemp("engine-runs")
+    results, published, work = {}, {}, {}
+    for layout, models in layouts.items():
+        for engine in ENGINES:
+            matrix = load_matrix(write_tiny_matrix(root / layout / engine, models=models,
+                                                   engine=engine))
+            published[layout, engine] = root / layout / engine / "published"
+            work[layout, engine] = matrix.work_dir
+            for cell in expand(matrix):
+                results[layout, engine, cell.id] = run_cell(cell, matrix.work_dir, device="cpu")
+    return SimpleNamespace(results=results, published=published, work=work, layouts=layouts)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_engine_is_bit_identical_to_peft_bakes_and_mergekit(runs, layout, size, method):
+    cid = cell_id(size, method)
+    ours = checkpoint_tensors(runs.published[layout, "bakery"] / cid)
+    reference = checkpoint_tensors(runs.published[layout, "mergekit"] / cid)
+    assert ours.keys() == reference.keys()
+    different = [n for n in ours if ours[n].dtype != reference[n].dtype
+                 or not torch.equal(ours[n], reference[n])]
+    assert not different, f"{len(different)} tensors differ from the reference, e.g. {different[:5]}"
+    # Bit-identical also where the values are equal as numbers but not as bits (-0.0 vs +0.0).
+    assert all(torch.equal(ours[n].view(torch.int16), reference[n].view(torch.int16)) for n in ours)
+    base = checkpoint_tensors(runs.layouts[layout] / "bases" / {"tiny1b": "text",
+                                                                 "tiny4b": "multimodal"}[size])
+    assert any(not torch.equal(ours[n], t) for n, t in zip(ours, base.values()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", SIZES)
+def test_engine_records_one_pass_without_bakes(runs, size, method):
+    result = runs.results["hub", "bakery", cell_id(size, method)]
+    stages = result["stages"]
+    assert result["status"] == "done"
+    assert stages["bake"]["engine"] == "bakery" and stages["bake"]["engine_fallback_reason"] is None
+    assert stages["bake"]["status"] == "skipped" and stages["bake"]["bytes_written"] == 0
+    assert stages["strip"]["status"] == "skipped"
+    merge = stages["merge"]
+    assert merge["status"] == "done" and merge["device"] == "cpu" and merge["bytes_written"] > 0
+    progress = result["progress"]
+    assert progress["tensors_done"] == progress["tensors_total"] == merge["tensors"] > 0
+    assert progress["bytes_done"] == progress["bytes_total"] > 0
+    # Untouched tensors are copied through only where the method leaves them unchanged.
+    assert (merge["passed_through"] > 0) == (method != "linear")
+    assert not (runs.work["hub", "bakery"] / "cache" / "bakes").exists()
+    assert not (CellPaths(runs.work["hub", "bakery"], cell_id(size, method)).merged).exists()
+
+
+def test_negative_zero_is_merged_not_copied(runs):
+    """The sharded bases' norm weights hold a -0.0; TIES and task_arithmetic give +0.0 there."""
+    for size, name in (("tiny1b", "model.norm.weight"),
+                       ("tiny4b", "language_model.model.norm.weight")):
+        for method in ("task_arithmetic", "ties"):
+            out = checkpoint_tensors(runs.published["sharded", "bakery"] / cell_id(size, method))
+            first = out[name].view(-1)[0]
+            assert first == 0 and not torch.signbit(first), (size, method)
+
+
+def test_rerun_skips_the_merge_and_a_lost_output_is_remade_identically(runs, write_tiny_matrix):
+    matrix = load_matrix(write_tiny_matrix(runs.work["hub", "bakery"].parent))
+    cell = next(c for c in expand(matrix) if c.id == cell_id("tiny4b", "ties"))
+    first = runs.results["hub", "bakery", cell.id]
+    again = run_cell(cell, matrix.work_dir, device="cpu")
+    assert again["stages"]["merge"]["status"] == "skipped"
+    assert again["stages"]["verify"]["status"] == "skipped"
+    assert again["stages"]["push"]["status"] == "skipped"
+    paths = CellPaths(matrix.work_dir, cell.id)
+    shutil.rmtree(paths.final)
+    marker_path(paths.final).unlink()
+    remade = run_cell(cell, matrix.work_dir, device="cpu")
+    assert remade["stages"]["merge"]["status"] == "done"
+    assert remade["stages"]["merge"]["outputs"] == first["stages"]["merge"]["outputs"]
+    # The same bytes were verified already.
+    assert remade["stages"]["verify"]["status"] == "skipped"
+
+
+def test_keep_bakes_writes_the_bakes_and_merges_with_the_engine(tmp_path, write_tiny_matrix, runs):
+    path = write_tiny_matrix(tmp_path, methods=("ties",))
+    path.write_text(path.read_text() + "keep_bakes = true\n")
+    matrix = load_matrix(path)
+    cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
+    result = run_cell(cell, matrix.work_dir, device="cpu")
+    assert result["stages"]["bake"]["engine"] == "bakery"
+    assert result["stages"]["bake"]["status"] == "done"
+    assert set(result["stages"]["bake"]["adapters"]) == {"eng", "nob"}
+    assert len(list((matrix.work_dir / "cache" / "bakes").glob("*.done.json"))) == 2
+    assert result["stages"]["strip"]["status"] == "skipped"
+    ours = checkpoint_tensors(tmp_path / "published" / cell.id)
+    reference = checkpoint_tensors(runs.published["hub", "mergekit"] / cell.id)
+    assert all(torch.equal(ours[n], reference[n]) for n in reference)
+
+
+def adapters_with(tmp_path: Path, tiny_models: Path, **lora_options) -> Path:
+    """A copy of the tiny models whose text adapters are rebuilt with `lora_options`."""
+    from bakery_slurm.tiny import build_lora_adapter
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    for seed, name in enumerate(("eng", "nob"), start=1):
+        build_lora_adapter(models / "bases" / "text", models / "adapters" / "text" / name,
+                           seed=seed, **lora_options)
+    return models
+
+
+def run_both(tmp_path: Path, models: Path, write_tiny_matrix, method: str) -> dict[str, dict]:
+    out = {}
+    for engine in ENGINES:
+        matrix = load_matrix(write_tiny_matrix(tmp_path / engine, models=models,
+                                               methods=(method,), engine=engine))
+        cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", method))
+        out[engine] = {"result": run_cell(cell, matrix.work_dir, device="cpu"),
+                       "tensors": checkpoint_tensors(tmp_path / engine / "published" / cell.id)}
+    return out
+
+
+def test_rslora_is_computed_exactly(tmp_path, tiny_models, write_tiny_matrix, runs):
+    """rsLoRA scales by alpha / sqrt(r) instead of alpha / r; the engine does the same."""
+    models = adapters_with(tmp_path, tiny_models, use_rslora=True)
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic")
+    assert both["bakery"]["result"]["stages"]["bake"]["engine"] == "bakery"
+    ours, reference = both["bakery"]["tensors"], both["mergekit"]["tensors"]
+    assert all(torch.equal(ours[n], reference[n]) for n in reference)
+    # Same factors as the plain adapters (same seeds), another scaling: another result.
+    plain = checkpoint_tensors(runs.published["hub", "bakery"] / cell_id("tiny1b", "task_arithmetic"))
+    assert any(not torch.equal(ours[n], plain[n]) for n in plain)
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"use_dora": True}, "use_dora"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "not a linear LoRA factor"),
+])
+def test_unsupported_adapters_fall_back_to_peft_and_mergekit(tmp_path, tiny_models,
+                                                             write_tiny_matrix, options, reason):
+    models = adapters_with(tmp_path, tiny_models, **options)
+    both = run_both(tmp_path, models, write_tiny_matrix, "ties")
+    bake = both["bakery"]["result"]["stages"]["bake"]
+    assert bake["engine"] == "mergekit" and reason in bake["engine_fallback_reason"]
+    assert bake["status"] == "done" and set(bake["adapters"]) == {"eng", "nob"}
+    assert both["bakery"]["result"]["stages"]["strip"]["status"] == "done"
+    ours, reference = both["bakery"]["tensors"], both["mergekit"]["tensors"]
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[n], reference[n]) for n in reference)
+
+
+def test_a_failing_tensor_fails_the_merge_with_nothing_in_place(tmp_path, write_tiny_matrix,
+                                                                monkeypatch, runs):
+    """An error in one worker stops the merge: the stage fails naming it, no final/ appears, and
+    the next run merges everything to the same bytes as an undisturbed run."""
+    from bakery_slurm.engine import cell as engine_cell
+    from bakery_slurm.errors import StageError
+
+    real = engine_cell.baked_tensor
+
+    def failing(base, a, b, scaling):
+        if base.shape[0] == 128:  # the MLP's gate/up projections
+            raise RuntimeError("disk on fire")
+        return real(base, a, b, scaling)
+
+    matrix = load_matrix(write_tiny_matrix(tmp_path, methods=("ties",)))
+    cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
+    paths = CellPaths(matrix.work_dir, cell.id)
+    monkeypatch.setattr(engine_cell, "baked_tensor", failing)
+    with pytest.raises(StageError, match="merge failed: disk on fire"):
+        run_cell(cell, matrix.work_dir, device="cpu")
+    assert not paths.final.exists() and not marker_path(paths.final).exists()
+    monkeypatch.setattr(engine_cell, "baked_tensor", real)
+    result = run_cell(cell, matrix.work_dir, device="cpu")
+    assert result["status"] == "done"
+    assert not list(paths.root.glob(".*.partial"))
+    ours = checkpoint_tensors(tmp_path / "published" / cell.id)
+    reference = checkpoint_tensors(runs.published["hub", "bakery"] / cell.id)
+    assert all(torch.equal(ours[n], reference[n]) for n in reference)

@@ -1,0 +1,162 @@
+"""The bakery engine's pure parts: which adapters it refuses, how LoRA pairs map to base tensors,
+the shard layout, and the check that decides whether an untouched tensor may be copied."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bakery_slurm.engine.cell import _unchanged_by_zero_delta
+from bakery_slurm.engine.lora import (Unsupported, _json_value, baked_tensor, plan_factors,
+                                      unsupported_setting)
+from bakery_slurm.engine.shards import ShardWriter, plan_shards, shard_name
+from bakery_slurm.repair import to_hub_name
+
+
+@pytest.fixture(scope="module")
+def defaults() -> dict:
+    from peft import LoraConfig
+
+    config = LoraConfig()
+    return {f.name: _json_value(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+PLAIN = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "use_rslora": False, "use_dora": False, "lora_bias": False, "bias": "none",
+         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+         "lora_dropout": 0.05, "task_type": "CAUSAL_LM", "runtime_config": {"ephemeral_gpu_offload": False}}
+
+
+def test_a_plain_lora_config_is_supported(defaults):
+    assert unsupported_setting(PLAIN, defaults) is None
+    assert unsupported_setting({**PLAIN, "use_rslora": True}, defaults) is None
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"use_dora": True}, "use_dora"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"bias": "all"}, "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    ({"alpha_pattern": {"q_proj": 16}}, "alpha_pattern"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"trainable_token_indices": [3]}, "trainable_token_indices"),
+    ({"peft_type": "LOHA"}, "LOHA"),
+    ({"some_future_setting": 1}, "some_future_setting"),
+])
+def test_settings_that_change_the_merge_are_refused_by_name(defaults, change, named):
+    reason = unsupported_setting({**PLAIN, **change}, defaults)
+    assert reason is not None and named in reason
+
+
+def test_an_unknown_setting_left_at_nothing_is_fine(defaults):
+    assert unsupported_setting({**PLAIN, "some_future_setting": None}, defaults) is None
+
+
+BASE = {"model.layers.0.self_attn.q_proj.weight": (8, 6), "model.embed_tokens.weight": (32, 6)}
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def test_factors_map_to_base_tensors_with_the_scaling():
+    plan = plan_factors(PLAIN, {A: (4, 6), B: (8, 4)}, BASE, lambda n: n)
+    assert list(plan) == ["model.layers.0.self_attn.q_proj.weight"]
+    assert (plan["model.layers.0.self_attn.q_proj.weight"].a_key, plan[
+        "model.layers.0.self_attn.q_proj.weight"].scaling) == (A, 2.0)
+    rs = plan_factors({**PLAIN, "use_rslora": True}, {A: (4, 6), B: (8, 4)}, BASE, lambda n: n)
+    assert rs["model.layers.0.self_attn.q_proj.weight"].scaling == 8 / 2
+
+
+def test_multimodal_adapter_keys_map_to_the_hub_layout():
+    base = {"language_model.model.layers.0.mlp.up_proj.weight": (8, 6)}
+    prefix = "base_model.model.model.language_model.layers.0.mlp.up_proj"
+    plan = plan_factors(PLAIN, {f"{prefix}.lora_A.weight": (4, 6), f"{prefix}.lora_B.weight": (8, 4)},
+                        base, to_hub_name)
+    assert list(plan) == ["language_model.model.layers.0.mlp.up_proj.weight"]
+
+
+@pytest.mark.parametrize("shapes, named", [
+    ({A: (4, 6)}, "lora_A and lora_B"),
+    ({A: (4, 6), B: (8, 4), "base_model.model.model.embed_tokens.lora_embedding_A": (4, 32)},
+     "not a linear LoRA factor"),
+    ({A: (4, 6), B: (8, 4), "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector":
+      (8,)}, "not a linear LoRA factor"),
+    ({A: (4, 6), B: (8, 4), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": (8,)},
+     "not a linear LoRA factor"),
+    ({A: (2, 6), B: (8, 2)}, "rank-4"),
+    ({A: (4, 5), B: (8, 4)}, "no base tensor"),
+    ({A.replace("q_proj", "k_proj"): (4, 6), B.replace("q_proj", "k_proj"): (8, 4)}, "no base tensor"),
+    ({A: (4, 6, 1, 1), B: (8, 4, 1, 1)}, "rank-4 linear"),
+])
+def test_adapters_the_engine_cannot_compute_exactly_are_refused(shapes, named):
+    with pytest.raises(Unsupported, match=named):
+        plan_factors(PLAIN, shapes, BASE, lambda n: n)
+
+
+def test_baked_tensor_is_peft_merge_and_unload():
+    """The same operations PEFT's lora.Linear.merge runs on a bf16 layer with fp32 factors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=False)).to(torch.bfloat16)
+    base = model[0].weight.detach().clone()
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+    layer = peft.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.normal_()
+        layer.lora_B["default"].weight.normal_()
+    a, b = (layer.lora_A["default"].weight.detach().clone(),
+            layer.lora_B["default"].weight.detach().clone())
+    merged = peft.merge_and_unload()[0].weight.detach()
+    ours = baked_tensor(base, a, b, 2.0)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours.view(torch.int16), merged.view(torch.int16))
+    assert not torch.equal(ours, base)
+
+
+def test_shards_are_closed_before_they_overflow():
+    tensors = {"a": ("BF16", (4, 4)), "b": ("BF16", (4, 4)), "c": ("F32", (8,)), "d": ("BF16", (64,))}
+    plan = plan_shards(tensors, max_shard_bytes=64)
+    assert list(plan.headers) == [shard_name(i, 3) for i in (1, 2, 3)]
+    assert shard_name(1, 3) == "model-00001-of-00003.safetensors"
+    assert {n: p.file for n, p in plan.placements.items()} == {
+        "a": shard_name(1, 3), "b": shard_name(1, 3), "c": shard_name(2, 3), "d": shard_name(3, 3)}
+    assert plan.index["weight_map"]["d"] == shard_name(3, 3)
+    assert plan.index["metadata"]["total_size"] == 32 + 32 + 32 + 128
+    assert list(plan_shards(tensors, 10**9).headers) == ["model.safetensors"]
+    assert plan_shards(tensors, 10**9).index is None
+
+
+def test_writer_fills_shards_in_any_order_and_safetensors_reads_them(tmp_path):
+    tensors = {"x": torch.randn(6, 5).to(torch.bfloat16), "y": torch.randn(3, 2).to(torch.bfloat16),
+               "z": torch.randn(7).to(torch.bfloat16)}
+    plan = plan_shards({n: ("BF16", tuple(t.shape)) for n, t in tensors.items()}, max_shard_bytes=64)
+    writer = ShardWriter(plan, tmp_path)
+    for name in ("z", "y"):
+        writer.write(name, memoryview(tensors[name].view(torch.uint8).reshape(-1).numpy()))
+    rows = tensors["x"].view(torch.uint8)  # two row chunks, the second first
+    writer.write("x", memoryview(rows[3:].reshape(-1).numpy()), byte_offset=3 * 5 * 2)
+    writer.write("x", memoryview(rows[:3].reshape(-1).numpy()))
+    with pytest.raises(ValueError, match="do not fit"):
+        writer.write("y", memoryview(bytes(13)))
+    writer.close()
+    read = {}
+    for file in plan.headers:
+        read.update(load_file(str(tmp_path / file)))
+    assert read.keys() == tensors.keys()
+    assert all(torch.equal(read[n], tensors[n]) for n in tensors)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {n: p.file for n, p in plan.placements.items()}
+
+
+def test_only_tensors_that_survive_base_plus_zero_are_copied():
+    assert _unchanged_by_zero_delta(torch.tensor([1.0, 0.0, -2.5]).to(torch.bfloat16))
+    assert not _unchanged_by_zero_delta(torch.tensor([1.0, -0.0]).to(torch.bfloat16))
+    assert not _unchanged_by_zero_delta(torch.tensor([1.0, float("inf")]))
+    assert not _unchanged_by_zero_delta(torch.tensor([float("nan")]))
+    # ...and the reason: base + 0.0 is +0.0 where the base is -0.0.
+    negative = torch.tensor([-0.0]).to(torch.bfloat16)
+    assert not torch.signbit(negative + torch.zeros_like(negative)).any()

@@ -1,0 +1,24 @@
+"""The pipeline's declared data flow: every step needs only what the run starts with or what an
+earlier step gives, every given field exists, and the stage names are the result record's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bakery_slurm.pipeline import STAGES, STEPS, Flow
+
+
+def test_steps_need_only_what_earlier_steps_give():
+    fields = {f.name for f in dataclasses.fields(Flow)}
+    available = {f.name for f in dataclasses.fields(Flow)
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    for step in STEPS:
+        assert set(step.needs) <= available, (step.name, set(step.needs) - available)
+        assert set(step.gives) <= fields, (step.name, set(step.gives) - fields)
+        available |= set(step.gives)
+    given = [name for step in STEPS for name in step.gives]
+    assert len(given) == len(set(given)), "a field is given by two steps"
+
+
+def test_stage_names_are_the_steps_in_order():
+    assert STAGES == ("bake", "merge", "strip", "verify", "push")
