@@ -25,7 +25,9 @@ from .sacct import (
     SCHEDULER_TIMEOUT_S,
     Runner,
     TaskState,
+    accounting_disabled,
     find_jobs_by_name,
+    find_queued_jobs_by_name,
     query_sacct,
     query_squeue,
 )
@@ -141,19 +143,34 @@ class SlurmBackend:
             return {}, "sacct"
         try:
             return query_sacct(names, starttime, runner=self.runner), "sacct"
-        except SchedulerMissing:
-            return self._fallback(names, "sacct is not installed")
         except SchedulerError as e:
-            if "accounting storage is disabled" not in str(e).lower():
+            if not accounting_disabled(e):
                 raise
-            return self._fallback(names, "SLURM accounting is disabled")
+            why = "sacct is not installed" if isinstance(e, SchedulerMissing) else "SLURM accounting is disabled"
+            return self._fallback(names, why)
 
     def _fallback(self, names: dict[str, str], why: str) -> tuple[dict[str, TaskState], str]:
         return (query_squeue(names, runner=self.runner),
                 f"squeue + completion markers ({why}; finished tasks are read from result.json)")
 
     def recover(self, names: Sequence[str], starttime: str) -> dict[str, list[str]]:
-        return find_jobs_by_name(names, starttime, runner=self.runner)
+        """Array job ids by job name: from accounting, and from the queue for any name that
+        accounting does not know (yet: sacct lags sbatch; or at all: no accounting). A job the
+        queue lists is never given up as lost."""
+        try:
+            found = find_jobs_by_name(names, starttime, runner=self.runner)
+        except SchedulerError as e:
+            if not accounting_disabled(e):
+                raise
+            found = {}
+        missing = [name for name in names if name not in found]
+        return {**found, **(find_queued_jobs_by_name(missing, runner=self.runner) if missing else {})}
+
+    def find_by_name(self, name: str) -> str | None:
+        """The job id of the array called `name` if the controller's queue has it: what an sbatch
+        that failed after the controller accepted the job leaves behind."""
+        ids = find_queued_jobs_by_name([name], runner=self.runner).get(name)
+        return ids[-1] if ids else None
 
     def cancel(self, tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
         """One scancel for every (array, index) given."""
@@ -207,6 +224,10 @@ class LocalBackend:
     @staticmethod
     def recover(names: Sequence[str], starttime: str) -> dict[str, list[str]]:
         return {}  # a local submit records its id before it returns; nothing to find
+
+    @staticmethod
+    def find_by_name(name: str) -> str | None:
+        return None  # a local submit that fails started nothing
 
     @staticmethod
     def cancel(tasks: Sequence[tuple[ArrayRecord, int]]) -> None:

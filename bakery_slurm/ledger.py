@@ -114,12 +114,21 @@ class Submission(_Model):
 
 
 class Attempt(_Model):
-    """One run of one cell: which array (by name) and index ran it, when, with which recipe."""
+    """One run of one cell: which array (by name) and index ran it, when, with which recipe.
+
+    Attributes
+    ----------
+    cancelled
+        When `bakery-slurm cancel` cancelled this attempt's task, None otherwise. SLURM keeps no
+        accounting row for an array task cancelled before it started, so only this says what
+        became of it.
+    """
 
     array: str
     index: int = Field(ge=0)
     submitted: AwareDatetime
     recipe_hash: str
+    cancelled: AwareDatetime | None = None
 
 
 class Ledger(_Model):
@@ -383,6 +392,17 @@ def forget_array(ledger: Ledger, name: str) -> None:
             ledger.cells[cell] = kept
         else:
             del ledger.cells[cell]
+
+
+def record_cancel(ledger: Ledger, cell_id: str, array: str, index: int,
+                  now: datetime | None = None) -> None:
+    """Note that the attempt of `cell_id` in task (`array`, `index`) was cancelled, at `now`.
+
+    An attempt that is no longer in the ledger (another process rewrote it) is left alone.
+    """
+    for attempt in ledger.cells.get(cell_id, []):
+        if (attempt.array, attempt.index) == (array, index) and attempt.cancelled is None:
+            attempt.cancelled = now or datetime.now(timezone.utc)
 
 
 def find_array(ledger: Ledger, name: str) -> ArrayRecord:

@@ -48,6 +48,9 @@ UNCONFIRMED = "UNCONFIRMED"
 NOT_FOUND = "NOT_FOUND"
 """The array has a job id, but the scheduler's answer has no row for this task."""
 
+CANCELLED = "CANCELLED"
+"""A task cancelled by scancel (or `bakery-slurm cancel`, also before it started)."""
+
 COMPLETED = "COMPLETED"
 """The only state that means a cell's latest attempt succeeded."""
 
@@ -56,10 +59,25 @@ LOST = "LOST"
 before it ran): set by `tracking.snapshot` once sacct had time to know it by name and does not."""
 
 TERMINAL_FAILURES = frozenset(
-    {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+    {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", CANCELLED, "BOOT_FAIL", "DEADLINE", "PREEMPTED",
      LOST}
 )
 """States in which a task has ended without success: the ones `choose_resubmit` may resubmit."""
+
+ENDED = TERMINAL_FAILURES | {COMPLETED, NOT_FOUND}
+"""States after which no task of this attempt can run again."""
+
+
+def is_live(state: str) -> bool:
+    """May the attempt in `state` still run (or be running)? Then it is never submitted again.
+
+    Live is everything that has not ended: pending and running, but also held, suspended, stopped
+    and requeued tasks (``REQUEUE_HOLD``, ``SPECIAL_EXIT``, ``STOPPED``, ``SUSPENDED``,
+    ``RESIZING``, ...), which someone can release or resume, `UNCONFIRMED` and `SUBMITTED` arrays,
+    and any state a later SLURM adds: a cell running twice is worse than one waiting for a look.
+    """
+    return state not in ENDED
+
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -113,6 +131,9 @@ class CellStatus:
         The recipe the latest attempt ran.
     exit_code, elapsed, node
         As in `TaskState`, when the scheduler reported them.
+    detail
+        One line from the cell's result record: the stage a live cell is in and since when, or
+        why a failed one failed (the stage and the input it could not use).
     """
 
     cell: str
@@ -125,6 +146,7 @@ class CellStatus:
     exit_code: str | None = None
     elapsed: str | None = None
     node: str | None = None
+    detail: str | None = None
 
     @property
     def task_id(self) -> str | None:
@@ -211,7 +233,8 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
     -------
     list of CellStatus
         Sorted by cell id. A cell whose latest array has no job id is `UNCONFIRMED`; one whose task
-        is absent from `states` is `NOT_FOUND`.
+        is absent from `states` is `CANCELLED` when the ledger records that `cancel` cancelled it,
+        else `NOT_FOUND`.
     """
     arrays = {array.name: array for array in all_arrays(ledger)}
     statuses = []
@@ -224,7 +247,11 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
         else:
             # Rows without an index: submitit submits a one-task "array" as a plain job, and sacct
             # shows a whole array as one row until the controller splits it into tasks.
-            task = states.get(f"{job_id}_{latest.index}") or states.get(job_id) or TaskState(NOT_FOUND)
+            task = states.get(f"{job_id}_{latest.index}") or states.get(job_id)
+            if task is None:
+                # A task cancelled before it started leaves no row in sacct (and leaves squeue):
+                # the ledger's note of the cancel is all there is.
+                task = TaskState(CANCELLED if latest.cancelled else NOT_FOUND)
         statuses.append(
             CellStatus(
                 cell=cell,
@@ -394,13 +421,33 @@ def find_jobs_by_name(
     return {name: sorted(ids, key=int) for name, ids in sorted(found.items())}
 
 
-def _parse_names(text: str, wanted: set[str]) -> dict[str, set[str]]:
+def find_queued_jobs_by_name(names: Sequence[str], *, runner: Runner = subprocess.run) -> dict[str, list[str]]:
+    """As `find_jobs_by_name`, from squeue: the controller's own queue, which knows an array the
+    moment sbatch is accepted (sacct lags) and works without accounting. Jobs that ended more than
+    a few minutes ago (slurm.conf MinJobAge) are no longer listed.
+    """
+    found: dict[str, set[str]] = {}
+    for chunk in _chunks(names):
+        command = ["squeue", "--me", "--noheader", "--states=all", "-o", "%i|%j",
+                   f"--name={','.join(chunk)}"]
+        parse = functools.partial(_parse_names, wanted=set(chunk), source="squeue")
+        for name, ids in _parse_output(command, runner, parse).items():
+            found.setdefault(name, set()).update(ids)
+    return {name: sorted(ids, key=int) for name, ids in sorted(found.items())}
+
+
+def accounting_disabled(error: SchedulerError) -> bool:
+    """Did sacct fail because the cluster keeps no accounting (or sacct is not installed)?"""
+    return isinstance(error, SchedulerMissing) or "accounting storage is disabled" in str(error).lower()
+
+
+def _parse_names(text: str, wanted: set[str], source: str = "sacct") -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     # Split once: JobName is last and may itself contain "|".
-    for number, (job_id, name) in _rows(text, 2, "sacct", maxsplit=1):
+    for number, (job_id, name) in _rows(text, 2, source, maxsplit=1):
         match = _JOB_ID.fullmatch(job_id)
         if match is None:
-            raise SchedulerError(f"sacct line {number}: cannot parse job id {job_id!r}")
+            raise SchedulerError(f"{source} line {number}: cannot parse job id {job_id!r}")
         if name in wanted:
             found.setdefault(name, set()).add(match["job"])
     return found

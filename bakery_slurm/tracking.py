@@ -22,6 +22,7 @@ from .sacct import (
     NOT_FOUND,
     UNCONFIRMED,
     CellStatus,
+    is_live,
     reduce_cells,
     sacct_starttime,
 )
@@ -33,9 +34,6 @@ SUBMITTED = "SUBMITTED"
 SACCT_LAG = timedelta(minutes=2)
 # Login and compute nodes' clocks may disagree by this much.
 CLOCK_SKEW = timedelta(minutes=1)
-# States in which a cell may still run: never resubmitted or submitted again.
-LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
-                         "COMPLETING", "STAGE_OUT", "SIGNALING", UNCONFIRMED, SUBMITTED})
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,49 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
                 for s in reduce_cells(ledger, states)]
     if source != "sacct":
         statuses = [_from_marker(s, by_name) for s in statuses]
+    statuses = [_with_detail(s, by_name) for s in statuses]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
+
+
+# Cells in these states have no result record of their latest attempt worth reading.
+_NO_DETAIL = frozenset({COMPLETED, "PENDING", UNCONFIRMED, SUBMITTED, LOST})
+
+
+def describe_progress(state: str, result: dict | None) -> str | None:
+    """One line on a cell from its attempt's result record: why it failed, or the stage it is in
+    (or was in when it stopped) and since when. None when the record says nothing more."""
+    if not result:
+        return None
+    if result.get("status") == "failed":
+        return result.get("error")
+    running = [(name, record) for name, record in (result.get("stages") or {}).items()
+               if isinstance(record, dict) and record.get("status") == "running"]
+    if result.get("status") != "running" or not running:
+        return None
+    stage, record = running[-1]
+    since = record.get("started", "?")
+    return f"{stage} since {since}" if is_live(state) else f"stopped in {stage} (started {since})"
+
+
+def _with_detail(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    if status.state in _NO_DETAIL:
+        return status
+    return replace(status, detail=describe_progress(status.state, _attempt_result(status, arrays)))
+
+
+def _attempt_result(status: CellStatus, arrays: dict[str, ArrayRecord]) -> dict | None:
+    """The cell's result record if the cell's latest attempt wrote it (a record written before it
+    started may be a --force rerun's, or an earlier attempt's)."""
+    # Array folders live at <work>/arrays/<name> (submission.py).
+    array = arrays[status.array_name]
+    result = read_result(CellPaths(Path(array.folder).parent.parent, status.cell))
+    if not result or result.get("recipe_hash") != status.recipe_hash:
+        return None
+    try:
+        started = datetime.fromisoformat(result["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return result if started >= array.submitted - CLOCK_SKEW else None
 
 
 def _settle_unknown(status: CellStatus, fresh: bool) -> CellStatus:
@@ -99,7 +139,7 @@ def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str
             confirm_array(fresh, name, job_id)
     for name, job_id in found.items():
         confirm_array(ledger, name, job_id)
-    return [f"recovered job id {job_id} of array {name} from sacct" for name, job_id in found.items()]
+    return [f"recovered job id {job_id} of array {name} by its job name" for name, job_id in found.items()]
 
 
 def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
@@ -107,17 +147,6 @@ def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStat
     (COMPLETED or FAILED), if that record was written by this attempt."""
     if status.state != NOT_FOUND:
         return status
-    # Array folders live at <work>/arrays/<name> (submission.py).
-    work = Path(arrays[status.array_name].folder).parent.parent
-    result = read_result(CellPaths(work, status.cell))
-    if not result or result.get("recipe_hash") != status.recipe_hash:
-        return status
-    # The record of this very attempt: one written before it started may be a --force rerun's.
-    try:
-        started = datetime.fromisoformat(result["started"])
-    except (KeyError, TypeError, ValueError):
-        return status
-    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
-        return status
+    result = _attempt_result(status, arrays) or {}
     state = {"done": COMPLETED, "failed": "FAILED"}.get(result.get("status"))
     return replace(status, state=state) if state else status

@@ -14,7 +14,8 @@ from ..matrix import load_matrix
 from ..tracking import Snapshot
 
 LEDGER_NAME = "bakery-ledger.json"
-STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "log"]
+STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "detail",
+                  "log"]
 
 
 def ledger_option(f: Callable) -> Callable:
@@ -34,7 +35,8 @@ def _push_root(matrix_path: str) -> str | None:
 
 
 def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
-    """One row per cell: state, exit code, elapsed, node, attempt, task id, log and output."""
+    """One row per cell: state, exit code, elapsed, node, attempt, task id, detail (stage or
+    failure reason), log and output."""
     from ..executors import backend
 
     matrix_of = {array.name: submission.matrix_path
@@ -48,7 +50,7 @@ def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
             "cell": s.cell, "state": s.state, "exit_code": s.exit_code, "elapsed": s.elapsed,
             "node": s.node, "attempt": s.attempt, "array_job_id": s.array_job_id,
             "index": s.index, "task": s.task_id, "executor": array.executor,
-            "log": str(log) if log else None,
+            "detail": s.detail, "log": str(log) if log else None,
             "output": f"{root}/{s.cell}" if root else None,
         })
     return rows

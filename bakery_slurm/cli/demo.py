@@ -16,7 +16,8 @@ from ..pipeline import CellPaths, read_result
 from ..sacct import COMPLETED
 from ..submission import submit_cells
 from ..templating import render
-from ..tracking import LIVE_STATES, snapshot
+from ..sacct import is_live
+from ..tracking import snapshot
 from . import EXIT_FAILED, cli
 
 POLL_S = 1.0
@@ -54,7 +55,7 @@ def demo(folder: Path) -> None:
     click.echo(f"submitted {len(cells)} cells to the local executor; waiting", err=True)
     while True:
         snap = snapshot(ledger_path, load_ledger(ledger_path))
-        if not any(s.state in LIVE_STATES for s in snap.statuses):
+        if not any(is_live(s.state) for s in snap.statuses):
             break
         time.sleep(POLL_S)
     rows = []

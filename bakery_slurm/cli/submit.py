@@ -13,7 +13,8 @@ from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pipeline import CellPaths, read_result
 from ..submission import submit_cells
-from ..tracking import LIVE_STATES, snapshot
+from ..sacct import is_live
+from ..tracking import snapshot
 from .common import LEDGER_NAME
 from . import cli
 
@@ -97,7 +98,7 @@ def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_ru
         seen = {c.id: latest_attempt(ledger, c.id) for c in cells}
         if any(c.id in ledger.cells for c in cells):
             live = {s.cell: s.state for s in snapshot(ledger_path, ledger, recover=not dry_run).statuses
-                    if s.state in LIVE_STATES}
+                    if is_live(s.state)}
     for cell in cells:
         result = read_result(CellPaths(work, cell.id))
         if cell.id in live:

@@ -26,7 +26,8 @@ from bakery_slurm.cli.common import STATUS_COLUMNS
 from bakery_slurm.ledger import all_arrays, load_ledger
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
-from bakery_slurm.tracking import LIVE_STATES, snapshot
+from bakery_slurm.sacct import is_live
+from bakery_slurm.tracking import snapshot
 from conftest import MINIMAL_MATRIX
 from support import settled, wait_for
 
@@ -337,7 +338,7 @@ def test_cancel_running_and_pending_local_tasks(project, monkeypatch):
     assert sorted(result.stdout.splitlines()) == sorted([
         f"cancelled {running} ({request.array.job_id}_0, was RUNNING)",
         f"cancelled {pending[1]} ({request.array.job_id}_2, was PENDING)"])
-    final = wait_for(lambda: (s := states()) and not set(s.values()) & LIVE_STATES and s,
+    final = wait_for(lambda: (s := states()) and not any(map(is_live, s.values())) and s,
                      "every task to end")
     assert final == {c: "CANCELLED" for c in request.array.cells}
     folder = Path(request.array.folder)

@@ -19,6 +19,8 @@ from bakery_slurm.sacct import (
     TaskState,
     choose_resubmit,
     find_jobs_by_name,
+    find_queued_jobs_by_name,
+    is_live,
     parse_sacct,
     parse_squeue,
     query_sacct,
@@ -191,6 +193,23 @@ def test_choose_resubmit_selected_states():
         choose_resubmit([], max_attempts=0)
 
 
+HELD = ["REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "SUSPENDED", "RESIZING", "REQUEUED",
+        "REQUEUE_FED", "RESV_DEL_HOLD"]
+
+
+@pytest.mark.parametrize("state", HELD + ["PENDING", "RUNNING", "SOME_FUTURE_STATE"])
+def test_held_suspended_and_unknown_states_are_live(state):
+    # Someone can release or resume such a task: submitting the cell again would run it twice.
+    assert is_live(state)
+    chosen, [refusal] = choose_resubmit([status("a", state)], max_attempts=3)
+    assert chosen == [] and refusal.reason == f"latest attempt is {state}, not a terminal failure"
+
+
+@pytest.mark.parametrize("state", ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "LOST", NOT_FOUND])
+def test_ended_states_are_not_live(state):
+    assert not is_live(state)
+
+
 def test_totals():
     statuses = [status("a", "FAILED"), status("b", "COMPLETED"), status("c", "FAILED")]
     assert totals(statuses) == {"COMPLETED": 1, "FAILED": 2}
@@ -286,3 +305,10 @@ def test_find_jobs_by_name():
         "--starttime",
         "2025-03-01T11:00:00",
     ]
+
+
+def test_find_queued_jobs_by_name():
+    runner = FakeRunner("55_[2-3]|bakery-a-0\n55_1|bakery-a-0\n9|other\n")
+    assert find_queued_jobs_by_name(["bakery-a-0", "bakery-b-0"], runner=runner) == {"bakery-a-0": ["55"]}
+    [call] = runner.calls
+    assert call[0] == "squeue" and "--name=bakery-a-0,bakery-b-0" in call and "--states=all" in call
