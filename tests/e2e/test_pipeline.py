@@ -486,3 +486,47 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
     assert any(not torch.equal(old_weights[n], new_weights[n]) for n in old_weights)
     record = json.loads((published / "bakery.json").read_text())
     assert record["inputs"] == second["stages"]["bake"]["inputs"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A failed stage names the input it could not use
+
+
+def test_a_corrupt_adapter_is_named_in_the_error_and_the_result_record(tmp_path, tiny_models,
+                                                                       write_tiny_matrix):
+    from bakery_slurm.errors import StageError
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    corrupt = models / "adapters" / "text" / "nob" / "adapter_model.safetensors"
+    corrupt.write_bytes(b"not a safetensors file " * 64)
+    matrix, cells = cells_of(write_tiny_matrix(tmp_path, models=models, methods=("linear",)))
+    cell = cells[cell_id("tiny1b", "linear")]
+    with pytest.raises(StageError) as failure:
+        run_cell(cell, matrix.work_dir, device="cpu")
+    message = str(failure.value)
+    assert f"stage bake failed: adapter nob ({corrupt.parent}): {corrupt}: " in message, message
+    result = read_result(CellPaths(matrix.work_dir, cell.id))
+    assert result["status"] == "failed" and result["error"] == f"bake: {message.split(': stage bake failed: ')[1]}"
+    assert result["stages"]["bake"]["error"].startswith(f"adapter nob ({corrupt.parent}): {corrupt}: ")
+
+
+def test_an_unexpected_error_keeps_its_type_and_traceback_in_stderr(tmp_path, tiny_models,
+                                                                    write_tiny_matrix):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    config = models / "adapters" / "text" / "eng" / "adapter_config.json"
+    config.write_text(json.dumps({"not": "a PEFT config"}))  # readable JSON that PEFT rejects
+    matrix_path = write_tiny_matrix(tmp_path, models=models, methods=("linear",))
+    matrix, cells = cells_of(matrix_path)
+    cell = cells[cell_id("tiny1b", "linear")]
+    log = tmp_path / "run-cell"
+    proc = run_cli(["run-cell", str(matrix_path), cell.id, "--device", "cpu"], log)
+    assert proc.wait(timeout=PROCESS_TIMEOUT_S) == 1
+    stderr = log.with_suffix(".err").read_text()
+    assert "Traceback (most recent call last)" in stderr, stderr[-3000:]
+    error = read_result(CellPaths(matrix.work_dir, cell.id))["error"]
+    # The exception's type is kept (a bare KeyError would read only 'key'), after the input.
+    prefix = f"bake: adapter eng ({config.parent}): "
+    assert error.startswith(prefix) and error[len(prefix):].split(":")[0].isidentifier(), error
+    assert "\n" not in error
