@@ -1,7 +1,7 @@
 """Job arrays: the only module that imports submitit.
 
 `group_cells` (pure) puts cells with equal resources into one array each, split so no array exceeds
-the cluster's MaxArraySize (submitit never splits; facts.md). `SlurmBackend` submits an array with
+the cluster's MaxArraySize (submitit submits whatever it is given as one array). `SlurmBackend` submits an array with
 one `sbatch` through submitit, `LocalBackend` through the embedded local executor; both return the
 array's job id, read task states, cancel tasks and locate logs.
 """

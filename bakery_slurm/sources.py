@@ -3,7 +3,7 @@
 A Hub source is downloaded with `snapshot_download` (token from the environment or the Hub's token
 file, handled by huggingface_hub; we never see or store it) and identified by the commit it resolved
 to. A local source is identified by the sha256 of its files, so a retrained adapter at the same path
-gets a new identity (mergekit's own LoRA cache keys by folder name only; facts.md).
+gets a new identity (mergekit's own LoRA cache keys by folder name only, and so serves a stale bake).
 
 Hashing a 12B base reads ~24 GB (~1 GiB/s, benchmarks/bench_sources.py) in every cell of that
 base. With a `hash_cache` folder each file's hash is kept beside its stat signature and reused

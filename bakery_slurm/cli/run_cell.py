@@ -53,7 +53,7 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None,
 
 def _task_environment() -> None:
     """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (tasks sharing one
-    corrupted it; facts.md) unless the user chose one."""
+    have corrupted a shared one) unless the user chose one."""
     # SLURM's USR2 warning before the time limit (see task.run_task) may reach us through
     # apptainer even where the host-side task ignored it: the default action would kill the cell
     # early, and its end would read FAILED instead of TIMEOUT.
