@@ -56,6 +56,7 @@ def prepare_base(base: LocalModel, cache: Path) -> tuple[Path, dict[str, TensorS
     with fsutil.locked(out.with_name(out.name + ".lock")):
         if intact_marker(out) is not None:
             return out, tensors, {"cached": True, "bytes_read": 0, "bytes_written": 0}
+        remove_leftovers(out)
         report = repair_checkpoint(base.path, out, tensors)
         write_marker(out, {"base": base.identity})
     return out, tensors, {"cached": False, "bytes_read": report.bytes_read,
@@ -71,6 +72,14 @@ def naming_input(what: str) -> Iterator[None]:
     except Exception as e:
         e.add_note(what)
         raise
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what a task killed while writing `out` left beside it (``.<key>.*.partial`` and
+    ``.raw`` folders, as big as a checkpoint). Call it holding `out`'s lock: no one else is
+    writing them then."""
+    for stale in out.parent.glob(f".{out.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_adapter(folder: Path) -> None:
@@ -105,9 +114,7 @@ def _bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[
             log.info("bake %s: cached at %s", adapter.path, out)
             return out, {"cached": True, "key": key, "bytes_read": 0, "bytes_written": 0,
                          "content_sha256": marker["content_sha256"]}
-        # Under the key's lock, any .<key>.* folder is what a killed bake left behind.
-        for stale in out.parent.glob(f".{key}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(out)
         check_adapter(adapter.path)
         with tempfile.TemporaryDirectory(prefix=f".{key}.", suffix=".raw", dir=out.parent) as raw:
             _merge_and_unload(base.path, adapter.path, dtype, Path(raw))
