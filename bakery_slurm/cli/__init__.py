@@ -70,4 +70,4 @@ def main() -> None:
 
 
 # Each module registers its command on `cli` at import.
-from . import cancel, demo, logs, plan, resubmit, run_cell, status, submit  # noqa: E402,F401
+from . import cancel, demo, gc, logs, plan, resubmit, run_cell, status, submit  # noqa: E402,F401

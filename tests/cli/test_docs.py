@@ -15,7 +15,8 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_the_expected_commands_exist():
-    assert COMMANDS == ["cancel", "demo", "logs", "plan", "resubmit", "run-cell", "status", "submit"]
+    assert COMMANDS == ["cancel", "demo", "gc", "logs", "plan", "resubmit", "run-cell", "status",
+                        "submit"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
