@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
-from .sacct import TaskState
+from .slurm_commands import TaskState
 from .task import task_environment
 
 POLL_S = 0.2  # how often the supervisor checks its children, deadlines and cancel requests

@@ -87,8 +87,8 @@ def checkpoint_tensors(folder: Path) -> dict[str, Any]:
 def settled(ledger_path: Path) -> list[Any] | None:
     """The ledger's cell statuses once no cell is pending or running, else None (for `wait_for`)."""
     from bakery_slurm.ledger import load_ledger
-    from bakery_slurm.sacct import is_live
-    from bakery_slurm.tracking import snapshot
+    from bakery_slurm.resubmit_policy import is_live
+    from bakery_slurm.status_snapshot import snapshot
 
     statuses = snapshot(ledger_path, load_ledger(ledger_path)).statuses
     return statuses if not any(is_live(s.state) for s in statuses) else None

@@ -9,8 +9,8 @@ import click
 
 from ..executors import backend
 from ..ledger import load_ledger, record_cancel, update_ledger
-from ..sacct import is_live
-from ..tracking import snapshot
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from .common import ledger_option
 from . import cli
 

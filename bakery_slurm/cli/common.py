@@ -11,7 +11,7 @@ import click
 from ..errors import ConfigError
 from ..ledger import Ledger
 from ..matrix import load_matrix
-from ..tracking import Snapshot
+from ..status_snapshot import Snapshot
 
 LEDGER_NAME = "bakery-ledger.json"
 STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "detail",

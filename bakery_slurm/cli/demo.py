@@ -13,11 +13,11 @@ from ..ledger import load_ledger
 from ..matrix import expand, load_matrix
 from ..output import format_rows
 from ..pipeline import CellPaths, read_result
-from ..sacct import COMPLETED
+from ..cell_status import COMPLETED
 from ..submission import submit_cells
 from ..templating import render
-from ..sacct import is_live
-from ..tracking import snapshot
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from . import EXIT_FAILED, cli
 
 POLL_S = 1.0

@@ -9,8 +9,8 @@ import click
 from ..gc import bytes_per_kind, plan_gc, remove
 from ..ledger import all_arrays, load_ledger
 from ..output import format_rows, output_options
-from ..sacct import is_live
-from ..tracking import snapshot
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from .common import ledger_option
 from . import cli
 

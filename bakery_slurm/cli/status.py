@@ -10,8 +10,9 @@ import click
 
 from ..ledger import load_ledger
 from ..output import format_rows, output_options
-from ..sacct import TERMINAL_FAILURES, is_live, totals
-from ..tracking import snapshot
+from ..cell_status import totals
+from ..resubmit_policy import TERMINAL_FAILURES, is_live
+from ..status_snapshot import snapshot
 from .common import STATUS_COLUMNS, ledger_option, status_rows
 from . import EXIT_FAILED, cli
 

@@ -13,8 +13,8 @@ from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pipeline import CellPaths, read_result
 from ..submission import submit_cells
-from ..sacct import is_live
-from ..tracking import snapshot
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from .common import LEDGER_NAME
 from . import cli
 

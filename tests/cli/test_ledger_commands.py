@@ -26,8 +26,8 @@ from bakery_slurm.cli.common import STATUS_COLUMNS
 from bakery_slurm.ledger import all_arrays, load_ledger
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
-from bakery_slurm.sacct import is_live
-from bakery_slurm.tracking import snapshot
+from bakery_slurm.resubmit_policy import is_live
+from bakery_slurm.status_snapshot import snapshot
 from conftest import MINIMAL_MATRIX
 from support import settled, wait_for
 

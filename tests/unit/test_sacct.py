@@ -8,27 +8,14 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bakery_slurm import sacct
+from bakery_slurm import slurm_commands
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.ledger import Ledger, PlannedArray, confirm_array, record_intent
-from bakery_slurm.sacct import (
-    NOT_FOUND,
-    UNCONFIRMED,
-    CellStatus,
-    Refusal,
-    TaskState,
-    choose_resubmit,
-    find_jobs_by_name,
-    find_queued_jobs_by_name,
-    is_live,
-    parse_sacct,
-    parse_squeue,
-    query_sacct,
-    query_squeue,
-    reduce_cells,
-    sacct_starttime,
-    totals,
-)
+from bakery_slurm.cell_status import NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells, totals
+from bakery_slurm.resubmit_policy import Refusal, choose_resubmit, is_live
+from bakery_slurm.sacct import find_jobs_by_name, parse_sacct, query_sacct, sacct_starttime
+from bakery_slurm.slurm_commands import TaskState
+from bakery_slurm.squeue import find_queued_jobs_by_name, parse_squeue, query_squeue
 
 SACCT_TEXT = """\
 1234_0|COMPLETED|0:0|00:01:02|c1-1|bakery-t-1234
@@ -260,7 +247,7 @@ def test_query_sacct_chunks_long_id_lists(monkeypatch):
     runner = FakeRunner()
     assert query_sacct({}, runner=runner) == {}
     assert runner.calls == []
-    monkeypatch.setattr(sacct, "MAX_IDS_PER_CALL", 10)
+    monkeypatch.setattr(slurm_commands, "MAX_IDS_PER_CALL", 10)
     query_sacct({str(i): f"a{i}" for i in range(25)}, runner=runner)
     assert [len(call[call.index("-j") + 1].split(",")) for call in runner.calls] == [10, 10, 5]
 

@@ -1,4 +1,4 @@
-"""`tracking.snapshot`: states that need the clock or the cells' result records, with sacct and
+"""`status_snapshot.snapshot`: states that need the clock or the cells' result records, with sacct and
 squeue answered by a recording fake at the subprocess boundary."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (
     Ledger, PlannedArray, confirm_array, load_ledger, record_intent, record_cancel, save_ledger)
 from bakery_slurm.pipeline import CellPaths
-from bakery_slurm.tracking import snapshot
+from bakery_slurm.status_snapshot import snapshot
 from support import Recorder
 
 CELL = "1b-std/eng-nob__ties"

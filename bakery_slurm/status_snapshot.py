@@ -1,4 +1,4 @@
-"""Where every cell of a ledger stands now: the shell around `sacct.reduce_cells`.
+"""Where every cell of a ledger stands now: the shell around `cell_status.reduce_cells`.
 
 One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
 accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
@@ -16,16 +16,9 @@ from pathlib import Path
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
 from .pipeline import CellPaths, read_result
-from .sacct import (
-    COMPLETED,
-    LOST,
-    NOT_FOUND,
-    UNCONFIRMED,
-    CellStatus,
-    is_live,
-    reduce_cells,
-    sacct_starttime,
-)
+from .cell_status import COMPLETED, LOST, NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells
+from .resubmit_policy import is_live
+from .sacct import sacct_starttime
 
 log = logging.getLogger(__name__)
 
