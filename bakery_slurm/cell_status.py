@@ -23,6 +23,9 @@ NOT_FOUND = "NOT_FOUND"
 CANCELLED = "CANCELLED"
 """A task cancelled by scancel (or `bakery-slurm cancel`, also before it started)."""
 
+PENDING = "PENDING"
+"""Waiting to start (held tasks are PENDING too, in accounting)."""
+
 COMPLETED = "COMPLETED"
 """The only state that means a cell's latest attempt succeeded."""
 
@@ -85,8 +88,8 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
     -------
     list of CellStatus
         Sorted by cell id. A cell whose latest array has no job id is `UNCONFIRMED`; one whose task
-        is absent from `states` is `CANCELLED` when the ledger records that `cancel` cancelled it,
-        else `NOT_FOUND`.
+        is absent from `states` is `NOT_FOUND`; one whose cancel the ledger records is `CANCELLED`
+        unless the scheduler shows it past PENDING.
     """
     arrays = {array.name: array for array in all_arrays(ledger)}
     statuses = []
@@ -100,10 +103,13 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
             # Rows without an index: submitit submits a one-task "array" as a plain job, and sacct
             # shows a whole array as one row until the controller splits it into tasks.
             task = states.get(f"{job_id}_{latest.index}") or states.get(job_id)
-            if task is None:
-                # A task cancelled before it started leaves no row in sacct (and leaves squeue):
-                # the ledger's note of the cancel is all there is.
-                task = TaskState(CANCELLED if latest.cancelled else NOT_FOUND)
+            if latest.cancelled and (task is None or task.state == PENDING):
+                # A task cancelled before it started gets no row of its own in accounting (SLURM
+                # 22.05): sacct shows nothing, or the array's pending range, which still covers
+                # it. The ledger's note of the cancel is the truth then.
+                task = TaskState(CANCELLED)
+            elif task is None:
+                task = TaskState(NOT_FOUND)
         statuses.append(
             CellStatus(
                 cell=cell,

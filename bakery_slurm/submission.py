@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .container import task_argv
-from .errors import ConfigError, SchedulerError
+from .errors import ConfigError, SchedulerError, SchedulerMissing
 from .executors import DEFAULT_MAX_ARRAY_SIZE, SubmitRequest, backend, group_cells
 from .ledger import (
     ArrayRecord,
@@ -175,6 +175,8 @@ def _accepted_anyway(runner, request: SubmitRequest, error: SchedulerError) -> s
     surely does not have it, None when the queue could not be asked."""
     try:
         found = runner.find_by_name(request.array.name)
+    except SchedulerMissing:
+        return ""  # no squeue here: no SLURM controller took anything from this machine
     except SchedulerError as lookup:
         log.warning("sbatch failed for array %s (%s) and squeue could not be asked whether the "
                     "controller accepted it anyway: %s", request.array.name, error, lookup)

@@ -105,7 +105,11 @@ def test_a_task_cancelled_while_pending_is_cancelled_not_not_found(tmp_path):
     assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
     record_cancel(ledger, CELL, ledger.cells[CELL][-1].array, ledger.cells[CELL][-1].index)
     assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
-    # A row from the scheduler wins over the note: the cancel may have come too late.
+    # Accounting may keep showing the array's pending range, which still covers the task.
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_[0-1%1]|PENDING|0:0|00:00:00|None assigned|{name}\n", "")})
+    assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
+    # A row past PENDING wins over the note: the cancel came as the task started.
     name = ledger.submissions[0].arrays[0].name
     runner = Recorder({"sacct": (0, f"41_0|COMPLETED|0:0|00:01:00|n1|{name}\n", "")})
     assert state_of(tmp_path, path, ledger, runner) == "COMPLETED"
