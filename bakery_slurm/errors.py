@@ -1,5 +1,5 @@
 """The exceptions bakery-slurm raises. Library code raises these; only `bakery_slurm.cli` turns them
-into messages and exit codes (2 config, 3 scheduler, 1 everything else)."""
+into messages and exit codes (2 config, ledger or lock, 3 scheduler, 1 everything else)."""
 
 
 class BakeryError(Exception):
@@ -20,6 +20,11 @@ class SchedulerMissing(SchedulerError):
 
 class LedgerError(BakeryError):
     """The ledger cannot be read (missing, truncated, corrupt, newer schema). It is never overwritten."""
+
+
+class LockError(BakeryError):
+    """A lock file cannot be opened (a teammate's file the group may not write) or the
+    filesystem does not support POSIX locks. The message says which, and what fixes it."""
 
 
 class StageError(BakeryError):

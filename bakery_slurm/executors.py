@@ -1,10 +1,10 @@
 """Job arrays: the only module that imports submitit.
 
-`group_cells` (pure) puts cells with equal resources into one array each, split so no array exceeds
-the cluster's MaxArraySize (submitit submits one sbatch per call and never splits an array above
-it). `SlurmBackend` submits an array with one `sbatch` through submitit, `LocalBackend` through the
-embedded local executor; both return the array's job id, read task states, cancel tasks and locate
-logs.
+`group_cells` (pure) puts cells with equal resources into one array each, split so no array
+exceeds the cluster's MaxArraySize (submitit submits whatever it is given as one array).
+`SlurmBackend` submits an array with one `sbatch` through submitit, `LocalBackend` through the
+embedded local executor; both return the array's job id, read task states, cancel tasks and
+locate logs, as the `Backend` protocol documents.
 """
 
 from __future__ import annotations
@@ -16,21 +16,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from . import array_task, fsutil, local
 from .errors import SchedulerError, SchedulerMissing
 from .ledger import ArrayRecord
 from .matrix import Cell, Resources
+from .sacct import accounting_disabled, find_jobs_by_name, query_sacct
+from .slurm_commands import SCHEDULER_TIMEOUT_S, Runner, TaskState
+from .squeue import find_queued_jobs_by_name, query_squeue
 from .task_command import LAUNCHER_NAME
-from .sacct import (
-    SCHEDULER_TIMEOUT_S,
-    Runner,
-    TaskState,
-    find_jobs_by_name,
-    query_sacct,
-    query_squeue,
-)
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize (highest index 1000)
 # Resource fields -> submitit SlurmExecutor parameters (time is handled apart: minutes).
@@ -102,7 +97,50 @@ class SubmitRequest:
         return shlex.quote(str(self.launcher_path) if self.launcher else sys.executable)
 
 
+@runtime_checkable
+class Backend(Protocol):
+    """What submit, status, resubmit, cancel and logs need from an executor; `SlurmBackend` and
+    `LocalBackend` are the two. Each array is known by its ledger record (`ArrayRecord`): its
+    unique job name before it has a job id, both after.
+
+    Attributes
+    ----------
+    name
+        The executor's name in the ledger (``"slurm"``, ``"local"``).
+    """
+
+    name: str
+
+    def max_array_size(self) -> int:
+        """The most tasks one array may have here."""
+
+    def render(self, request: SubmitRequest) -> str:
+        """What `submit` would run for `request`, for --dry-run; submits nothing."""
+
+    def submit(self, request: SubmitRequest) -> str:
+        """Start the array; return its job id. Raises SchedulerError when it was refused."""
+
+    def states(self, arrays: Sequence[ArrayRecord], starttime: str | None) -> tuple[dict[str, TaskState], str]:
+        """Task states ("<job id>_<index>" -> TaskState) of the confirmed `arrays`, and where they
+        came from. Raises SchedulerError when the scheduler cannot be asked."""
+
+    def recover(self, names: Sequence[str], starttime: str) -> dict[str, list[str]]:
+        """Job ids of arrays by job name, for arrays whose id was never recorded."""
+
+    def find_by_name(self, name: str) -> str | None:
+        """The job id of the array called `name` if the scheduler has it now (after a failed
+        submit that may have been accepted)."""
+
+    def cancel(self, tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
+        """Cancel these (array, index) tasks."""
+
+    def log_paths(self, array: ArrayRecord, index: int) -> tuple[Path, Path]:
+        """The stdout and stderr files of one task."""
+
+
 class SlurmBackend:
+    """The `Backend` for SLURM: sbatch through submitit, sacct (or squeue), scancel."""
+
     name = "slurm"
 
     def __init__(self, runner: Runner = subprocess.run):
@@ -167,19 +205,34 @@ class SlurmBackend:
             return {}, "sacct"
         try:
             return query_sacct(names, starttime, runner=self.runner), "sacct"
-        except SchedulerMissing:
-            return self._fallback(names, "sacct is not installed")
         except SchedulerError as e:
-            if "accounting storage is disabled" not in str(e).lower():
+            if not accounting_disabled(e):
                 raise
-            return self._fallback(names, "SLURM accounting is disabled")
+            why = "sacct is not installed" if isinstance(e, SchedulerMissing) else "SLURM accounting is disabled"
+            return self._fallback(names, why)
 
     def _fallback(self, names: dict[str, str], why: str) -> tuple[dict[str, TaskState], str]:
         return (query_squeue(names, runner=self.runner),
                 f"squeue + completion markers ({why}; finished tasks are read from result.json)")
 
     def recover(self, names: Sequence[str], starttime: str) -> dict[str, list[str]]:
-        return find_jobs_by_name(names, starttime, runner=self.runner)
+        """Array job ids by job name: from accounting, and from the queue for any name that
+        accounting does not know (yet: sacct lags sbatch; or at all: no accounting). A job the
+        queue lists is never given up as lost."""
+        try:
+            found = find_jobs_by_name(names, starttime, runner=self.runner)
+        except SchedulerError as e:
+            if not accounting_disabled(e):
+                raise
+            found = {}
+        missing = [name for name in names if name not in found]
+        return {**found, **(find_queued_jobs_by_name(missing, runner=self.runner) if missing else {})}
+
+    def find_by_name(self, name: str) -> str | None:
+        """The job id of the array called `name` if the controller's queue has it: what an sbatch
+        that failed after the controller accepted the job leaves behind."""
+        ids = find_queued_jobs_by_name([name], runner=self.runner).get(name)
+        return ids[-1] if ids else None
 
     def cancel(self, tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
         """One scancel for every (array, index) given."""
@@ -205,6 +258,8 @@ class SlurmBackend:
 
 
 class LocalBackend:
+    """The `Backend` for this machine: the embedded local executor (`local`)."""
+
     name = "local"
 
     @staticmethod
@@ -235,6 +290,10 @@ class LocalBackend:
         return {}  # a local submit records its id before it returns; nothing to find
 
     @staticmethod
+    def find_by_name(name: str) -> str | None:
+        return None  # a local submit that fails started nothing
+
+    @staticmethod
     def cancel(tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
         for array, index in tasks:
             local.cancel(Path(array.folder), [index])
@@ -244,7 +303,7 @@ class LocalBackend:
         return local.log_paths(Path(array.folder), index)
 
 
-def backend(name: str) -> SlurmBackend | LocalBackend:
+def backend(name: str) -> Backend:
     return SlurmBackend() if name == "slurm" else LocalBackend()
 
 

@@ -1,21 +1,30 @@
 """Atomic writes and locks: the only way bakery-slurm writes a file that matters.
 
 Every write goes to a temporary name in the same directory, is fsynced, then renamed over the target,
-so a reader sees the old content or the new one, never half of it. Locks are POSIX record locks
-(`fcntl.lockf`), which NFS (via NLM) and Lustre (mounted with `flock`) honour across nodes, unlike
-`flock(2)` on older NFS clients.
+so a reader sees the old content or the new one, never half of it. Every file and folder gets the
+mode a plain open/mkdir would give under the umask, so a project folder shared by a group (umask
+002) is usable by every member; files bakery-slurm does not own, or shares by hard link with
+another folder (a Hub cache blob), are never chmod-ed.
+
+Locks are POSIX record locks (`fcntl.lockf`), which NFS (via NLM) and Lustre (mounted with `flock`)
+honour across nodes, unlike `flock(2)` on older NFS clients. Lustre mounted `noflock` refuses them
+(ENOSYS): `locked` says so instead of failing obscurely. Lustre mounted `localflock` grants them
+per node only, which no program can detect: use such a mount from one node at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from .errors import LockError
 
 
 def fsync_path(path: Path) -> None:
@@ -60,6 +69,7 @@ def atomic_write_bytes(path: Path, data: bytes, executable: bool = False) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600: give the file the mode open() would, so a group can read it.
         os.fchmod(fd, (0o777 if executable else 0o666) & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -85,35 +95,79 @@ class LockBusy(Exception):
     """A non-blocking `locked` found the lock held by another process."""
 
 
+# What lockf fails with where the filesystem has no POSIX locks (Lustre `noflock`: ENOSYS; some
+# FUSE and NFS mounts without a lock manager: EOPNOTSUPP or ENOLCK).
+_NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+
+
 @contextlib.contextmanager
-def locked(lock_path: Path, blocking: bool = True) -> Iterator[None]:
+def locked(lock_path: Path, blocking: bool = True,
+           lockf: Callable[[int, int], None] = fcntl.lockf) -> Iterator[None]:
     """Hold an exclusive lock on `lock_path` (created if missing) for the duration of the block.
 
-    With blocking=False, raise LockBusy at once when another process holds it.
+    With blocking=False, raise LockBusy at once when another process holds it. `lockf` is
+    `fcntl.lockf` or a stand-in with its signature.
+
+    Raises
+    ------
+    LockError
+        The lock file cannot be opened for writing (a teammate's file the group may not write),
+        or the filesystem does not support POSIX locks.
     """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError as e:
+        raise LockError(f"cannot open the lock file {lock_path} for writing ({e.strerror}): "
+                        f"{_who_may_write(lock_path)}") from None
     try:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             raise LockBusy(str(lock_path)) from None
-        yield
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            raise LockError(
+                f"cannot lock {lock_path}: the filesystem does not support POSIX locks "
+                f"({e.strerror}). On Lustre, ask for the folder to be mounted with `flock` "
+                "(not `noflock`, and not `localflock`, whose locks hold on one node only), or "
+                "move [paths] work and the ledger to a filesystem with locks") from None
+        try:
+            yield
+        finally:
+            lockf(fd, fcntl.LOCK_UN)
     finally:
-        fcntl.lockf(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _who_may_write(path: Path) -> str:
+    """Why a teammate cannot write `path`, and what fixes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "its folder is not writable by you"
+    return (f"it is mode {st.st_mode & 0o777:o}, owned by uid {st.st_uid} gid {st.st_gid}. For a "
+            "folder shared by a group, everyone working in it needs umask 002 (and the folder "
+            "the setgid bit), and the owner can `chmod g+w` the existing files")
 
 
 def _usual_modes(folder: Path) -> None:
     """Give `folder` and everything in it the modes a plain mkdir/open would under the umask.
 
     mkdtemp makes folders 0700 and safetensors writes files 0600: left so, a teammate sharing the
-    work folder could not read the bake cache, nor a group the published checkpoints.
+    work folder could not read the bake cache, nor a group the published checkpoints. A file we
+    do not own cannot be chmod-ed, and one with other hard links (a Hub cache blob, linked into
+    place) would change mode there too: both are left as they are.
     """
     mask = umask()
+    uid = os.geteuid()
     os.chmod(folder, 0o777 & ~mask)
     for path in folder.rglob("*"):
+        st = path.lstat()
+        if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
+            continue
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 

@@ -121,6 +121,10 @@ class Attempt(_Model):
     pins
         The commit each of its Hub inputs was pinned to, keyed by the source as the matrix names
         it (`ModelSource.key`); empty for local inputs, or when submitted without Hub access.
+    cancelled
+        When `bakery-slurm cancel` cancelled this attempt's task, None otherwise. SLURM keeps no
+        accounting row for an array task cancelled before it started, so only this says what
+        became of it.
     """
 
     array: str
@@ -128,6 +132,7 @@ class Attempt(_Model):
     submitted: AwareDatetime
     recipe_hash: str
     pins: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]] = {}
+    cancelled: AwareDatetime | None = None
 
 
 class Ledger(_Model):
@@ -395,6 +400,17 @@ def forget_array(ledger: Ledger, name: str) -> None:
             ledger.cells[cell] = kept
         else:
             del ledger.cells[cell]
+
+
+def record_cancel(ledger: Ledger, cell_id: str, array: str, index: int,
+                  now: datetime | None = None) -> None:
+    """Note that the attempt of `cell_id` in task (`array`, `index`) was cancelled, at `now`.
+
+    An attempt that is no longer in the ledger (another process rewrote it) is left alone.
+    """
+    for attempt in ledger.cells.get(cell_id, []):
+        if (attempt.array, attempt.index) == (array, index) and attempt.cancelled is None:
+            attempt.cancelled = now or datetime.now(timezone.utc)
 
 
 def find_array(ledger: Ledger, name: str) -> ArrayRecord:

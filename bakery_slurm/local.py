@@ -1,7 +1,7 @@
 """The embedded local executor: job arrays on this machine, for laptops, the demo and tests.
 
 submitit's LocalExecutor starts every task at once, ignores the time limit we ask for, and a job
-rebuilt in a later process cannot tell running from dead (facts.md). This one is a detached
+rebuilt in a later process cannot tell running from dead (submitit 1.5.4). This one is a detached
 supervisor process per array that runs at most `parallelism` tasks at a time, kills a task at its
 time limit (TIMEOUT), and keeps one state file per task, so `status` in any later process can tell
 PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT and CANCELLED apart, and reports a task whose process
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
-from .sacct import TaskState
+from .slurm_commands import TaskState
 from .task_command import task_environment
 
 POLL_S = 0.2  # how often the supervisor checks its children, deadlines and cancel requests

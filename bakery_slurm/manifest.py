@@ -38,8 +38,9 @@ def without_signatures(files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict
 
 def stat_signature(st: os.stat_result) -> list[int]:
     """What changes whenever a file's bytes may have: size, mtime, ctime (which no one can set
-    back), inode and device."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    back) and inode. Not the device number: the nodes of a network filesystem (NFS, Lustre) each
+    number its mount differently, and a 24 GB base would be hashed again on every node."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def scan(folder: Path, known: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:

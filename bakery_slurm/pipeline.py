@@ -96,6 +96,14 @@ def read_result(paths: CellPaths) -> dict[str, Any] | None:
         return None
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for a stage's error: the inputs named in its notes, then the error itself (with
+    its type where it is not one of ours: a bare KeyError reads ``'device'``)."""
+    text = str(error) if isinstance(error, BakeryError) else f"{type(error).__name__}: {error}"
+    notes = getattr(error, "__notes__", [])
+    return ": ".join([*notes, " ".join(text.split())])
+
+
 class _Run:
     """The state of one run: the result record, saved after every stage."""
 
@@ -117,17 +125,25 @@ class _Run:
 
     def stage(self, name: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         log.info("%s: %s started", self.cell.id, name)
-        start = time.monotonic()
+        start, started = time.monotonic(), now()
+        # Saved before the stage runs, so that `status` can say which stage a cell is in, and since when.
+        self.result["stages"][name] = {"status": "running", "started": started}
+        self.save()
         try:
             record = body()
         except Exception as e:
             seconds = round(time.monotonic() - start, 3)
-            self.result["stages"][name] = {"status": "failed", "seconds": seconds, "error": str(e)}
-            self.result.update(status="failed", finished=now(), error=f"{name}: {e}")
+            message = describe_error(e)
+            self.result["stages"][name] = {"status": "failed", "started": started,
+                                           "seconds": seconds, "error": message}
+            self.result.update(status="failed", finished=now(), error=f"{name}: {message}")
             self.save()
-            log.error("%s: %s failed after %.1f s: %s", self.cell.id, name, seconds, e)
-            raise StageError(self.cell.id, name, str(e)) from e
+            # An error we did not raise on purpose keeps its traceback (in the task's stderr).
+            log.error("%s: %s failed after %.1f s: %s", self.cell.id, name, seconds, message,
+                      exc_info=None if isinstance(e, BakeryError) else e)
+            raise StageError(self.cell.id, name, message) from e
         record.setdefault("status", "done")
+        record["started"] = started
         record["seconds"] = round(time.monotonic() - start, 3)
         self.result["stages"][name] = record
         self.save()
@@ -259,7 +275,7 @@ def _bake(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     records = {}
     for name, adapter in adapters.items():
         flow.baked[name], records[name] = bake_stage.bake(flow.base, adapter, cell.dtype,
-                                                          base_tensors, cache)
+                                                          base_tensors, cache, name=name)
     flow.baked_sha = {n: r["content_sha256"] for n, r in records.items()}
     return {**record, "base": base_record, "adapters": records,
             "cached": all(r["cached"] for r in records.values()),

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .errors import ConfigError, SchedulerError
+from .errors import ConfigError, SchedulerError, SchedulerMissing
 from .executors import DEFAULT_MAX_ARRAY_SIZE, SubmitRequest, backend, group_cells
 from .ledger import (
     ArrayRecord,
@@ -161,14 +161,25 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
     for i, request in enumerate(requests):
         try:
             job_id = runner.submit(request)
-        except BaseException as e:
-            # Arrays not yet handed to sbatch never existed, and neither did this one if sbatch
-            # said no. After anything else (Ctrl-C mid-sbatch) this array stays unconfirmed:
-            # `status` finds it in sacct by name, or calls it LOST.
-            gone = requests[i + 1:] + ([request] if isinstance(e, SchedulerError) else [])
-            with update_ledger(ledger_path) as ledger:
-                for array in gone:
-                    forget_array(ledger, array.array.name)
+        except SchedulerError as e:
+            job_id = _accepted_anyway(runner, request, e)
+            if not job_id:
+                # Arrays not yet handed to sbatch never existed, and neither did this one if the
+                # queue does not have it. If the queue could not be asked (None), it stays
+                # unconfirmed: `status` finds it by name later, or calls it LOST.
+                _forget(ledger_path, requests[i + 1:] + ([request] if job_id == "" else []))
+                if job_id is None:
+                    raise SchedulerError(
+                        f"{e}; array {request.array.name} may have been accepted: the ledger keeps "
+                        "it unconfirmed, and `bakery-slurm status` finds it by name or calls it "
+                        "LOST") from e
+                raise
+            log.warning("sbatch reported a failure for array %s, but the controller has it as "
+                        "job %s: recorded it (%s)", request.array.name, job_id, e)
+        except BaseException:
+            # Ctrl-C mid-sbatch: this array stays unconfirmed (`status` finds it by name, or calls
+            # it LOST); the ones not yet handed to sbatch never existed.
+            _forget(ledger_path, requests[i + 1:])
             raise
         with update_ledger(ledger_path) as ledger:
             confirm_array(ledger, request.array.name, job_id)
@@ -176,6 +187,27 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
         log.info("submitted array %s as job %s (%d cells)", request.array.name, job_id,
                  len(request.argvs))
     return requests
+
+
+def _forget(ledger_path: Path, requests: Sequence[SubmitRequest]) -> None:
+    with update_ledger(ledger_path) as ledger:
+        for request in requests:
+            forget_array(ledger, request.array.name)
+
+
+def _accepted_anyway(runner, request: SubmitRequest, error: SchedulerError) -> str | None:
+    """The job id of an array whose sbatch failed after the controller accepted it (a socket
+    timeout on the reply, say): found in the queue by its unique job name. "" when the queue
+    surely does not have it, None when the queue could not be asked."""
+    try:
+        found = runner.find_by_name(request.array.name)
+    except SchedulerMissing:
+        return ""  # no squeue here: no SLURM controller took anything from this machine
+    except SchedulerError as lookup:
+        log.warning("sbatch failed for array %s (%s) and squeue could not be asked whether the "
+                    "controller accepted it anyway: %s", request.array.name, error, lookup)
+        return None
+    return found or ""
 
 
 def _requests(matrix: Matrix, planned: Planned, arrays: list[ArrayRecord]) -> list[SubmitRequest]:

@@ -52,10 +52,12 @@ def assert_matches_golden(text: str, record: Path, what: str) -> None:
 @dataclass
 class Recorder:
     """Stands in for `subprocess.run`: records each call and answers from `answers`, keyed by the
-    command name: a CompletedProcess-like (returncode, stdout, stderr) triple. `check=True`
-    raises CalledProcessError on a non-zero status, as subprocess.run does."""
+    command name: a CompletedProcess-like (returncode, stdout, stderr) triple, or a function of the
+    argv returning one. `check=True` raises CalledProcessError on a non-zero status, as
+    subprocess.run does."""
 
-    answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    answers: dict[str, tuple[int, str, str] | Callable[[list[str]], tuple[int, str, str]]] = \
+        field(default_factory=dict)
     calls: list[list[str]] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -64,7 +66,8 @@ class Recorder:
         self.kwargs.append(kwargs)
         if argv[0] not in self.answers:
             raise FileNotFoundError(2, "No such file or directory", argv[0])
-        code, out, err = self.answers[argv[0]]
+        answer = self.answers[argv[0]]
+        code, out, err = answer(list(argv)) if callable(answer) else answer
         if kwargs.get("check") and code != 0:
             raise subprocess.CalledProcessError(code, argv, out, err)
         return subprocess.CompletedProcess(argv, code, out, err)
@@ -84,7 +87,8 @@ def checkpoint_tensors(folder: Path) -> dict[str, Any]:
 def settled(ledger_path: Path) -> list[Any] | None:
     """The ledger's cell statuses once no cell is pending or running, else None (for `wait_for`)."""
     from bakery_slurm.ledger import load_ledger
-    from bakery_slurm.tracking import LIVE_STATES, snapshot
+    from bakery_slurm.resubmit_policy import is_live
+    from bakery_slurm.status_snapshot import snapshot
 
     statuses = snapshot(ledger_path, load_ledger(ledger_path)).statuses
-    return statuses if not any(s.state in LIVE_STATES for s in statuses) else None
+    return statuses if not any(is_live(s.state) for s in statuses) else None

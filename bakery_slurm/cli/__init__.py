@@ -14,7 +14,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import BakeryError, ConfigError, LedgerError, SchedulerError
+from ..errors import BakeryError, ConfigError, LedgerError, LockError, SchedulerError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_FAILED, EXIT_CONFIG, EXIT_SCHEDULER = 1, 2, 3
@@ -26,7 +26,7 @@ class BakeryGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ConfigError, LedgerError) as e:
+        except (ConfigError, LedgerError, LockError) as e:
             _die(e, EXIT_CONFIG)
         except SchedulerError as e:
             _die(e, EXIT_SCHEDULER)
@@ -71,5 +71,5 @@ def main() -> None:
 
 # Each module registers its command on `cli` at import.
 from . import (  # noqa: E402,F401
-    cancel, card, check, demo, logs, plan, prefetch, push, resubmit, run_cell, status, submit,
+    cancel, card, check, demo, gc, logs, plan, prefetch, push, resubmit, run_cell, status, submit,
 )

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from ..executors import backend
-from ..ledger import load_ledger
-from ..tracking import LIVE_STATES, snapshot
+from ..ledger import load_ledger, record_cancel, update_ledger
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from .common import ledger_option
 from . import cli
 
@@ -26,7 +27,7 @@ def cancel(ledger_path: Path, only: str | None) -> None:
     """
     ledger = load_ledger(ledger_path)
     snap = snapshot(ledger_path, ledger)
-    live = [s for s in snap.statuses if s.state in LIVE_STATES and s.array_job_id
+    live = [s for s in snap.statuses if is_live(s.state) and s.array_job_id
             and (only is None or fnmatch.fnmatchcase(s.cell, only))]
     by_executor: dict[str, list] = {}
     for s in live:
@@ -34,6 +35,12 @@ def cancel(ledger_path: Path, only: str | None) -> None:
         by_executor.setdefault(array.executor, []).append((array, s.index))
     for executor, tasks in by_executor.items():
         backend(executor).cancel(tasks)
+    if live:
+        # SLURM forgets a task cancelled before it started: the ledger remembers, so that status
+        # shows it CANCELLED and resubmit takes it.
+        with update_ledger(ledger_path) as fresh:
+            for s in live:
+                record_cancel(fresh, s.cell, s.array_name, s.index)
     for s in live:
         click.echo(f"cancelled {s.cell} ({s.task_id}, was {s.state})")
     if not live:

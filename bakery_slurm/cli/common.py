@@ -11,11 +11,11 @@ import click
 from ..errors import ConfigError
 from ..ledger import Ledger
 from ..matrix import load_matrix
-from ..tracking import Snapshot
+from ..status_snapshot import Snapshot
 
 LEDGER_NAME = "bakery-ledger.json"
-STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "log",
-                  "progress"]
+STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "detail",
+                  "log"]
 
 
 def preflight_option(f: Callable) -> Callable:
@@ -42,31 +42,9 @@ def _push_root(matrix_path: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _work_dir(matrix_path: str) -> Path | None:
-    try:
-        return load_matrix(matrix_path, check_cells=False).work_dir
-    except ConfigError:
-        return None
-
-
-def running_progress(work: Path | None, cell: str) -> str | None:
-    """How far a running cell is, from its result record: the stage it is in and, in a merge by
-    the bakery engine, tensors done of total ("merge 120/340")."""
-    from ..pipeline import STAGES, CellPaths, read_result
-
-    result = read_result(CellPaths(work, cell)) if work else None
-    if not result or result.get("status") != "running":
-        return None
-    stage = next((name for name in STAGES if name not in result.get("stages", {})), None)
-    progress = result.get("progress") or {}
-    if stage and progress.get("stage") == stage:
-        return f"{stage} {progress['tensors_done']}/{progress['tensors_total']}"
-    return stage
-
-
 def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
-    """One row per cell: state, exit code, elapsed, node, attempt, task id, log and output."""
+    """One row per cell: state, exit code, elapsed, node, attempt, task id, detail (stage or
+    failure reason), log and output."""
     from ..executors import backend
 
     matrix_of = {array.name: submission.matrix_path
@@ -80,9 +58,7 @@ def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
             "cell": s.cell, "state": s.state, "exit_code": s.exit_code, "elapsed": s.elapsed,
             "node": s.node, "attempt": s.attempt, "array_job_id": s.array_job_id,
             "index": s.index, "task": s.task_id, "executor": array.executor,
-            "log": str(log) if log else None,
+            "detail": s.detail, "log": str(log) if log else None,
             "output": f"{root}/{s.cell}" if root else None,
-            "progress": running_progress(_work_dir(matrix_of[s.array_name]), s.cell)
-            if s.state == "RUNNING" else None,
         })
     return rows

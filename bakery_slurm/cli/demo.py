@@ -13,10 +13,11 @@ from ..ledger import load_ledger
 from ..matrix import expand, load_matrix
 from ..output import format_rows
 from ..pipeline import CellPaths, read_result
-from ..sacct import COMPLETED
+from ..cell_status import COMPLETED
 from ..submission import submit_cells
 from ..templating import render
-from ..tracking import LIVE_STATES, snapshot
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from . import EXIT_FAILED, cli
 
 POLL_S = 1.0
@@ -54,7 +55,7 @@ def demo(folder: Path) -> None:
     click.echo(f"submitted {len(cells)} cells to the local executor; waiting", err=True)
     while True:
         snap = snapshot(ledger_path, load_ledger(ledger_path))
-        if not any(s.state in LIVE_STATES for s in snap.statuses):
+        if not any(is_live(s.state) for s in snap.statuses):
             break
         time.sleep(POLL_S)
     rows = []

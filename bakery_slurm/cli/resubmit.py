@@ -10,10 +10,10 @@ import click
 from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix
 from ..output import format_rows, output_options
-from ..sacct import TERMINAL_FAILURES, choose_resubmit
+from ..resubmit_policy import TERMINAL_FAILURES, choose_resubmit
 from ..submission import submit_cells
-from ..tracking import snapshot
 from ..preflight import gate
+from ..status_snapshot import snapshot
 from .common import ledger_option, preflight_option
 from . import EXIT_FAILED, cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -40,10 +41,19 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: t
         bakery-slurm run-cell matrix.toml 4b-std/eng-nob__ties --device cpu
         bakery-slurm run-cell matrix.toml 1b-std/eng-nob__ties --pin nob=<40-hex commit>
     """
+    xet_cache = _task_environment()
+    try:
+        _run_cell(matrix, cell_id, device, work, pins, recipe_hash)
+    finally:
+        if xet_cache is not None:
+            shutil.rmtree(xet_cache, ignore_errors=True)
+
+
+def _run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: tuple[str, ...],
+              recipe_hash: str | None) -> None:
     from ..pipeline import run_cell as run
     from ..rootcard import CardContext
 
-    _task_environment()
     loaded = load_matrix(matrix)
     cells = {cell.id: cell for cell in expand(loaded)}
     if cell_id not in cells:
@@ -65,17 +75,47 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: t
     click.echo(json.dumps(result, indent=2))
 
 
-def _task_environment() -> None:
-    """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (concurrent tasks
-    sharing one have corrupted it) unless the user chose one."""
-    # SLURM's USR2 warning before the time limit (see task.run_task) may reach us through
-    # apptainer even where the host-side task ignored it: the default action would kill the cell
-    # early, and its end would read FAILED instead of TIMEOUT.
+def _task_environment() -> Path | None:
+    """Per-task settings: no progress bars in logs, and a private HF_XET_CACHE (tasks sharing one
+    have corrupted a shared one) unless the user chose one. Returns that private folder, which
+    the task removes when it ends; folders of tasks killed before they could are removed here."""
+    # SLURM's USR2 warning before the time limit (see array_task.run_task) may reach this process
+    # too: the default action would kill the cell early, and its end would read FAILED instead of
+    # TIMEOUT.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if "HF_XET_CACHE" not in os.environ:
-        task = (os.environ.get("SLURM_ARRAY_JOB_ID", "") + "_" + os.environ.get("SLURM_ARRAY_TASK_ID", "")
-                if "SLURM_ARRAY_JOB_ID" in os.environ
-                else f"{socket.gethostname()}-{os.getpid()}")
-        os.environ["HF_XET_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                  f"bakery-xet-{task}")
+    if "HF_XET_CACHE" in os.environ:
+        return None
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    remove_dead_xet_caches(tmp)
+    task = (os.environ.get("SLURM_ARRAY_JOB_ID", "") + "_" + os.environ.get("SLURM_ARRAY_TASK_ID", "")
+            if "SLURM_ARRAY_JOB_ID" in os.environ else socket.gethostname())
+    folder = tmp / f"{XET_PREFIX}{task}-{os.getpid()}"
+    os.environ["HF_XET_CACHE"] = str(folder)
+    return folder
+
+
+XET_PREFIX = "bakery-xet-"
+
+
+def remove_dead_xet_caches(tmp: Path) -> list[Path]:
+    """Remove the private HF_XET_CACHE folders in `tmp` (node-local) whose task process is gone
+    (killed at its time limit, say); return them. Folders of live or foreign processes stay."""
+    removed = []
+    for folder in tmp.glob(f"{XET_PREFIX}*-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

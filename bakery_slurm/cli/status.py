@@ -10,8 +10,9 @@ import click
 
 from ..ledger import load_ledger
 from ..output import format_rows, output_options
-from ..sacct import TERMINAL_FAILURES, UNPUBLISHED, totals
-from ..tracking import LIVE_STATES, snapshot
+from ..cell_status import UNPUBLISHED, totals
+from ..resubmit_policy import TERMINAL_FAILURES, is_live
+from ..status_snapshot import snapshot
 from .common import STATUS_COLUMNS, ledger_option, status_rows
 from . import EXIT_FAILED, cli
 
@@ -52,7 +53,7 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         if fmt == "table":
             click.echo("totals: " + ", ".join(f"{state} {n}" for state, n in
                                                totals(snap.statuses).items()))
-        live = any(s.state in LIVE_STATES for s in snap.statuses)
+        live = any(is_live(s.state) for s in snap.statuses)
         if watch is None or not live:
             break
         time.sleep(watch)

@@ -9,13 +9,14 @@ import click
 
 from ..executors import backend, resolve_executor
 from ..ledger import latest_attempt, load_ledger
+from ..login_push import ready_to_publish
 from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
-from ..login_push import ready_to_publish
 from ..pipeline import CellPaths, read_result
 from ..preflight import gate
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
 from ..submission import submit_cells
-from ..tracking import LIVE_STATES, snapshot
 from .common import LEDGER_NAME, preflight_option
 from . import cli
 
@@ -103,7 +104,7 @@ def _skip_done_or_live(cells, ledger_path: Path, work: Path, force: bool, dry_ru
         seen = {c.id: latest_attempt(ledger, c.id) for c in cells}
         if any(c.id in ledger.cells for c in cells):
             live = {s.cell: s.state for s in snapshot(ledger_path, ledger, recover=not dry_run).statuses
-                    if s.state in LIVE_STATES}
+                    if is_live(s.state)}
     for cell in cells:
         result = read_result(CellPaths(work, cell.id))
         if cell.id in live:

@@ -12,17 +12,19 @@ it for task vectors and the repair step needs the base's names in that layout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import fsutil
 from ..manifest import intact_marker, total_size, write_marker
-from ..repair import TensorSpec, detect_kind, repair_checkpoint, tensor_set, to_hub_name
+from ..errors import BakeryError
+from ..repair import TensorSpec, detect_kind, read_header, repair_checkpoint, tensor_set, to_hub_name
 from ..sources import LocalModel
 from ..versions import library_versions
 
@@ -46,22 +48,62 @@ def prepare_base(base: LocalModel, cache: Path) -> tuple[Path, dict[str, TensorS
 
     Returns the folder, its tensors, and a record {"cached", "bytes_read", "bytes_written"}.
     """
-    tensors = hub_layout_tensors(base.path)
+    with naming_input(f"base {base.path}"):
+        tensors = hub_layout_tensors(base.path)
     if tensors == tensor_set(base.path):
         return base.path, tensors, {"cached": True, "bytes_read": 0, "bytes_written": 0}
     out = cache / "bases" / _key({"base": base.identity})
     with fsutil.locked(out.with_name(out.name + ".lock")):
         if intact_marker(out) is not None:
             return out, tensors, {"cached": True, "bytes_read": 0, "bytes_written": 0}
+        remove_leftovers(out)
         report = repair_checkpoint(base.path, out, tensors)
         write_marker(out, {"base": base.identity})
     return out, tensors, {"cached": False, "bytes_read": report.bytes_read,
                           "bytes_written": report.bytes_written}
 
 
+@contextlib.contextmanager
+def naming_input(what: str) -> Iterator[None]:
+    """Add "`what`" as a note to any exception of the block, so the stage's error names the input
+    (`pipeline` puts the notes in front of the message)."""
+    try:
+        yield
+    except Exception as e:
+        e.add_note(what)
+        raise
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what a task killed while writing `out` left beside it (``.<key>.*.partial`` and
+    ``.raw`` folders, as big as a checkpoint). Call it holding `out`'s lock: no one else is
+    writing them then."""
+    for stale in out.parent.glob(f".{out.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_adapter(folder: Path) -> None:
+    """Read the adapter's config and every safetensors header, as PEFT is about to: a truncated or
+    corrupt file is named here, rather than deep inside PEFT with no path."""
+    config = folder / "adapter_config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise BakeryError(f"{config}: unreadable adapter config: {e}") from e
+    for path in sorted(folder.glob("*.safetensors")):
+        read_header(path)
+
+
 def bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[str, TensorSpec],
-         cache: Path) -> tuple[Path, dict[str, Any]]:
-    """Bake `adapter` into `base` (or reuse the cached bake); return the folder and a record."""
+         cache: Path, name: str = "adapter") -> tuple[Path, dict[str, Any]]:
+    """Bake `adapter` (called `name` in the matrix) into `base`, or reuse the cached bake; return
+    the folder and a record. Any error carries a note naming the adapter and its folder."""
+    with naming_input(f"adapter {name} ({adapter.path})"):
+        return _bake(base, adapter, dtype, base_tensors, cache)
+
+
+def _bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[str, TensorSpec],
+          cache: Path) -> tuple[Path, dict[str, Any]]:
     versions = {k: v for k, v in library_versions().items() if k != "mergekit"}
     key = _key({"base": base.identity, "adapter": adapter.identity, "dtype": dtype,
                 "versions": versions})
@@ -72,9 +114,8 @@ def bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[s
             log.info("bake %s: cached at %s", adapter.path, out)
             return out, {"cached": True, "key": key, "bytes_read": 0, "bytes_written": 0,
                          "content_sha256": marker["content_sha256"]}
-        # Under the key's lock, any .<key>.* folder is what a killed bake left behind.
-        for stale in out.parent.glob(f".{key}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(out)
+        check_adapter(adapter.path)
         with tempfile.TemporaryDirectory(prefix=f".{key}.", suffix=".raw", dir=out.parent) as raw:
             _merge_and_unload(base.path, adapter.path, dtype, Path(raw))
             # save_pretrained writes whatever layout this transformers version uses: repair it.

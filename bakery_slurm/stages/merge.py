@@ -2,8 +2,9 @@
 
 Device "auto" means CUDA when a probe allocation on it succeeds, else CPU. The seed's image failed
 with "device busy" at the first `.to(cuda)`: a CUDA failure at start falls back to CPU and the reason
-goes into the cell's result. mergekit's own tokenizer copy is off (it writes a bogus tokenizer when
-the donor has none): we copy the base's tokenizer files and check they are identical.
+goes into the cell's result. mergekit's own tokenizer copy is off (mergekit 0.1.5 writes a tokenizer of
+special tokens only when the donor folder has no tokenizer files): we copy the base's tokenizer
+files and check they are identical.
 """
 
 from __future__ import annotations

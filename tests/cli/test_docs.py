@@ -15,9 +15,8 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_the_expected_commands_exist():
-    assert COMMANDS == ["cancel", "card", "check", "demo", "logs", "plan", "prefetch", "push",
-                        "resubmit", "run-cell",
-                        "status", "submit"]
+    assert COMMANDS == ["cancel", "card", "check", "demo", "gc", "logs", "plan", "prefetch", "push",
+                        "resubmit", "run-cell", "status", "submit"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -27,7 +27,8 @@ from bakery_slurm.cli.common import STATUS_COLUMNS
 from bakery_slurm.ledger import all_arrays, load_ledger
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
-from bakery_slurm.tracking import LIVE_STATES, snapshot
+from bakery_slurm.resubmit_policy import is_live
+from bakery_slurm.status_snapshot import snapshot
 from conftest import MINIMAL_MATRIX
 from support import settled, wait_for
 
@@ -342,7 +343,7 @@ def test_cancel_running_and_pending_local_tasks(project, monkeypatch):
     assert sorted(result.stdout.splitlines()) == sorted([
         f"cancelled {running} ({request.array.job_id}_0, was RUNNING)",
         f"cancelled {pending[1]} ({request.array.job_id}_2, was PENDING)"])
-    final = wait_for(lambda: (s := states()) and not set(s.values()) & LIVE_STATES and s,
+    final = wait_for(lambda: (s := states()) and not any(map(is_live, s.values())) and s,
                      "every task to end")
     assert final == {c: "CANCELLED" for c in request.array.cells}
     folder = Path(request.array.folder)
@@ -499,18 +500,13 @@ def test_a_submit_overtaken_after_judging_its_cells_submits_none_of_them(project
         f"skip {cell}: submitted meanwhile by another process" for cell in sorted(CELLS)]
 
 
-def test_running_cells_show_their_stage_and_merge_progress(tmp_path):
-    from bakery_slurm.cli.common import running_progress
-    from bakery_slurm.fsutil import atomic_write_json
-    from bakery_slurm.pipeline import CellPaths
+def test_running_cells_show_their_stage_and_merge_progress():
+    from bakery_slurm.status_snapshot import describe_progress
 
-    cell = "1b-std/eng-nob__ties"
-    assert running_progress(tmp_path, cell) is None  # not started
-    record = {"status": "running", "stages": {"bake": {"status": "done"}}}
-    atomic_write_json(CellPaths(tmp_path, cell).result, record)
-    assert running_progress(tmp_path, cell) == "merge"
-    atomic_write_json(CellPaths(tmp_path, cell).result, {
-        **record, "progress": {"stage": "merge", "tensors_done": 120, "tensors_total": 340}})
-    assert running_progress(tmp_path, cell) == "merge 120/340"
-    atomic_write_json(CellPaths(tmp_path, cell).result, {**record, "status": "done"})
-    assert running_progress(tmp_path, cell) is None
+    record = {"status": "running", "stages": {
+        "bake": {"status": "done"}, "merge": {"status": "running", "started": "T0"}}}
+    assert describe_progress("RUNNING", record) == "merge since T0"
+    record["progress"] = {"stage": "merge", "tensors_done": 120, "tensors_total": 340}
+    assert describe_progress("RUNNING", record) == "merge since T0, 120/340 tensors"
+    assert describe_progress("TIMEOUT", record) == "stopped in merge (started T0)"
+    assert describe_progress("COMPLETED", {**record, "status": "done"}) is None

@@ -452,7 +452,9 @@ def test_kill_during_merge_leaves_no_partial_output_in_place(tiny_matrix, tmp_pa
     for later in (paths.final, paths.publish, matrix.root / "published" / cell.id):
         assert not later.exists() and not marker_path(later).exists()
     record = read_result(paths)
-    assert record["status"] == "running" and list(record["stages"]) == ["bake"]
+    # The record says which stage the task was in when it died, and since when.
+    assert record["status"] == "running" and list(record["stages"]) == ["bake", "merge"]
+    assert record["stages"]["merge"]["status"] == "running" and record["stages"]["merge"]["started"]
 
     result = run_cell(cell, matrix.work_dir, device="cpu")
     assert result["status"] == "done"
@@ -523,3 +525,77 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
     assert any(not torch.equal(old_weights[n], new_weights[n]) for n in old_weights)
     record = json.loads((published / "bakery.json").read_text())
     assert record["inputs"] == public_inputs(second["stages"]["bake"]["inputs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# A failed stage names the input it could not use
+
+
+def test_a_corrupt_adapter_is_named_in_the_error_and_the_result_record(tmp_path, tiny_models,
+                                                                       write_tiny_matrix):
+    from bakery_slurm.errors import StageError
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    corrupt = models / "adapters" / "text" / "nob" / "adapter_model.safetensors"
+    corrupt.write_bytes(b"not a safetensors file " * 64)
+    matrix, cells = cells_of(write_tiny_matrix(tmp_path, models=models, methods=("linear",)))
+    cell = cells[cell_id("tiny1b", "linear")]
+    with pytest.raises(StageError) as failure:
+        run_cell(cell, matrix.work_dir, device="cpu")
+    message = str(failure.value)
+    assert f"stage bake failed: adapter nob ({corrupt.parent}): {corrupt}: " in message, message
+    result = read_result(CellPaths(matrix.work_dir, cell.id))
+    assert result["status"] == "failed" and result["error"] == f"bake: {message.split(': stage bake failed: ')[1]}"
+    assert result["stages"]["bake"]["error"].startswith(f"adapter nob ({corrupt.parent}): {corrupt}: ")
+
+
+def test_an_unexpected_error_keeps_its_type_and_traceback_in_stderr(tmp_path, tiny_models,
+                                                                    write_tiny_matrix):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    config = models / "adapters" / "text" / "eng" / "adapter_config.json"
+    config.write_text(json.dumps({"not": "a PEFT config"}))  # readable JSON that PEFT rejects
+    matrix_path = write_tiny_matrix(tmp_path, models=models, methods=("linear",))
+    matrix, cells = cells_of(matrix_path)
+    cell = cells[cell_id("tiny1b", "linear")]
+    log = tmp_path / "run-cell"
+    # The task's private HF_XET_CACHE goes to TMPDIR, and the one of a task that was killed
+    # (its process is gone) is removed.
+    tmp = tmp_path / "node-tmp"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp / f"bakery-xet-7_3-{dead}" / "chunks").mkdir(parents=True)
+    proc = run_cli(["run-cell", str(matrix_path), cell.id, "--device", "cpu"], log,
+                   env={"TMPDIR": str(tmp)})
+    assert proc.wait(timeout=PROCESS_TIMEOUT_S) == 1
+    assert list(tmp.iterdir()) == []
+    stderr = log.with_suffix(".err").read_text()
+    assert "Traceback (most recent call last)" in stderr, stderr[-3000:]
+    error = read_result(CellPaths(matrix.work_dir, cell.id))["error"]
+    # The exception's type is kept (a bare KeyError would read only 'key'), after the input.
+    prefix = f"bake: adapter eng ({config.parent}): "
+    assert error.startswith(prefix) and error[len(prefix):].split(":")[0].isidentifier(), error
+    assert "\n" not in error
+
+
+def test_a_killed_base_copy_is_removed_by_the_next_task(tmp_path):
+    # A base saved in another layout is copied to the hub layout under cache/bases. A task killed
+    # while writing that copy leaves `.<key>.*.partial` beside it, as big as the base: the next
+    # task that needs the base removes it, under the base's lock.
+    from bakery_slurm.sources import LocalModel
+    from bakery_slurm.stages.bake import _key, prepare_base
+    from bakery_slurm.tiny import build_multimodal_base, build_tokenizer
+
+    folder = tmp_path / "base"
+    build_tokenizer(folder)
+    build_multimodal_base(folder, layout="prefixed")
+    base = LocalModel(path=folder, identity={"path": str(folder), "sha256": "x"})
+    copy = tmp_path / "cache" / "bases" / _key({"base": base.identity})
+    leftover = copy.with_name(f".{copy.name}.x1y2z3.partial")
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half a base")
+    out, _, record = prepare_base(base, tmp_path / "cache")
+    assert out == copy and not record["cached"] and not leftover.exists()
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name, f"{copy.name}.done.json",
+                                                            f"{copy.name}.lock"]

@@ -227,7 +227,7 @@ def test_status_recovers_an_unconfirmed_array_from_sacct(happy, bakery, tmp_path
     assert load_ledger(ledger).submissions[0].arrays  # still a valid ledger
     result = bakery.run("status", "--json", ledger=ledger)
     assert result.exit_code == 0, result.output
-    assert f"note: recovered job id {job_id} of array {array['name']} from sacct" in result.stderr
+    assert f"note: recovered job id {job_id} of array {array['name']} by its job name" in result.stderr
     row = next(r for r in json.loads(result.stdout) if r["cell"] == HAPPY[2])
     assert (row["state"], row["array_job_id"]) == ("COMPLETED", job_id)
     recovered = next(a for a in all_arrays(load_ledger(ledger)) if a.name == array["name"])
@@ -256,7 +256,7 @@ def test_status_recovers_the_job_id_lost_in_a_crash_after_sbatch(tmp_path, baker
     [job_id] = sbatched
     [array] = all_arrays(load_ledger(ledger))
     assert array.job_id is None  # the intent was saved before sbatch; the confirmation never was
-    note = f"note: recovered job id {job_id} of array {array.name} from sacct"
+    note = f"note: recovered job id {job_id} of array {array.name} by its job name"
 
     def recovered(result) -> bool:
         assert result.exit_code in (0, 1), result.output

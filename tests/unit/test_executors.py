@@ -22,7 +22,7 @@ from bakery_slurm.executors import (
 )
 from bakery_slurm.ledger import ArrayRecord
 from bakery_slurm.matrix import Resources, expand, load_matrix
-from bakery_slurm.sacct import TaskState
+from bakery_slurm.slurm_commands import TaskState
 from conftest import MINIMAL_MATRIX
 from support import Recorder, assert_matches_golden
 
@@ -343,3 +343,13 @@ def test_slurm_log_paths_are_submitits(tmp_path, cells, index, job):
                         submitted=datetime.now(timezone.utc))
     paths = JobPaths(tmp_path, job_id=job, task_id=0)
     assert SlurmBackend.log_paths(array, index) == (paths.stdout, paths.stderr)
+
+
+def test_both_backends_implement_the_protocol():
+    from bakery_slurm.executors import Backend, LocalBackend, SlurmBackend, backend
+
+    for candidate in (SlurmBackend(), LocalBackend(), backend("slurm"), backend("local")):
+        assert isinstance(candidate, Backend)
+    members = {name for name in vars(Backend) if not name.startswith("_")} | {"name"}
+    for cls in (SlurmBackend, LocalBackend):
+        assert members <= set(dir(cls)), (cls, members - set(dir(cls)))

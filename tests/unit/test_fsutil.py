@@ -1,11 +1,13 @@
 """Atomic writes, staging folders and locks."""
 
+import errno
 import os
 import stat
 
 import pytest
 
 from bakery_slurm import fsutil
+from bakery_slurm.errors import LockError
 
 
 def test_a_staged_folder_appears_complete_with_the_usual_modes(tmp_path):
@@ -40,3 +42,46 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
     fsutil.atomic_write_json(path, {"a": 2})
     assert path.read_text() == '{\n  "a": 2\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temporary left behind
+
+
+@pytest.fixture
+def group_umask():
+    """umask 002, as in a project folder shared by a group; restored afterwards."""
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
+def test_atomic_writes_and_locks_honour_the_umask(tmp_path, group_umask):
+    # mkstemp alone makes 0600 files: a teammate could not read the ledger or a result record.
+    fsutil.atomic_write_json(tmp_path / "result.json", {"a": 1})
+    with fsutil.locked(tmp_path / "x.lock"):
+        pass
+    assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "x.lock").stat().st_mode) == 0o664
+
+
+def test_staging_never_changes_the_mode_of_a_hard_linked_file(tmp_path, group_umask):
+    # A Hub cache blob linked into a staged folder: its mode is the cache's business.
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"weights")
+    os.chmod(blob, 0o444)
+    with fsutil.staging_dir(tmp_path / "out") as tmp:
+        fsutil.link_or_copy(blob, tmp / "model.safetensors")
+        (tmp / "config.json").write_bytes(b"{}")
+        os.chmod(tmp / "config.json", 0o600)
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+    assert stat.S_IMODE((tmp_path / "out" / "config.json").stat().st_mode) == 0o664
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK])
+def test_a_filesystem_without_locks_is_named(tmp_path, code):
+    # What fcntl.lockf raises on Lustre mounted noflock (ENOSYS) and on mounts without a lock
+    # manager; no filesystem here refuses locks, so lockf is replaced at its signature.
+    def refuse(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(LockError, match=r"does not support POSIX locks .*mounted with `flock`"):
+        with fsutil.locked(tmp_path / "x.lock", lockf=refuse):
+            pass
+

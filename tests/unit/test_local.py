@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bakery_slurm import local
-from bakery_slurm.sacct import TaskState
+from bakery_slurm.slurm_commands import TaskState
 from support import wait_for
 
 JOB = "local-0123abcd-0"
@@ -200,7 +200,9 @@ def test_cancel_pending_and_running(folder, tmp_path):
     m0, m1 = tmp_path / "0.pid", tmp_path / "1.pid"
     local.submit(folder, JOB, [sleeper(m0), sleeper(m1)], [], "none", parallelism=1, time_min=1)
     wait_for(lambda: m0.exists() and m0.read_text().strip(), "task 0 to start")
-    assert states_of(folder) == {f"{JOB}_0": "RUNNING", f"{JOB}_1": "PENDING"}
+    # The task can start (and write its marker) before the supervisor has recorded it RUNNING.
+    wait_for(lambda: states_of(folder) == {f"{JOB}_0": "RUNNING", f"{JOB}_1": "PENDING"},
+             "task 0 RUNNING and task 1 PENDING")
     local.cancel(folder, [1])
     wait_for(lambda: state_is(folder, 1, "CANCELLED"), "pending task 1 to be cancelled")
     assert state_is(folder, 0, "RUNNING")
@@ -227,10 +229,12 @@ def test_dead_supervisor_and_task_read_as_node_fail(folder, tmp_path):
     local.submit(folder, JOB, [sleeper(marker), sleeper(tmp_path / "1.pid")], [], "none",
                  parallelism=1, time_min=1)
     wait_for(lambda: marker.exists() and marker.read_text().strip(), "task 0 to start")
+    # The task can start before the supervisor has recorded it RUNNING (with its pid).
+    wait_for(lambda: states_of(folder) == {f"{JOB}_0": "RUNNING", f"{JOB}_1": "PENDING"},
+             "task 0 RUNNING and task 1 PENDING")
     supervisor = json.loads((folder / "supervisor.json").read_text())["pid"]
     task = json.loads((folder / "0.state.json").read_text())["pid"]
     assert task == int(marker.read_text())
-    assert states_of(folder) == {f"{JOB}_0": "RUNNING", f"{JOB}_1": "PENDING"}
     os.kill(supervisor, signal.SIGKILL)
     os.killpg(task, signal.SIGKILL)
     wait_for(lambda: not pid_alive(supervisor) and not pid_alive(task), "both to die")

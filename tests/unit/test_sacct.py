@@ -8,25 +8,14 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bakery_slurm import sacct
+from bakery_slurm import slurm_commands
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.ledger import Ledger, PlannedArray, confirm_array, record_intent
-from bakery_slurm.sacct import (
-    NOT_FOUND,
-    UNCONFIRMED,
-    CellStatus,
-    Refusal,
-    TaskState,
-    choose_resubmit,
-    find_jobs_by_name,
-    parse_sacct,
-    parse_squeue,
-    query_sacct,
-    query_squeue,
-    reduce_cells,
-    sacct_starttime,
-    totals,
-)
+from bakery_slurm.cell_status import NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells, totals
+from bakery_slurm.resubmit_policy import Refusal, choose_resubmit, is_live
+from bakery_slurm.sacct import find_jobs_by_name, parse_sacct, query_sacct, sacct_starttime
+from bakery_slurm.slurm_commands import TaskState
+from bakery_slurm.squeue import find_queued_jobs_by_name, parse_squeue, query_squeue
 
 SACCT_TEXT = """\
 1234_0|COMPLETED|0:0|00:01:02|c1-1|bakery-t-1234
@@ -191,6 +180,23 @@ def test_choose_resubmit_selected_states():
         choose_resubmit([], max_attempts=0)
 
 
+HELD = ["REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "SUSPENDED", "RESIZING", "REQUEUED",
+        "REQUEUE_FED", "RESV_DEL_HOLD"]
+
+
+@pytest.mark.parametrize("state", HELD + ["PENDING", "RUNNING", "SOME_FUTURE_STATE"])
+def test_held_suspended_and_unknown_states_are_live(state):
+    # Someone can release or resume such a task: submitting the cell again would run it twice.
+    assert is_live(state)
+    chosen, [refusal] = choose_resubmit([status("a", state)], max_attempts=3)
+    assert chosen == [] and refusal.reason == f"latest attempt is {state}, not a terminal failure"
+
+
+@pytest.mark.parametrize("state", ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "LOST", NOT_FOUND])
+def test_ended_states_are_not_live(state):
+    assert not is_live(state)
+
+
 def test_totals():
     statuses = [status("a", "FAILED"), status("b", "COMPLETED"), status("c", "FAILED")]
     assert totals(statuses) == {"COMPLETED": 1, "FAILED": 2}
@@ -241,7 +247,7 @@ def test_query_sacct_chunks_long_id_lists(monkeypatch):
     runner = FakeRunner()
     assert query_sacct({}, runner=runner) == {}
     assert runner.calls == []
-    monkeypatch.setattr(sacct, "MAX_IDS_PER_CALL", 10)
+    monkeypatch.setattr(slurm_commands, "MAX_IDS_PER_CALL", 10)
     query_sacct({str(i): f"a{i}" for i in range(25)}, runner=runner)
     assert [len(call[call.index("-j") + 1].split(",")) for call in runner.calls] == [10, 10, 5]
 
@@ -286,3 +292,10 @@ def test_find_jobs_by_name():
         "--starttime",
         "2025-03-01T11:00:00",
     ]
+
+
+def test_find_queued_jobs_by_name():
+    runner = FakeRunner("55_[2-3]|bakery-a-0\n55_1|bakery-a-0\n9|other\n")
+    assert find_queued_jobs_by_name(["bakery-a-0", "bakery-b-0"], runner=runner) == {"bakery-a-0": ["55"]}
+    [call] = runner.calls
+    assert call[0] == "squeue" and "--name=bakery-a-0,bakery-b-0" in call and "--states=all" in call

@@ -75,3 +75,23 @@ def test_an_unreadable_cache_record_means_hashing_everything(model, tmp_path, re
     assert len(reads) == 2
     assert set(json.loads(record.read_text())["files"]) == {"adapter_config.json",
                                                            "adapter_model.safetensors"}
+
+
+def test_another_node_of_a_network_filesystem_reuses_the_hashes(model, tmp_path, reads, monkeypatch):
+    # Each NFS/Lustre client numbers the mount's device differently; inode, size and times agree.
+    cache = tmp_path / "hashes"
+    fetch(local(model), hash_cache=cache)
+    reads.clear()
+    real_stat = os.stat_result
+
+    class OtherNode(type(model)):
+        def stat(self, *args, **kwargs):
+            st = super().stat(*args, **kwargs)
+            fields = list(st)
+            fields[2] = st.st_dev + 1  # st_dev
+            return real_stat(fields, {"st_mtime_ns": st.st_mtime_ns, "st_ctime_ns": st.st_ctime_ns})
+
+    monkeypatch.setattr(manifest, "Path", OtherNode)
+    assert OtherNode(model).stat().st_dev != model.stat().st_dev
+    fetch(local(model), hash_cache=cache)
+    assert reads == []

@@ -3,7 +3,6 @@ runner inside the image, and the Hub token passed by environment only."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

@@ -1,4 +1,4 @@
-"""Where every cell of a ledger stands now: the shell around `sacct.reduce_cells`.
+"""Where every cell of a ledger stands now: the shell around `cell_status.reduce_cells`.
 
 One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
 accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
@@ -20,7 +20,7 @@ from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledge
 from .login_push import VERIFIED, ready_to_publish
 from .matrix import load_matrix
 from .pipeline import CellPaths, read_result
-from .sacct import (
+from .cell_status import (
     COMPLETED,
     LOST,
     NOT_FOUND,
@@ -28,8 +28,9 @@ from .sacct import (
     UNPUBLISHED,
     CellStatus,
     reduce_cells,
-    sacct_starttime,
 )
+from .resubmit_policy import is_live
+from .sacct import sacct_starttime
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ SUBMITTED = "SUBMITTED"
 SACCT_LAG = timedelta(minutes=2)
 # Login and compute nodes' clocks may disagree by this much.
 CLOCK_SKEW = timedelta(minutes=1)
-# States in which a cell may still run: never resubmitted or submitted again.
-LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
-                         "COMPLETING", "STAGE_OUT", "SIGNALING", UNCONFIRMED, SUBMITTED})
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,40 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         statuses = [_from_marker(s, by_name) for s in statuses]
     defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
     statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
+    statuses = [_with_detail(s, by_name) for s in statuses]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
+
+
+# Cells in these states have no result record of their latest attempt worth reading.
+_NO_DETAIL = frozenset({COMPLETED, "PENDING", UNCONFIRMED, SUBMITTED, LOST})
+
+
+def describe_progress(state: str, result: dict | None) -> str | None:
+    """One line on a cell from its attempt's result record: why it failed, or the stage it is in
+    (or was in when it stopped) and since when, with the tensors done of a merge by the bakery
+    engine. None when the record says nothing more."""
+    if not result:
+        return None
+    if result.get("status") == "failed":
+        return result.get("error")
+    running = [(name, record) for name, record in (result.get("stages") or {}).items()
+               if isinstance(record, dict) and record.get("status") == "running"]
+    if result.get("status") != "running" or not running:
+        return None
+    stage, record = running[-1]
+    since = record.get("started", "?")
+    if not is_live(state):
+        return f"stopped in {stage} (started {since})"
+    progress = result.get("progress") or {}
+    if progress.get("stage") == stage:  # the bakery engine's merge reports tensors done
+        return f"{stage} since {since}, {progress['tensors_done']}/{progress['tensors_total']} tensors"
+    return f"{stage} since {since}"
+
+
+def _with_detail(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    if status.state in _NO_DETAIL:
+        return status
+    return replace(status, detail=describe_progress(status.state, _attempt_result(status, arrays)[1]))
 
 
 def _settle_unknown(status: CellStatus, fresh: bool) -> CellStatus:
@@ -106,7 +137,7 @@ def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str
             confirm_array(fresh, name, job_id)
     for name, job_id in found.items():
         confirm_array(ledger, name, job_id)
-    return [f"recovered job id {job_id} of array {name} from sacct" for name, job_id in found.items()]
+    return [f"recovered job id {job_id} of array {name} by its job name" for name, job_id in found.items()]
 
 
 def _attempt_result(status: CellStatus,

@@ -1,0 +1,136 @@
+"""One status per cell: the scheduler's task states mapped onto each cell's latest attempt.
+
+Pure: `reduce_cells` takes the ledger and task states (from `sacct`, `squeue` or the local
+executor) and returns a `CellStatus` per cell; `totals` counts them. The states are SLURM's plus
+the few this module names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .ledger import Ledger, all_arrays
+from .slurm_commands import TaskState
+
+UNCONFIRMED = "UNCONFIRMED"
+"""The latest attempt's array has no job id: sbatch is running, failed, or its id was never saved."""
+
+NOT_FOUND = "NOT_FOUND"
+"""The array has a job id, but the scheduler's answer has no row for this task."""
+
+CANCELLED = "CANCELLED"
+"""A task cancelled by scancel (or `bakery-slurm cancel`, also before it started)."""
+
+PENDING = "PENDING"
+"""Waiting to start (held tasks are PENDING too, in accounting)."""
+
+COMPLETED = "COMPLETED"
+"""The only state that means a cell's latest attempt succeeded."""
+
+UNPUBLISHED = "UNPUBLISHED"
+"""The task verified the cell but did not publish it (its push failed, or `[push] defer`): set by
+`status_snapshot.snapshot`; `bakery-slurm push` publishes it, `resubmit` never reruns it for that."""
+
+LOST = "LOST"
+"""The intent was recorded but no scheduler ever had the array (sbatch failed or was interrupted
+before it ran): set by `status_snapshot.snapshot` once sacct had time to know it by name and does not."""
+
+@dataclass(frozen=True)
+class CellStatus:
+    """The state of a cell's latest attempt.
+
+    Attributes
+    ----------
+    cell
+        Cell id.
+    state
+        A SLURM state, `UNCONFIRMED` or `NOT_FOUND`.
+    attempt
+        How many attempts the cell has had; the latest is number `attempt` (1-based).
+    array_name, array_job_id, index
+        The array task that ran the latest attempt (`array_job_id` None while unconfirmed).
+    recipe_hash
+        The recipe the latest attempt ran.
+    exit_code, elapsed, node
+        As in `TaskState`, when the scheduler reported them.
+    detail
+        One line from the cell's result record: the stage a live cell is in and since when, or
+        why a failed one failed (the stage and the input it could not use).
+    """
+
+    cell: str
+    state: str
+    attempt: int
+    array_name: str
+    array_job_id: str | None
+    index: int
+    recipe_hash: str
+    exit_code: str | None = None
+    elapsed: str | None = None
+    node: str | None = None
+    detail: str | None = None
+
+    @property
+    def task_id(self) -> str | None:
+        """``<array_job_id>_<index>`` as SLURM commands take it, None while unconfirmed."""
+        return None if self.array_job_id is None else f"{self.array_job_id}_{self.index}"
+
+
+def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellStatus]:
+    """The status of every cell in `ledger`: the state of its latest attempt.
+
+    Parameters
+    ----------
+    ledger
+        Supplies each cell's attempts and the arrays they ran in.
+    states
+        Task key -> state, from `parse_sacct`/`query_sacct` (or the squeue fallback).
+
+    Returns
+    -------
+    list of CellStatus
+        Sorted by cell id. A cell whose latest array has no job id is `UNCONFIRMED`; one whose task
+        is absent from `states` is `NOT_FOUND`; one whose cancel the ledger records is `CANCELLED`
+        unless the scheduler shows it past PENDING.
+    """
+    arrays = {array.name: array for array in all_arrays(ledger)}
+    statuses = []
+    for cell in sorted(ledger.cells):
+        cell_attempts = ledger.cells[cell]
+        latest = cell_attempts[-1]
+        job_id = arrays[latest.array].job_id
+        if job_id is None:
+            task = TaskState(UNCONFIRMED)
+        else:
+            # Rows without an index: submitit submits a one-task "array" as a plain job, and sacct
+            # shows a whole array as one row until the controller splits it into tasks.
+            task = states.get(f"{job_id}_{latest.index}") or states.get(job_id)
+            if latest.cancelled and (task is None or task.state == PENDING):
+                # A task cancelled before it started gets no row of its own in accounting (SLURM
+                # 22.05): sacct shows nothing, or the array's pending range, which still covers
+                # it. The ledger's note of the cancel is the truth then.
+                task = TaskState(CANCELLED)
+            elif task is None:
+                task = TaskState(NOT_FOUND)
+        statuses.append(
+            CellStatus(
+                cell=cell,
+                state=task.state,
+                attempt=len(cell_attempts),
+                array_name=latest.array,
+                array_job_id=job_id,
+                index=latest.index,
+                recipe_hash=latest.recipe_hash,
+                exit_code=task.exit_code,
+                elapsed=task.elapsed,
+                node=task.node,
+            )
+        )
+    return statuses
+
+
+def totals(statuses: Iterable[CellStatus]) -> dict[str, int]:
+    """Number of cells per state, by state name."""
+    return dict(sorted(Counter(status.state for status in statuses).items()))

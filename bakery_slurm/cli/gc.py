@@ -1,0 +1,69 @@
+"""`bakery-slurm gc`: free the disk that published cells no longer need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..gc import bytes_per_kind, plan_gc, remove
+from ..ledger import all_arrays, load_ledger
+from ..output import format_rows, output_options
+from ..resubmit_policy import is_live
+from ..status_snapshot import snapshot
+from .common import ledger_option
+from . import cli
+
+COLUMNS = ["work", "kind", "paths", "bytes", "size"]
+
+
+@cli.command()
+@ledger_option
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@output_options
+def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
+    """Remove what published cells no longer need from the ledger's work folders.
+
+    Removes the merged, final and publish folders of published cells, bakes no unpublished cell
+    names, base copies once every cell is published, and what killed tasks left behind. Never
+    touches anything while a cell of that work folder is pending or running (states are
+    refreshed first; the scheduler must answer). Prints the bytes freed per kind.
+
+    \b
+    Example:
+        bakery-slurm gc --dry-run
+        bakery-slurm gc
+    """
+    ledger = load_ledger(ledger_path)
+    snap = snapshot(ledger_path, ledger)
+    for note in snap.notes:
+        click.echo(f"note: {note}", err=True)
+    # Array folders live at <work>/arrays/<name> (submission.py).
+    works: dict[Path, set[str]] = {}
+    for array in all_arrays(ledger):
+        works.setdefault(Path(array.folder).parent.parent, set())
+    for status in snap.statuses:
+        if is_live(status.state):
+            works[Path(snap.arrays[status.array_name].folder).parent.parent].add(status.cell)
+    rows, freed = [], 0
+    for work, live in sorted(works.items()):
+        removals = plan_gc(work, live)
+        if live:
+            click.echo(f"{work}: {len(live)} cell(s) pending or running: only outputs of "
+                       "published cells are removed", err=True)
+        if not dry_run:
+            remove(removals)
+        for kind, (n, size) in bytes_per_kind(removals).items():
+            rows.append({"work": str(work), "kind": kind, "paths": n, "bytes": size,
+                         "size": _human(size)})
+            freed += size
+    click.echo(format_rows(rows, COLUMNS, fmt))
+    click.echo(f"{'would free' if dry_run else 'freed'} {_human(freed)}", err=True)
+
+
+def _human(size: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{size} B" if unit == 0 else f"{value:.1f} {units[unit]}"

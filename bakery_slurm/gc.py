@@ -1,0 +1,149 @@
+"""What `bakery-slurm gc` may remove from a work folder, and removing it.
+
+A work folder holds the shared cache (`cache/bakes`, `cache/bases`: content-addressed, reused by
+every cell) and one folder per cell (`cells/<id>/{merged,final,publish}` with their done-markers).
+Once a cell is published, its outputs are on the push target and only a rerun would need them
+again (a rerun redoes what is missing). The rules, most careful first:
+
+- A cell that may still run (pending or running in the ledger, or whose run lock another process
+  holds) keeps everything: its outputs, and, since a pending cell's bake keys are not known before
+  it runs, the whole cache and every leftover of the work folder.
+- A published cell (result record ``done``) gives up `merged`, `final`, `publish`, their markers
+  and `verified.json`; its `result.json` stays (submit's skip rule and status read it).
+- Bakes are removed unless a cell that is not published names them in its result record (a failed
+  cell being fixed reuses its bakes); base copies only once every cell is published.
+- Leftovers of killed tasks (``.*.partial``, ``.*.raw``) go when no cell may run.
+
+`plan_gc` only reads; `remove` deletes what it planned.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from . import fsutil
+from .manifest import marker_path
+
+KINDS = ("cell outputs", "bakes", "base copies", "leftovers")
+CELL_OUTPUTS = ("merged", "final", "publish")
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One path `gc` removes: what kind of thing it is and its size in bytes."""
+
+    kind: str
+    path: Path
+    bytes: int
+
+
+def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
+    """What may be removed from `work` while the cells in `live_cells` may still run.
+
+    Cells whose run lock is held by another process count as live too, whatever the ledger says
+    (a `run-cell` started by hand).
+    """
+    work = Path(work)
+    results = _results(work)
+    live = set(live_cells) | {cell for cell, (root, _) in results.items() if _running(root)}
+    removals: list[Removal] = []
+    counted: set[tuple[int, int]] = set()  # (device, inode): a hard-linked file frees its bytes once
+    for cell, (root, result) in sorted(results.items()):
+        if cell in live or result.get("status") != "done":
+            continue
+        for name in CELL_OUTPUTS:
+            removals += _entries("cell outputs", [root / name, marker_path(root / name)], counted)
+        removals += _entries("cell outputs", [root / "verified.json"], counted)
+    if live:
+        return removals
+    unpublished = {cell: result for cell, (_, result) in results.items() if result.get("status") != "done"}
+    wanted = {key for result in unpublished.values() for key in _bake_keys(result)}
+    cache = work / "cache"
+    for kind, folder in (("bakes", cache / "bakes"), ("base copies", cache / "bases")):
+        if kind == "base copies" and unpublished:
+            continue
+        for output in _outputs(folder):
+            if output.name not in wanted:
+                removals += _entries(kind, [output, marker_path(output)], counted)
+    leftovers = [p for folder in (cache / "bakes", cache / "bases") for p in _hidden_dirs(folder)]
+    leftovers += [p for root, _ in results.values() for p in _hidden_dirs(root)]
+    removals += _entries("leftovers", leftovers, counted)
+    return removals
+
+
+def remove(removals: Iterable[Removal]) -> None:
+    """Delete every planned path (already gone is fine)."""
+    for removal in removals:
+        if removal.path.is_dir() and not removal.path.is_symlink():
+            shutil.rmtree(removal.path, ignore_errors=True)
+        else:
+            removal.path.unlink(missing_ok=True)
+
+
+def bytes_per_kind(removals: Iterable[Removal]) -> dict[str, tuple[int, int]]:
+    """Kind -> (number of paths, bytes), for every kind in `KINDS` order."""
+    totals = {kind: [0, 0] for kind in KINDS}
+    for removal in removals:
+        totals[removal.kind][0] += 1
+        totals[removal.kind][1] += removal.bytes
+    return {kind: (n, size) for kind, (n, size) in totals.items()}
+
+
+def _results(work: Path) -> dict[str, tuple[Path, dict]]:
+    """Cell id -> (cell folder, result record) for every cell folder with a readable record."""
+    found = {}
+    for path in sorted((work / "cells").rglob("result.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and isinstance(result.get("cell"), str):
+            found[result["cell"]] = (path.parent, result)
+    return found
+
+
+def _running(root: Path) -> bool:
+    """Does another process hold this cell's run lock (a task running it now)?"""
+    lock = root / ".run.lock"
+    if not lock.exists():
+        return False
+    try:
+        with fsutil.locked(lock, blocking=False):
+            return False
+    except fsutil.LockBusy:
+        return True
+
+
+def _bake_keys(result: dict) -> set[str]:
+    adapters = ((result.get("stages") or {}).get("bake") or {}).get("adapters") or {}
+    return {record["key"] for record in adapters.values() if isinstance(record, dict) and "key" in record}
+
+
+def _outputs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
+
+
+def _hidden_dirs(folder: Path) -> list[Path]:
+    """Staging folders of killed writers: `.<name>.*.partial` and `.<key>.*.raw`."""
+    return sorted(p for p in folder.glob(".*") if p.is_dir() and p.name.endswith((".partial", ".raw"))) \
+        if folder.is_dir() else []
+
+
+def _entries(kind: str, paths: Iterable[Path], counted: set[tuple[int, int]]) -> list[Removal]:
+    return [Removal(kind, path, _size(path, counted)) for path in paths if path.exists()]
+
+
+def _size(path: Path, counted: set[tuple[int, int]]) -> int:
+    """Bytes of the files under `path` not counted before (hard links count once)."""
+    total = 0
+    for file in [path] if path.is_file() else path.rglob("*"):
+        st = file.lstat()
+        if file.is_file() and not file.is_symlink() and (st.st_dev, st.st_ino) not in counted:
+            counted.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total

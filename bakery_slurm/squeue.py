@@ -1,0 +1,70 @@
+"""squeue: the controller's queue, for clusters without accounting and for arrays sacct does not
+know yet (it lags sbatch by seconds; the queue has a job the moment it is accepted).
+
+`parse_squeue` (pure) reads ``squeue --array -o SQUEUE_FORMAT`` text as `sacct.parse_sacct` reads
+sacct's; `query_squeue` and `find_queued_jobs_by_name` run it.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from typing import Mapping, Sequence
+
+from .slurm_commands import (Runner, TaskState, base_state, chunks, node_list, parse_names, rows,
+                             run_and_parse, task_keys)
+
+SQUEUE_FORMAT = "%i|%T|%M|%N|%j"
+"""The ``-o`` of the squeue fallback: job id, long state, time used, nodes, job name."""
+
+def parse_squeue(text: str, names: Mapping[str, str]) -> dict[str, TaskState]:
+    """Parse ``squeue --array --noheader -o SQUEUE_FORMAT`` output, as `parse_sacct` does sacct's
+    (rows of jobs other than the named arrays are skipped).
+
+    Returns
+    -------
+    dict
+        Task key -> `TaskState` with no exit code.
+
+    Raises
+    ------
+    SchedulerError
+        A line does not have the expected fields, job id or state.
+    """
+    states: dict[str, TaskState] = {}
+    for number, (job_id, state, elapsed, node, name) in rows(text, 5, "squeue", maxsplit=4):
+        task = TaskState(base_state(state, number, "squeue"), None, elapsed or None, node_list(node))
+        states.update(dict.fromkeys(task_keys(job_id, name, names, number, "squeue"), task))
+    return states
+
+
+def query_squeue(names: Mapping[str, str], *, runner: Runner = subprocess.run) -> dict[str, TaskState]:
+    """Ask squeue for the tasks of the given array jobs (id -> name) still known to the controller.
+
+    The fallback when there is no accounting. It lists all the user's jobs (``--me``) and keeps the
+    given ones, because ``squeue -j`` fails outright when a single requested job has left the queue.
+    ``--states=all`` includes tasks that ended in the last few minutes (slurm.conf MinJobAge); older
+    tasks are simply absent.
+
+    Raises
+    ------
+    SchedulerError
+        As `query_sacct`.
+    """
+    command = ["squeue", "--me", "--array", "--noheader", "--states=all", "-o", SQUEUE_FORMAT]
+    return run_and_parse(command, runner, functools.partial(parse_squeue, names=names)) if names else {}
+
+
+def find_queued_jobs_by_name(names: Sequence[str], *, runner: Runner = subprocess.run) -> dict[str, list[str]]:
+    """As `find_jobs_by_name`, from squeue: the controller's own queue, which knows an array the
+    moment sbatch is accepted (sacct lags) and works without accounting. Jobs that ended more than
+    a few minutes ago (slurm.conf MinJobAge) are no longer listed.
+    """
+    found: dict[str, set[str]] = {}
+    for chunk in chunks(names):
+        command = ["squeue", "--me", "--noheader", "--states=all", "-o", "%i|%j",
+                   f"--name={','.join(chunk)}"]
+        parse = functools.partial(parse_names, wanted=set(chunk), source="squeue")
+        for name, ids in run_and_parse(command, runner, parse).items():
+            found.setdefault(name, set()).update(ids)
+    return {name: sorted(ids, key=int) for name, ids in sorted(found.items())}

@@ -1,0 +1,108 @@
+"""A project folder shared by a Unix group: a teammate runs `status` and `resubmit` on a ledger
+and work folder that someone else created (`-m slurm`: this tier runs as root, which can create
+the second user; the cells run on the local executor).
+
+`teammate` creates a group and a user in it (useradd), and a setgid folder of that group in /tmp;
+all three are removed afterwards. The teammate runs the CLI through `runuser` with the system
+Python 3.11 and this checkout on PYTHONPATH (root's own interpreter is not readable by others).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from .test_slurm import cid, size, write_matrix
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3"
+CELL = cid("gone", "linear")
+
+
+@pytest.fixture(scope="module")
+def teammate():
+    if os.geteuid() != 0:
+        pytest.fail("this tier runs as root (it starts the cluster); needed here for useradd")
+    name = f"bkmate{os.getpid()}"
+    subprocess.run(["groupadd", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-g", name, "-s", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
+        try:
+            gid = int(subprocess.run(["getent", "group", name], check=True, capture_output=True,
+                                     text=True).stdout.split(":")[2])
+            shared = Path(tempfile.mkdtemp(prefix="bakery-shared-", dir="/tmp"))
+            try:
+                os.chown(shared, 0, gid)
+                os.chmod(shared, 0o2775)  # setgid: everything below belongs to the group
+                yield SimpleNamespace(user=name, shared=shared)
+            finally:
+                shutil.rmtree(shared, ignore_errors=True)
+        finally:
+            subprocess.run(["userdel", name], check=True, capture_output=True)
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def as_teammate(teammate, *args: str) -> subprocess.CompletedProcess:
+    site = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    env = [f"PYTHONPATH={REPO}:{site}", f"HOME={teammate.shared}", "HF_HUB_OFFLINE=1",
+           f"PATH={os.environ['PATH']}"]
+    return subprocess.run(["runuser", "-u", teammate.user, "--", "env", "-i", *env, SYSTEM_PYTHON,
+                           "-m", "bakery_slurm", *args], capture_output=True, text=True,
+                          cwd=teammate.shared, timeout=300)
+
+
+@pytest.fixture
+def umask_of():
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def submitted_failed_cell(folder: Path, bakery) -> Path:
+    """A local submission of one cell whose sources do not exist (it fails in seconds)."""
+    matrix = write_matrix(folder, {"gone": size(folder / "no-models", "text", ["linear"])})
+    ledger = folder / "bakery-ledger.json"
+    bakery.ok("submit", matrix, "--executor", "local", ledger=ledger)
+    assert bakery.wait_settled(ledger)[CELL]["state"] == "FAILED"
+    return ledger
+
+
+def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umask_of):
+    umask_of(0o002)
+    ledger = submitted_failed_cell(teammate.shared / "group", bakery)
+    status = as_teammate(teammate, "status", "--json", "--ledger", str(ledger))
+    assert status.returncode == 1, status.stderr  # 1: the cell failed, and that is all
+    [row] = json.loads(status.stdout)
+    assert row["state"] == "FAILED" and "does not exist" in row["detail"], row
+    again = as_teammate(teammate, "resubmit", "--json", "--ledger", str(ledger))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)[0]["action"].startswith("resubmitted in ")
+    rows = bakery.wait_settled(ledger)
+    assert (rows[CELL]["state"], rows[CELL]["attempt"]) == ("FAILED", 2)
+
+
+def test_a_lock_the_group_may_not_write_is_a_clear_message(teammate, bakery, umask_of):
+    umask_of(0o022)  # the owner forgot umask 002: files readable, not writable, by the group
+    ledger = submitted_failed_cell(teammate.shared / "private", bakery)
+    before = ledger.read_bytes()
+    status = as_teammate(teammate, "status", "--ledger", str(ledger))
+    assert status.returncode == 1 and status.stdout.startswith("cell "), status.stderr
+    again = as_teammate(teammate, "resubmit", "--ledger", str(ledger))
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.startswith(f"Error: cannot open the lock file {ledger}.lock for writing "
+                                   "(Permission denied): it is mode 644"), again.stderr
+    assert "umask 002" in again.stderr and "Traceback" not in again.stderr
+    assert ledger.read_bytes() == before

@@ -1,0 +1,144 @@
+"""`status_snapshot.snapshot`: states that need the clock or the cells' result records, with sacct and
+squeue answered by a recording fake at the subprocess boundary."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from bakery_slurm.executors import SlurmBackend
+from bakery_slurm.ledger import (
+    Ledger, PlannedArray, confirm_array, load_ledger, record_intent, record_cancel, save_ledger)
+from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.status_snapshot import snapshot
+from support import Recorder
+
+CELL = "1b-std/eng-nob__ties"
+NO_ACCOUNTING = (1, "", "sacct: error: Slurm accounting storage is disabled")
+
+
+def ledger_with_one_array(tmp_path: Path, age: timedelta, job_id: str | None) -> tuple[Path, Ledger]:
+    ledger = Ledger()
+    planned = PlannedArray(executor="slurm", resources={}, cells=[CELL, "1b-std/eng-nob__linear"],
+                           folder=str(tmp_path / "work" / "arrays" / "a"))
+    submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
+                               matrix_sha256="0" * 64, arrays=[planned],
+                               recipe_hashes={CELL: "r", "1b-std/eng-nob__linear": "r"},
+                               now=datetime.now(timezone.utc) - age)
+    if job_id:
+        confirm_array(ledger, submission.arrays[0].name, job_id)
+    path = tmp_path / "bakery-ledger.json"
+    save_ledger(path, ledger)
+    return path, ledger
+
+
+def state_of(tmp_path: Path, ledger_path: Path, ledger: Ledger, runner: Recorder) -> str:
+    snap = snapshot(ledger_path, ledger, slurm=SlurmBackend(runner))
+    return {s.cell: s.state for s in snap.statuses}[CELL]
+
+
+def test_a_fresh_unconfirmed_array_waits_and_an_old_one_that_sacct_never_saw_is_lost(tmp_path):
+    # Neither sacct nor squeue knows a job by that name.
+    runner = Recorder({"sacct": (0, "", ""), "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(seconds=5), None)
+    assert state_of(tmp_path, path, ledger, runner) == "UNCONFIRMED"
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), None)
+    assert state_of(tmp_path, path, ledger, runner) == "LOST"
+    assert [call[0] for call in runner.calls] == ["sacct", "squeue"] * 2
+    assert all("--name=" in " ".join(call) for call in runner.calls)
+
+
+def test_an_unconfirmed_array_that_squeue_lists_is_recovered_and_never_lost(tmp_path):
+    # Accounting lags (or is down to nothing): the queue has the array by its name.
+    for sacct in ((0, "", ""), NO_ACCOUNTING):
+        path, ledger = ledger_with_one_array(tmp_path / sacct[2][:5], timedelta(minutes=10), None)
+        name = ledger.submissions[0].arrays[0].name
+        by_name = f"77_[0-1]|{name}\n"
+        states = f"77_0|RUNNING|0:05|n1|{name}\n77_1|PENDING|0:00||{name}\n"
+        runner = Recorder({"sacct": sacct, "squeue": lambda argv: (
+            0, by_name if any(a.startswith("--name=") for a in argv) else states, "")})
+        snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+        assert snap.notes[0] == f"recovered job id 77 of array {name} by its job name"
+        state = {s.cell: s.state for s in snap.statuses}[CELL]
+        # Without accounting the states come from squeue too; sacct that lags has no row yet.
+        assert state == ("RUNNING" if sacct == NO_ACCOUNTING else "NOT_FOUND")
+        assert load_ledger(path).submissions[0].arrays[0].job_id == "77"
+
+
+def test_sacct_lag_reads_submitted_then_not_found(tmp_path):
+    runner = Recorder({"sacct": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(seconds=5), "41")
+    assert state_of(tmp_path, path, ledger, runner) == "SUBMITTED"
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
+
+
+def write_result(tmp_path: Path, status: str, started: datetime, recipe_hash: str = "r") -> None:
+    paths = CellPaths(tmp_path / "work", CELL)
+    paths.root.mkdir(parents=True)
+    paths.result.write_text(json.dumps({"status": status, "recipe_hash": recipe_hash,
+                                        "started": started.isoformat(timespec="seconds")}))
+
+
+def test_without_accounting_a_gone_task_takes_its_state_from_this_attempts_result(tmp_path):
+    runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    write_result(tmp_path, "failed", datetime.now(timezone.utc) - timedelta(minutes=5))
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    assert {s.cell: s.state for s in snap.statuses}[CELL] == "FAILED"
+    assert snap.notes == ["states from squeue + completion markers (SLURM accounting is disabled; "
+                          "finished tasks are read from result.json)"]
+
+
+def test_without_accounting_an_older_result_says_nothing_about_this_attempt(tmp_path):
+    runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(hours=2))
+    assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
+
+
+def test_a_task_cancelled_while_pending_is_cancelled_not_not_found(tmp_path):
+    # SLURM 22.05 keeps no accounting row for it; the ledger knows `cancel` cancelled it.
+    runner = Recorder({"sacct": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
+    record_cancel(ledger, CELL, ledger.cells[CELL][-1].array, ledger.cells[CELL][-1].index)
+    assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
+    # Accounting may keep showing the array's pending range, which still covers the task.
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_[0-1%1]|PENDING|0:0|00:00:00|None assigned|{name}\n", "")})
+    assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
+    # A row past PENDING wins over the note: the cancel came as the task started.
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_0|COMPLETED|0:0|00:01:00|n1|{name}\n", "")})
+    assert state_of(tmp_path, path, ledger, runner) == "COMPLETED"
+
+
+def write_running(tmp_path: Path, stages: dict, status: str = "running", error: str | None = None) -> None:
+    paths = CellPaths(tmp_path / "work", CELL)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.result.write_text(json.dumps({
+        "status": status, "recipe_hash": "r", "stages": stages, "error": error,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+
+
+def detail_of(tmp_path: Path, sacct_state: str) -> str | None:
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_0|{sacct_state}|0:0|00:01:00|n1|{name}\n", "")})
+    return {s.cell: s.detail for s in snapshot(path, ledger, slurm=SlurmBackend(runner)).statuses}[CELL]
+
+
+def test_status_detail_names_the_running_stage_and_since_when(tmp_path):
+    write_running(tmp_path, {"bake": {"status": "done"},
+                             "merge": {"status": "running", "started": "2026-11-28T03:40:00+00:00"}})
+    assert detail_of(tmp_path, "RUNNING") == "merge since 2026-11-28T03:40:00+00:00"
+    assert detail_of(tmp_path, "TIMEOUT") == "stopped in merge (started 2026-11-28T03:40:00+00:00)"
+
+
+def test_status_detail_of_a_failed_cell_is_its_error(tmp_path):
+    write_running(tmp_path, {"bake": {"status": "failed"}}, status="failed",
+                  error="bake: adapter nob (/m/nob): /m/nob/adapter_model.safetensors: bad header")
+    assert detail_of(tmp_path, "FAILED") == \
+        "bake: adapter nob (/m/nob): /m/nob/adapter_model.safetensors: bad header"
