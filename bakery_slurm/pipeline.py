@@ -246,6 +246,9 @@ def _bake(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     flow.base = fetch(cell.base, hash_cache=cache / "hashes", offline=flow.offline)
     adapters = {name: fetch(source, hash_cache=cache / "hashes", offline=flow.offline)
                 for name, source in cell.adapters}
+    for name, adapter in adapters.items():  # so that a corrupt one is named, whichever engine
+        with bake_stage.naming_input(f"adapter {name} ({adapter.path})"):
+            bake_stage.check_adapter(adapter.path)
     flow.adapters = {name: adapter.path for name, adapter in adapters.items()}
     flow.sources = {"base": flow.base.identity,
                     "adapters": {n: a.identity for n, a in adapters.items()}}

@@ -238,7 +238,7 @@ def test_a_failing_tensor_fails_the_merge_with_nothing_in_place(tmp_path, write_
     cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
     paths = CellPaths(matrix.work_dir, cell.id)
     monkeypatch.setattr(engine_cell, "baked_tensor", failing)
-    with pytest.raises(StageError, match="merge failed: disk on fire"):
+    with pytest.raises(StageError, match="merge failed: RuntimeError: disk on fire"):
         run_cell(cell, matrix.work_dir, device="cpu")
     assert not paths.final.exists() and not marker_path(paths.final).exists()
     monkeypatch.setattr(engine_cell, "baked_tensor", real)
