@@ -72,10 +72,11 @@ def umask_of():
 
 
 def submitted_failed_cell(folder: Path, bakery) -> Path:
-    """A local submission of one cell whose sources do not exist (it fails in seconds)."""
+    """A local submission of one cell whose sources do not exist (it fails in seconds; preflight,
+    which would refuse it, is skipped here and by the teammate's resubmits)."""
     matrix = write_matrix(folder, {"gone": size(folder / "no-models", "text", ["linear"])})
     ledger = folder / "bakery-ledger.json"
-    bakery.ok("submit", matrix, "--executor", "local", ledger=ledger)
+    bakery.ok("submit", matrix, "--executor", "local", "--no-preflight", ledger=ledger)
     assert bakery.wait_settled(ledger)[CELL]["state"] == "FAILED"
     return ledger
 
@@ -87,7 +88,8 @@ def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umas
     assert status.returncode == 1, status.stderr  # 1: the cell failed, and that is all
     [row] = json.loads(status.stdout)
     assert row["state"] == "FAILED" and "does not exist" in row["detail"], row
-    again = as_teammate(teammate, "resubmit", "--json", "--ledger", str(ledger))
+    again = as_teammate(teammate, "resubmit", "--json", "--no-preflight", "--ledger",
+                        str(ledger))
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)[0]["action"].startswith("resubmitted in ")
     rows = bakery.wait_settled(ledger)
@@ -100,7 +102,7 @@ def test_a_lock_the_group_may_not_write_is_a_clear_message(teammate, bakery, uma
     before = ledger.read_bytes()
     status = as_teammate(teammate, "status", "--ledger", str(ledger))
     assert status.returncode == 1 and status.stdout.startswith("cell "), status.stderr
-    again = as_teammate(teammate, "resubmit", "--ledger", str(ledger))
+    again = as_teammate(teammate, "resubmit", "--no-preflight", "--ledger", str(ledger))
     assert again.returncode == 2, again.stderr
     assert again.stderr.startswith(f"Error: cannot open the lock file {ledger}.lock for writing "
                                    "(Permission denied): it is mode 644"), again.stderr

@@ -76,7 +76,7 @@ def test_sbatch_failing_after_the_controller_accepted_the_array_records_it(tmp_p
     monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     matrix = write_matrix(tmp_path, {"gone": size(tmp_path / "no-models", "text", ["linear"])})
     ledger = tmp_path / "bakery-ledger.json"
-    result = bakery.run("submit", matrix, "--executor", "slurm", ledger=ledger)
+    result = bakery.run("submit", matrix, "--executor", "slurm", "--no-preflight", ledger=ledger)
     assert result.exit_code == 0, result.output
     assert "Socket timed out" in result.stderr and "but the controller has it as job" in result.stderr
     [array] = all_arrays(load_ledger(ledger))
