@@ -31,8 +31,8 @@ class EvalTarget:
     kind: Literal["cell", "baseline"]
     size: str
     variant: str
-    # The cell's id after `<size>-<variant>/` (e.g. `eng-nob__ties`), or the baseline's name:
-    # what the ranking compares across variants.
+    # The cell's method and sweep point (its id after `__`, e.g. `ties-density0.3`), or the
+    # baseline's name: what the ranking compares across variants.
     label: str
     tasks: tuple[str, ...]
     num_fewshot: dict[str, int] = field(hash=False)
@@ -88,7 +88,7 @@ def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTar
                           dtype=matrix.spec.dtype,
                           resources=size_resources(matrix, size, eval_=True), **model)
 
-    targets = [target(cell.id, "cell", cell.size, cell.variant, cell.id.split("/", 1)[1])
+    targets = [target(cell.id, "cell", cell.size, cell.variant, cell.id.split("__", 1)[1])
                for cell in cells]
     cell_ids = {cell.id for cell in cells}
     for i, baseline in enumerate(spec.baselines):

@@ -70,4 +70,4 @@ def main() -> None:
 
 
 # Each module registers its command on `cli` at import.
-from . import cancel, check, demo, logs, plan, prefetch, resubmit, run_cell, status, submit  # noqa: E402,F401
+from . import cancel, check, demo, logs, plan, prefetch, report, resubmit, run_cell, run_eval, status, submit  # noqa: E402,F401

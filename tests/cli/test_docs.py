@@ -15,8 +15,8 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_the_expected_commands_exist():
-    assert COMMANDS == ["cancel", "check", "demo", "logs", "plan", "prefetch", "resubmit", "run-cell",
-                        "status", "submit"]
+    assert COMMANDS == ["cancel", "check", "demo", "logs", "plan", "prefetch", "report", "resubmit",
+                        "run-cell", "run-eval", "status", "submit"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
