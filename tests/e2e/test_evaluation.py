@@ -2,7 +2,8 @@
 (tests/eval_tasks: YAML + JSON-lines files, through `[eval] include_path`), offline.
 
 One module-scoped run: the tiny1b ties cell is baked and merged (`run-cell`), then `run-eval`
-scores it and two baselines (the base alone, the base with the nob adapter attached unmerged);
+scores it and the baselines (the base alone; the base with the nob adapter attached unmerged, on
+the text and the multimodal kind);
 the tests read the stored results, `report`, and an independent `simple_evaluate` call.
 """
 
@@ -24,13 +25,14 @@ TASKS = Path(__file__).resolve().parents[1] / "eval_tasks"
 CELL = "tiny1b-std/eng-nob__ties"
 BASE = "tiny1b-std/base"
 LORA = "tiny1b-std/lora-nob"
+LORA_MULTIMODAL = "tiny4b-std/lora-nob"  # Gemma3ForConditionalGeneration with a PEFT adapter
 EVAL = f"""
 [eval]
 tasks = ["tiny_mc"]
 include_path = {json.dumps(str(TASKS))}
 num_fewshot = {{ tiny_mc = 1 }}
 baselines = [{{ name = "base", sizes = ["tiny1b"] }},
-             {{ name = "lora-nob", adapters = ["nob"], sizes = ["tiny1b"] }}]
+             {{ name = "lora-nob", adapters = ["nob"] }}]
 resources = {{ gpus_per_node = 1, time = "00:20:00" }}
 """
 
@@ -41,7 +43,7 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, write_tiny_matrix):
-    """The ties cell run, then it and both baselines evaluated; datasets cached in tmp."""
+    """The ties cell run, then it and the baselines evaluated; datasets cached in tmp."""
     import datasets.config
 
     folder = tmp_path_factory.mktemp("eval")
@@ -53,7 +55,7 @@ def evaluated(tmp_path_factory, write_tiny_matrix):
         ran = invoke("run-cell", matrix, CELL, "--device", "cpu")
         assert ran.exit_code == 0, ran.output
         records = {}
-        for target in (CELL, BASE, LORA):
+        for target in (CELL, BASE, LORA, LORA_MULTIMODAL):
             result = invoke("run-eval", matrix, target, "--device", "cpu")
             assert result.exit_code == 0, result.output
             records[target] = json.loads(result.stdout)
@@ -77,13 +79,15 @@ def test_results_json_is_lm_evals_with_versions(evaluated):
     assert results["bakery"]["target"] == CELL
     assert results["bakery"]["inputs"]["final_sha256"]
     assert stored(evaluated.work, LORA)["config"]["model_args"]["peft"].endswith("adapters/text/nob")
+    assert stored(evaluated.work, LORA_MULTIMODAL)["config"]["model_args"]["peft"].endswith(
+        "adapters/multimodal/nob")
 
 
 def test_report_values_equal_lm_evals_results(evaluated):
     result = invoke("report", evaluated.matrix, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert [row["target"] for row in report["rows"]] == [CELL, BASE, LORA]
+    assert [row["target"] for row in report["rows"]] == [CELL, BASE, LORA, LORA_MULTIMODAL]
     assert report["missing"] == ["tiny4b-std/eng-nob__ties"]
     for row in report["rows"]:
         entry = stored(evaluated.work, row["target"])["results"]["tiny_mc"]
@@ -125,7 +129,7 @@ def test_report_markdown_and_csv_files(evaluated, tmp_path):
     lines = table.read_text().splitlines()
     assert lines[0] == ("target,kind,size,variant,label,tiny_mc/acc,tiny_mc/acc_stderr,"
                         "tiny_mc/acc_norm,tiny_mc/acc_norm_stderr")
-    assert [line.split(",")[0] for line in lines[1:]] == [CELL, BASE, LORA]
+    assert [line.split(",")[0] for line in lines[1:]] == [CELL, BASE, LORA, LORA_MULTIMODAL]
 
 
 def test_a_rerun_keeps_the_results(evaluated):
