@@ -70,7 +70,7 @@ def _run(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str
         raise StageError(target.id, "eval", str(e)) from e
     except Exception as e:  # lm-eval, datasets and transformers raise anything
         raise StageError(target.id, "eval", f"{type(e).__name__}: {e}") from e
-    from lm_eval.utils import handle_non_serializable
+    from lm_eval.utils import handle_non_serializable  # imported above, by _simple_evaluate
 
     seconds = round(time.monotonic() - start, 3)
     results["bakery"] = {"target": target.id, "kind": target.kind, "inputs": inputs,
@@ -119,8 +119,12 @@ def _read_bakery_block(path: Path) -> dict[str, Any]:
 
 def _simple_evaluate(target: EvalTarget, model: Path, adapter: Path | None,
                      device: str) -> dict[str, Any]:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise BakeryError(f"lm-eval is not installed here ({e}): install bakery-slurm with its "
+                          f"eval extra, pip install 'bakery-slurm[eval]'") from None
 
     manager = TaskManager(include_path=target.include_path)
     model_args = {"pretrained": str(model), "dtype": target.dtype}

@@ -3,6 +3,8 @@ Bad [eval] tables are tested through the CLI in tests/cli/test_eval_config.py.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bakery_slurm.errors import ConfigError
@@ -114,3 +116,20 @@ def test_a_baseline_id_may_not_be_a_cell_id(tmp_path, write_matrix):
 
 def test_results_live_beside_the_cell(tmp_path):
     assert results_path(tmp_path, "4b-std/lora-nob") == tmp_path / "cells/4b-std/lora-nob/eval/results.json"
+
+
+def test_the_readme_suite_is_a_valid_eval_table_for_the_repo_matrix(tmp_path):
+    """README's Evaluation section writes the seed card's suite as [eval]: it must load with the
+    repo's matrix and run the preference set on the card's 6 cells and its baseline only."""
+    repo = Path(__file__).resolve().parents[2]
+    section = (repo / "README.md").read_text().split("\n## Evaluation\n", 1)[1]
+    table = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "eval-tasks").mkdir()
+    path = tmp_path / "matrix.toml"
+    path.write_text((repo / "matrix.toml").read_text() + "\n" + table)
+    targets = expand_eval(load_matrix(path))
+    assert len(targets) == 14 + 1 + 6
+    assert sorted(t.id for t in targets if "hh_rlhf_no" in t.tasks) == [
+        "12b-open/eng-nob__ties", "12b-std/eng-nob__ties", "1b-std/eng-nob__ties",
+        "4b-open/eng-nob__ties", "4b-std/eng-nob__ties", "4b-std/lora-nob"]
+    assert {t.num_fewshot["norbelebele_p0"] for t in targets} == {5}
