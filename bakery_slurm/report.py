@@ -5,7 +5,9 @@ being `<task>/<metric>` (plus `[<filter>]` for a filter other than lm-eval's `no
 lays out one row per cell and baseline; `ranking` compares each cell with a named baseline: the
 baseline's row at the cell's size and variant, else its only row at the cell's size (the seed's
 4B ranking against its one 4b-std baseline). A cell's delta is the mean, over the columns both
-rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1].
+rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1];
+a metric lm-eval marks lower-is-better (perplexity, say) counts as (baseline - cell), so a
+positive delta is always an improvement.
 Per method, the delta is given per variant and as the mean over the variants; methods are
 ranked per size, best first.
 
@@ -33,6 +35,8 @@ class Row:
     variant: str
     label: str
     values: dict[str, tuple[float, float | None]]
+    # Columns whose metric lm-eval marks lower-is-better.
+    lower_is_better: frozenset[str] = frozenset()
 
 
 def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
@@ -47,6 +51,14 @@ def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
             column = f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]")
             out[column] = (float(value), float(stderr) if _number(stderr) else None)
     return out
+
+
+def lower_is_better(results: dict[str, Any]) -> frozenset[str]:
+    """The columns of `metrics(results)` whose metric lm-eval's `higher_is_better` marks false."""
+    lower = {(task, metric) for task, flags in (results.get("higher_is_better") or {}).items()
+             for metric, higher in flags.items() if higher is False}
+    return frozenset(column for column in metrics(results)
+                     if tuple(column.split("[", 1)[0].split("/", 1)) in lower)
 
 
 def _number(value: Any) -> bool:
@@ -79,7 +91,8 @@ def ranking(rows: Sequence[Row], baseline: str) -> list[dict[str, Any]]:
         shared = [c for c in cell.values if c in ref.values] if ref else []
         if not shared:
             continue
-        delta = sum(cell.values[c][0] - ref.values[c][0] for c in shared) / len(shared) * 100
+        delta = sum((cell.values[c][0] - ref.values[c][0]) * (-1 if c in cell.lower_is_better else 1)
+                    for c in shared) / len(shared) * 100
         group = groups.setdefault((cell.size, cell.label), {
             "size": cell.size, "method": cell.label, "variants": {}, "references": {},
             "metrics": {}})

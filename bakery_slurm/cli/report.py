@@ -12,7 +12,7 @@ from .. import fsutil
 from ..errors import ConfigError
 from ..evaluation import EvalTarget, expand_eval, results_path
 from ..matrix import load_matrix
-from ..report import Row, metrics, pivot, ranking, render, to_csv
+from ..report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
 from . import cli
 
 log = logging.getLogger(__name__)
@@ -84,5 +84,6 @@ def _read_rows(targets: list[EvalTarget], work: Path) -> tuple[list[Row], list[s
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: not a readable lm-eval results file: {e}") from None
         rows.append(Row(id=target.id, kind=target.kind, size=target.size,
-                        variant=target.variant, label=target.label, values=metrics(results)))
+                        variant=target.variant, label=target.label, values=metrics(results),
+                        lower_is_better=lower_is_better(results)))
     return rows, missing

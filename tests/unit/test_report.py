@@ -8,7 +8,7 @@ import io
 import pytest
 
 from bakery_slurm.errors import ConfigError
-from bakery_slurm.report import Row, metrics, pivot, ranking, render, to_csv
+from bakery_slurm.report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
 
 # The shape of lm-eval 0.4's results table: "<metric>,<filter>" and "<metric>_stderr,<filter>".
 RESULTS = {
@@ -114,3 +114,17 @@ def test_csv_has_raw_values_and_empty_cells_for_tasks_not_run():
     assert table[0] == ["target", "kind", "size", "variant", "label", "a", "a_stderr", "pref",
                         "pref_stderr"]
     assert table[2] == ["4b-std/base", "baseline", "4b", "std", "base", "0.5", "0.01", "", ""]
+
+
+def test_lower_is_better_metrics_count_with_their_sign_flipped():
+    results = {"results": {"wiki": {"word_perplexity,none": 20.0, "acc,none": 0.5}},
+               "higher_is_better": {"wiki": {"word_perplexity": False, "acc": True}}}
+    assert lower_is_better(results) == {"wiki/word_perplexity"}
+    lower = frozenset({"ppl"})
+    rows = [Row("4b-std/eng-nob__ties", "cell", "4b", "std", "ties",
+                {"ppl": (0.20, None), "acc": (0.55, None)}, lower),
+            Row("4b-std/base", "baseline", "4b", "std", "base",
+                {"ppl": (0.25, None), "acc": (0.50, None)}, lower)]
+    (ties,) = ranking(rows, "base")
+    # ppl fell by 5 points (better: +5), acc rose by 5 points (+5)
+    assert ties["variants"]["std"] == pytest.approx(5.0)
