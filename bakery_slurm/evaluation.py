@@ -11,15 +11,17 @@ This module must stay importable without torch: `report` uses it.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .matrix import (Cell, Matrix, ModelSource, Resources, _excluded, _fail, expand,
                      size_resources, size_variants, sources)
+from .pins import pin_inputs
 from .pipeline import CellPaths
 
 
@@ -108,6 +110,22 @@ def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTar
             targets.append(target(target_id, "baseline", size, variant, baseline.name,
                                   base=base, adapter=adapter))
     return [t for t in targets if t is not None]
+
+
+def target_inputs(target: EvalTarget) -> dict[str, ModelSource]:
+    """A baseline's inputs by name (`base`, its adapter's name); a cell's output is its own."""
+    if target.kind == "cell":
+        return {}
+    return {"base": target.base, **dict([target.adapter] if target.adapter else [])}
+
+
+def pin_target(target: EvalTarget, pins: Mapping[str, str]) -> EvalTarget:
+    """The target reading its Hub inputs at the given commits ({input name: commit})."""
+    pinned = pin_inputs(target.id, target_inputs(target), pins)
+    if target.kind == "cell":
+        return target
+    adapter = (target.adapter[0], pinned[target.adapter[0]]) if target.adapter else None
+    return dataclasses.replace(target, base=pinned["base"], adapter=adapter)
 
 
 def eval_dir(work: Path, target_id: str) -> Path:

@@ -52,15 +52,20 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: t
         raise ConfigError(f"{loaded.path}: the recipe of {cell_id} changed since submission "
                           f"(recipe hash {cells[cell_id].recipe_hash[:12]}, submitted "
                           f"{recipe_hash[:12]}); submit again to run the new recipe")
+    cell = apply_pins(cells[cell_id], parse_pins(pins))
+    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline)
+    click.echo(json.dumps(result, indent=2))
+
+
+def parse_pins(pins: tuple[str, ...]) -> dict[str, str]:
+    """--pin INPUT=COMMIT options as {input name: commit}."""
     pinned = {}
     for pin in pins:
         name, sep, commit = pin.partition("=")
         if not sep:
             raise click.BadParameter(f"{pin!r} is not INPUT=COMMIT", param_hint="--pin")
         pinned[name] = commit
-    cell = apply_pins(cells[cell_id], pinned)
-    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline)
-    click.echo(json.dumps(result, indent=2))
+    return pinned
 
 
 def _task_environment() -> None:

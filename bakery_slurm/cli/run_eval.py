@@ -12,7 +12,7 @@ import click
 from ..errors import ConfigError
 from ..matrix import load_matrix
 from . import cli
-from .run_cell import _task_environment
+from .run_cell import _task_environment, parse_pins
 
 
 @cli.command("run-eval")
@@ -22,7 +22,11 @@ from .run_cell import _task_environment
               show_default=True, help="Where lm-eval runs the model; auto falls back to CPU.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path),
               help="Work folder (default: [paths] work of the matrix).")
-def run_eval(matrix: Path, target: str, device: str, work: Path | None) -> None:
+@click.option("--pin", "pins", multiple=True, metavar="INPUT=COMMIT",
+              help="A baseline reads this Hub input (`base` or its adapter's name) at this "
+                   "commit (repeatable).")
+def run_eval(matrix: Path, target: str, device: str, work: Path | None,
+             pins: tuple[str, ...]) -> None:
     """Score one cell or baseline of MATRIX with lm-evaluation-harness ([eval] in the matrix).
 
     TARGET is a cell id (scored on its verified output in the work folder: run the cell first)
@@ -34,8 +38,9 @@ def run_eval(matrix: Path, target: str, device: str, work: Path | None) -> None:
     Example:
         bakery-slurm run-eval matrix.toml 4b-std/eng-nob__ties
         bakery-slurm run-eval matrix.toml 4b-std/lora-nob --device cpu
+        bakery-slurm run-eval matrix.toml 4b-std/base --pin base=<40-hex commit>
     """
-    from ..evaluation import expand_eval
+    from ..evaluation import expand_eval, pin_target
     from ..stages.evaluate import run_eval as run
 
     _task_environment()
@@ -49,6 +54,6 @@ def run_eval(matrix: Path, target: str, device: str, work: Path | None) -> None:
     if target not in targets:
         raise click.BadParameter(f"{target!r} is not an eval target of {loaded.path} "
                                  f"(targets: {', '.join(targets)})", param_hint="TARGET")
-    record = run(targets[target], work or loaded.work_dir, device=device,
+    record = run(pin_target(targets[target], parse_pins(pins)), work or loaded.work_dir, device=device,
                  offline=loaded.spec.runtime.offline)
     click.echo(json.dumps(record, indent=2))

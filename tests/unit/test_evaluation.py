@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bakery_slurm.errors import ConfigError
-from bakery_slurm.evaluation import expand_eval, results_path
+from bakery_slurm.evaluation import expand_eval, pin_target, results_path
 from bakery_slurm.matrix import load_matrix
 from conftest import MINIMAL_MATRIX
 
@@ -133,3 +133,19 @@ def test_the_readme_suite_is_a_valid_eval_table_for_the_repo_matrix(tmp_path):
         "12b-open/eng-nob__ties", "12b-std/eng-nob__ties", "1b-std/eng-nob__ties",
         "4b-open/eng-nob__ties", "4b-std/eng-nob__ties", "4b-std/lora-nob"]
     assert {t.num_fewshot["norbelebele_p0"] for t in targets} == {5}
+
+
+def test_pins_apply_to_a_baselines_hub_inputs(tmp_path, write_matrix):
+    text = MINIMAL_MATRIX.replace('path = "models/base-{size}"', 'repo = "org/base-{size}"') + (
+        '[eval]\ntasks = ["a"]\nbaselines = [{ name = "lora", adapters = ["nob"] }]\n')
+    cell, lora = expand_eval(load_matrix(write_matrix(text)))
+    commit = "a" * 40
+    pinned = pin_target(lora, {"base": commit})
+    assert (pinned.base.repo, pinned.base.commit) == ("org/base-tiny", commit)
+    assert pinned.adapter == lora.adapter
+    with pytest.raises(ConfigError, match=r"tiny-std/lora: --pin nob: a local folder cannot be pinned"):
+        pin_target(lora, {"nob": commit})
+    with pytest.raises(ConfigError, match=r"tiny-std/lora: --pin eng: not an input"):
+        pin_target(lora, {"eng": commit})
+    with pytest.raises(ConfigError, match=r"tiny-std/eng-nob__ties: --pin base: not an input"):
+        pin_target(cell, {"base": commit})
