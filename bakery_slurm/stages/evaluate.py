@@ -94,7 +94,10 @@ def _model(target: EvalTarget, work: Path,
             verified = json.loads(paths.verified.read_text())
         except (OSError, ValueError):
             verified = {}
-        if marker is None or verified.get("final_sha256") != marker["content_sha256"]:
+        # The verify record names the checkpoint it checked: `final_sha256`, or (in the
+        # declared-steps pipeline) its step inputs' `final`.
+        checked = verified.get("final_sha256") or (verified.get("inputs") or {}).get("final")
+        if marker is None or checked != marker["content_sha256"]:
             raise BakeryError(f"no verified output in {paths.final}: run the cell first "
                               f"(bakery-slurm run-cell)")
         return paths.final, None, {"final_sha256": marker["content_sha256"]}

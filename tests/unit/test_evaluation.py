@@ -1,15 +1,20 @@
-"""[eval] expanded into eval targets (bakery_slurm.evaluation.expand_eval), on literal matrices.
+"""[eval] expanded into eval targets (bakery_slurm.evaluation.expand_eval) on literal matrices,
+pins on baselines, and the eval stage's refusal of an unverified cell (no lm-eval needed).
 Bad [eval] tables are tested through the CLI in tests/cli/test_eval_config.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from bakery_slurm.errors import ConfigError
+from bakery_slurm.errors import ConfigError, StageError
 from bakery_slurm.evaluation import expand_eval, pin_target, results_path
+from bakery_slurm.manifest import write_marker
 from bakery_slurm.matrix import load_matrix
+from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.stages.evaluate import _model, run_eval
 from conftest import MINIMAL_MATRIX
 
 TWO_BY_TWO = MINIMAL_MATRIX.replace("[variants.std]\n", "[variants.std]\n[variants.open]\n").replace(
@@ -149,3 +154,19 @@ def test_pins_apply_to_a_baselines_hub_inputs(tmp_path, write_matrix):
         pin_target(lora, {"eng": commit})
     with pytest.raises(ConfigError, match=r"tiny-std/eng-nob__ties: --pin base: not an input"):
         pin_target(cell, {"base": commit})
+
+
+@pytest.mark.parametrize("record", ["final_sha256", "step inputs"])
+def test_a_cell_is_scored_only_on_its_verified_output(tmp_path, write_matrix, record):
+    (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
+    paths = CellPaths(tmp_path / "work", target.id)
+    paths.final.mkdir(parents=True)
+    (paths.final / "model.safetensors").write_bytes(b"weights")
+    sha = write_marker(paths.final, {})["content_sha256"]
+    verified = {"final_sha256": sha} if record == "final_sha256" else {"inputs": {"final": sha}}
+    paths.verified.write_text(json.dumps(verified))
+    assert _model(target, tmp_path / "work", offline=False)[0] == paths.final
+    (paths.final / "model.safetensors").write_bytes(b"changed weights")  # not what verify saw
+    with pytest.raises(StageError, match=r"stage eval failed: no verified output in"):
+        run_eval(target, tmp_path / "work", device="cpu")
+    assert not results_path(tmp_path / "work", target.id).exists()
