@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,7 +24,7 @@ $(IMAGE_VENV)/.deps: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/pip install -q --upgrade pip
 	$(IMAGE_VENV)/bin/pip install -q torch==2.13.0
-	$(IMAGE_VENV)/bin/pip install -q -c constraints.txt .
+	$(IMAGE_VENV)/bin/pip install -q -c constraints.txt '.[eval]'
 	touch $@
 
 $(IMAGE_VENV)/.installed: $(IMAGE_VENV)/.deps $(PACKAGE_FILES)

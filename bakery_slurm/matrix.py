@@ -219,6 +219,63 @@ class MergeSpec(_Model):
 
     engine: Literal["bakery", "mergekit"] = "bakery"
     keep_bakes: bool = False
+# lm-eval's batch size: a number, "auto", or "auto:N" (re-detect N times).
+BATCH_SIZE = re.compile(r"^auto(:\d+)?$")
+
+
+class EvalBaseline(_Model):
+    """An eval-only cell: the base alone, or the base with an adapter attached unmerged (PEFT).
+
+    It is evaluated at every (size, variant) of the matrix, or at those `sizes`/`variants` name;
+    its id is `<size>-<variant>/<name>`.
+    """
+
+    name: str
+    # lm-eval attaches one PEFT adapter (`peft=`): at most one name, from `adapters`.
+    adapters: list[str] = Field(default=[], max_length=1)
+    sizes: list[str] | None = None
+    variants: list[str] | None = None
+
+
+class EvalSpec(_Model):
+    """[eval]: what lm-evaluation-harness scores on every cell and baseline."""
+
+    tasks: list[str] = Field(min_length=1)
+    # A folder of task YAMLs (relative to the matrix); relative data files in them are read
+    # from that folder.
+    include_path: str | None = None
+    num_fewshot: int | dict[str, int] | None = None
+    # lm-eval's limit: a number of documents per task, or a fraction of each below 1.
+    limit: int | float | None = None
+    batch_size: int | str = 1
+    # {task: [cell or baseline id globs]}: a task runs only on the targets it names.
+    only: dict[str, list[str]] = {}
+    baselines: list[EvalBaseline] = []
+    # Overrides of [resources] (and the size's) for eval tasks: a GPU, their own time limit.
+    resources: dict[str, Any] = {}
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _fewshot(cls, v: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(n < 0 for n in values):
+            raise ValueError("num_fewshot must be 0 or more")
+        return v
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        if v is not None and not (isinstance(v, int) and v >= 1 or isinstance(v, float) and 0 < v < 1):
+            raise ValueError("limit must be a number of documents (1 or more) or a fraction "
+                             "between 0 and 1")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1 or isinstance(v, str) and not BATCH_SIZE.match(v):
+            raise ValueError("batch_size must be a number (1 or more), 'auto' or 'auto:N'")
+        return v
 
 
 # A number, a list of numbers (a sweep axis), a per-adapter table, or a bool; `_check_param`
@@ -245,6 +302,7 @@ class MatrixSpec(_Model):
     runtime: Runtime = Runtime()
     paths: PathsSpec = PathsSpec()
     merge: MergeSpec = MergeSpec()
+    eval: EvalSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -354,7 +412,10 @@ def load_matrix(path: Path | str, check_cells: bool = True) -> Matrix:
     matrix = Matrix(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
     _check(matrix)
     if check_cells:
-        expand(matrix)  # ids, templates and sweeps are validated by expanding once
+        from .evaluation import expand_eval
+
+        cells = expand(matrix)  # ids, templates and sweeps are validated by expanding once
+        expand_eval(matrix, cells)
     return matrix
 
 
@@ -411,23 +472,76 @@ def _check(matrix: Matrix) -> None:
                 if name not in known:
                     raise _fail(matrix, f"sizes.{size}.{key}", name,
                                 f"not declared in [{key}] (declared: {', '.join(known)})")
-        try:
-            Resources.model_validate({**spec.resources.model_dump(exclude_unset=True),
-                                      **size_spec.resources})
-        except ValidationError as e:
-            raise ConfigError(_describe_validation_error(matrix.path, e).replace(
-                f"{matrix.path}: ", f"{matrix.path}: sizes.{size}.resources.")) from None
+        size_resources(matrix, size)
+        if spec.eval is not None:
+            size_resources(matrix, size, eval_=True)
     for i, rule in enumerate(spec.exclude):
         for key in rule:
             if key not in EXCLUDE_KEYS:
                 raise _fail(matrix, f"exclude.{i}", key,
                             f"unknown key (valid: {', '.join(EXCLUDE_KEYS)})")
+    if spec.eval is not None:
+        _check_eval(matrix, spec.eval)
     kind, _, location = spec.push.target.partition(":")
     if kind not in ("hub", "dir") or not location:
         raise _fail(matrix, "push.target", spec.push.target,
                     "must be 'hub:<owner>/<name>' or 'dir:<folder>'")
     if kind == "hub" and not REPO_ID.match(location):
         raise _fail(matrix, "push.target", spec.push.target, "not a Hub repo id (owner/name)")
+
+
+def size_resources(matrix: Matrix, size: str, eval_: bool = False) -> Resources:
+    """What a task of this size asks for: [resources], then the size's overrides, then (for an
+    eval task) [eval] resources. Raise ConfigError naming the key that made it invalid."""
+    spec = matrix.spec
+    layers = [("resources", spec.resources.model_dump(exclude_unset=True)),
+              (f"sizes.{size}.resources", spec.sizes[size].resources)]
+    if eval_ and spec.eval is not None:
+        layers.append(("eval.resources", spec.eval.resources))
+    merged: dict[str, Any] = {}
+    for key, layer in layers:
+        merged.update(layer)
+        try:
+            resources = Resources.model_validate(merged)
+        except ValidationError as e:
+            raise ConfigError(_describe_validation_error(matrix.path, e).replace(
+                f"{matrix.path}: ", f"{matrix.path}: {key}.")) from None
+    return resources
+
+
+def _check_eval(matrix: Matrix, spec: EvalSpec) -> None:
+    """[eval] rules that span keys; baseline ids against cell ids are checked by expand_eval."""
+    tasks = set(spec.tasks)
+    if len(tasks) != len(spec.tasks):
+        raise _fail(matrix, "eval.tasks", spec.tasks, "duplicate task names")
+    for key, table in (("eval.num_fewshot", spec.num_fewshot if isinstance(spec.num_fewshot, dict)
+                        else {}), ("eval.only", spec.only)):
+        for task in table:
+            if task not in tasks:
+                raise _fail(matrix, f"{key}.{task}", task,
+                            f"not in eval.tasks ({', '.join(spec.tasks)})")
+    for task, globs in spec.only.items():
+        if not globs:
+            raise _fail(matrix, f"eval.only.{task}", globs,
+                        "an empty list runs the task nowhere; leave it out of eval.tasks instead")
+    if spec.include_path is not None and not (matrix.root / spec.include_path).is_dir():
+        raise _fail(matrix, "eval.include_path", spec.include_path,
+                    f"not a folder ({(matrix.root / spec.include_path).resolve()})")
+    names = [b.name for b in spec.baselines]
+    for i, baseline in enumerate(spec.baselines):
+        key = f"eval.baselines.{i}"
+        if not is_safe_segment(baseline.name):
+            raise _fail(matrix, f"{key}.name", baseline.name,
+                        "names must be safe path segments (letters, digits, '_', '.', '+', '-')")
+        if baseline.name in names[:i]:
+            raise _fail(matrix, f"{key}.name", baseline.name, "duplicate baseline name")
+        for field, wanted, known in (("adapters", baseline.adapters, list(matrix.spec.adapters)),
+                                     ("sizes", baseline.sizes, list(matrix.spec.sizes)),
+                                     ("variants", baseline.variants, list(matrix.spec.variants))):
+            for name in wanted or ():
+                if name not in known:
+                    raise _fail(matrix, f"{key}.{field}", name,
+                                f"not one of the matrix's {field} ({', '.join(known)})")
 
 
 def _check_param(matrix: Matrix, key: str, method: methods.MethodSpec, name: str,
@@ -476,15 +590,9 @@ def expand(matrix: Matrix) -> list[Cell]:
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     for size, size_spec in spec.sizes.items():
-        resources = Resources.model_validate(
-            {**spec.resources.model_dump(exclude_unset=True), **size_spec.resources})
+        resources = size_resources(matrix, size)
         for variant in size_spec.variants or list(spec.variants):
-            context = {"size": size, "variant": variant, **spec.variants[variant].vars,
-                       **size_spec.vars}
-            base = _resolve_source(matrix, "base", spec.base, context)
-            adapters = tuple(
-                (name, _resolve_source(matrix, "adapter", spec.adapter, {**context, "adapter": name}))
-                for name in spec.adapters)
+            base, adapters = sources(matrix, size, variant)
             for method in size_spec.methods or list(spec.methods):
                 for parameters, suffix in _sweep(spec, method):
                     cell_id = f"{size}-{variant}/{'-'.join(spec.adapters)}__{method}{suffix}"
@@ -503,6 +611,25 @@ def expand(matrix: Matrix) -> list[Cell]:
     if not cells:
         raise _fail(matrix, "exclude", spec.exclude, "the rules remove every cell")
     return cells
+
+
+def size_variants(matrix: Matrix) -> list[tuple[str, str]]:
+    """Every (size, variant) pair of the matrix, in file order."""
+    return [(size, variant) for size, size_spec in matrix.spec.sizes.items()
+            for variant in size_spec.variants or list(matrix.spec.variants)]
+
+
+def sources(matrix: Matrix, size: str,
+            variant: str) -> tuple[ModelSource, tuple[tuple[str, ModelSource], ...]]:
+    """The base and the adapters (by name, in order) of one (size, variant)."""
+    spec = matrix.spec
+    context = {"size": size, "variant": variant, **spec.variants[variant].vars,
+               **spec.sizes[size].vars}
+    base = _resolve_source(matrix, "base", spec.base, context)
+    adapters = tuple(
+        (name, _resolve_source(matrix, "adapter", spec.adapter, {**context, "adapter": name}))
+        for name in spec.adapters)
+    return base, adapters
 
 
 def _sweep(spec: MatrixSpec, method: str) -> list[tuple[dict[str, Any], str]]:

@@ -39,17 +39,23 @@ def cell_pins(cell: Cell, pins: Mapping[str, str]) -> dict[str, str]:
 
 def apply_pins(cell: Cell, pins: Mapping[str, str]) -> Cell:
     """The cell reading its inputs at the given commits ({input name: commit})."""
-    inputs = cell_inputs(cell)
-    for name, commit in pins.items():
-        if name not in inputs:
-            raise ConfigError(f"{cell.id}: --pin {name}: not an input of this cell "
-                              f"(inputs: {', '.join(inputs)})")
-        if inputs[name].repo is None:
-            raise ConfigError(f"{cell.id}: --pin {name}: a local folder cannot be pinned "
-                              f"({inputs[name].key})")
-        if not COMMIT.match(commit):
-            raise ConfigError(f"{cell.id}: --pin {name}={commit}: not a 40-hex commit")
-    pinned = {name: dataclasses.replace(source, commit=pins[name]) if name in pins else source
-              for name, source in inputs.items()}
+    pinned = pin_inputs(cell.id, cell_inputs(cell), pins)
     return dataclasses.replace(cell, base=pinned["base"],
                                adapters=tuple((name, pinned[name]) for name, _ in cell.adapters))
+
+
+def pin_inputs(owner: str, inputs: Mapping[str, ModelSource],
+               pins: Mapping[str, str]) -> dict[str, ModelSource]:
+    """`inputs` (by name) with the given commits applied; `owner` (a cell or eval target id)
+    names the culprit of a pin that is not a Hub input of it or not a commit."""
+    for name, commit in pins.items():
+        if name not in inputs:
+            raise ConfigError(f"{owner}: --pin {name}: not an input of this target "
+                              f"(inputs: {', '.join(inputs)})")
+        if inputs[name].repo is None:
+            raise ConfigError(f"{owner}: --pin {name}: a local folder cannot be pinned "
+                              f"({inputs[name].key})")
+        if not COMMIT.match(commit):
+            raise ConfigError(f"{owner}: --pin {name}={commit}: not a 40-hex commit")
+    return {name: dataclasses.replace(source, commit=pins[name]) if name in pins else source
+            for name, source in inputs.items()}

@@ -71,5 +71,6 @@ def main() -> None:
 
 # Each module registers its command on `cli` at import.
 from . import (  # noqa: E402,F401
-    cancel, card, check, demo, gc, logs, plan, prefetch, push, resubmit, run_cell, status, submit,
+    cancel, card, check, demo, gc, logs, plan, prefetch, push, report, resubmit, run_cell, run_eval,
+    status, submit,
 )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -41,12 +43,8 @@ def run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: t
         bakery-slurm run-cell matrix.toml 4b-std/eng-nob__ties --device cpu
         bakery-slurm run-cell matrix.toml 1b-std/eng-nob__ties --pin nob=<40-hex commit>
     """
-    xet_cache = _task_environment()
-    try:
+    with task_process():
         _run_cell(matrix, cell_id, device, work, pins, recipe_hash)
-    finally:
-        if xet_cache is not None:
-            shutil.rmtree(xet_cache, ignore_errors=True)
 
 
 def _run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: tuple[str, ...],
@@ -63,16 +61,33 @@ def _run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: 
         raise ConfigError(f"{loaded.path}: the recipe of {cell_id} changed since submission "
                           f"(recipe hash {cells[cell_id].recipe_hash[:12]}, submitted "
                           f"{recipe_hash[:12]}); submit again to run the new recipe")
+    cell = apply_pins(cells[cell_id], parse_pins(pins))
+    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline,
+                 card=CardContext.of_matrix(loaded))
+    click.echo(json.dumps(result, indent=2))
+
+
+def parse_pins(pins: tuple[str, ...]) -> dict[str, str]:
+    """--pin INPUT=COMMIT options as {input name: commit}."""
     pinned = {}
     for pin in pins:
         name, sep, commit = pin.partition("=")
         if not sep:
             raise click.BadParameter(f"{pin!r} is not INPUT=COMMIT", param_hint="--pin")
         pinned[name] = commit
-    cell = apply_pins(cells[cell_id], pinned)
-    result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline,
-                 card=CardContext.of_matrix(loaded))
-    click.echo(json.dumps(result, indent=2))
+    return pinned
+
+
+@contextlib.contextmanager
+def task_process() -> Iterator[None]:
+    """The settings of a task's process (`_task_environment`) for the block; its private
+    HF_XET_CACHE is removed when the block ends."""
+    xet_cache = _task_environment()
+    try:
+        yield
+    finally:
+        if xet_cache is not None:
+            shutil.rmtree(xet_cache, ignore_errors=True)
 
 
 def _task_environment() -> Path | None:

@@ -16,7 +16,7 @@ COMMANDS = sorted(cli.commands)
 
 def test_the_expected_commands_exist():
     assert COMMANDS == ["cancel", "card", "check", "demo", "gc", "logs", "plan", "prefetch", "push",
-                        "resubmit", "run-cell", "status", "submit"]
+                        "report", "resubmit", "run-cell", "run-eval", "status", "submit"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

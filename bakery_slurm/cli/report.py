@@ -1,0 +1,89 @@
+"""`bakery-slurm report`: the evaluation pivot and method ranking from the stored lm-eval results."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from .. import fsutil
+from ..errors import ConfigError
+from ..evaluation import EvalTarget, expand_eval, results_path
+from ..matrix import load_matrix
+from ..report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
+from . import cli
+
+log = logging.getLogger(__name__)
+
+
+@cli.command("report")
+@click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--baseline", metavar="NAME|ID",
+              help="Rank methods against this baseline: a name from [eval] baselines (each "
+                   "cell against that baseline at its size and variant), or one baseline id. "
+                   "Default: the first baseline.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
+              help="Work folder (default: [paths] work of the matrix).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the pivot as CSV (raw values and stderrs) to this file.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the report as Markdown (the model card's layout) to this file.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print columns, rows, ranking and targets without results as JSON.")
+def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path | None,
+           markdown_path: Path | None, as_json: bool) -> None:
+    """Print the evaluation pivot (one row per evaluated cell and baseline, one column per task
+    metric with its stderr) and the method ranking (mean delta against a baseline, per variant
+    and overall), from the results `run-eval` stored in the work folder.
+
+    \b
+    Example:
+        bakery-slurm report matrix.toml
+        bakery-slurm report matrix.toml --baseline lora-nob --markdown eval.md --csv pivot.csv
+    """
+    loaded = load_matrix(matrix)
+    targets = expand_eval(loaded)
+    if not targets:
+        raise ConfigError(f"{loaded.path}: eval: the matrix has no [eval] table")
+    rows, missing = _read_rows(targets, work or loaded.work_dir)
+    if missing:
+        log.warning("%d of %d eval targets have no results yet: %s", len(missing), len(targets),
+                    ", ".join(missing))
+    names = [b.name for b in loaded.spec.eval.baselines]
+    chosen = baseline or (names[0] if names else None)
+    ranked = ranking(rows, chosen) if chosen and rows else []
+    columns = pivot(rows)
+    if csv_path:
+        fsutil.atomic_write_text(csv_path, to_csv(rows, columns))
+    if markdown_path:
+        fsutil.atomic_write_text(markdown_path, render(rows, ranked, markdown=True))
+    if as_json:
+        click.echo(json.dumps({
+            "columns": columns,
+            "rows": [{"target": r.id, "kind": r.kind, "size": r.size, "variant": r.variant,
+                      "label": r.label,
+                      "values": {c: {"value": v, "stderr": e} for c, (v, e) in r.values.items()}}
+                     for r in rows],
+            "baseline": chosen, "ranking": ranked, "missing": missing}, indent=2))
+    else:
+        click.echo(render(rows, ranked, markdown=False), nl=False)
+
+
+def _read_rows(targets: list[EvalTarget], work: Path) -> tuple[list[Row], list[str]]:
+    """The rows of the targets whose results exist, and the ids of those without."""
+    rows, missing = [], []
+    for target in targets:
+        path = results_path(work, target.id)
+        try:
+            results = json.loads(path.read_text())
+        except FileNotFoundError:
+            missing.append(target.id)
+            continue
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable lm-eval results file: {e}") from None
+        rows.append(Row(id=target.id, kind=target.kind, size=target.size,
+                        variant=target.variant, label=target.label, values=metrics(results),
+                        lower_is_better=lower_is_better(results)))
+    return rows, missing

@@ -1,0 +1,138 @@
+"""[eval] expanded into eval targets (pure): which model each evaluation scores, and on what.
+
+A target is a merge cell (its verified output, `cells/<id>/final` in the work folder) or a
+baseline: an eval-only cell at one (size, variant), the base alone or the base with one adapter
+attached unmerged, with the id `<size>-<variant>/<baseline name>`. Each target carries the tasks
+that run on it (`[eval] only` narrows a task to the targets its globs name), its few-shot counts
+and the resources of its task. Nothing here reads a model or writes a file.
+
+This module must stay importable without torch: `report` uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .matrix import (Cell, Matrix, ModelSource, Resources, _excluded, _fail, expand,
+                     size_resources, size_variants, sources)
+from .pins import pin_inputs
+from .pipeline import CellPaths
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model to evaluate and the lm-eval settings it is scored with."""
+
+    id: str
+    kind: Literal["cell", "baseline"]
+    size: str
+    variant: str
+    # The cell's method and sweep point (its id after `__`, e.g. `ties-density0.3`), or the
+    # baseline's name: what the ranking compares across variants.
+    label: str
+    tasks: tuple[str, ...]
+    num_fewshot: dict[str, int] = field(hash=False)
+    limit: int | float | None
+    batch_size: int | str
+    include_path: str | None
+    dtype: str
+    resources: Resources
+    # Baselines only: the base and the adapter attached to it (name, source), if any.
+    base: ModelSource | None = None
+    adapter: tuple[str, ModelSource] | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What, besides the model, decides the scores: a changed one makes a rerun evaluate again."""
+        return {"tasks": list(self.tasks), "num_fewshot": self.num_fewshot, "limit": self.limit,
+                "batch_size": self.batch_size, "include_path": self.include_path}
+
+    @property
+    def settings_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()
+
+
+def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTarget]:
+    """Every eval target of the matrix: each cell (of `cells`, default all), then each baseline at
+    each (size, variant) it applies to. Empty without [eval].
+
+    Raises
+    ------
+    ConfigError
+        A baseline id equals a cell id.
+    """
+    spec = matrix.spec.eval
+    if spec is None:
+        return []
+    cells = expand(matrix) if cells is None else cells
+    include = str((matrix.root / spec.include_path).resolve()) if spec.include_path else None
+
+    def target(target_id: str, kind: str, size: str, variant: str, label: str,
+               **model: Any) -> EvalTarget | None:
+        tasks = tuple(task for task in spec.tasks
+                      if task not in spec.only
+                      or any(fnmatch.fnmatchcase(target_id, glob) for glob in spec.only[task]))
+        if not tasks:
+            return None
+        fewshot = spec.num_fewshot
+        per_task = ({task: fewshot[task] for task in tasks if task in fewshot}
+                    if isinstance(fewshot, dict)
+                    else {task: fewshot for task in tasks} if fewshot is not None else {})
+        return EvalTarget(id=target_id, kind=kind, size=size, variant=variant, label=label,
+                          tasks=tasks, num_fewshot=per_task, limit=spec.limit,
+                          batch_size=spec.batch_size, include_path=include,
+                          dtype=matrix.spec.dtype,
+                          resources=size_resources(matrix, size, eval_=True), **model)
+
+    targets = [target(cell.id, "cell", cell.size, cell.variant, cell.id.split("__", 1)[1])
+               for cell in cells]
+    cell_ids = {cell.id for cell in cells}
+    for i, baseline in enumerate(spec.baselines):
+        for size, variant in size_variants(matrix):
+            if (baseline.sizes is not None and size not in baseline.sizes
+                    or baseline.variants is not None and variant not in baseline.variants):
+                continue
+            target_id = f"{size}-{variant}/{baseline.name}"
+            if _excluded(matrix.spec.exclude, size, variant, "", target_id):
+                continue
+            if target_id in cell_ids:
+                raise _fail(matrix, f"eval.baselines.{i}.name", baseline.name,
+                            f"the baseline id {target_id} is a cell id too")
+            base, adapters = sources(matrix, size, variant)
+            adapter = next(((name, source) for name, source in adapters
+                            if name in baseline.adapters), None)
+            targets.append(target(target_id, "baseline", size, variant, baseline.name,
+                                  base=base, adapter=adapter))
+    return [t for t in targets if t is not None]
+
+
+def target_inputs(target: EvalTarget) -> dict[str, ModelSource]:
+    """A baseline's inputs by name (`base`, its adapter's name); a cell's output is its own."""
+    if target.kind == "cell":
+        return {}
+    return {"base": target.base, **dict([target.adapter] if target.adapter else [])}
+
+
+def pin_target(target: EvalTarget, pins: Mapping[str, str]) -> EvalTarget:
+    """The target reading its Hub inputs at the given commits ({input name: commit})."""
+    pinned = pin_inputs(target.id, target_inputs(target), pins)
+    if target.kind == "cell":
+        return target
+    adapter = (target.adapter[0], pinned[target.adapter[0]]) if target.adapter else None
+    return dataclasses.replace(target, base=pinned["base"], adapter=adapter)
+
+
+def eval_dir(work: Path, target_id: str) -> Path:
+    """A target's eval folder, `cells/<id>/eval`, beside the cell's outputs."""
+    return CellPaths(Path(work), target_id).root / "eval"
+
+
+def results_path(work: Path, target_id: str) -> Path:
+    """Where a target's lm-eval results JSON lives."""
+    return eval_dir(work, target_id) / "results.json"

@@ -1,0 +1,191 @@
+"""The evaluation report (pure): lm-eval results -> a pivot and a method ranking, and their text.
+
+`metrics(results)` reads one lm-eval results JSON into `{column: (value, stderr)}`, a column
+being `<task>/<metric>` (plus `[<filter>]` for a filter other than lm-eval's `none`). `pivot`
+lays out one row per cell and baseline; `ranking` compares each cell with a named baseline: the
+baseline's row at the cell's size and variant, else its only row at the cell's size (the seed's
+4B ranking against its one 4b-std baseline). A cell's delta is the mean, over the columns both
+rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1];
+a metric lm-eval marks lower-is-better (perplexity, say) counts as (baseline - cell), so a
+positive delta is always an improvement.
+Per method, the delta is given per variant and as the mean over the variants; methods are
+ranked per size, best first.
+
+Imports nothing heavy: `report` runs on a login node.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated cell or baseline and its scores."""
+
+    id: str
+    kind: str
+    size: str
+    variant: str
+    label: str
+    values: dict[str, tuple[float, float | None]]
+    # Columns whose metric lm-eval marks lower-is-better.
+    lower_is_better: frozenset[str] = frozenset()
+
+
+def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """{column: (value, stderr or None)} of every numeric metric in lm-eval's `results` table."""
+    out: dict[str, tuple[float, float | None]] = {}
+    for task, entry in (results.get("results") or {}).items():
+        for key, value in entry.items():
+            metric, sep, filt = key.partition(",")
+            if not sep or metric.endswith("_stderr") or not _number(value):
+                continue
+            stderr = entry.get(f"{metric}_stderr,{filt}")
+            column = f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]")
+            out[column] = (float(value), float(stderr) if _number(stderr) else None)
+    return out
+
+
+def lower_is_better(results: dict[str, Any]) -> frozenset[str]:
+    """The columns of `metrics(results)` whose metric lm-eval's `higher_is_better` marks false."""
+    lower = {(task, metric) for task, flags in (results.get("higher_is_better") or {}).items()
+             for metric, higher in flags.items() if higher is False}
+    return frozenset(column for column in metrics(results)
+                     if tuple(column.split("[", 1)[0].split("/", 1)) in lower)
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def pivot(rows: Sequence[Row]) -> list[str]:
+    """The columns of the pivot: every row's metrics, in order of first appearance."""
+    return list(dict.fromkeys(column for row in rows for column in row.values))
+
+
+def ranking(rows: Sequence[Row], baseline: str) -> list[dict[str, Any]]:
+    """Methods ranked per size by mean delta against `baseline` (a baseline name, or one
+    baseline row's id), best first. Cells with no reference row at their size are left out.
+
+    Raises
+    ------
+    ConfigError
+        `baseline` names no baseline row.
+    """
+    refs = [r for r in rows if r.kind == "baseline" and baseline in (r.id, r.label)]
+    if not refs:
+        known = sorted({r.label for r in rows if r.kind == "baseline"})
+        raise ConfigError(f"--baseline {baseline}: no results for such a baseline "
+                          f"(baselines with results: {', '.join(known) or 'none'})")
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for cell in (r for r in rows if r.kind == "cell"):
+        ref = _reference(cell, refs)
+        shared = [c for c in cell.values if c in ref.values] if ref else []
+        if not shared:
+            continue
+        delta = sum((cell.values[c][0] - ref.values[c][0]) * (-1 if c in cell.lower_is_better else 1)
+                    for c in shared) / len(shared) * 100
+        group = groups.setdefault((cell.size, cell.label), {
+            "size": cell.size, "method": cell.label, "variants": {}, "references": {},
+            "metrics": {}})
+        group["variants"][cell.variant] = delta
+        group["references"][cell.variant] = ref.id
+        group["metrics"][cell.variant] = len(shared)
+    ranked: list[dict[str, Any]] = []
+    for size in dict.fromkeys(size for size, _ in groups):
+        entries = [g for (s, _), g in groups.items() if s == size]
+        for entry in entries:
+            entry["mean"] = sum(entry["variants"].values()) / len(entry["variants"])
+        entries.sort(key=lambda e: -e["mean"])
+        ranked += [{"rank": i, **entry} for i, entry in enumerate(entries, 1)]
+    return ranked
+
+
+def _reference(cell: Row, refs: Sequence[Row]) -> Row | None:
+    same = [r for r in refs if (r.size, r.variant) == (cell.size, cell.variant)]
+    if same:
+        return same[0]
+    at_size = [r for r in refs if r.size == cell.size]
+    return at_size[0] if len(at_size) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def score(value: tuple[float, float | None] | None) -> str:
+    """`48.1 ± 1.2` (x 100), or `—` for a metric that row did not run."""
+    if value is None:
+        return "—"
+    v, err = value
+    return f"{v * 100:.1f}" + (f" ± {err * 100:.1f}" if err is not None else "")
+
+
+def signed(delta: float) -> str:
+    return f"{delta:+.2f}"
+
+
+def pivot_table(rows: Sequence[Row], columns: Sequence[str]) -> list[list[str]]:
+    """Header and one line per row: the target, then each column's score."""
+    return [["target", *columns]] + [[row.id, *(score(row.values.get(c)) for c in columns)]
+                                     for row in rows]
+
+
+def ranking_tables(ranked: Sequence[dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:
+    """(title, header and lines) per size: `# | Method | Mean Δ over (variants) | <variant>...`."""
+    tables = []
+    for size in dict.fromkeys(e["size"] for e in ranked):
+        entries = [e for e in ranked if e["size"] == size]
+        variants = list(dict.fromkeys(v for e in entries for v in e["variants"]))
+        refs = sorted({ref for e in entries for ref in e["references"].values()})
+        title = f"{size} method ranking (Δ vs {', '.join(refs)}, points)"
+        lines = [["#", "Method", f"Mean Δ over ({', '.join(variants)})", *variants]]
+        lines += [[str(e["rank"]), e["method"], signed(e["mean"]) + " pp",
+                   *(signed(e["variants"][v]) if v in e["variants"] else "—" for v in variants)]
+                  for e in entries]
+        tables.append((title, lines))
+    return tables
+
+
+def text_table(lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def markdown_table(lines: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    return "\n".join(out)
+
+
+def render(rows: Sequence[Row], ranked: Sequence[dict[str, Any]], markdown: bool) -> str:
+    """The report for a terminal (aligned columns) or as Markdown (the seed card's layout)."""
+    columns = pivot(rows)
+    table = markdown_table if markdown else text_table
+    heading = (lambda title: f"### {title}\n") if markdown else (lambda title: f"{title}\n")
+    parts = [heading("Per-task absolute scores (x 100, ± stderr)") + table(pivot_table(rows, columns))]
+    parts += [heading(title) + table(lines) for title, lines in ranking_tables(ranked)]
+    return "\n\n".join(parts) + "\n"
+
+
+def to_csv(rows: Iterable[Row], columns: Sequence[str]) -> str:
+    """The pivot as CSV, raw lm-eval values: target, kind, size, variant, label, then per column
+    its value and `<column>_stderr` (empty where the row did not run it)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["target", "kind", "size", "variant", "label",
+                     *(name for c in columns for name in (c, f"{c}_stderr"))])
+    for row in rows:
+        values = [row.values.get(c, (None, None)) for c in columns]
+        writer.writerow([row.id, row.kind, row.size, row.variant, row.label,
+                         *("" if x is None else repr(x) for v in values for x in v)])
+    return buffer.getvalue()

@@ -1,0 +1,172 @@
+"""[eval] expanded into eval targets (bakery_slurm.evaluation.expand_eval) on literal matrices,
+pins on baselines, and the eval stage's refusal of an unverified cell (no lm-eval needed).
+Bad [eval] tables are tested through the CLI in tests/cli/test_eval_config.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bakery_slurm.errors import ConfigError, StageError
+from bakery_slurm.evaluation import expand_eval, pin_target, results_path
+from bakery_slurm.manifest import write_marker
+from bakery_slurm.matrix import load_matrix
+from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.stages.evaluate import _model, run_eval
+from conftest import MINIMAL_MATRIX
+
+TWO_BY_TWO = MINIMAL_MATRIX.replace("[variants.std]\n", "[variants.std]\n[variants.open]\n").replace(
+    "[sizes.tiny]\n", "[sizes.tiny]\n[sizes.big]\nresources = { mem = \"64G\" }\n")
+
+EVAL = """
+[resources]
+time = "00:30:00"
+mem = "8G"
+
+[eval]
+tasks = ["mc", "qa", "pref"]
+include_path = "tasks"
+num_fewshot = { mc = 5 }
+limit = 0.5
+batch_size = "auto"
+only = { pref = ["big-*/*__ties", "*/lora-nob"] }
+baselines = [{ name = "base" }, { name = "lora-nob", adapters = ["nob"], sizes = ["big"], variants = ["std"] }]
+resources = { gpus_per_node = 1, time = "02:00:00" }
+"""
+
+
+@pytest.fixture
+def targets(tmp_path, write_matrix):
+    (tmp_path / "tasks").mkdir()
+    return expand_eval(load_matrix(write_matrix(TWO_BY_TWO + EVAL)))
+
+
+def test_cells_then_baselines_in_matrix_order(targets):
+    assert [(t.id, t.kind, t.label) for t in targets] == [
+        ("tiny-std/eng-nob__ties", "cell", "ties"),
+        ("tiny-open/eng-nob__ties", "cell", "ties"),
+        ("big-std/eng-nob__ties", "cell", "ties"),
+        ("big-open/eng-nob__ties", "cell", "ties"),
+        ("tiny-std/base", "baseline", "base"),
+        ("tiny-open/base", "baseline", "base"),
+        ("big-std/base", "baseline", "base"),
+        ("big-open/base", "baseline", "base"),
+        ("big-std/lora-nob", "baseline", "lora-nob"),
+    ]
+
+
+def test_only_narrows_a_task_to_the_targets_its_globs_name(targets):
+    tasks = {t.id: t.tasks for t in targets}
+    assert tasks["tiny-std/eng-nob__ties"] == ("mc", "qa")
+    assert tasks["big-open/eng-nob__ties"] == ("mc", "qa", "pref")
+    assert tasks["big-std/base"] == ("mc", "qa")
+    assert tasks["big-std/lora-nob"] == ("mc", "qa", "pref")
+
+
+def test_settings_fewshot_limit_batch_and_include_path(targets, tmp_path):
+    target = targets[0]
+    assert target.num_fewshot == {"mc": 5}
+    assert (target.limit, target.batch_size) == (0.5, "auto")
+    assert target.include_path == str((tmp_path / "tasks").resolve())
+    assert target.settings["tasks"] == ["mc", "qa"]
+
+
+def test_eval_resources_override_the_size_and_the_matrix(targets):
+    by_id = {t.id: t.resources for t in targets}
+    assert by_id["tiny-std/base"].model_dump(exclude_none=True) == {
+        "mem": "8G", "time": "02:00:00", "gpus_per_node": 1}
+    assert by_id["big-std/eng-nob__ties"].mem == "64G"
+    assert by_id["big-std/eng-nob__ties"].time == "02:00:00"
+
+
+def test_baselines_carry_the_base_and_their_adapter(targets, tmp_path):
+    by_id = {t.id: t for t in targets}
+    lora = by_id["big-std/lora-nob"]
+    assert lora.base.path == str((tmp_path / "models/base-big").resolve())
+    assert lora.adapter[0] == "nob"
+    assert lora.adapter[1].path == str((tmp_path / "models/adapter-big-std-nob").resolve())
+    assert by_id["big-std/base"].adapter is None
+    assert by_id["big-std/eng-nob__ties"].base is None
+
+
+def test_a_single_num_fewshot_applies_to_every_task(tmp_path, write_matrix):
+    matrix = load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a", "b"]\nnum_fewshot = 0\n'))
+    assert expand_eval(matrix)[0].num_fewshot == {"a": 0, "b": 0}
+
+
+def test_excluded_size_variant_has_no_baseline(tmp_path, write_matrix):
+    text = 'exclude = [{ size = "big", variant = "open" }]\n' + TWO_BY_TWO
+    matrix = load_matrix(write_matrix(text + '[eval]\ntasks = ["a"]\nbaselines = [{ name = "base" }]\n'))
+    assert "big-open/base" not in [t.id for t in expand_eval(matrix)]
+
+
+def test_settings_hash_follows_the_settings(tmp_path, write_matrix):
+    one = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))[0]
+    two = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\nlimit = 3\n')))[0]
+    assert one.settings_hash != two.settings_hash
+
+
+def test_no_eval_table_means_no_targets(tmp_path, write_matrix):
+    assert expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX))) == []
+
+
+def test_a_baseline_id_may_not_be_a_cell_id(tmp_path, write_matrix):
+    text = MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\nbaselines = [{ name = "eng-nob__ties" }]\n'
+    with pytest.raises(ConfigError, match=r"eval\.baselines\.0\.name: the baseline id "
+                       r"tiny-std/eng-nob__ties is a cell id too"):
+        load_matrix(write_matrix(text))
+
+
+def test_results_live_beside_the_cell(tmp_path):
+    assert results_path(tmp_path, "4b-std/lora-nob") == tmp_path / "cells/4b-std/lora-nob/eval/results.json"
+
+
+def test_the_readme_suite_is_a_valid_eval_table_for_the_repo_matrix(tmp_path):
+    """README's Evaluation section writes the seed card's suite as [eval]: it must load with the
+    repo's matrix and run the preference set on the card's 6 cells and its baseline only."""
+    repo = Path(__file__).resolve().parents[2]
+    section = (repo / "README.md").read_text().split("\n## Evaluation\n", 1)[1]
+    table = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "eval-tasks").mkdir()
+    path = tmp_path / "matrix.toml"
+    path.write_text((repo / "matrix.toml").read_text() + "\n" + table)
+    targets = expand_eval(load_matrix(path))
+    assert len(targets) == 14 + 1 + 6
+    assert sorted(t.id for t in targets if "hh_rlhf_no" in t.tasks) == [
+        "12b-open/eng-nob__ties", "12b-std/eng-nob__ties", "1b-std/eng-nob__ties",
+        "4b-open/eng-nob__ties", "4b-std/eng-nob__ties", "4b-std/lora-nob"]
+    assert {t.num_fewshot["norbelebele_p0"] for t in targets} == {5}
+
+
+def test_pins_apply_to_a_baselines_hub_inputs(tmp_path, write_matrix):
+    text = MINIMAL_MATRIX.replace('path = "models/base-{size}"', 'repo = "org/base-{size}"') + (
+        '[eval]\ntasks = ["a"]\nbaselines = [{ name = "lora", adapters = ["nob"] }]\n')
+    cell, lora = expand_eval(load_matrix(write_matrix(text)))
+    commit = "a" * 40
+    pinned = pin_target(lora, {"base": commit})
+    assert (pinned.base.repo, pinned.base.commit) == ("org/base-tiny", commit)
+    assert pinned.adapter == lora.adapter
+    with pytest.raises(ConfigError, match=r"tiny-std/lora: --pin nob: a local folder cannot be pinned"):
+        pin_target(lora, {"nob": commit})
+    with pytest.raises(ConfigError, match=r"tiny-std/lora: --pin eng: not an input"):
+        pin_target(lora, {"eng": commit})
+    with pytest.raises(ConfigError, match=r"tiny-std/eng-nob__ties: --pin base: not an input"):
+        pin_target(cell, {"base": commit})
+
+
+@pytest.mark.parametrize("record", ["final_sha256", "step inputs"])
+def test_a_cell_is_scored_only_on_its_verified_output(tmp_path, write_matrix, record):
+    (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
+    paths = CellPaths(tmp_path / "work", target.id)
+    paths.final.mkdir(parents=True)
+    (paths.final / "model.safetensors").write_bytes(b"weights")
+    sha = write_marker(paths.final, {})["content_sha256"]
+    verified = {"final_sha256": sha} if record == "final_sha256" else {"inputs": {"final": sha}}
+    paths.verified.write_text(json.dumps(verified))
+    assert _model(target, tmp_path / "work", offline=False)[0] == paths.final
+    (paths.final / "model.safetensors").write_bytes(b"changed weights")  # not what verify saw
+    with pytest.raises(StageError, match=r"stage eval failed: no verified output in"):
+        run_eval(target, tmp_path / "work", device="cpu")
+    assert not results_path(tmp_path / "work", target.id).exists()

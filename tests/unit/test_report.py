@@ -1,0 +1,130 @@
+"""The evaluation report's pure functions (bakery_slurm.report) on literal lm-eval results."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from bakery_slurm.errors import ConfigError
+from bakery_slurm.report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
+
+# The shape of lm-eval 0.4's results table: "<metric>,<filter>" and "<metric>_stderr,<filter>".
+RESULTS = {
+    "results": {
+        "norbelebele_p0": {"alias": "norbelebele_p0", "sample_len": 900, "acc,none": 0.699,
+                           "acc_stderr,none": 0.015, "acc_norm,none": 0.7,
+                           "acc_norm_stderr,none": 0.0152},
+        "norquad_p0": {"alias": "norquad_p0", "exact_match,strict-match": 0.2,
+                       "exact_match_stderr,strict-match": "N/A", "f1,strict-match": 0.384,
+                       "f1_stderr,strict-match": 0.01},
+    },
+    "versions": {"norbelebele_p0": 1.0, "norquad_p0": 2.0},
+}
+
+
+def test_metrics_reads_values_and_stderrs_and_skips_text():
+    assert metrics(RESULTS) == {
+        "norbelebele_p0/acc": (0.699, 0.015),
+        "norbelebele_p0/acc_norm": (0.7, 0.0152),
+        "norquad_p0/exact_match[strict-match]": (0.2, None),
+        "norquad_p0/f1[strict-match]": (0.384, 0.01),
+    }
+
+
+def row(target: str, kind: str, label: str, **values: float) -> Row:
+    size_variant = target.split("/")[0]
+    size, variant = size_variant.split("-")
+    return Row(id=target, kind=kind, size=size, variant=variant, label=label,
+               values={task: (value, 0.01) for task, value in values.items()})
+
+
+# The seed's 4B ranking, on two metrics: deltas in points are (cell - baseline) x 100, averaged
+# over the metrics, then over std and open.
+ROWS = [
+    row("4b-std/eng-nob__linear", "cell", "linear", a=0.52, b=0.40),
+    row("4b-std/eng-nob__ties", "cell", "ties", a=0.53, b=0.41),
+    row("4b-open/eng-nob__linear", "cell", "linear", a=0.51, b=0.40),
+    row("4b-open/eng-nob__ties", "cell", "ties", a=0.50, b=0.44),
+    row("1b-std/eng-nob__ties", "cell", "ties", a=0.30, b=0.20),
+    row("4b-std/lora-nob", "baseline", "lora-nob", a=0.50, b=0.40),
+]
+
+
+def test_ranking_against_one_baseline_row_per_variant_and_overall():
+    ranked = ranking(ROWS, "4b-std/lora-nob")
+    assert [(e["size"], e["rank"], e["method"]) for e in ranked] == [
+        ("4b", 1, "ties"), ("4b", 2, "linear")]
+    ties, linear = ranked
+    # ties: std ((0.53-0.50) + (0.41-0.40)) / 2 = 2.0 pp; open ((0.50-0.50) + (0.44-0.40)) / 2 = 2.0
+    assert ties["variants"] == pytest.approx({"std": 2.0, "open": 2.0})
+    assert ties["mean"] == pytest.approx(2.0)
+    # linear: std (2 + 0) / 2 = 1.0; open (1 + 0) / 2 = 0.5; mean 0.75
+    assert linear["variants"] == pytest.approx({"std": 1.0, "open": 0.5})
+    assert linear["mean"] == pytest.approx(0.75)
+    assert linear["references"] == {"std": "4b-std/lora-nob", "open": "4b-std/lora-nob"}
+
+
+def test_a_baseline_name_compares_each_cell_with_its_own_size_and_variant():
+    rows = [row("1b-std/eng-nob__ties", "cell", "ties", a=0.30),
+            row("1b-open/eng-nob__ties", "cell", "ties", a=0.40),
+            row("1b-std/base", "baseline", "base", a=0.25),
+            row("1b-open/base", "baseline", "base", a=0.41)]
+    (ties,) = ranking(rows, "base")
+    assert ties["variants"] == pytest.approx({"std": 5.0, "open": -1.0})
+    assert ties["mean"] == pytest.approx(2.0)
+    assert ties["references"] == {"std": "1b-std/base", "open": "1b-open/base"}
+
+
+def test_only_shared_metrics_count():
+    rows = [row("4b-std/eng-nob__ties", "cell", "ties", a=0.6, pref=0.9),
+            row("4b-std/base", "baseline", "base", a=0.5)]
+    (ties,) = ranking(rows, "base")
+    assert ties["variants"]["std"] == pytest.approx(10.0)
+    assert ties["metrics"] == {"std": 1}
+
+
+def test_an_unknown_baseline_is_named():
+    with pytest.raises(ConfigError, match=r"--baseline nope: no results for such a baseline "
+                       r"\(baselines with results: lora-nob\)"):
+        ranking(ROWS, "nope")
+
+
+def test_render_lays_out_pivot_and_ranking_as_the_seed_card():
+    text = render(ROWS, ranking(ROWS, "lora-nob"), markdown=True)
+    assert "| target | a | b |\n|---|---|---|\n| 4b-std/eng-nob__linear | 52.0 ± 1.0 | 40.0 ± 1.0 |" in text
+    assert "### 4b method ranking (Δ vs 4b-std/lora-nob, points)\n" in text
+    assert "| # | Method | Mean Δ over (std, open) | std | open |" in text
+    assert "| 1 | ties | +2.00 pp | +2.00 | +2.00 |" in text
+    assert "| 2 | linear | +0.75 pp | +1.00 | +0.50 |" in text
+
+
+def test_pivot_marks_what_a_row_did_not_run():
+    rows = [row("4b-std/eng-nob__ties", "cell", "ties", a=0.6, pref=0.9),
+            row("4b-std/base", "baseline", "base", a=0.5)]
+    assert pivot(rows) == ["a", "pref"]
+    assert "\n4b-std/base           50.0 ± 1.0  —\n" in render(rows, [], markdown=False)
+
+
+def test_csv_has_raw_values_and_empty_cells_for_tasks_not_run():
+    rows = [row("4b-std/eng-nob__ties", "cell", "ties", a=0.6, pref=0.9),
+            row("4b-std/base", "baseline", "base", a=0.5)]
+    table = list(csv.reader(io.StringIO(to_csv(rows, pivot(rows)))))
+    assert table[0] == ["target", "kind", "size", "variant", "label", "a", "a_stderr", "pref",
+                        "pref_stderr"]
+    assert table[2] == ["4b-std/base", "baseline", "4b", "std", "base", "0.5", "0.01", "", ""]
+
+
+def test_lower_is_better_metrics_count_with_their_sign_flipped():
+    results = {"results": {"wiki": {"word_perplexity,none": 20.0, "acc,none": 0.5}},
+               "higher_is_better": {"wiki": {"word_perplexity": False, "acc": True}}}
+    assert lower_is_better(results) == {"wiki/word_perplexity"}
+    lower = frozenset({"ppl"})
+    rows = [Row("4b-std/eng-nob__ties", "cell", "4b", "std", "ties",
+                {"ppl": (0.20, None), "acc": (0.55, None)}, lower),
+            Row("4b-std/base", "baseline", "4b", "std", "base",
+                {"ppl": (0.25, None), "acc": (0.50, None)}, lower)]
+    (ties,) = ranking(rows, "base")
+    # ppl fell by 5 points (better: +5), acc rose by 5 points (+5)
+    assert ties["variants"]["std"] == pytest.approx(5.0)
