@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from ..executors import resolve_executor
-from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..preflight import preflight, raise_problems
 from ..submission import resolve_container
+from .common import selected_cells
 from . import cli
 
 COLUMNS = ["input", "commit"]
@@ -37,10 +37,7 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
         bakery-slurm check matrix.toml
         bakery-slurm check matrix.toml --only '12b-*' --json
     """
-    loaded = load_matrix(matrix)
-    cells = select(expand(loaded), only)
-    if not cells:
-        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    loaded, cells = selected_cells(matrix, only)
     kind = resolve_executor(executor)
     report = preflight(loaded, cells, kind, container=resolve_container(loaded, kind))
     for note in report.notes:

@@ -10,12 +10,22 @@ import click
 
 from ..errors import ConfigError
 from ..ledger import Ledger
-from ..matrix import load_matrix
+from ..matrix import Cell, Matrix, expand, load_matrix, select
 from ..status_snapshot import Snapshot
 
 LEDGER_NAME = "bakery-ledger.json"
 STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "detail",
                   "log"]
+
+
+def selected_cells(matrix: Path, only: str | None) -> tuple[Matrix, list[Cell]]:
+    """The matrix and its cells matching `--only` (all without it); matching none is a usage
+    error."""
+    loaded = load_matrix(matrix)
+    cells = select(expand(loaded), only)
+    if not cells:
+        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    return loaded, cells
 
 
 def preflight_option(f: Callable) -> Callable:

@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from ..ledger import latest_attempt, load_ledger
-from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
-from .common import LEDGER_NAME
+from .common import LEDGER_NAME, selected_cells
 from . import cli
 
 COLUMNS = ["id", "method", "parameters", "base", "pinned"]
@@ -34,10 +33,7 @@ def plan(matrix: Path, only: str | None, ledger_path: Path | None, fmt: str) -> 
         bakery-slurm plan matrix.toml
         bakery-slurm plan matrix.toml --only '12b-*' --json
     """
-    loaded = load_matrix(matrix)
-    cells = select(expand(loaded), only)
-    if not cells:
-        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    loaded, cells = selected_cells(matrix, only)
     ledger = load_ledger(ledger_path or loaded.root / LEDGER_NAME, missing_ok=True)
     rows = []
     for cell in cells:

@@ -9,11 +9,11 @@ import click
 from .. import preflight
 from ..errors import BakeryError, ConfigError
 from ..executors import resolve_executor
-from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pins import hub_sources
 from ..preflight import hub_cache_dir
 from ..sources import hub_patterns, missing_files
+from .common import selected_cells
 from . import cli
 
 COLUMNS = ["input", "commit", "files", "bytes"]
@@ -40,10 +40,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
     """
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    loaded = load_matrix(matrix)
-    cells = select(expand(loaded), only)
-    if not cells:
-        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    loaded, cells = selected_cells(matrix, only)
     cache = hub_cache_dir(loaded, loaded.spec.runtime.resolve(resolve_executor("auto")))
     api = preflight.hub_api()
     rows = []

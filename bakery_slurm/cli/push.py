@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from ..login_push import push_verified
-from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..rootcard import CardContext
+from .common import selected_cells
 from . import cli
 
 COLUMNS = ["cell", "action"]
@@ -35,10 +35,7 @@ def push(matrix: Path, only: str | None, work: Path | None, dry_run: bool, fmt: 
         bakery-slurm push matrix.toml --dry-run
         bakery-slurm push matrix.toml --only '12b-*'
     """
-    loaded = load_matrix(matrix)
-    cells = select(expand(loaded), only)
-    if not cells:
-        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+    loaded, cells = selected_cells(matrix, only)
     rows = push_verified(cells, work or loaded.work_dir, loaded.push_target,
                          CardContext.of_matrix(loaded), dry_run=dry_run)
     click.echo(format_rows(rows, COLUMNS, fmt))

@@ -10,14 +10,13 @@ import click
 from ..executors import backend, resolve_executor
 from ..ledger import latest_attempt, load_ledger
 from ..login_push import ready_to_publish
-from ..matrix import expand, load_matrix, select
 from ..output import format_rows, output_options
 from ..pipeline import CellPaths, read_result
 from ..preflight import gate
 from ..resubmit_policy import is_live
 from ..status_snapshot import snapshot
 from ..submission import submit_cells
-from .common import LEDGER_NAME, preflight_option
+from .common import LEDGER_NAME, preflight_option, selected_cells
 from . import cli
 
 ARRAY_COLUMNS = ["array", "job_id", "executor", "cells", "resources"]
@@ -54,11 +53,8 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
     """
     from ..recipe import render_recipe, validate_recipe
 
-    loaded = load_matrix(matrix)
+    loaded, cells = selected_cells(matrix, only)
     ledger_path = ledger_path or loaded.root / LEDGER_NAME
-    cells = select(expand(loaded), only)
-    if not cells:
-        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
     recipes = {c.id: render_recipe(c, "(base, hub layout)",
                                    {name: f"({name} baked)" for name, _ in c.adapters})
                for c in cells}
