@@ -563,8 +563,9 @@ def test_an_unexpected_error_keeps_its_type_and_traceback_in_stderr(tmp_path, ti
     # The task's private HF_XET_CACHE goes to TMPDIR, and the one of a task that was killed
     # (its process is gone) is removed.
     tmp = tmp_path / "node-tmp"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    # A pid above the kernel's maximum: no process has it (a pid that just exited can be reused
+    # by the time the task looks, on a busy machine).
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
     (tmp / f"bakery-xet-7_3-{dead}" / "chunks").mkdir(parents=True)
     proc = run_cli(["run-cell", str(matrix_path), cell.id, "--device", "cpu"], log,
                    env={"TMPDIR": str(tmp)})
