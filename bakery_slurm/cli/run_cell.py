@@ -81,13 +81,15 @@ def parse_pins(pins: tuple[str, ...]) -> dict[str, str]:
 @contextlib.contextmanager
 def task_process() -> Iterator[None]:
     """The settings of a task's process (`_task_environment`) for the block; its private
-    HF_XET_CACHE is removed when the block ends."""
+    HF_XET_CACHE is removed, and forgotten, when the block ends."""
     xet_cache = _task_environment()
     try:
         yield
     finally:
         if xet_cache is not None:
             shutil.rmtree(xet_cache, ignore_errors=True)
+            # Run in-process (a test's CliRunner), the next task must get a folder of its own.
+            os.environ.pop("HF_XET_CACHE", None)
 
 
 def _task_environment() -> Path | None:

@@ -510,3 +510,15 @@ def test_running_cells_show_their_stage_and_merge_progress():
     assert describe_progress("RUNNING", record) == "merge since T0, 120/340 tensors"
     assert describe_progress("TIMEOUT", record) == "stopped in merge (started T0)"
     assert describe_progress("COMPLETED", {**record, "status": "done"}) is None
+
+
+def test_run_cell_in_process_removes_and_forgets_its_private_xet_cache(write_matrix, tmp_path,
+                                                                       monkeypatch):
+    """A task's HF_XET_CACHE is its own: run in-process (as here), the next one gets a new one."""
+    monkeypatch.delenv("HF_XET_CACHE", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    result = invoke("run-cell", write_matrix(MINIMAL_MATRIX), "no-such/cell")
+    assert result.exit_code == 2, result.output
+    assert "HF_XET_CACHE" not in os.environ
+    assert list((tmp_path / "node-tmp").iterdir()) == []
