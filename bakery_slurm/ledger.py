@@ -41,8 +41,10 @@ from pydantic import (
 from .errors import LedgerError
 from .fsutil import atomic_write_json, locked
 
-SCHEMA_VERSION = 1
-"""The ledger layout this module reads and writes; bump it on any incompatible change."""
+SCHEMA_VERSION = 2
+"""The ledger layout this module writes; bump it on any change an older reader would refuse.
+2 added `Attempt.pins` and `Attempt.cancelled`; version 1 files read as they are (no pins, no
+cancels), and are written back as version 2."""
 
 # How many validation errors a LedgerError quotes; the rest are counted, not listed.
 _MAX_ERRORS_SHOWN = 5
@@ -141,7 +143,7 @@ class Ledger(_Model):
     Attributes
     ----------
     schema_version
-        Always `SCHEMA_VERSION`; files with another value are refused by `load_ledger`.
+        `SCHEMA_VERSION` when written; a file of a later version is refused by `load_ledger`.
     submissions
         Every submission, oldest first.
     cells
@@ -150,7 +152,7 @@ class Ledger(_Model):
         different login nodes may disagree.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     submissions: list[Submission] = []
     cells: dict[str, list[Attempt]] = {}
 
@@ -254,7 +256,7 @@ def save_ledger(path: Path | str, ledger: Ledger) -> None:
         The ledger is inconsistent (a bug in the caller); nothing is written, so the file on disk
         stays one that `load_ledger` accepts.
     """
-    data = ledger.model_dump(mode="json")
+    data = {**ledger.model_dump(mode="json"), "schema_version": SCHEMA_VERSION}
     try:
         # Mutations since loading bypassed validation; re-check exactly what will be read back.
         Ledger.model_validate(data)

@@ -66,7 +66,7 @@ def test_round_trip(saved: Path):
     ledger = load_ledger(saved)
     assert load_ledger(saved) == ledger
     data = json.loads(saved.read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert data["submissions"][0]["created"] == "2025-03-01T12:00:00Z"
     assert [a.job_id for a in all_arrays(ledger)] == ["1001", "1002"]
     assert all_arrays(ledger)[0].resources == {"partition": "accel", "gpus_per_node": 1}
@@ -168,9 +168,9 @@ def test_truncated_ledger_is_refused_and_left_byte_identical(saved: Path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(schema_version=2), "newer bakery-slurm \\(schema_version 2"),
+        (lambda d: d.update(schema_version=3), "newer bakery-slurm \\(schema_version 3"),
         (lambda d: d.pop("schema_version"), "no integer schema_version"),
-        (lambda d: d.update(schema_version=0), "schema_version: Input should be 1"),
+        (lambda d: d.update(schema_version=0), "schema_version: Input should be 1 or 2"),
         (lambda d: d.update(surprise=1), "surprise: Extra inputs are not permitted"),
         (lambda d: d["submissions"][0]["arrays"][0].update(job_id="1_2"), "job_id: String should match"),
         (lambda d: d["cells"]["12b-std/eng-nob__ties"][0].update(index=5), "has no such cell at index 5"),
@@ -240,3 +240,17 @@ def test_concurrent_updates_lose_nothing(tmp_path: Path):
     ledger = load_ledger(path)
     assert len(ledger.submissions) == 2 * UPDATES_PER_PROCESS
     assert sorted(ledger.cells) == sorted(f"w{w}-{n}" for w in range(2) for n in range(UPDATES_PER_PROCESS))
+
+
+def test_a_version_1_ledger_reads_and_is_written_back_as_version_2(saved: Path):
+    data = json.loads(saved.read_text())
+    for attempts in data["cells"].values():
+        for attempt in attempts:
+            attempt.pop("pins", None)
+            attempt.pop("cancelled", None)
+    saved.write_text(json.dumps({**data, "schema_version": 1}))
+    ledger = load_ledger(saved)
+    assert all(a.pins == {} and a.cancelled is None for c in ledger.cells.values() for a in c)
+    with update_ledger(saved):
+        pass
+    assert json.loads(saved.read_text())["schema_version"] == 2
