@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .ledger import Ledger, all_arrays
+from .ledger import Ledger, Stage, all_arrays, stage_attempts
 from .slurm_commands import TaskState
 
 UNCONFIRMED = "UNCONFIRMED"
@@ -44,7 +44,7 @@ class CellStatus:
     Attributes
     ----------
     cell
-        Cell id.
+        Cell id (or eval target id).
     state
         A SLURM state, `UNCONFIRMED` or `NOT_FOUND`.
     attempt
@@ -58,6 +58,8 @@ class CellStatus:
     detail
         One line from the cell's result record: the stage a live cell is in and since when, or
         why a failed one failed (the stage and the input it could not use).
+    stage
+        Whose attempts these are: the cell's merge, or the evaluation of a cell or baseline.
     """
 
     cell: str
@@ -71,6 +73,7 @@ class CellStatus:
     elapsed: str | None = None
     node: str | None = None
     detail: str | None = None
+    stage: Stage = "merge"
 
     @property
     def task_id(self) -> str | None:
@@ -78,8 +81,10 @@ class CellStatus:
         return None if self.array_job_id is None else f"{self.array_job_id}_{self.index}"
 
 
-def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellStatus]:
-    """The status of every cell in `ledger`: the state of its latest attempt.
+def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
+                 stage: Stage = "merge") -> list[CellStatus]:
+    """The status of every cell (or eval target, for stage "eval") in `ledger`: the state of its
+    latest attempt at that stage.
 
     Parameters
     ----------
@@ -97,8 +102,9 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
     """
     arrays = {array.name: array for array in all_arrays(ledger)}
     statuses = []
-    for cell in sorted(ledger.cells):
-        cell_attempts = ledger.cells[cell]
+    by_id = stage_attempts(ledger, stage)
+    for cell in sorted(by_id):
+        cell_attempts = by_id[cell]
         latest = cell_attempts[-1]
         job_id = arrays[latest.array].job_id
         if job_id is None:
@@ -126,6 +132,7 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState]) -> list[CellSt
                 exit_code=task.exit_code,
                 elapsed=task.elapsed,
                 node=task.node,
+                stage=stage,
             )
         )
     return statuses

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from .manifest import intact_marker
 from .matrix import (Cell, Matrix, ModelSource, Resources, _excluded, _fail, expand,
                      size_resources, size_variants, sources)
 from .pins import pin_inputs
@@ -136,3 +137,40 @@ def eval_dir(work: Path, target_id: str) -> Path:
 def results_path(work: Path, target_id: str) -> Path:
     """Where a target's lm-eval results JSON lives."""
     return eval_dir(work, target_id) / "results.json"
+
+
+def verified_output(work: Path, cell_id: str) -> str | None:
+    """The content hash of the cell's verified checkpoint (`cells/<id>/final`, intact and the one
+    its verify record checked), or None when it has none: what a cell's eval scores."""
+    paths = CellPaths(Path(work), cell_id)
+    marker = intact_marker(paths.final)
+    try:
+        verified = json.loads(paths.verified.read_text())
+    except (OSError, ValueError):
+        return None
+    # The verify record names the checkpoint it checked: `final_sha256`, or (in the
+    # declared-steps pipeline) its step inputs' `final`.
+    checked = verified.get("final_sha256") or (verified.get("inputs") or {}).get("final")
+    if marker is None or checked != marker["content_sha256"]:
+        return None
+    return checked
+
+
+def read_eval_record(work: Path, target_id: str) -> dict[str, Any]:
+    """The `bakery` block of a target's results JSON: what was scored, with which settings
+    (empty when there are no results)."""
+    try:
+        return json.loads(results_path(work, target_id).read_text()).get("bakery") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def is_evaluated(target: EvalTarget, record: Mapping[str, Any], final_sha256: str | None) -> bool:
+    """Do results with `record` (`read_eval_record`) score `target` as it is now: its settings,
+    and for a cell its verified checkpoint `final_sha256`? A baseline's inputs are identified
+    when its task fetches them, so only its settings are compared here."""
+    if record.get("settings_hash") != target.settings_hash:
+        return False
+    if target.kind == "baseline":
+        return True
+    return final_sha256 is not None and (record.get("inputs") or {}).get("final_sha256") == final_sha256

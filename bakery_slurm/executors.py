@@ -51,12 +51,37 @@ def parse_max_array_size(text: str) -> int:
     return int(match.group(1))
 
 
-def slurm_parameters(resources: Resources, job_name: str, parallelism: int) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for one array (None values left to the cluster)."""
+def dependency(after: ArrayRecord, after_indices: Sequence[int], n_tasks: int) -> str:
+    """sbatch's --dependency for an array whose task i waits for task `after_indices[i]` of the
+    array `after` (confirmed): `aftercorr` (task i after task i) for a whole array chained task
+    by task, else `afterok` on the one task a single-task array waits for. submitit submits a
+    one-task array as a plain job, whose id has no `_<index>`. (A dry run shows an array not
+    yet submitted by its name.)"""
+    job = after.job_id or f"<{after.name}>"
+    if len(after.cells) == 1:
+        return f"afterok:{job}"
+    if n_tasks == 1:
+        return f"afterok:{job}_{after_indices[0]}"
+    if list(after_indices) != list(range(n_tasks)):
+        raise ValueError(f"tasks {list(after_indices)} of {after.name} do not correspond to "
+                         f"tasks 0..{n_tasks - 1}: chain them one job each")
+    return f"aftercorr:{job}"
+
+
+def slurm_parameters(request: SubmitRequest) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one array (None values left to the cluster).
+
+    An eval array gets its dependency, and `--kill-on-invalid-dep=yes`: when the merge it waits
+    for fails, the scheduler cancels it instead of leaving it pending forever."""
+    resources = request.resources
     values = resources.model_dump()
     params = {key: values[key] for key in SUBMITIT_KEYS if values[key] is not None}
-    return {**params, "time": resources.time_min, "job_name": job_name,
-            "array_parallelism": parallelism}
+    if request.after is not None:
+        params["dependency"] = dependency(request.after, request.array.after_indices or [],
+                                          len(request.array.cells))
+        params["additional_parameters"] = {"kill-on-invalid-dep": "yes"}
+    return {**params, "time": resources.time_min, "job_name": request.array.name,
+            "array_parallelism": request.parallelism}
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,9 @@ class SubmitRequest:
     launcher
         The script that starts submitit's runner inside the image (apptainer runtime), or None:
         the runner is then this Python.
+    after
+        The merge array this (eval) array's tasks wait for (`array.after_indices` says which
+        task each waits for); its job id is known by the time this array is submitted.
     """
 
     array: ArrayRecord
@@ -86,6 +114,7 @@ class SubmitRequest:
     container: str
     parallelism: int
     resources: Resources
+    after: ArrayRecord | None = None
 
     @property
     def launcher_path(self) -> Path:
@@ -166,7 +195,7 @@ class SlurmBackend:
 
         folder = Path(request.array.folder).expanduser().absolute()
         command = " ".join([request.python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
-        params = slurm_parameters(request.resources, request.array.name, request.parallelism)
+        params = slurm_parameters(request)
         n = len(request.argvs)
         return _make_sbatch_string(command=command, folder=folder,
                                    map_count=n if n > 1 else None, **params)
@@ -181,8 +210,7 @@ class SlurmBackend:
             executor = submitit.SlurmExecutor(folder=request.array.folder, python=request.python)
         except RuntimeError as e:
             raise SchedulerError(f"cannot submit to SLURM here: {e}") from None
-        executor.update_parameters(**slurm_parameters(request.resources, request.array.name,
-                                                      request.parallelism))
+        executor.update_parameters(**slurm_parameters(request))
         n = len(request.cell_args)
         # run_task is pickled by reference (bakery_slurm.array_task.run_task), not as bytecode:
         # the Python that unpickles it is the image's, whatever the login node runs.
@@ -274,8 +302,12 @@ class LocalBackend:
     @staticmethod
     def submit(request: SubmitRequest) -> str:
         job_id = "local-" + request.array.name.split("-", 1)[1]
+        after = request.after
+        waits = ([{"folder": after.folder, "job_id": after.job_id, "index": i}
+                  for i in request.array.after_indices or []] if after else None)
         return local.submit(Path(request.array.folder), job_id, request.argvs, request.pass_env,
-                            request.container, request.parallelism, request.resources.time_min)
+                            request.container, request.parallelism, request.resources.time_min,
+                            waits)
 
     @staticmethod
     def states(arrays: Sequence[ArrayRecord], starttime: str | None) -> tuple[dict[str, TaskState], str]:

@@ -2,7 +2,8 @@
 
 The ledger is the only memory bakery-slurm has between commands. It records, per submission, the
 matrix it came from and its arrays (job name, job id, executor, resources, submitit folder, index ->
-cell list), and per cell the list of its attempts in the order they were made. Attempts are keyed by
+cell list, stage, and for an eval array the merge array it waits for), and per cell the list of its
+merge attempts (and per eval target its eval attempts) in the order they were made. Attempts are keyed by
 cell id and point at an array by its *name*: every (re)submission is a new array numbered from 0, so
 an index alone means nothing, and the name exists before sbatch returns a job id.
 
@@ -41,10 +42,13 @@ from pydantic import (
 from .errors import LedgerError
 from .fsutil import atomic_write_json, locked
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The ledger layout this module writes; bump it on any change an older reader would refuse.
-2 added `Attempt.pins` and `Attempt.cancelled`; version 1 files read as they are (no pins, no
-cancels), and are written back as version 2."""
+2 added `Attempt.pins` and `Attempt.cancelled`; 3 added eval arrays (`PlannedArray.stage`,
+`after`, `after_indices`) and `Ledger.evals`. Older files read as they are (no pins, no cancels, no
+evals), and are written back as version 3."""
+
+Stage = Literal["merge", "eval"]
 
 # How many validation errors a LedgerError quotes; the rest are counted, not listed.
 _MAX_ERRORS_SHOWN = 5
@@ -66,13 +70,24 @@ class PlannedArray(_Model):
     folder
         The submitit folder of the array (may contain submitit's ``%j``).
     cells
-        Cell ids in task order: ``cells[i]`` runs as array index ``i``.
+        Cell ids in task order: ``cells[i]`` runs as array index ``i`` (eval target ids in an
+        eval array: a cell's id, or a baseline's).
+    stage
+        What its tasks run: ``"merge"`` (bake, merge, verify, push a cell) or ``"eval"`` (score a
+        cell's verified output or a baseline with lm-eval).
+    after, after_indices
+        An eval array chained to a merge array: the merge array's name, and per task of this
+        array the index of the merge task it waits for (it starts only once that one succeeded).
+        Both None when the array waits for nothing.
     """
 
     executor: Literal["slurm", "local"]
     resources: dict[str, StrictStr | StrictInt]
     folder: str
     cells: list[str] = Field(min_length=1)
+    stage: Stage = "merge"
+    after: str | None = None
+    after_indices: list[Annotated[int, Field(ge=0)]] | None = None
 
     @field_validator("cells")
     @classmethod
@@ -82,6 +97,17 @@ class PlannedArray(_Model):
         if duplicates:
             raise ValueError(f"cells listed more than once in one array: {', '.join(duplicates)}")
         return cells
+
+    @model_validator(mode="after")
+    def _chained_per_task(self) -> PlannedArray:
+        if (self.after is None) != (self.after_indices is None):
+            raise ValueError("after and after_indices go together")
+        if self.after_indices is not None and len(self.after_indices) != len(self.cells):
+            raise ValueError(f"after_indices has {len(self.after_indices)} entries for "
+                             f"{len(self.cells)} tasks")
+        if self.after is not None and self.stage != "eval":
+            raise ValueError("only an eval array waits for another array")
+        return self
 
 
 class ArrayRecord(PlannedArray):
@@ -147,14 +173,18 @@ class Ledger(_Model):
     submissions
         Every submission, oldest first.
     cells
-        Cell id -> its attempts, oldest first. The list order, not the timestamps, decides which
-        attempt is the latest: attempts are appended under the ledger lock, whereas clocks of
-        different login nodes may disagree.
+        Cell id -> the attempts of its merge, oldest first. The list order, not the timestamps,
+        decides which attempt is the latest: attempts are appended under the ledger lock, whereas
+        clocks of different login nodes may disagree.
+    evals
+        Eval target id (a cell's or a baseline's) -> the attempts of its evaluation, oldest
+        first: eval is a stage of its own, run and resubmitted apart from the merge.
     """
 
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     submissions: list[Submission] = []
     cells: dict[str, list[Attempt]] = {}
+    evals: dict[str, list[Attempt]] = {}
 
     @model_validator(mode="after")
     def _attempts_match_arrays(self) -> Ledger:
@@ -169,25 +199,36 @@ class Ledger(_Model):
                 raise ValueError(f"array name {array.name!r} appears twice")
             arrays[array.name] = array
         tasks: set[tuple[str, int]] = set()
-        for cell, cell_attempts in self.cells.items():
-            if not cell_attempts:
-                raise ValueError(f"cell {cell!r} has an empty attempt list")
-            for attempt in cell_attempts:
-                array = arrays.get(attempt.array)
-                if array is None:
-                    raise ValueError(f"cell {cell!r}: attempt names unknown array {attempt.array!r}")
-                task = (attempt.array, attempt.index)
-                if attempt.index >= len(array.cells) or array.cells[attempt.index] != cell:
-                    raise ValueError(
-                        f"cell {cell!r}: array {attempt.array!r} has no such cell at index {attempt.index}"
-                    )
-                if task in tasks:
-                    raise ValueError(f"array {attempt.array!r} index {attempt.index} is recorded twice")
-                tasks.add(task)
+        for stage, by_id in (("merge", self.cells), ("eval", self.evals)):
+            for cell, cell_attempts in by_id.items():
+                if not cell_attempts:
+                    raise ValueError(f"{stage} {cell!r} has an empty attempt list")
+                for attempt in cell_attempts:
+                    array = arrays.get(attempt.array)
+                    if array is None or array.stage != stage:
+                        raise ValueError(f"{stage} {cell!r}: attempt names unknown {stage} array "
+                                         f"{attempt.array!r}")
+                    task = (attempt.array, attempt.index)
+                    if attempt.index >= len(array.cells) or array.cells[attempt.index] != cell:
+                        raise ValueError(f"{stage} {cell!r}: array {attempt.array!r} has no such "
+                                         f"target at index {attempt.index}")
+                    if task in tasks:
+                        raise ValueError(f"array {attempt.array!r} index {attempt.index} is "
+                                         "recorded twice")
+                    tasks.add(task)
         for array in arrays.values():
             for index, cell in enumerate(array.cells):
                 if (array.name, index) not in tasks:
-                    raise ValueError(f"array {array.name!r} index {index} ({cell}) has no attempt under cells")
+                    raise ValueError(f"array {array.name!r} index {index} ({cell}) has no attempt "
+                                     f"under {'cells' if array.stage == 'merge' else 'evals'}")
+            if array.after is not None:
+                merge = arrays.get(array.after)
+                if merge is None or merge.stage != "merge":
+                    raise ValueError(f"array {array.name!r} waits for unknown merge array "
+                                     f"{array.after!r}")
+                if max(array.after_indices or [0]) >= len(merge.cells):
+                    raise ValueError(f"array {array.name!r} waits for a task {array.after!r} "
+                                     "does not have")
         return self
 
 
@@ -305,6 +346,8 @@ def record_intent(
     now: datetime | None = None,
     submission_id: str | None = None,
     pins: Mapping[str, Mapping[str, str]] | None = None,
+    eval_hashes: Mapping[str, str] | None = None,
+    eval_pins: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Submission:
     """Append a submission whose arrays are not yet submitted, and one attempt per task.
 
@@ -317,15 +360,18 @@ def record_intent(
     matrix_path, matrix_sha256
         The matrix file the cells came from and its SHA-256 (hex).
     arrays
-        The arrays to submit; a cell may appear in only one of them.
+        The arrays to submit; a cell (an eval target) may appear in only one merge (eval) array.
+        An eval array may wait for a merge array planned here (by name) or already recorded.
     recipe_hashes
-        Cell id -> hash of its rendered recipe, for every cell in `arrays`.
+        Cell id -> hash of its rendered recipe, for every cell in the merge `arrays`.
     now
         The time to record (default: the current UTC time).
     submission_id
         32 hex digits (default: a fresh uuid4 whose array names are unused in `ledger`).
     pins
         Cell id -> {source key: commit} of its Hub inputs (`Attempt.pins`).
+    eval_hashes, eval_pins
+        The same for every target of the eval `arrays` (the hash of its eval settings).
 
     Returns
     -------
@@ -346,13 +392,17 @@ def record_intent(
             submission_id = uuid.uuid4().hex
     elif array_name(submission_id, 0) in taken:
         raise ValueError(f"submission id {submission_id} clashes with an existing submission's array names")
-    cells = [cell for planned in arrays for cell in planned.cells]
-    twice = _repeated(cells)
-    if twice:
-        raise ValueError(f"cells planned in more than one array: {', '.join(twice)}")
-    missing = [c for c in cells if c not in recipe_hashes]
-    if missing:
-        raise ValueError(f"no recipe hash for: {', '.join(missing)}")
+    hashes = {"merge": recipe_hashes, "eval": eval_hashes or {}}
+    all_pins = {"merge": pins or {}, "eval": eval_pins or {}}
+    for stage in ("merge", "eval"):
+        ids = [cell for planned in arrays if planned.stage == stage for cell in planned.cells]
+        twice = _repeated(ids)
+        if twice:
+            raise ValueError(f"{stage} targets planned in more than one array: {', '.join(twice)}")
+        missing = [c for c in ids if c not in hashes[stage]]
+        if missing:
+            raise ValueError(f"no {'recipe' if stage == 'merge' else 'eval settings'} hash for: "
+                             f"{', '.join(missing)}")
     records = [
         ArrayRecord(name=array_name(submission_id, n), submitted=now, **planned.model_dump())
         for n, planned in enumerate(arrays)
@@ -364,8 +414,9 @@ def record_intent(
     for record in records:
         for index, cell in enumerate(record.cells):
             attempt = Attempt(array=record.name, index=index, submitted=now,
-                              recipe_hash=recipe_hashes[cell], pins=dict((pins or {}).get(cell, {})))
-            ledger.cells.setdefault(cell, []).append(attempt)
+                              recipe_hash=hashes[record.stage][cell],
+                              pins=dict(all_pins[record.stage].get(cell, {})))
+            stage_attempts(ledger, record.stage).setdefault(cell, []).append(attempt)
     return submission
 
 
@@ -390,27 +441,31 @@ def forget_array(ledger: Ledger, name: str) -> None:
     """Undo the recorded intent of an array whose sbatch definitely failed.
 
     Drops the array, the attempts that point at it, and a submission left with no array, so a
-    refused submission leaves no trace.
+    refused submission leaves no trace; eval arrays chained to it go with it.
     """
     find_array(ledger, name)
+    for dependent in [a.name for a in all_arrays(ledger) if a.after == name]:
+        forget_array(ledger, dependent)
     for submission in ledger.submissions:
         submission.arrays = [array for array in submission.arrays if array.name != name]
     ledger.submissions = [submission for submission in ledger.submissions if submission.arrays]
-    for cell in list(ledger.cells):
-        kept = [attempt for attempt in ledger.cells[cell] if attempt.array != name]
-        if kept:
-            ledger.cells[cell] = kept
-        else:
-            del ledger.cells[cell]
+    for by_id in (ledger.cells, ledger.evals):
+        for cell in list(by_id):
+            kept = [attempt for attempt in by_id[cell] if attempt.array != name]
+            if kept:
+                by_id[cell] = kept
+            else:
+                del by_id[cell]
 
 
 def record_cancel(ledger: Ledger, cell_id: str, array: str, index: int,
-                  now: datetime | None = None) -> None:
-    """Note that the attempt of `cell_id` in task (`array`, `index`) was cancelled, at `now`.
+                  now: datetime | None = None, stage: Stage = "merge") -> None:
+    """Note that the attempt of `cell_id` (its merge, or its eval) in task (`array`, `index`) was
+    cancelled, at `now`.
 
     An attempt that is no longer in the ledger (another process rewrote it) is left alone.
     """
-    for attempt in ledger.cells.get(cell_id, []):
+    for attempt in stage_attempts(ledger, stage).get(cell_id, []):
         if (attempt.array, attempt.index) == (array, index) and attempt.cancelled is None:
             attempt.cancelled = now or datetime.now(timezone.utc)
 
@@ -423,14 +478,19 @@ def find_array(ledger: Ledger, name: str) -> ArrayRecord:
     raise LedgerError(f"the ledger has no array named {name}")
 
 
-def attempts(ledger: Ledger, cell_id: str) -> list[Attempt]:
-    """Every attempt of `cell_id`, oldest first (empty if the cell was never submitted)."""
-    return list(ledger.cells.get(cell_id, []))
+def stage_attempts(ledger: Ledger, stage: Stage) -> dict[str, list[Attempt]]:
+    """Id -> attempts of one stage: `Ledger.cells` (merge) or `Ledger.evals`."""
+    return ledger.cells if stage == "merge" else ledger.evals
 
 
-def latest_attempt(ledger: Ledger, cell_id: str) -> Attempt | None:
-    """The most recent attempt of `cell_id`, or None if it was never submitted."""
-    cell_attempts = ledger.cells.get(cell_id)
+def attempts(ledger: Ledger, cell_id: str, stage: Stage = "merge") -> list[Attempt]:
+    """Every attempt of `cell_id` at `stage`, oldest first (empty if never submitted)."""
+    return list(stage_attempts(ledger, stage).get(cell_id, []))
+
+
+def latest_attempt(ledger: Ledger, cell_id: str, stage: Stage = "merge") -> Attempt | None:
+    """The most recent attempt of `cell_id` at `stage`, or None if it was never submitted."""
+    cell_attempts = stage_attempts(ledger, stage).get(cell_id)
     return cell_attempts[-1] if cell_attempts else None
 
 

@@ -7,6 +7,10 @@ time limit (TIMEOUT), and keeps one state file per task, so `status` in any late
 PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT and CANCELLED apart, and reports a task whose process
 (or supervisor) died without a word as NODE_FAIL.
 
+A task may wait for a task of another local array (an eval for its cell's merge, as SLURM's
+`aftercorr`/`afterok`): it starts once that one is COMPLETED, and is CANCELLED, with the reason in
+its stderr log, once that one ended otherwise (as SLURM's `--kill-on-invalid-dep=yes`).
+
 Layout of an array folder: array.json (what to run), supervisor.json (its pid), and per task i:
 i.state.json, i.out, i.err, and i.cancel when a cancel was requested.
 """
@@ -32,12 +36,15 @@ POLL_S = 0.2  # how often the supervisor checks its children, deadlines and canc
 
 
 def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str],
-           container: str, parallelism: int, time_min: int) -> str:
-    """Write the array description and start its supervisor, detached; return `job_id`."""
+           container: str, parallelism: int, time_min: int,
+           after: list[dict[str, Any]] | None = None) -> str:
+    """Write the array description and start its supervisor, detached; return `job_id`.
+
+    `after`, per task: the task it waits for, {"folder", "job_id", "index"} of a local array."""
     folder.mkdir(parents=True, exist_ok=True)
     fsutil.atomic_write_json(folder / "array.json", {
         "job_id": job_id, "argvs": argvs, "pass_env": pass_env, "container": container,
-        "parallelism": parallelism, "time_limit_s": time_min * 60})
+        "parallelism": parallelism, "time_limit_s": time_min * 60, "after": after})
     for index in range(len(argvs)):
         _write_state(folder, index, "PENDING")
     with open(folder / "supervisor.log", "ab") as log:
@@ -96,12 +103,21 @@ def supervise(folder: Path) -> None:
     pending = list(range(len(spec["argvs"])))
     running: dict[int, tuple[subprocess.Popen, float]] = {}
     env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
+    after = spec.get("after")
     while pending or running:
         for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:
             pending.remove(index)
             _write_state(folder, index, "CANCELLED", exit_code="0:15")
-        while pending and len(running) < spec["parallelism"]:
-            index = pending.pop(0)
+        for index in list(pending):
+            if len(running) >= spec["parallelism"]:
+                break
+            waited = _dependency_state(after[index]) if after else "COMPLETED"
+            if waited in ("PENDING", "RUNNING"):
+                continue
+            pending.remove(index)
+            if waited != "COMPLETED":
+                _never_satisfied(folder, index, after[index], waited)
+                continue
             process = _start(folder, index, spec["argvs"][index], env, spec["job_id"])
             if process is not None:
                 running[index] = (process, time.monotonic() + spec["time_limit_s"])
@@ -115,6 +131,20 @@ def supervise(folder: Path) -> None:
                 _finish(folder, index, *_outcome(folder, index, process.returncode))
                 del running[index]
         time.sleep(POLL_S)
+
+
+def _dependency_state(task: dict[str, Any]) -> str:
+    """The state of the task waited for; PENDING while its array shows no state yet."""
+    state = read_states(Path(task["folder"]), task["job_id"]).get(
+        f"{task['job_id']}_{task['index']}")
+    return state.state if state else "PENDING"
+
+
+def _never_satisfied(folder: Path, index: int, task: dict[str, Any], state: str) -> None:
+    with open(log_paths(folder, index)[1], "a") as stderr:
+        stderr.write(f"cancelled: the task it waits for, {task['job_id']}_{task['index']}, "
+                     f"ended {state} (dependency never satisfied)\n")
+    _write_state(folder, index, "CANCELLED", exit_code="0:0")
 
 
 def _start(folder: Path, index: int, argv: list[str], env: dict[str, str],

@@ -31,10 +31,15 @@ def hub_sources(cells: list[Cell]) -> dict[str, ModelSource]:
             if source.repo is not None}
 
 
+def input_pins(inputs: Mapping[str, ModelSource], pins: Mapping[str, str]) -> dict[str, str]:
+    """{input name: commit} of the Hub `inputs` (by name) that `pins` (keyed by source) has."""
+    return {name: pins[source.key] for name, source in inputs.items()
+            if source.repo is not None and source.key in pins}
+
+
 def cell_pins(cell: Cell, pins: Mapping[str, str]) -> dict[str, str]:
     """{input name: commit} of the cell's Hub inputs that `pins` (keyed by source) has."""
-    return {name: pins[source.key] for name, source in cell_inputs(cell).items()
-            if source.repo is not None and source.key in pins}
+    return input_pins(cell_inputs(cell), pins)
 
 
 def apply_pins(cell: Cell, pins: Mapping[str, str]) -> Cell:

@@ -2,14 +2,15 @@
 
 `TERMINAL_FAILURES` are the states `resubmit` takes; `is_live` says which states may still run
 (and so are never submitted again); `choose_resubmit` splits cells into those to resubmit and
-those refused, with a reason each. Pure.
+those refused, with a reason each, and `choose_eval_resubmit` does the same for evaluations whose
+merge is not resubmitted with them. Pure.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .cell_status import (
     CANCELLED,
@@ -100,6 +101,32 @@ def choose_resubmit(
         else:
             refused.append(Refusal(status.cell, status.state, reason))
     return chosen, refused
+
+
+MERGED = frozenset({COMPLETED, UNPUBLISHED})
+"""Merge states whose verified output an eval can score."""
+
+
+def choose_eval_resubmit(
+    evals: Iterable[CellStatus],
+    merges: Mapping[str, str],
+    *,
+    max_attempts: int,
+    states: Iterable[str] = TERMINAL_FAILURES,
+    only: str | None = None,
+) -> tuple[list[CellStatus], list[Refusal]]:
+    """Split evaluations into those to resubmit alone and those refused, as `choose_resubmit`.
+
+    `merges` maps a cell id to the state of its merge; an eval target not in it is a baseline.
+    An eval of a cell whose merge did not succeed is refused: resubmitting the merge chains its
+    eval again (those evals are not passed here).
+    """
+    chosen, refused = choose_resubmit(evals, max_attempts=max_attempts, states=states, only=only)
+    merged = [s for s in chosen if merges.get(s.cell, COMPLETED) in MERGED]
+    refused += [Refusal(s.cell, s.state, f"its merge is {merges[s.cell]}: resubmitting the merge "
+                                         "chains its eval again")
+                for s in chosen if s not in merged]
+    return merged, refused
 
 
 def _refusal_reason(status: CellStatus, wanted: frozenset[str], max_attempts: int) -> str | None:

@@ -3,6 +3,7 @@
 One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
 accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
 (a crash between sbatch and the ledger write): sacct finds them by their unique job name.
+Eval attempts (`Ledger.evals`) are reduced the same way, from the same sacct call.
 Never imports torch.
 """
 
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .errors import ConfigError
+from .evaluation import read_eval_record
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
 from .login_push import VERIFIED, ready_to_publish
 from .matrix import load_matrix
 from .pipeline import CellPaths, read_result
 from .cell_status import (
+    CANCELLED,
     COMPLETED,
     LOST,
     NOT_FOUND,
@@ -29,7 +32,7 @@ from .cell_status import (
     CellStatus,
     reduce_cells,
 )
-from .resubmit_policy import is_live
+from .resubmit_policy import TERMINAL_FAILURES, is_live
 from .sacct import sacct_starttime
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,13 @@ CLOCK_SKEW = timedelta(minutes=1)
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Every cell's status, the arrays by name, and notes on how the states were obtained."""
+    """Every cell's status (its merge), every eval target's, the arrays by name, and notes on
+    how the states were obtained."""
 
     statuses: list[CellStatus]
     arrays: dict[str, ArrayRecord]
     notes: list[str]
+    evals: list[CellStatus] = field(default_factory=list)
 
 
 def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = None,
@@ -77,7 +82,37 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
     defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
     statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     statuses = [_with_detail(s, by_name) for s in statuses]
-    return Snapshot(statuses=statuses, arrays=by_name, notes=notes)
+    evals = [_settle_unknown(s, by_name[s.array_name].submitted > recent)
+             for s in reduce_cells(ledger, states, stage="eval")]
+    if source != "sacct":
+        evals = [_eval_from_results(s, by_name) for s in evals]
+    merges = {s.cell: s.state for s in statuses}
+    evals = [_why_not_run(s, merges.get(s.cell)) for s in evals]
+    return Snapshot(statuses=statuses, arrays=by_name, notes=notes, evals=evals)
+
+
+def _eval_from_results(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    """Without accounting, an eval task that left squeue is COMPLETED if it wrote its results
+    after its attempt was submitted (a failed one writes none: it stays NOT_FOUND)."""
+    if status.state != NOT_FOUND:
+        return status
+    array = arrays[status.array_name]
+    record = read_eval_record(Path(array.folder).parent.parent, status.cell)
+    try:
+        finished = datetime.fromisoformat(record["finished"])
+    except (KeyError, TypeError, ValueError):
+        return status
+    if finished < array.submitted - CLOCK_SKEW:
+        return status
+    return replace(status, state=COMPLETED)
+
+
+def _why_not_run(status: CellStatus, merge_state: str | None) -> CellStatus:
+    """An eval that never ran because its cell's merge failed says so (the scheduler cancels it,
+    `--kill-on-invalid-dep`)."""
+    if merge_state in TERMINAL_FAILURES and status.state in (CANCELLED, "PENDING"):
+        return replace(status, detail=f"never ran: its merge ended {merge_state}")
+    return status
 
 
 # Cells in these states have no result record of their latest attempt worth reading.

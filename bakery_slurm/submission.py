@@ -1,5 +1,10 @@
 """Submit cells as job arrays and record every attempt in the ledger (shared by submit/resubmit).
 
+Cells run as merge arrays; their evaluations (`[eval]`) as eval arrays chained to them: each eval
+task starts only when the merge task of its cell succeeded (`group_evals`), and is cancelled by
+the scheduler when that one fails. Baselines, and cells whose merge already succeeded, wait for
+nothing.
+
 The order is what makes a crash recoverable: the intent (arrays with unique job names, one attempt
 per cell) is saved under the ledger lock before any sbatch runs; each array's job id is confirmed
 after its sbatch returns. An sbatch that definitely failed is rolled back from the ledger; a crash
@@ -18,19 +23,21 @@ from typing import Callable, Mapping, Sequence
 
 from .errors import ConfigError, SchedulerError, SchedulerMissing
 from .executors import DEFAULT_MAX_ARRAY_SIZE, SubmitRequest, backend, group_cells
+from .evaluation import EvalTarget, target_inputs
 from .ledger import (
     ArrayRecord,
     Ledger,
     PlannedArray,
+    all_arrays,
     array_name,
     confirm_array,
     forget_array,
     record_intent,
     update_ledger,
 )
-from .matrix import Cell, Matrix, Resources
-from .pins import cell_inputs, cell_pins
-from .task_command import apptainer_prefix, cell_args, launcher_script, task_argv
+from .matrix import Cell, Matrix, ModelSource, Resources
+from .pins import cell_inputs, input_pins
+from .task_command import apptainer_prefix, cell_args, eval_args, launcher_script, task_argv
 
 log = logging.getLogger(__name__)
 
@@ -76,53 +83,133 @@ def export_hub_token(cells: Sequence[Cell]) -> None:
     os.environ.setdefault("HF_TOKEN", token)
 
 
-def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
-                submission_id: str, pins: Mapping[str, str]) -> Planned:
-    """Group `cells` into arrays and build every task's command line (no I/O).
+@dataclass(frozen=True)
+class EvalGroup:
+    """Eval targets that run as one array, and the merge task each of them waits for."""
 
-    `pins` maps a Hub source's key to the commit this submission reads it at.
+    targets: list[EvalTarget]
+    after: str | None = None
+    after_indices: list[int] | None = None
+
+
+def group_evals(targets: Sequence[EvalTarget], merge_arrays: Mapping[str, Sequence[str]],
+                live: Mapping[str, tuple[str, int]], max_array_size: int) -> list[EvalGroup]:
+    """Eval targets grouped into arrays, each chained to the merge its cell needs (pure).
+
+    Parameters
+    ----------
+    merge_arrays
+        Name -> cell ids in task order, of the merge arrays submitted along with these evals.
+    live
+        Cell id -> (array name, index) of a merge task from an earlier submission that has not
+        ended: its eval waits for that one.
+
+    Returns
+    -------
+    The eval arrays: for each merge array, one array whose task i waits for merge task i
+    (`aftercorr`) when its targets are the merge array's first cells in order and share
+    resources, else one single-task array per target waiting for its merge task (`afterok`);
+    one per live merge task; then the rest (baselines, cells already merged), grouped by
+    resources, waiting for nothing.
+    """
+    by_id = {t.id: t for t in targets}
+    groups: list[EvalGroup] = []
+    for name, cells in merge_arrays.items():
+        chained = [by_id[c] for c in cells if c in by_id]
+        if not chained:
+            continue
+        aligned = [t.id for t in chained] == list(cells[:len(chained)])
+        if aligned and len({t.resources.model_dump_json() for t in chained}) == 1:
+            groups.append(EvalGroup(chained, name, list(range(len(chained)))))
+        else:
+            groups += [EvalGroup([t], name, [list(cells).index(t.id)]) for t in chained]
+    placed = {t.id for g in groups for t in g.targets}
+    for target in targets:
+        if target.id in live and target.id not in placed:
+            name, index = live[target.id]
+            groups.append(EvalGroup([target], name, [index]))
+            placed.add(target.id)
+    rest = [t for t in targets if t.id not in placed]
+    return groups + [EvalGroup(group) for group in group_cells(rest, max_array_size)]
+
+
+def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
+                submission_id: str, pins: Mapping[str, str],
+                evals: Sequence[EvalTarget] = (),
+                live: Mapping[str, tuple[str, int]] | None = None) -> Planned:
+    """Group `cells` into merge arrays and `evals` into eval arrays (`group_evals`), and build
+    every task's command line (no I/O).
+
+    `pins` maps a Hub source's key to the commit this submission reads it at; `live` is as in
+    `group_evals`.
     """
     runtime = matrix.spec.runtime
     container = resolve_container(matrix, executor)
     env = matrix.task_env(container)
-    arrays, args, argvs, launchers = [], [], [], []
-    for n, group in enumerate(group_cells(cells, max_array_size)):
-        folder = matrix.work_dir / "arrays" / array_name(submission_id, n)
-        arrays.append(PlannedArray(
-            executor=executor, folder=str(folder), cells=[c.id for c in group],
-            resources=group[0].resources.model_dump(exclude_none=True)))
+    planned = Planned(arrays=[], cell_args=[], argvs=[], launchers=[], container=container)
+
+    def add(array: PlannedArray, resources: Resources, args: list[list[str]]) -> None:
         # One array shares its resources, so its tasks share the container command too.
-        gpus = group[0].resources.gpus_per_node
-        prefix = (apptainer_prefix(runtime, env, matrix.path, matrix.work_dir, gpus)
+        prefix = (apptainer_prefix(runtime, env, matrix.path, matrix.work_dir,
+                                   resources.gpus_per_node)
                   if container == "apptainer" else None)
-        args.append([cell_args(matrix.path, c.id, c.recipe_hash, matrix.work_dir,
-                               cell_pins(c, pins)) for c in group])
-        argvs.append([task_argv(prefix, env, a) for a in args[-1]])
-        launchers.append(launcher_script(prefix, runtime.pass_env) if prefix else None)
-    return Planned(arrays=arrays, cell_args=args, argvs=argvs, launchers=launchers,
-                   container=container)
+        planned.arrays.append(array)
+        planned.cell_args.append(args)
+        planned.argvs.append([task_argv(prefix, env, a) for a in args])
+        planned.launchers.append(launcher_script(prefix, runtime.pass_env) if prefix else None)
+
+    def folder() -> str:
+        return str(matrix.work_dir / "arrays" / array_name(submission_id, len(planned.arrays)))
+
+    merge_arrays = {}
+    for group in group_cells(cells, max_array_size):
+        merge_arrays[array_name(submission_id, len(planned.arrays))] = [c.id for c in group]
+        add(PlannedArray(executor=executor, folder=folder(), cells=[c.id for c in group],
+                         resources=group[0].resources.model_dump(exclude_none=True)),
+            group[0].resources,
+            [cell_args(matrix.path, c.id, c.recipe_hash, matrix.work_dir,
+                       input_pins(cell_inputs(c), pins)) for c in group])
+    for group in group_evals(evals, merge_arrays, live or {}, max_array_size):
+        resources = group.targets[0].resources
+        add(PlannedArray(executor=executor, folder=folder(), cells=[t.id for t in group.targets],
+                         resources=resources.model_dump(exclude_none=True), stage="eval",
+                         after=group.after, after_indices=group.after_indices),
+            resources,
+            [eval_args(matrix.path, t.id, matrix.work_dir, input_pins(target_inputs(t), pins))
+             for t in group.targets])
+    return planned
 
 
-def attempt_pins(cells: Sequence[Cell], pins: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """Cell id -> {source key: commit} of the cell's pinned Hub inputs, for the ledger."""
-    return {c.id: {s.key: pins[s.key] for s in cell_inputs(c).values() if s.key in pins}
-            for c in cells}
+def attempt_pins(owners: Sequence[Cell | EvalTarget], inputs: Callable[..., Mapping[str, ModelSource]],
+                 pins: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Cell (or eval target) id -> {source key: commit} of its pinned Hub inputs, for the
+    ledger; `inputs` gives an owner's inputs by name."""
+    return {o.id: {s.key: pins[s.key] for s in inputs(o).values() if s.key in pins}
+            for o in owners}
 
 
 def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], executor: str, *,
+                 evals: Sequence[EvalTarget] = (), live: Mapping[str, tuple[str, int]] | None = None,
                  pins: Mapping[str, str] | None = None, dry_run: bool = False,
-                 guard: Callable[[Ledger], list[Cell]] | None = None) -> list[SubmitRequest]:
-    """Submit `cells` as arrays (one sbatch each) and record them; return what was submitted.
+                 guard: Callable[[Ledger], tuple[list[Cell], list[EvalTarget]]] | None = None
+                 ) -> list[SubmitRequest]:
+    """Submit `cells` as merge arrays and `evals` as eval arrays chained to them (one sbatch
+    each, merges first) and record them; return what was submitted.
 
     Parameters
     ----------
+    evals:
+        Eval targets to submit; one whose cell is among `cells` waits for that cell's merge task.
+    live:
+        Cell id -> (array name, index) of a merge task of an earlier submission still pending or
+        running: the cell's eval in `evals` waits for it.
     pins:
         Hub source key -> the commit every task reads it at (`preflight.resolve_pins`); sources
         not in it are resolved by each task when it starts.
     guard:
         Called with the locked, freshly loaded ledger just before the intent is recorded; returns
-        the cells that may still be submitted (resubmit uses it so two racing resubmits submit
-        each cell once).
+        the cells and eval targets that may still be submitted (so two racing submits or
+        resubmits submit each once).
     dry_run:
         Plan and return the requests; submit nothing and write nothing.
     """
@@ -140,24 +227,27 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
         max_size = DEFAULT_MAX_ARRAY_SIZE
     submission_id = uuid.uuid4().hex
     pins = dict(pins or {})
-    recipe_hashes = {c.id: c.recipe_hash for c in cells}
+
+    def record(ledger: Ledger, chosen: Sequence[Cell], targets: Sequence[EvalTarget], **when):
+        planned = plan_arrays(matrix, chosen, executor, max_size, submission_id, pins, targets,
+                              live)
+        submission = record_intent(
+            ledger, matrix_path=str(matrix.path), matrix_sha256=matrix.sha256,
+            arrays=planned.arrays, recipe_hashes={c.id: c.recipe_hash for c in chosen},
+            submission_id=submission_id, pins=attempt_pins(chosen, cell_inputs, pins),
+            eval_hashes={t.id: t.settings_hash for t in targets},
+            eval_pins=attempt_pins(targets, target_inputs, pins), **when)
+        # The merge arrays an eval array waits for: planned here, or of an earlier submission.
+        known = {a.name: a for a in [*all_arrays(ledger), *submission.arrays]}
+        return _requests(matrix, planned, submission.arrays, known)
+
     if dry_run:
-        planned = plan_arrays(matrix, cells, executor, max_size, submission_id, pins)
-        submission = record_intent(Ledger(), matrix_path=str(matrix.path),
-                                   matrix_sha256=matrix.sha256, arrays=planned.arrays,
-                                   recipe_hashes=recipe_hashes, submission_id=submission_id,
-                                   pins=attempt_pins(cells, pins))
-        return _requests(matrix, planned, submission.arrays)
+        return record(Ledger(), cells, evals)
     with update_ledger(ledger_path) as ledger:
-        chosen = guard(ledger) if guard else list(cells)
-        if not chosen:
+        chosen, targets = guard(ledger) if guard else (list(cells), list(evals))
+        if not chosen and not targets:
             return []
-        planned = plan_arrays(matrix, chosen, executor, max_size, submission_id, pins)
-        submission = record_intent(ledger, matrix_path=str(matrix.path),
-                                   matrix_sha256=matrix.sha256, arrays=planned.arrays,
-                                   recipe_hashes=recipe_hashes, now=datetime.now(timezone.utc),
-                                   submission_id=submission_id, pins=attempt_pins(chosen, pins))
-    requests = _requests(matrix, planned, submission.arrays)
+        requests = record(ledger, chosen, targets, now=datetime.now(timezone.utc))
     for i, request in enumerate(requests):
         try:
             job_id = runner.submit(request)
@@ -192,7 +282,9 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
 def _forget(ledger_path: Path, requests: Sequence[SubmitRequest]) -> None:
     with update_ledger(ledger_path) as ledger:
         for request in requests:
-            forget_array(ledger, request.array.name)
+            # An eval array went already with the merge array it waits for.
+            if any(a.name == request.array.name for a in all_arrays(ledger)):
+                forget_array(ledger, request.array.name)
 
 
 def _accepted_anyway(runner, request: SubmitRequest, error: SchedulerError) -> str | None:
@@ -210,12 +302,14 @@ def _accepted_anyway(runner, request: SubmitRequest, error: SchedulerError) -> s
     return found or ""
 
 
-def _requests(matrix: Matrix, planned: Planned, arrays: list[ArrayRecord]) -> list[SubmitRequest]:
+def _requests(matrix: Matrix, planned: Planned, arrays: list[ArrayRecord],
+              known: Mapping[str, ArrayRecord]) -> list[SubmitRequest]:
     runtime = matrix.spec.runtime
     return [SubmitRequest(array=array, cell_args=args, argvs=argvs,
                           fixed_env=matrix.task_env(planned.container),
                           launcher=launcher, pass_env=list(runtime.pass_env),
                           container=planned.container, parallelism=matrix.spec.array_parallelism,
-                          resources=Resources.model_validate(array.resources))
+                          resources=Resources.model_validate(array.resources),
+                          after=known[array.after] if array.after else None)
             for array, args, argvs, launcher in zip(arrays, planned.cell_args, planned.argvs,
                                                     planned.launchers)]

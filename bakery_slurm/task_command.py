@@ -1,6 +1,7 @@
 """What one array task runs, as command lines and text (pure).
 
-A task is `python -m bakery_slurm run-cell MATRIX CELL ...` (`cell_args`). Under SLURM with the
+A task is `python -m bakery_slurm run-cell MATRIX CELL ...` (`cell_args`), or `run-eval MATRIX
+TARGET ...` in an eval array (`eval_args`). Under SLURM with the
 apptainer runtime the whole task runs inside the image: the sbatch script starts submitit's own
 runner through `launcher_script`, a shell script that needs only `sh` and `apptainer` on the
 compute node, and that runner calls `array_task.run_task`, importable in the image. Nothing of the
@@ -35,10 +36,19 @@ def cell_args(matrix_path: Path, cell_id: str, recipe_hash: str, work: Path,
               pins: Mapping[str, str]) -> list[str]:
     """Arguments of `python -m bakery_slurm` for one cell; `pins` maps an input (`base` or an
     adapter name) to the Hub commit this submission resolved it to."""
-    args = ["run-cell", str(matrix_path), cell_id, "--recipe-hash", recipe_hash, "--work", str(work)]
-    for name, commit in sorted(pins.items()):
-        args += ["--pin", f"{name}={commit}"]
-    return args
+    return ["run-cell", str(matrix_path), cell_id, "--recipe-hash", recipe_hash, "--work", str(work),
+            *_pin_args(pins)]
+
+
+def eval_args(matrix_path: Path, target_id: str, work: Path,
+              pins: Mapping[str, str]) -> list[str]:
+    """Arguments of `python -m bakery_slurm` for one eval target (`run-eval`); `pins` as in
+    `cell_args`, for a baseline's inputs."""
+    return ["run-eval", str(matrix_path), target_id, "--work", str(work), *_pin_args(pins)]
+
+
+def _pin_args(pins: Mapping[str, str]) -> list[str]:
+    return [arg for name, commit in sorted(pins.items()) for arg in ("--pin", f"{name}={commit}")]
 
 
 def apptainer_prefix(runtime: Runtime, env: Mapping[str, str], matrix_path: Path, work: Path,

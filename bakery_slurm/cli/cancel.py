@@ -19,7 +19,8 @@ from . import cli
 @ledger_option
 @click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB (default: all).")
 def cancel(ledger_path: Path, only: str | None) -> None:
-    """Cancel the live (pending or running) tasks of the ledger's cells.
+    """Cancel the live (pending or running) tasks of the ledger's cells, their evals and the
+    baselines' evals.
 
     \b
     Example:
@@ -27,7 +28,7 @@ def cancel(ledger_path: Path, only: str | None) -> None:
     """
     ledger = load_ledger(ledger_path)
     snap = snapshot(ledger_path, ledger)
-    live = [s for s in snap.statuses if is_live(s.state) and s.array_job_id
+    live = [s for s in snap.statuses + snap.evals if is_live(s.state) and s.array_job_id
             and (only is None or fnmatch.fnmatchcase(s.cell, only))]
     by_executor: dict[str, list] = {}
     for s in live:
@@ -40,8 +41,9 @@ def cancel(ledger_path: Path, only: str | None) -> None:
         # shows it CANCELLED and resubmit takes it.
         with update_ledger(ledger_path) as fresh:
             for s in live:
-                record_cancel(fresh, s.cell, s.array_name, s.index)
+                record_cancel(fresh, s.cell, s.array_name, s.index, stage=s.stage)
     for s in live:
-        click.echo(f"cancelled {s.cell} ({s.task_id}, was {s.state})")
+        what = f"{s.cell} (eval)" if s.stage == "eval" else s.cell
+        click.echo(f"cancelled {what} ({s.task_id}, was {s.state})")
     if not live:
         click.echo("nothing to cancel", err=True)

@@ -11,11 +11,12 @@ import click
 from ..errors import ConfigError
 from ..ledger import Ledger
 from ..matrix import Cell, Matrix, expand, load_matrix, select
+from ..cell_status import CellStatus
 from ..status_snapshot import Snapshot
 
 LEDGER_NAME = "bakery-ledger.json"
-STATUS_COLUMNS = ["cell", "state", "exit_code", "elapsed", "node", "attempt", "task", "detail",
-                  "log"]
+STATUS_COLUMNS = ["cell", "state", "eval", "exit_code", "elapsed", "node", "attempt", "task",
+                  "detail", "log"]
 
 
 def selected_cells(matrix: Path, only: str | None) -> tuple[Matrix, list[Cell]]:
@@ -53,22 +54,38 @@ def _push_root(matrix_path: str) -> str | None:
 
 
 def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
-    """One row per cell: state, exit code, elapsed, node, attempt, task id, detail (stage or
-    failure reason), log and output."""
-    from ..executors import backend
-
+    """One row per cell: its merge's state, exit code, elapsed, node, attempt, task id, detail
+    (stage or failure reason), log and output, and its eval's state (`eval`, the rest of it as
+    `eval_*` fields); then one row per baseline, with its eval only."""
     matrix_of = {array.name: submission.matrix_path
                  for submission in ledger.submissions for array in submission.arrays}
+    evals = {s.cell: s for s in snap.evals}
     rows = []
     for s in snap.statuses:
-        array = snap.arrays[s.array_name]
-        log = backend(array.executor).log_paths(array, s.index)[0] if s.array_job_id else None
         root = _push_root(matrix_of[s.array_name])
-        rows.append({
-            "cell": s.cell, "state": s.state, "exit_code": s.exit_code, "elapsed": s.elapsed,
-            "node": s.node, "attempt": s.attempt, "array_job_id": s.array_job_id,
-            "index": s.index, "task": s.task_id, "executor": array.executor,
-            "detail": s.detail, "log": str(log) if log else None,
-            "output": f"{root}/{s.cell}" if root else None,
-        })
+        rows.append({"cell": s.cell, **_task_fields(s, snap),
+                     "output": f"{root}/{s.cell}" if root else None,
+                     **_eval_fields(evals.pop(s.cell, None), snap)})
+    rows += [{"cell": e.cell, "state": None, **_eval_fields(e, snap)} for e in evals.values()]
+    for row in rows:
+        if row.get("detail") is None and row.get("eval_detail"):
+            row["detail"] = f"eval: {row['eval_detail']}"
     return rows
+
+
+def _task_fields(s: CellStatus, snap: Snapshot) -> dict[str, Any]:
+    from ..executors import backend
+
+    array = snap.arrays[s.array_name]
+    log = backend(array.executor).log_paths(array, s.index)[0] if s.array_job_id else None
+    return {"state": s.state, "exit_code": s.exit_code, "elapsed": s.elapsed, "node": s.node,
+            "attempt": s.attempt, "array_job_id": s.array_job_id, "index": s.index,
+            "task": s.task_id, "executor": array.executor, "detail": s.detail,
+            "log": str(log) if log else None}
+
+
+def _eval_fields(s: CellStatus | None, snap: Snapshot) -> dict[str, Any]:
+    if s is None:
+        return {"eval": None}
+    fields = _task_fields(s, snap)
+    return {"eval": fields.pop("state"), **{f"eval_{k}": v for k, v in fields.items()}}

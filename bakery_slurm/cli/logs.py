@@ -17,18 +17,22 @@ from . import cli
 @click.argument("cell")
 @click.option("--attempt", type=int, metavar="N", help="Attempt number, 1 = first (default: latest).")
 @click.option("--stderr", "stderr", is_flag=True, help="Print the task's stderr instead of stdout.")
-def logs(ledger_path: Path, cell: str, attempt: int | None, stderr: bool) -> None:
+@click.option("--eval", "of_eval", is_flag=True,
+              help="The log of CELL's evaluation (CELL may be a baseline id), not its merge.")
+def logs(ledger_path: Path, cell: str, attempt: int | None, stderr: bool, of_eval: bool) -> None:
     """Print the log of CELL's latest attempt (or attempt N).
 
     \b
     Example:
         bakery-slurm logs 4b-std/eng-nob__ties
         bakery-slurm logs 4b-std/eng-nob__ties --attempt 1 --stderr
+        bakery-slurm logs 4b-std/lora-nob --eval
     """
     ledger = load_ledger(ledger_path)
-    history = attempts(ledger, cell)
+    history = attempts(ledger, cell, "eval" if of_eval else "merge")
     if not history:
-        raise click.BadParameter(f"{cell!r} has no attempt in {ledger_path}", param_hint="CELL")
+        what = "eval attempt" if of_eval else "attempt"
+        raise click.BadParameter(f"{cell!r} has no {what} in {ledger_path}", param_hint="CELL")
     number = attempt or len(history)
     if not 1 <= number <= len(history):
         raise click.BadParameter(f"{cell} has attempts 1..{len(history)}, not {number}",

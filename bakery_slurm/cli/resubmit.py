@@ -7,17 +7,20 @@ from pathlib import Path
 
 import click
 
+from ..cell_status import CellStatus
+from ..evaluation import expand_eval
 from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix
 from ..output import format_rows, output_options
-from ..resubmit_policy import TERMINAL_FAILURES, choose_resubmit
+from ..resubmit_policy import (TERMINAL_FAILURES, Refusal, choose_eval_resubmit, choose_resubmit,
+                               is_live)
 from ..submission import submit_cells
 from ..preflight import gate
 from ..status_snapshot import snapshot
 from .common import ledger_option, preflight_option
 from . import EXIT_FAILED, cli
 
-COLUMNS = ["cell", "state", "action"]
+COLUMNS = ["cell", "stage", "state", "action"]
 
 
 @cli.command()
@@ -53,53 +56,84 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
     matrix_of = {a.name: s.matrix_path for s in ledger.submissions for a in s.arrays}
     rows, submitted, refused_all = [], 0, []
     # Cells are resubmitted per (matrix, executor, pins) of their latest attempt: cells pinned at
-    # different times may read one source at different commits.
-    groups: dict[tuple[str, str, tuple], list] = {}
-    for status in snap.statuses:
-        pins = {} if refresh_inputs else ledger.cells[status.cell][-1].pins
-        key = (matrix_of[status.array_name], snap.arrays[status.array_name].executor,
-               tuple(sorted(pins.items())))
-        groups.setdefault(key, []).append(status)
-    for (matrix_path, executor, known_pins), statuses in groups.items():
+    # different times may read one source at different commits. Evals go with them, so that a
+    # resubmitted merge's eval is chained to it in the same submission.
+    groups: dict[tuple[str, str, tuple], dict[str, list[CellStatus]]] = {}
+    merges = {s.cell: s for s in snap.statuses}
+    for stage, statuses in (("merge", snap.statuses), ("eval", snap.evals)):
+        for status in statuses:
+            # A cell's eval goes with its merge's group; a baseline's with its own attempt's.
+            owner = merges.get(status.cell, status)
+            pins = {} if refresh_inputs else latest_attempt(ledger, owner.cell, owner.stage).pins
+            key = (matrix_of[owner.array_name], snap.arrays[owner.array_name].executor,
+                   tuple(sorted(pins.items())))
+            groups.setdefault(key, {"merge": [], "eval": []})[stage].append(status)
+    live_evals = {s.cell for s in snap.evals if is_live(s.state)}
+    for (matrix_path, executor, known_pins), group in groups.items():
         matrix = load_matrix(matrix_path)
-        to_run, refused = choose_resubmit(statuses, max_attempts=matrix.spec.max_attempts,
-                                          states=states or TERMINAL_FAILURES, only=only)
-        # Completed cells are refused too; listing each would bury the failures.
-        rows += [{"cell": r.cell, "state": r.state, "action": f"refused: {r.reason}"}
-                 for r in refused if r.state != "COMPLETED"]
-        refused_all += refused
+        wanted = states or TERMINAL_FAILURES
+        to_run, refused = choose_resubmit(group["merge"], max_attempts=matrix.spec.max_attempts,
+                                          states=wanted, only=only)
         cells = {c.id: c for c in expand(matrix)}
-        missing = [s for s in to_run if s.cell not in cells]
-        rows += [{"cell": s.cell, "state": s.state,
-                  "action": f"refused: no longer a cell of {matrix.path}"} for s in missing]
-        evaluated = {s.cell: (s.array_name, s.index) for s in to_run if s.cell in cells}
+        targets = {t.id: t for t in expand_eval(matrix)}
+        refused += [Refusal(s.cell, s.state, f"no longer a cell of {matrix.path}")
+                    for s in to_run if s.cell not in cells]
+        to_run = [s for s in to_run if s.cell in cells]
+        rechained = {s.cell for s in to_run if s.cell in targets and s.cell not in live_evals}
+        evals_to_run, eval_refused = choose_eval_resubmit(
+            [s for s in group["eval"] if s.cell not in rechained],
+            {cell: s.state for cell, s in merges.items()},
+            max_attempts=matrix.spec.max_attempts, states=wanted, only=only)
+        eval_refused += [Refusal(s.cell, s.state, f"no longer an eval target of {matrix.path}")
+                         for s in evals_to_run if s.cell not in targets]
+        evals_to_run = [s for s in evals_to_run if s.cell in targets]
+        # Completed ones are refused too; listing each would bury the failures.
+        rows += [{"cell": r.cell, "stage": stage, "state": r.state, "action": f"refused: {r.reason}"}
+                 for stage, rs in (("merge", refused), ("eval", eval_refused))
+                 for r in rs if r.state != "COMPLETED"]
+        refused_all += refused + eval_refused
+        judged = {("merge", s.cell): (s.array_name, s.index) for s in to_run}
+        judged |= {("eval", s.cell): (s.array_name, s.index) for s in evals_to_run}
+        seen_evals = {c: latest_attempt(ledger, c, "eval") for c in rechained}
 
-        def still_failed(fresh, evaluated=evaluated, cells=cells):
-            # Another resubmit may have run since we looked: only cells whose latest attempt is
-            # still the one we judged are submitted, so each failed cell is submitted once.
-            return [cells[c] for c, (array, index) in evaluated.items()
-                    if (a := latest_attempt(fresh, c)) and (a.array, a.index) == (array, index)]
+        def still_failed(fresh, judged=judged, seen_evals=seen_evals, cells=cells,
+                         targets=targets):
+            # Another resubmit may have run since we looked: only those whose latest attempt is
+            # still the one we judged are submitted, so each failed one is submitted once.
+            def unchanged(stage, target_id):
+                latest = latest_attempt(fresh, target_id, stage)
+                return latest and (latest.array, latest.index) == judged[(stage, target_id)]
+
+            merges = [cells[c] for stage, c in judged if stage == "merge" and unchanged(stage, c)]
+            evals = [targets[c] for stage, c in judged if stage == "eval" and unchanged(stage, c)]
+            evals += [targets[c] for c in seen_evals if any(m.id == c for m in merges)
+                      and latest_attempt(fresh, c, "eval") == seen_evals[c]]
+            return merges, evals
 
         # Nothing failed in this group (e.g. every cell COMPLETED or UNPUBLISHED): no array.
-        chosen = [cells[c] for c in evaluated]
+        chosen = [cells[s.cell] for s in to_run]
+        evals = [targets[s.cell] for s in evals_to_run] + [targets[c] for c in rechained]
         pins = gate(matrix, chosen, executor, run_checks=not no_preflight,
-                    known_pins=dict(known_pins)) if chosen else {}
-        requests = submit_cells(ledger_path, matrix, chosen, executor, pins=pins,
+                    known_pins=dict(known_pins)) if chosen or evals else {}
+        requests = submit_cells(ledger_path, matrix, chosen, executor, evals=evals, pins=pins,
                                 dry_run=dry_run, guard=None if dry_run else still_failed
-                                ) if chosen else []
-        resubmitted = {c: r.array for r in requests for c in r.array.cells}
-        for cell, (array, index) in evaluated.items():
-            state = next(s.state for s in to_run if s.cell == cell)
-            if cell in resubmitted:
-                submitted += 1
-                job = resubmitted[cell].job_id or "(dry run)"
-                rows.append({"cell": cell, "state": state,
-                             "action": f"resubmitted in {resubmitted[cell].name} job {job}"})
+                                ) if chosen or evals else []
+        resubmitted = {(r.array.stage, c): r for r in requests for c in r.array.cells}
+        states_of = {("merge", s.cell): s.state for s in to_run}
+        states_of |= {("eval", s.cell): s.state for s in evals_to_run}
+        states_of |= {("eval", c): merges[c].state for c in rechained}
+        for (stage, target_id), state in states_of.items():
+            request = resubmitted.get((stage, target_id))
+            if request is None:
+                action = "skipped: resubmitted meanwhile by another process"
             else:
-                rows.append({"cell": cell, "state": state,
-                             "action": "skipped: resubmitted meanwhile by another process"})
+                submitted += 1
+                waits = f", after {request.after.name}" if request.after else ""
+                action = (f"resubmitted in {request.array.name} job "
+                          f"{request.array.job_id or '(dry run)'}{waits}")
+            rows.append({"cell": target_id, "stage": stage, "state": state, "action": action})
     click.echo(format_rows(rows, COLUMNS, fmt))
-    click.echo(f"{'would resubmit' if dry_run else 'resubmitted'} {submitted} cell(s)", err=True)
+    click.echo(f"{'would resubmit' if dry_run else 'resubmitted'} {submitted} task(s)", err=True)
     if any(r.state in TERMINAL_FAILURES for r in refused_all):
         # A failed cell that cannot run again (attempt cap) is still a failed cell.
         sys.exit(EXIT_FAILED)

@@ -27,7 +27,11 @@ MIN_WATCH_S = 30  # sacct is the controller's database: do not poll it harder th
 def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
     """Show the state of every cell's latest attempt, from one batched sacct call.
 
-    Exit status 1 when any cell's latest attempt failed (FAILED, TIMEOUT, OUT_OF_MEMORY, ...).
+    With [eval], the `eval` column is the state of the cell's latest evaluation, and each
+    baseline has a row of its own (no merge state). An eval chained to a merge that failed is
+    CANCELLED by the scheduler, and says so in the detail column.
+    Exit status 1 when any cell's (or eval's) latest attempt failed (FAILED, TIMEOUT,
+    OUT_OF_MEMORY, ...).
     UNPUBLISHED cells were verified but not published (push failed, or `[push] defer`):
     `bakery-slurm push` publishes them.
     Without SLURM accounting, states come from squeue and the cells' result records, and a
@@ -53,7 +57,10 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         if fmt == "table":
             click.echo("totals: " + ", ".join(f"{state} {n}" for state, n in
                                                totals(snap.statuses).items()))
-        live = any(is_live(s.state) for s in snap.statuses)
+            if snap.evals:
+                click.echo("eval totals: " + ", ".join(f"{state} {n}" for state, n in
+                                                        totals(snap.evals).items()))
+        live = any(is_live(s.state) for s in snap.statuses + snap.evals)
         if watch is None or not live:
             break
         time.sleep(watch)
@@ -62,7 +69,13 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         click.echo(f"{len(unpublished)} cell(s) verified but not published: `bakery-slurm push "
                    "MATRIX` publishes them (no rerun)", err=True)
     failed = [s.cell for s in snap.statuses if s.state in TERMINAL_FAILURES]
+    failed_evals = [s.cell for s in snap.evals if s.state in TERMINAL_FAILURES]
     if failed:
         click.echo(f"{len(failed)} cell(s) failed: `bakery-slurm logs {failed[0]} --stderr` shows "
                    "why; `bakery-slurm resubmit` runs them again", err=True)
+    if failed_evals:
+        click.echo(f"{len(failed_evals)} eval(s) failed or never ran: `bakery-slurm logs "
+                   f"{failed_evals[0]} --eval --stderr` shows why; `bakery-slurm resubmit` runs "
+                   "them again (a failed merge's eval with its merge)", err=True)
+    if failed or failed_evals:
         sys.exit(EXIT_FAILED)

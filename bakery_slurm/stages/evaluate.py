@@ -24,8 +24,7 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import BakeryError, StageError
-from ..evaluation import EvalTarget, eval_dir, results_path
-from ..manifest import intact_marker
+from ..evaluation import EvalTarget, eval_dir, read_eval_record, results_path, verified_output
 from ..pipeline import CellPaths, now
 from .merge import choose_device
 
@@ -58,7 +57,7 @@ def _run(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str
     out = results_path(work, target.id)
     try:
         model, adapter, inputs = _model(target, work, offline)
-        previous = _read_bakery_block(out)
+        previous = read_eval_record(work, target.id)
         if previous.get("inputs") == inputs and previous.get("settings_hash") == target.settings_hash:
             log.info("%s: eval skipped (results for this model and these settings exist)", target.id)
             return {"target": target.id, "status": "skipped", "device": previous.get("device"),
@@ -88,19 +87,11 @@ def _model(target: EvalTarget, work: Path,
            offline: bool) -> tuple[Path, Path | None, dict[str, Any]]:
     """(model folder, adapter folder or None, the identity of what is scored)."""
     if target.kind == "cell":
-        paths = CellPaths(work, target.id)
-        marker = intact_marker(paths.final)
-        try:
-            verified = json.loads(paths.verified.read_text())
-        except (OSError, ValueError):
-            verified = {}
-        # The verify record names the checkpoint it checked: `final_sha256`, or (in the
-        # declared-steps pipeline) its step inputs' `final`.
-        checked = verified.get("final_sha256") or (verified.get("inputs") or {}).get("final")
-        if marker is None or checked != marker["content_sha256"]:
-            raise BakeryError(f"no verified output in {paths.final}: run the cell first "
-                              f"(bakery-slurm run-cell)")
-        return paths.final, None, {"final_sha256": marker["content_sha256"]}
+        checked = verified_output(work, target.id)
+        if checked is None:
+            raise BakeryError(f"no verified output in {CellPaths(work, target.id).final}: run the "
+                              f"cell first (bakery-slurm run-cell)")
+        return CellPaths(work, target.id).final, None, {"final_sha256": checked}
     from ..sources import fetch
 
     hashes = CellPaths(work, target.id).cache / "hashes"
@@ -111,13 +102,6 @@ def _model(target: EvalTarget, work: Path,
     name, source = target.adapter
     adapter = fetch(source, hash_cache=hashes, offline=offline)
     return base.path, adapter.path, {**inputs, "adapter": {name: adapter.identity}}
-
-
-def _read_bakery_block(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()).get("bakery") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def _simple_evaluate(target: EvalTarget, model: Path, adapter: Path | None,

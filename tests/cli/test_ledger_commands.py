@@ -268,7 +268,7 @@ def test_resubmit_dry_run_lists_exactly_the_failed_cells_and_writes_nothing(mixe
     rows = json.loads(result.stdout)
     assert [r["cell"] for r in rows] == FAILED_CELLS
     assert all(r["state"] == "FAILED" and r["action"].endswith("(dry run)") for r in rows)
-    assert "would resubmit 2 cell(s)" in result.stderr
+    assert "would resubmit 2 task(s)" in result.stderr
     assert ledger.read_bytes() == before
     assert sorted((matrix.parent / "bakery-work" / "arrays").iterdir()) == arrays_before
 
@@ -301,14 +301,14 @@ def test_resubmit_stops_at_max_attempts(project):
     matrix, ledger = failed_project(project, max_attempts=2)
     first = invoke("resubmit", "--ledger", ledger)
     assert first.exit_code == 0, first.output
-    assert "resubmitted 3 cell(s)" in first.stderr
+    assert "resubmitted 3 task(s)" in first.stderr
     wait_for(lambda: settled(ledger), "the second attempts to end")
     before = ledger.read_bytes()
     result = invoke("resubmit", "--ledger", ledger, "--json")
     rows = json.loads(result.stdout)
     assert [(r["cell"], r["state"], r["action"]) for r in rows] == [
         (c, "FAILED", "refused: reached the attempt cap (2 of 2)") for c in CELLS]
-    assert "resubmitted 0 cell(s)" in result.stderr
+    assert "resubmitted 0 task(s)" in result.stderr
     assert result.exit_code == 1  # failed cells that cannot run again are still failures
     assert ledger.read_bytes() == before
 

@@ -370,7 +370,7 @@ def test_resubmit_refuses_a_running_cell(faults):
     rows = json.loads(faults.refuse_running.stdout)
     assert rows == [{"cell": OK, "state": "RUNNING",
                      "action": "refused: latest attempt is RUNNING, not a terminal failure"}]
-    assert "resubmitted 0 cell(s)" in faults.refuse_running.stderr
+    assert "resubmitted 0 task(s)" in faults.refuse_running.stderr
     assert faults.arrays_after_refusal == 0
 
 
@@ -437,7 +437,7 @@ def test_resubmitted_cells_complete_with_the_edited_matrix(faults, resubmitted):
 def test_resubmit_refuses_completed_cells(faults, resubmitted):
     # Completed cells are refused without a row each (they would bury the failures).
     assert json.loads(resubmitted.again.stdout) == []
-    assert "resubmitted 0 cell(s)" in resubmitted.again.stderr
+    assert "resubmitted 0 task(s)" in resubmitted.again.stderr
     assert faults.ledger.read_bytes() == resubmitted.ledger_bytes
 
 

@@ -107,28 +107,58 @@ def test_parse_max_array_size_missing_raises(text):
 # slurm_parameters
 
 
-def test_slurm_parameters_drop_unset_resources_and_give_minutes():
+def test_slurm_parameters_drop_unset_resources_and_give_minutes(tmp_path):
     res = Resources(partition="accel", gpus_per_node=1, mem="110G", time="01:30:00")
-    assert slurm_parameters(res, "bakery-0123abcd-0", 4) == {
+    assert slurm_parameters(request(tmp_path, resources=res, parallelism=4)) == {
         "partition": "accel", "gpus_per_node": 1, "mem": "110G", "time": 90,
         "job_name": "bakery-0123abcd-0", "array_parallelism": 4}
 
 
-def test_slurm_parameters_pass_every_set_resource():
+def test_slurm_parameters_pass_every_set_resource(tmp_path):
     res = Resources(partition="accel", account="nn1234k", qos="devel", constraint="gh200",
                     gpus_per_node=0, cpus_per_task=70, mem="64G", time="1-00:00:30")
-    params = slurm_parameters(res, "n", 2)
+    params = slurm_parameters(request(tmp_path, resources=res, parallelism=2, name="n"))
     assert params == {"partition": "accel", "account": "nn1234k", "qos": "devel",
                       "constraint": "gh200", "gpus_per_node": 0, "cpus_per_task": 70,
                       "mem": "64G", "time": 1441, "job_name": "n", "array_parallelism": 2}
 
 
-def test_slurm_parameters_are_valid_submitit_parameters():
+def test_slurm_parameters_are_valid_submitit_parameters(tmp_path):
     from submitit.slurm.slurm import _get_default_parameters
 
-    res = Resources(partition="p", account="a", qos="q", constraint="c", gpus_per_node=1,
-                    cpus_per_task=2, mem="1G")
-    assert set(slurm_parameters(res, "n", 1)) <= set(_get_default_parameters())
+    merge = request(tmp_path, n=2).array.model_copy(update={"job_id": "41"})
+    chained = eval_request(tmp_path, merge, [0, 1])
+    assert set(slurm_parameters(chained)) <= set(_get_default_parameters())
+
+
+def eval_request(folder: Path, after: ArrayRecord, indices: list[int]) -> SubmitRequest:
+    base = request(folder, n=len(indices), name="bakery-0123abcd-1")
+    array = base.array.model_copy(update={"stage": "eval", "after": after.name,
+                                          "after_indices": indices})
+    return replace(base, array=array, after=after)
+
+
+@pytest.mark.parametrize("merge_tasks, indices, expected", [
+    (3, [0, 1, 2], "aftercorr:41"),       # task i waits for merge task i
+    (3, [0, 1], "aftercorr:41"),          # the first merge cells only
+    (3, [2], "afterok:41_2"),             # one eval, one merge task
+    (1, [0], "afterok:41"),               # submitit submits a one-task array as a plain job
+])
+def test_an_eval_array_waits_for_its_merge_tasks_and_dies_with_them(tmp_path, merge_tasks,
+                                                                     indices, expected):
+    merge = request(tmp_path, n=merge_tasks).array.model_copy(update={"job_id": "41"})
+    params = slurm_parameters(eval_request(tmp_path, merge, indices))
+    assert params["dependency"] == expected
+    assert params["additional_parameters"] == {"kill-on-invalid-dep": "yes"}
+    text = SlurmBackend().render(eval_request(tmp_path, merge, indices))
+    assert f"#SBATCH --dependency={expected}" in text.splitlines()
+    assert "#SBATCH --kill-on-invalid-dep=yes" in text.splitlines()
+
+
+def test_tasks_that_do_not_correspond_are_never_chained_as_one_array(tmp_path):
+    merge = request(tmp_path, n=3).array.model_copy(update={"job_id": "41"})
+    with pytest.raises(ValueError, match="one job each"):
+        executors.dependency(merge, [1, 2], 2)
 
 
 # ---------------------------------------------------------------------------------------------

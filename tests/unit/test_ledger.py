@@ -11,12 +11,14 @@ import pytest
 
 from bakery_slurm.errors import LedgerError
 from bakery_slurm.ledger import (
+    SCHEMA_VERSION,
     Ledger,
     PlannedArray,
     all_arrays,
     attempts,
     confirm_array,
     find_array,
+    forget_array,
     latest_attempt,
     load_ledger,
     record_intent,
@@ -66,7 +68,7 @@ def test_round_trip(saved: Path):
     ledger = load_ledger(saved)
     assert load_ledger(saved) == ledger
     data = json.loads(saved.read_text())
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == SCHEMA_VERSION
     assert data["submissions"][0]["created"] == "2025-03-01T12:00:00Z"
     assert [a.job_id for a in all_arrays(ledger)] == ["1001", "1002"]
     assert all_arrays(ledger)[0].resources == {"partition": "accel", "gpus_per_node": 1}
@@ -168,12 +170,12 @@ def test_truncated_ledger_is_refused_and_left_byte_identical(saved: Path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(schema_version=3), "newer bakery-slurm \\(schema_version 3"),
+        (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), f"newer bakery-slurm \\(schema_version {SCHEMA_VERSION + 1}"),
         (lambda d: d.pop("schema_version"), "no integer schema_version"),
-        (lambda d: d.update(schema_version=0), "schema_version: Input should be 1 or 2"),
+        (lambda d: d.update(schema_version=0), "schema_version: Input should be 1, 2 or 3"),
         (lambda d: d.update(surprise=1), "surprise: Extra inputs are not permitted"),
         (lambda d: d["submissions"][0]["arrays"][0].update(job_id="1_2"), "job_id: String should match"),
-        (lambda d: d["cells"]["12b-std/eng-nob__ties"][0].update(index=5), "has no such cell at index 5"),
+        (lambda d: d["cells"]["12b-std/eng-nob__ties"][0].update(index=5), "has no such target at index 5"),
         (lambda d: d["cells"].pop("12b-std/eng-nob__ties"), "index 0 \\(12b-std/eng-nob__ties\\) has no attempt"),
     ],
 )
@@ -200,7 +202,7 @@ def test_save_refuses_an_inconsistent_ledger(saved: Path):
     before = saved.read_bytes()
     ledger = load_ledger(saved)
     ledger.cells["1b-std/eng-nob__ties"][0].array = "bakery-gone-0"
-    with pytest.raises(LedgerError, match="refusing to save.*unknown array 'bakery-gone-0'"):
+    with pytest.raises(LedgerError, match="refusing to save.*unknown merge array 'bakery-gone-0'"):
         save_ledger(saved, ledger)
     assert saved.read_bytes() == before
 
@@ -242,7 +244,7 @@ def test_concurrent_updates_lose_nothing(tmp_path: Path):
     assert sorted(ledger.cells) == sorted(f"w{w}-{n}" for w in range(2) for n in range(UPDATES_PER_PROCESS))
 
 
-def test_a_version_1_ledger_reads_and_is_written_back_as_version_2(saved: Path):
+def test_a_version_1_ledger_reads_and_is_written_back_as_the_current_version(saved: Path):
     data = json.loads(saved.read_text())
     for attempts in data["cells"].values():
         for attempt in attempts:
@@ -253,4 +255,55 @@ def test_a_version_1_ledger_reads_and_is_written_back_as_version_2(saved: Path):
     assert all(a.pins == {} and a.cancelled is None for c in ledger.cells.values() for a in c)
     with update_ledger(saved):
         pass
-    assert json.loads(saved.read_text())["schema_version"] == 2
+    assert json.loads(saved.read_text())["schema_version"] == SCHEMA_VERSION
+
+
+def eval_planned(*targets: str, after: str | None = None,
+                 after_indices: list[int] | None = None) -> PlannedArray:
+    return PlannedArray(executor="slurm", resources={"gpus_per_node": 1}, folder="/w/e",
+                        cells=list(targets), stage="eval", after=after, after_indices=after_indices)
+
+
+def test_eval_attempts_are_kept_apart_from_merge_attempts_of_the_same_id():
+    ledger = Ledger()
+    merge = planned("1b-std/eng-nob__ties", "1b-std/eng-nob__linear")
+    name = "bakery-00000000-0"
+    record_intent(ledger, matrix_path="m", matrix_sha256=SHA, submission_id="0" * 32,
+                  arrays=[merge, eval_planned("1b-std/eng-nob__ties", "1b-std/eng-nob__linear",
+                                              after=name, after_indices=[0, 1]),
+                          eval_planned("1b-std/base")],
+                  recipe_hashes=dict.fromkeys(merge.cells, "recipe"),
+                  eval_hashes={"1b-std/eng-nob__ties": "s", "1b-std/eng-nob__linear": "s",
+                               "1b-std/base": "s"},
+                  eval_pins={"1b-std/base": {"hub:org/base@main": "c" * 40}}, now=T0)
+    assert attempts(ledger, "1b-std/eng-nob__ties")[0].recipe_hash == "recipe"
+    assert attempts(ledger, "1b-std/eng-nob__ties", stage="eval")[0].recipe_hash == "s"
+    assert latest_attempt(ledger, "1b-std/base") is None
+    assert latest_attempt(ledger, "1b-std/base", stage="eval").pins == {"hub:org/base@main": "c" * 40}
+    assert Ledger.model_validate(json.loads(ledger.model_dump_json())) == ledger
+    # A merge array whose sbatch definitely failed takes the eval array chained to it along.
+    forget_array(ledger, name)
+    assert set(ledger.evals) == {"1b-std/base"} and ledger.cells == {}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: eval_planned("a", after="m"), "after and after_indices go together"),
+    (lambda: eval_planned("a", "b", after="m", after_indices=[0]), "1 entries for 2 tasks"),
+    (lambda: PlannedArray(executor="slurm", resources={}, folder="f", cells=["a"], after="m",
+                          after_indices=[0]), "only an eval array waits"),
+])
+def test_a_chained_array_names_one_merge_task_per_task(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_ledger_whose_eval_array_waits_for_an_unknown_array_is_refused(saved: Path):
+    data = json.loads(saved.read_text())
+    data["submissions"][0]["arrays"].append({
+        **data["submissions"][0]["arrays"][0], "name": "bakery-eval-0", "stage": "eval",
+        "after": "bakery-nope-0", "after_indices": [0, 1]})
+    data["evals"] = {c: [{**a[0], "array": "bakery-eval-0"}] for c, a in data["cells"].items()
+                     if a[0]["array"] == data["submissions"][0]["arrays"][0]["name"]}
+    saved.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="waits for unknown merge array 'bakery-nope-0'"):
+        load_ledger(saved)
