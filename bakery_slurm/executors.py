@@ -57,7 +57,7 @@ def dependency(after: ArrayRecord, after_indices: Sequence[int], n_tasks: int) -
     by task, else `afterok` on the one task a single-task array waits for. submitit submits a
     one-task array as a plain job, whose id has no `_<index>`. (A dry run shows an array not
     yet submitted by its name.)"""
-    job = after.job_id or f"<{after.name}>"
+    job = after.job_id or after.name
     if len(after.cells) == 1:
         return f"afterok:{job}"
     if n_tasks == 1:

@@ -185,9 +185,13 @@ class Bakery:
 
     def wait_settled(self, ledger: Path, cells: Any = None,
                      timeout: float = DEADLINE_S) -> dict[str, dict[str, Any]]:
-        """Wait until `cells` (default: every cell of the ledger) are in a final state."""
+        """Wait until `cells` (default: every row of the ledger) are in a final state: the
+        merge of a cell (a baseline has none) and its eval, if it has one."""
+        def settled(row: dict[str, Any]) -> bool:
+            return all(state is None or state in SETTLED for state in (row["state"], row["eval"]))
+
         return self.wait(ledger, lambda rows: all(
-            rows[c]["state"] in SETTLED for c in (rows if cells is None else cells)),
+            settled(rows[c]) for c in (rows if cells is None else cells)),
             f"{'every cell' if cells is None else ', '.join(cells)} to finish", timeout)
 
 

@@ -368,7 +368,7 @@ def test_cancel_only_cancels_the_matching_live_cell(faults):
 
 def test_resubmit_refuses_a_running_cell(faults):
     rows = json.loads(faults.refuse_running.stdout)
-    assert rows == [{"cell": OK, "state": "RUNNING",
+    assert rows == [{"cell": OK, "stage": "merge", "state": "RUNNING",
                      "action": "refused: latest attempt is RUNNING, not a terminal failure"}]
     assert "resubmitted 0 task(s)" in faults.refuse_running.stderr
     assert faults.arrays_after_refusal == 0

@@ -152,7 +152,7 @@ def test_without_accounting_squeue_recovers_and_held_tasks_stay_live(tmp_path, t
         dry = bakery.ok("submit", matrix, "--executor", "slurm", "--dry-run", ledger=ledger)
         assert f"skip {QUEUE[0]}: an attempt is SPECIAL_EXIT" in dry.stderr
         refused = json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout)
-        assert {"cell": QUEUE[0], "state": "SPECIAL_EXIT",
+        assert {"cell": QUEUE[0], "stage": "merge", "state": "SPECIAL_EXIT",
                 "action": "refused: latest attempt is SPECIAL_EXIT, not a terminal failure"} in refused
         assert len(all_arrays(load_ledger(ledger))) == 1
         cancelled = bakery.ok("cancel", ledger=ledger).stdout

@@ -170,3 +170,48 @@ def test_a_cell_is_scored_only_on_its_verified_output(tmp_path, write_matrix, re
     with pytest.raises(StageError, match=r"stage eval failed: no verified output in"):
         run_eval(target, tmp_path / "work", device="cpu")
     assert not results_path(tmp_path / "work", target.id).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# group_evals: which eval array waits for which merge task
+
+
+def ids(groups):
+    return [([t.id for t in g.targets], g.after, g.after_indices) for g in groups]
+
+
+def test_evals_aligned_with_a_merge_array_wait_task_by_task(targets):
+    from bakery_slurm.submission import group_evals
+
+    # As grouped by resources, the tiny cells make one merge array, the big ones another.
+    tiny = [t.id for t in targets if t.kind == "cell" and t.size == "tiny"]
+    big = [t.id for t in targets if t.kind == "cell" and t.size == "big"]
+    groups = group_evals(targets, {"m0": tiny, "m1": big}, {}, 1001)
+    assert ids(groups) == [
+        (tiny, "m0", [0, 1]), (big, "m1", [0, 1]),
+        (["tiny-std/base", "tiny-open/base"], None, None),  # baselines: by resources, at once
+        (["big-std/base", "big-open/base", "big-std/lora-nob"], None, None)]
+
+
+def test_evals_that_do_not_line_up_wait_one_job_each(targets):
+    from bakery_slurm.submission import group_evals
+
+    tiny_std, tiny_open, big_std, _ = [t for t in targets if t.kind == "cell"]
+    # The merge array also runs a cell with no eval target first: indices no longer correspond.
+    groups = group_evals([tiny_open, big_std], {"m0": ["x", tiny_open.id, big_std.id]}, {}, 1001)
+    assert ids(groups) == [([tiny_open.id], "m0", [1]), ([big_std.id], "m0", [2])]
+    # A merge still queued from an earlier submission: its cell's eval waits for that task.
+    groups = group_evals([tiny_std, big_std], {}, {tiny_std.id: ("old", 3)}, 1001)
+    assert ids(groups) == [([tiny_std.id], "old", [3]), ([big_std.id], None, None)]
+
+
+def test_evals_with_other_resources_than_their_merge_array_mates_wait_one_job_each(targets):
+    import dataclasses
+
+    from bakery_slurm.submission import group_evals
+
+    first, second = [t for t in targets if t.kind == "cell"][:2]
+    longer = dataclasses.replace(second, resources=second.resources.model_copy(
+        update={"time": "09:00:00"}))
+    groups = group_evals([first, longer], {"m0": [first.id, second.id]}, {}, 1001)
+    assert ids(groups) == [([first.id], "m0", [0]), ([second.id], "m0", [1])]

@@ -244,3 +244,33 @@ def test_dead_supervisor_and_task_read_as_node_fail(folder, tmp_path):
                                                       f"{JOB}_1": "NODE_FAIL"}
     # The files still say RUNNING / PENDING: NODE_FAIL is what a reader concludes, not a write.
     assert json.loads((folder / "0.state.json").read_text())["state"] == "RUNNING"
+
+
+def test_a_task_waits_for_its_dependency_and_is_cancelled_when_that_fails(folder, tmp_path):
+    """Eval after merge, as SLURM's aftercorr with --kill-on-invalid-dep=yes: task 0 of the
+    second array starts only once task 0 of the first completed; task 1, whose task failed, is
+    cancelled without running."""
+    # The first array is the fixture's folder, so that teardown kills its waiting task if the
+    # test fails early; the second's supervisor then reads it dead and ends too.
+    go, ran = tmp_path / "go", tmp_path / "ran"
+    first, second = folder, tmp_path / "eval"
+    local.submit(first, JOB, [["sh", "-c", f'while [ ! -e "{go}" ]; do sleep 0.05; done'],
+                              ["sh", "-c", "exit 3"]], [], "none", parallelism=2, time_min=1)
+    second_job = "local-0123abcd-1"
+    after = [{"folder": str(first), "job_id": JOB, "index": i} for i in (0, 1)]
+    local.submit(second, second_job, [["sh", "-c", f'echo 0 >> "{ran}"'],
+                                      ["sh", "-c", f'echo 1 >> "{ran}"']],
+                 [], "none", parallelism=2, time_min=1, after=after)
+    wait_for(lambda: local.read_states(second, second_job)[f"{second_job}_1"].state == "CANCELLED",
+             "the task whose dependency failed to be cancelled")
+    assert state_is(first, 0, "RUNNING")
+    assert local.read_states(second, second_job)[f"{second_job}_0"].state == "PENDING"
+    go.touch()
+    states = wait_for(lambda: (s := local.read_states(second, second_job))
+                      and s[f"{second_job}_0"].state == "COMPLETED" and s, "task 0 to run")
+    assert ran.read_text() == "0\n"
+    waited = json.loads((first / "0.state.json").read_text())
+    started = json.loads((second / "0.state.json").read_text())
+    assert started["started"] >= waited["ended"]
+    assert "ended FAILED (dependency never satisfied)" in (second / "1.err").read_text()
+    assert states[f"{second_job}_1"].exit_code == "0:0"

@@ -12,7 +12,7 @@ from bakery_slurm import slurm_commands
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.ledger import Ledger, PlannedArray, confirm_array, record_intent
 from bakery_slurm.cell_status import NOT_FOUND, UNCONFIRMED, CellStatus, reduce_cells, totals
-from bakery_slurm.resubmit_policy import Refusal, choose_resubmit, is_live
+from bakery_slurm.resubmit_policy import Refusal, choose_eval_resubmit, choose_resubmit, is_live
 from bakery_slurm.sacct import find_jobs_by_name, parse_sacct, query_sacct, sacct_starttime
 from bakery_slurm.slurm_commands import TaskState
 from bakery_slurm.squeue import find_queued_jobs_by_name, parse_squeue, query_squeue
@@ -178,6 +178,44 @@ def test_choose_resubmit_selected_states():
         choose_resubmit([], max_attempts=2, states={"COMPLETED"})
     with pytest.raises(ValueError, match="at least 1"):
         choose_resubmit([], max_attempts=0)
+
+
+def test_eval_attempts_reduce_apart_from_merges_of_the_same_cell():
+    ledger = Ledger()
+    merge = PlannedArray(executor="slurm", resources={}, folder="f", cells=["a", "b"])
+    evals = PlannedArray(executor="slurm", resources={}, folder="g", cells=["a", "b"],
+                         stage="eval", after="bakery-00000000-0", after_indices=[0, 1])
+    record_intent(ledger, matrix_path="m", matrix_sha256="0" * 64, arrays=[merge, evals],
+                  recipe_hashes={"a": "r", "b": "r"}, eval_hashes={"a": "s", "b": "s"},
+                  submission_id="0" * 32)
+    confirm_array(ledger, "bakery-00000000-0", "100")
+    confirm_array(ledger, "bakery-00000000-1", "101")
+    names = {"100": "bakery-00000000-0", "101": "bakery-00000000-1"}
+    states = parse_sacct("100_0|COMPLETED|0:0|00:01:00|n1|bakery-00000000-0\n"
+                         "100_1|FAILED|1:0|00:00:10|n1|bakery-00000000-0\n"
+                         "101_0|RUNNING|0:0|00:00:05|n1|bakery-00000000-1\n"
+                         "101_1|CANCELLED|0:0|00:00:00|None|bakery-00000000-1\n", names)
+    merges = {s.cell: (s.state, s.stage) for s in reduce_cells(ledger, states)}
+    evaluated = {s.cell: (s.state, s.stage, s.task_id, s.recipe_hash)
+                 for s in reduce_cells(ledger, states, stage="eval")}
+    assert merges == {"a": ("COMPLETED", "merge"), "b": ("FAILED", "merge")}
+    assert evaluated == {"a": ("RUNNING", "eval", "101_0", "s"),
+                         "b": ("CANCELLED", "eval", "101_1", "s")}
+
+
+def test_a_failed_eval_resubmits_alone_only_once_its_merge_succeeded():
+    evals = [status("merged", "FAILED"), status("unpublished", "TIMEOUT"),
+             status("merge-failed", "CANCELLED"), status("1b/base", "FAILED"),
+             status("capped", "FAILED", attempt=2), status("running", "RUNNING")]
+    merges = {"merged": "COMPLETED", "unpublished": "UNPUBLISHED", "merge-failed": "FAILED",
+              "capped": "COMPLETED", "running": "COMPLETED"}  # 1b/base is a baseline: no merge
+    chosen, refused = choose_eval_resubmit(evals, merges, max_attempts=2)
+    assert [s.cell for s in chosen] == ["merged", "unpublished", "1b/base"]
+    assert refused == [
+        Refusal("capped", "FAILED", "reached the attempt cap (2 of 2)"),
+        Refusal("running", "RUNNING", "latest attempt is RUNNING, not a terminal failure"),
+        Refusal("merge-failed", "CANCELLED",
+                "its merge is FAILED: resubmitting the merge chains its eval again")]
 
 
 HELD = ["REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "SUSPENDED", "RESIZING", "REQUEUED",
