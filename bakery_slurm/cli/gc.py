@@ -42,7 +42,9 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     works: dict[Path, set[str]] = {}
     for array in all_arrays(ledger):
         works.setdefault(Path(array.folder).parent.parent, set())
-    for status in snap.statuses:
+    # A cell whose eval may still run keeps its outputs too: the eval reads its verified output.
+    merges = {s.cell for s in snap.statuses}
+    for status in snap.statuses + [e for e in snap.evals if e.cell in merges]:
         if is_live(status.state):
             works[Path(snap.arrays[status.array_name].folder).parent.parent].add(status.cell)
     rows, freed = [], 0
