@@ -53,6 +53,11 @@ def _push_root(matrix_path: str) -> str | None:
         return None
 
 
+def status_columns(snap: Snapshot) -> list[str]:
+    """The status table's columns: `eval` only when the ledger has evaluations."""
+    return STATUS_COLUMNS if snap.evals else [c for c in STATUS_COLUMNS if c != "eval"]
+
+
 def status_rows(ledger: Ledger, snap: Snapshot) -> list[dict[str, Any]]:
     """One row per cell: its merge's state, exit code, elapsed, node, attempt, task id, detail
     (stage or failure reason), log and output, and its eval's state (`eval`, the rest of it as

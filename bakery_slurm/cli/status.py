@@ -13,7 +13,7 @@ from ..output import format_rows, output_options
 from ..cell_status import UNPUBLISHED, totals
 from ..resubmit_policy import TERMINAL_FAILURES, is_live
 from ..status_snapshot import snapshot
-from .common import STATUS_COLUMNS, ledger_option, status_rows
+from .common import ledger_option, status_columns, status_rows
 from . import EXIT_FAILED, cli
 
 MIN_WATCH_S = 30  # sacct is the controller's database: do not poll it harder than this
@@ -53,7 +53,7 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         for note in snap.notes:
             click.echo(f"note: {note}", err=True)
         rows = status_rows(ledger, snap)
-        click.echo(format_rows(rows, STATUS_COLUMNS, fmt))
+        click.echo(format_rows(rows, status_columns(snap), fmt))
         if fmt == "table":
             click.echo("totals: " + ", ".join(f"{state} {n}" for state, n in
                                                totals(snap.statuses).items()))
