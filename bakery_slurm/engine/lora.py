@@ -36,6 +36,8 @@ NEUTRAL_KEYS = frozenset({
 })
 # Keys the engine reads itself.
 HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora"})
+# `installed_lora_defaults()` of the pinned PEFT, and that version (see `lora_defaults`).
+LORA_DEFAULTS = Path(__file__).with_name("peft_lora_defaults.json")
 
 
 class Unsupported(Exception):
@@ -136,10 +138,6 @@ def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
     Unsupported
         See `unsupported_setting` and `plan_factors`; also a folder without the two PEFT files.
     """
-    import dataclasses
-
-    from peft import LoraConfig
-
     from ..repair import read_header
 
     try:
@@ -149,13 +147,36 @@ def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
     weights = Path(folder) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise Unsupported(f"{folder}: no {ADAPTER_WEIGHTS}")
-    defaults = LoraConfig()
-    reason = unsupported_setting(config, {f.name: _json_value(getattr(defaults, f.name))
-                                          for f in dataclasses.fields(defaults)})
+    reason = unsupported_setting(config, lora_defaults())
     if reason:
         raise Unsupported(f"{folder}: {reason}")
     shapes = {k: tuple(v["shape"]) for k, v in read_header(weights).items() if k != "__metadata__"}
     return plan_factors(config, shapes, base, to_base_name)
+
+
+def lora_defaults() -> dict[str, Any]:
+    """PEFT's `LoraConfig()` defaults, as JSON values, for the installed PEFT.
+
+    Importing peft takes ~4 s (it imports transformers and torch.distributed), most of a small
+    cell's planning: the defaults of the PEFT version constraints.txt pins are kept in
+    `LORA_DEFAULTS` (a test holds them against that PEFT), and any other version is asked.
+    """
+    from importlib.metadata import version
+
+    recorded = json.loads(LORA_DEFAULTS.read_text())
+    if recorded["peft_version"] == version("peft"):
+        return recorded["defaults"]
+    return installed_lora_defaults()
+
+
+def installed_lora_defaults() -> dict[str, Any]:
+    """`LoraConfig()`'s fields and defaults, read from the installed peft."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    defaults = LoraConfig()
+    return {f.name: _json_value(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)}
 
 
 def _json_value(value: Any) -> Any:

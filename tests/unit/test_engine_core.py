@@ -3,26 +3,47 @@ the shard layout, and the check that decides whether an untouched tensor may be 
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bakery_slurm.engine.cell import _unchanged_by_zero_delta
-from bakery_slurm.engine.lora import (Unsupported, _json_value, baked_tensor, plan_factors,
+from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
+                                      installed_lora_defaults, lora_defaults, plan_factors,
                                       unsupported_setting)
 from bakery_slurm.engine.shards import ShardWriter, plan_shards, shard_name
 from bakery_slurm.repair import to_hub_name
+from support import assert_matches_golden
 
 
 @pytest.fixture(scope="module")
 def defaults() -> dict:
-    from peft import LoraConfig
+    return installed_lora_defaults()
 
-    config = LoraConfig()
-    return {f.name: _json_value(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+def test_the_recorded_lora_defaults_are_the_pinned_peft_ones():
+    """`lora_defaults` answers from the record without importing peft when the installed version
+    is the recorded one; the record must then be exactly what that peft says."""
+    from importlib.metadata import version
+
+    record = json.dumps({"peft_version": version("peft"), "defaults": installed_lora_defaults()},
+                        indent=1, sort_keys=True) + "\n"
+    assert_matches_golden(record, LORA_DEFAULTS, "PEFT LoraConfig defaults")
+    assert lora_defaults() == installed_lora_defaults()
+
+
+def test_planning_a_cell_does_not_import_peft(tmp_path):
+    """Importing peft costs seconds per cell; the engine's planning needs only its defaults."""
+    script = ("import sys, json\n"
+              "from bakery_slurm.engine.lora import lora_defaults, unsupported_setting\n"
+              f"unsupported_setting({PLAIN!r}, lora_defaults())\n"
+              "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'peft')))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
 
 
 PLAIN = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
