@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from .manifest import intact_marker
 from .matrix import (Cell, Matrix, ModelSource, Resources, _excluded, _fail, expand,
@@ -111,6 +111,18 @@ def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTar
             targets.append(target(target_id, "baseline", size, variant, baseline.name,
                                   base=base, adapter=adapter))
     return [t for t in targets if t is not None]
+
+
+def baseline_carriers(matrix: Matrix, targets: Sequence[EvalTarget]) -> list[Cell]:
+    """One cell of the matrix at each (size, variant) of the baselines among `targets`: it reads
+    the same base and adapters, so preflight checks and pins a baseline's Hub inputs through it
+    (and a baseline scores the same commits as the cells it is compared with)."""
+    wanted = {(t.size, t.variant) for t in targets if t.kind == "baseline"}
+    carriers: dict[tuple[str, str], Cell] = {}
+    for cell in expand(matrix):
+        if (cell.size, cell.variant) in wanted:
+            carriers.setdefault((cell.size, cell.variant), cell)
+    return list(carriers.values())
 
 
 def target_inputs(target: EvalTarget) -> dict[str, ModelSource]:

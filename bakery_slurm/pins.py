@@ -37,10 +37,6 @@ def input_pins(inputs: Mapping[str, ModelSource], pins: Mapping[str, str]) -> di
             if source.repo is not None and source.key in pins}
 
 
-def cell_pins(cell: Cell, pins: Mapping[str, str]) -> dict[str, str]:
-    """{input name: commit} of the cell's Hub inputs that `pins` (keyed by source) has."""
-    return input_pins(cell_inputs(cell), pins)
-
 
 def apply_pins(cell: Cell, pins: Mapping[str, str]) -> Cell:
     """The cell reading its inputs at the given commits ({input name: commit})."""

@@ -180,7 +180,8 @@ def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_
     return planned
 
 
-def attempt_pins(owners: Sequence[Cell | EvalTarget], inputs: Callable[..., Mapping[str, ModelSource]],
+def attempt_pins(owners: Sequence[Cell | EvalTarget],
+                 inputs: Callable[..., Mapping[str, ModelSource]],
                  pins: Mapping[str, str]) -> dict[str, dict[str, str]]:
     """Cell (or eval target) id -> {source key: commit} of its pinned Hub inputs, for the
     ledger; `inputs` gives an owner's inputs by name."""

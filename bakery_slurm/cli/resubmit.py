@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..cell_status import CellStatus
-from ..evaluation import expand_eval
+from ..evaluation import baseline_carriers, expand_eval
 from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix
 from ..output import format_rows, output_options
@@ -113,8 +113,9 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
         # Nothing failed in this group (e.g. every cell COMPLETED or UNPUBLISHED): no array.
         chosen = [cells[s.cell] for s in to_run]
         evals = [targets[s.cell] for s in evals_to_run] + [targets[c] for c in rechained]
-        pins = gate(matrix, chosen, executor, run_checks=not no_preflight,
-                    known_pins=dict(known_pins)) if chosen or evals else {}
+        checked = chosen + [c for c in baseline_carriers(matrix, evals) if c not in chosen]
+        pins = gate(matrix, checked, executor, run_checks=not no_preflight,
+                    known_pins=dict(known_pins)) if checked or evals else {}
         requests = submit_cells(ledger_path, matrix, chosen, executor, evals=evals, pins=pins,
                                 dry_run=dry_run, guard=None if dry_run else still_failed
                                 ) if chosen or evals else []

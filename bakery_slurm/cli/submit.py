@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..evaluation import (EvalTarget, expand_eval, is_evaluated, read_eval_record,
-                          verified_output)
+from ..evaluation import (EvalTarget, baseline_carriers, expand_eval, is_evaluated,
+                          read_eval_record, verified_output)
 from ..executors import backend, resolve_executor
 from ..ledger import latest_attempt, load_ledger
 from ..login_push import ready_to_publish
@@ -87,7 +87,8 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
                 [t for t in evals
                  if latest_attempt(fresh, t.id, stage="eval") == seen_evals.get(t.id)])
 
-    pins = gate(loaded, cells, kind, run_checks=not no_preflight) if cells or evals else {}
+    checked = cells + [c for c in baseline_carriers(loaded, evals) if c not in cells]
+    pins = gate(loaded, checked, kind, run_checks=not no_preflight) if checked or evals else {}
     requests = submit_cells(ledger_path, loaded, cells, kind, evals=evals, live=live, pins=pins,
                             dry_run=dry_run, guard=unchanged) if cells or evals else []
     submitted = {(r.array.stage, c) for r in requests for c in r.array.cells}

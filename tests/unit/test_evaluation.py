@@ -215,3 +215,19 @@ def test_evals_with_other_resources_than_their_merge_array_mates_wait_one_job_ea
         update={"time": "09:00:00"}))
     groups = group_evals([first, longer], {"m0": [first.id, second.id]}, {}, 1001)
     assert ids(groups) == [([first.id], "m0", [0]), ([second.id], "m0", [1])]
+
+
+def test_a_baselines_inputs_are_checked_and_pinned_through_a_cell_reading_them(tmp_path,
+                                                                             write_matrix):
+    from bakery_slurm.evaluation import baseline_carriers
+    from bakery_slurm.pins import cell_inputs
+
+    (tmp_path / "tasks").mkdir()
+    matrix = load_matrix(write_matrix(TWO_BY_TWO + EVAL))
+    targets = {t.id: t for t in expand_eval(matrix)}
+    carriers = baseline_carriers(matrix, [targets["big-std/lora-nob"], targets["tiny-open/base"],
+                                          targets["big-std/base"], targets["big-std/eng-nob__ties"]])
+    assert [(c.size, c.variant) for c in carriers] == [("tiny", "open"), ("big", "std")]
+    lora = targets["big-std/lora-nob"]
+    carried = {s.key for s in cell_inputs(carriers[1]).values()}
+    assert {lora.base.key, lora.adapter[1].key} <= carried
