@@ -27,7 +27,7 @@ COLUMNS = ["cell", "stage", "state", "action"]
 @ledger_option
 @click.option("--state", "states", multiple=True, type=click.Choice(sorted(TERMINAL_FAILURES)),
               help="Only cells in this state (repeatable; default: every terminal failure).")
-@click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB.")
+@click.option("--only", metavar="GLOB", help="Only cells (and baselines) whose id matches GLOB.")
 @click.option("--dry-run", is_flag=True, help="Show what would be resubmitted; submit nothing.")
 @click.option("--refresh-inputs", is_flag=True,
               help="Pin Hub inputs to what their revisions name now, instead of the commits the "
@@ -43,6 +43,10 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
     failed attempt, grouped by resources; the ledger records the new attempts. Each cell reads
     its Hub inputs at the commits its failed attempt was pinned to (--refresh-inputs resolves
     them again), and the checks of `bakery-slurm check` run first.
+
+    Evaluations ([eval]) are resubmitted the same way: a failed eval whose cell's merge succeeded
+    (and a failed baseline) runs again alone, and a resubmitted merge gets its eval chained to
+    it again. --state and --only select evals as they select cells.
 
     \b
     Example:
@@ -104,11 +108,12 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
                 latest = latest_attempt(fresh, target_id, stage)
                 return latest and (latest.array, latest.index) == judged[(stage, target_id)]
 
-            merges = [cells[c] for stage, c in judged if stage == "merge" and unchanged(stage, c)]
+            again = [cells[c] for stage, c in judged if stage == "merge" and unchanged(stage, c)]
             evals = [targets[c] for stage, c in judged if stage == "eval" and unchanged(stage, c)]
-            evals += [targets[c] for c in seen_evals if any(m.id == c for m in merges)
+            # A merge's eval is chained again only along with that merge.
+            evals += [targets[c] for c in seen_evals if any(m.id == c for m in again)
                       and latest_attempt(fresh, c, "eval") == seen_evals[c]]
-            return merges, evals
+            return again, evals
 
         # Nothing failed in this group (e.g. every cell COMPLETED or UNPUBLISHED): no array.
         chosen = [cells[s.cell] for s in to_run]
