@@ -118,6 +118,16 @@ def listing(root: Path) -> list[tuple[str, int]]:
                   for p in root.rglob("*"))
 
 
+def with_corrupt_adapter(models: Path, copy: Path) -> tuple[Path, bytes]:
+    """Copy the tiny models to `copy` and replace the text kind's `eng` adapter weights with
+    garbage; return that file and its good bytes, to restore it."""
+    shutil.copytree(models, copy)
+    corrupt = copy / "adapters" / "text" / "eng" / "adapter_model.safetensors"
+    good = corrupt.read_bytes()
+    corrupt.write_bytes(b"not a safetensors file " * 64)
+    return corrupt, good
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -314,10 +324,7 @@ FAULTS = [SLOW, BROKEN, STUCK, OK]
 def faults(tmp_path_factory, tiny_models, bakery, held_lock):
     root = tmp_path_factory.mktemp("faults")
     broken_models = root / "broken-models"
-    shutil.copytree(tiny_models, broken_models)
-    corrupt = broken_models / "adapters" / "text" / "eng" / "adapter_model.safetensors"
-    good_adapter = corrupt.read_bytes()
-    corrupt.write_bytes(b"not a safetensors file " * 64)
+    corrupt, good_adapter = with_corrupt_adapter(tiny_models, broken_models)
     matrix = write_matrix(root, {  # in this order: slow's array goes first, then one array of 3
         "slow": size(tiny_models, "text", ["ties"], time="00:01:00"),
         "broken": size(broken_models, "text", ["ties"]),

@@ -21,7 +21,7 @@ import pytest
 
 from bakery_slurm.ledger import all_arrays, load_ledger
 
-from .test_slurm import cid, size, write_matrix
+from .test_slurm import cid, size, with_corrupt_adapter, write_matrix
 
 pytestmark = pytest.mark.slurm
 
@@ -64,10 +64,7 @@ def task_of(ledger, stage: str, target: str, attempt: int = -1) -> str:
 def chained(tmp_path_factory, tiny_models, bakery):
     root = tmp_path_factory.mktemp("chained")
     bad_models = root / "bad-models"
-    shutil.copytree(tiny_models, bad_models)
-    corrupt = bad_models / "adapters" / "text" / "eng" / "adapter_model.safetensors"
-    good_adapter = corrupt.read_bytes()
-    corrupt.write_bytes(b"not a safetensors file " * 64)
+    corrupt, good_adapter = with_corrupt_adapter(tiny_models, bad_models)
     include = root / "eval_tasks"
     shutil.copytree(TASKS, include)
     data = include / "tiny_mc.validation.jsonl"
