@@ -6,12 +6,20 @@ its push failed (the Hub refused, a rate limit outlasted the retries), or `[push
 made the task stop after verify so that GPU nodes never wait on uploads. Publishing here commits
 many cells at once (the Hub allows a repo about 128 commits an hour), never reruns a stage, and
 records the push in each cell's result record, so `status` reads COMPLETED afterwards.
+
+The cards are rendered again when published from here, with the eval results in the work folder
+that scored the checkpoint (`model-index`; the root card's evaluation section): an eval that ran
+after the task prepared the folder is in them. A cell published before its eval ran gets its
+card refreshed by `refresh_cards` (`bakery-slurm push --cards`): only README.md files are
+committed (the cells' cards and the root card), from the records published at the target, so it
+works after `gc` removed the publish folders too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -84,20 +92,21 @@ def push_verified(cells: list[Cell], work: Path, push: PushTarget, context: Card
     with contextlib.ExitStack() as held:
         for cell in cells:
             paths = CellPaths(work, cell.id)
-            if paths.root.is_dir() and not dry_run:
-                try:
-                    held.enter_context(fsutil.locked(paths.lock, blocking=False))
-                except fsutil.LockBusy:
-                    rows.append({"cell": cell.id, "action": "skipped: a task is running it"})
-                    continue
+            if not dry_run and not _hold(held, paths):
+                rows.append({"cell": cell.id, "action": "skipped: a task is running it"})
+                continue
             final = intact_marker(paths.final) if paths.final.is_dir() else None
             verdict = judge(cell, read_result(paths), push_stage.prepared(paths.publish),
                             final and final["content_sha256"])
             if not verdict.ready:
                 rows.append({"cell": cell.id, "action": f"skipped: {verdict.reason}"})
                 continue
-            items.append(push_stage.Publication(cell.id, paths.publish,
-                                                push_stage.prepared(paths.publish)))
+            record = push_stage.prepared(paths.publish)
+            if context.evals and not dry_run:
+                results = context.evals.cell_results(cell.id, record["output"]["content_sha256"])
+                fsutil.atomic_write_text(paths.publish / push_stage.ROOT_CARD,
+                                         push_stage.cell_card(cell, record, results))
+            items.append(push_stage.Publication(cell.id, paths.publish, record))
         if dry_run:
             return rows + [{"cell": i.cell_id, "action": "would publish"} for i in items]
         if not items:
@@ -122,6 +131,54 @@ def push_verified(cells: list[Cell], work: Path, push: PushTarget, context: Card
                 "pushed_by": PUSHED_BY})
             rows.append({"cell": item.cell_id, "action": f"published: {where}"})
     return rows
+
+
+def refresh_cards(cells: list[Cell], work: Path, push: PushTarget, context: CardContext,
+                  api: Any = None, dry_run: bool = False) -> list[dict[str, Any]]:
+    """Publish the cards of the published `cells` again, each with the eval results in `work`
+    that scored the checkpoint published, and the root card; one row per cell (cell, action).
+
+    Only README.md files are committed; a cell published with another recipe than the matrix's
+    now, or not published, is skipped, and so is a cell a task is running (it may publish a new
+    checkpoint, whose card this one would replace). Raises PushError when the target refuses.
+    """
+    target = push_stage.make_target(push, api=api)
+    published = target.published_records()
+    rows, items, cards = [], [], {}
+    with contextlib.ExitStack() as held:
+        tmp = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="bakery-cards-")))
+        for cell in cells:
+            record = published.get(cell.id)
+            if record is None or record.get("recipe_hash") != cell.recipe_hash:
+                why = "not published" if record is None else "published with another recipe"
+                rows.append({"cell": cell.id, "action": f"skipped: {why}"})
+                continue
+            if not dry_run and not _hold(held, CellPaths(work, cell.id)):
+                rows.append({"cell": cell.id, "action": "skipped: a task is running it"})
+                continue
+            results = (context.evals.cell_results(cell.id, record["output"]["content_sha256"])
+                       if context.evals else None)
+            cards[cell.id] = "card with its eval results" if results else "card, no eval results"
+            folder = tmp / cell.id
+            folder.mkdir(parents=True)
+            (folder / push_stage.ROOT_CARD).write_text(push_stage.cell_card(cell, record, results))
+            items.append(push_stage.Publication(cell.id, folder, record, replace=False))
+        if items and not dry_run:
+            push_stage.publish_cells(target, push, items, context)
+    done = "would publish" if dry_run else "published"
+    return rows + [{"cell": cell, "action": f"{done}: {what}"} for cell, what in cards.items()]
+
+
+def _hold(held: contextlib.ExitStack, paths: CellPaths) -> bool:
+    """Take the cell's lock for the rest of `held` (a cell never run here has none to take);
+    False when a task holds it."""
+    if not paths.root.is_dir():
+        return True
+    try:
+        held.enter_context(fsutil.locked(paths.lock, blocking=False))
+    except fsutil.LockBusy:
+        return False
+    return True
 
 
 def _mark_published(paths: CellPaths, stage: dict[str, Any]) -> None:

@@ -409,7 +409,8 @@ def _push(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
 
     cell, paths = flow.cell, flow.paths
     record = push_stage.prepare(cell, paths.final, paths.publish, flow.sources, flow.base.path,
-                                flow.result["stages"]["merge"], flow.result["versions"])
+                                flow.result["stages"]["merge"], flow.result["versions"],
+                                flow.card.evals if flow.card else None)
     if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
         return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
                 "bytes_read": 0, "bytes_written": 0}

@@ -41,11 +41,20 @@ class Report:
 def hub_cache_dir(matrix: Matrix, container: str) -> Path | None:
     """The Hub cache the tasks use: HF_HUB_CACHE or HF_HOME/hub of their fixed environment; None
     means huggingface_hub's default (this environment's)."""
-    env = matrix.task_env(container)
-    if "HF_HUB_CACHE" in env:
-        return Path(env["HF_HUB_CACHE"])
+    return _task_cache(matrix.task_env(container), "HF_HUB_CACHE", "hub")
+
+
+def datasets_cache_dir(matrix: Matrix, container: str) -> Path | None:
+    """The datasets cache the eval tasks use: HF_DATASETS_CACHE or HF_HOME/datasets of their fixed
+    environment; None means the `datasets` default (this environment's)."""
+    return _task_cache(matrix.task_env(container), "HF_DATASETS_CACHE", "datasets")
+
+
+def _task_cache(env: Mapping[str, str], variable: str, under_home: str) -> Path | None:
+    if variable in env:
+        return Path(env[variable])
     if "HF_HOME" in env:
-        return Path(env["HF_HOME"]) / "hub"
+        return Path(env["HF_HOME"]) / under_home
     return None
 
 

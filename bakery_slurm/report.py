@@ -11,6 +11,9 @@ positive delta is always an improvement.
 Per method, the delta is given per variant and as the mean over the variants; methods are
 ranked per size, best first.
 
+`model_index(name, results)` is the same results JSON as the Hub's `model-index` metadata, for
+the cell cards.
+
 Imports nothing heavy: `report` runs on a login node.
 """
 
@@ -19,8 +22,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from pathlib import PurePath
+from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import ConfigError
 
@@ -38,19 +43,68 @@ class Row:
     # Columns whose metric lm-eval marks lower-is-better.
     lower_is_better: frozenset[str] = frozenset()
 
+    @classmethod
+    def of(cls, target: Any, results: dict[str, Any]) -> "Row":
+        """The row of an eval target (`evaluation.EvalTarget`) with its lm-eval results JSON."""
+        return cls(id=target.id, kind=target.kind, size=target.size, variant=target.variant,
+                   label=target.label, values=metrics(results),
+                   lower_is_better=lower_is_better(results))
 
-def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
-    """{column: (value, stderr or None)} of every numeric metric in lm-eval's `results` table."""
-    out: dict[str, tuple[float, float | None]] = {}
+
+def _scores(results: dict[str, Any]) -> Iterator[tuple[str, str, str, float, float | None]]:
+    """(task, metric, filter, value, stderr or None) of every numeric metric in lm-eval's
+    `results` table."""
     for task, entry in (results.get("results") or {}).items():
         for key, value in entry.items():
             metric, sep, filt = key.partition(",")
             if not sep or metric.endswith("_stderr") or not _number(value):
                 continue
             stderr = entry.get(f"{metric}_stderr,{filt}")
-            column = f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]")
-            out[column] = (float(value), float(stderr) if _number(stderr) else None)
-    return out
+            yield task, metric, filt, float(value), float(stderr) if _number(stderr) else None
+
+
+def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """{column: (value, stderr or None)} of every numeric metric in lm-eval's `results` table."""
+    return {f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]"): (value, stderr)
+            for task, metric, filt, value, stderr in _scores(results)}
+
+
+# A Hub dataset id (`owner/name`) or a `datasets` builder (`json`), as opposed to a folder.
+DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def model_index(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Hub's `model-index` for lm-eval's results JSON: one result per task (type
+    text-generation; its dataset as the task's config names it, with split and few-shot count),
+    each metric with lm-eval's value. Empty when the results have no numeric metric.
+
+    A task reading a local dataset folder is named by the folder's last name, never its path."""
+    configs, shots = results.get("configs") or {}, results.get("n-shot") or {}
+    by_task: dict[str, dict[str, Any]] = {}
+    for task, metric, filt, value, _ in _scores(results):
+        entry = by_task.get(task)
+        if entry is None:
+            entry = by_task[task] = {"task": {"type": "text-generation"},
+                                     "dataset": _dataset(task, configs.get(task) or {},
+                                                         shots.get(task)),
+                                     "metrics": []}
+        entry["metrics"].append({"type": metric, "value": value,
+                                 "name": metric if filt == "none" else f"{metric} [{filt}]"})
+    return [{"name": name, "results": list(by_task.values())}] if by_task else []
+
+
+def _dataset(task: str, config: dict[str, Any], shots: Any) -> dict[str, Any]:
+    path = str(config.get("dataset_path") or task)
+    dataset: dict[str, Any] = {"name": task,
+                               "type": path if DATASET_ID.match(path) else PurePath(path).name}
+    if config.get("dataset_name"):
+        dataset["config"] = config["dataset_name"]
+    split = config.get("test_split") or config.get("validation_split")
+    if split:
+        dataset["split"] = split
+    if isinstance(shots, int):
+        dataset["args"] = {"num_few_shot": shots}
+    return dataset
 
 
 def lower_is_better(results: dict[str, Any]) -> frozenset[str]:

@@ -7,23 +7,43 @@ the base's license and language) plus the matrix's name and order, so any proces
 (an array task, `bakery-slurm push` on the login node, `bakery-slurm card`) renders the same card
 from the same repo state. The part between `MANUAL_START` and `MANUAL_END` is the user's
 (evaluation results, notes): it is carried over from the previous card on every regeneration.
+
+The evaluation section (between `EVAL_START` and `EVAL_END`) is the one input that is not in the
+repo: `report`'s pivot and ranking of the lm-eval results in the work folder, passed in as a
+`CardEvaluation` by whoever renders. A renderer that has none (no results in its work folder, or
+no matrix) keeps the previous card's section, so a push from elsewhere never erases it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
+from .report import Row, ranking, render as render_report
 from .templating import render
+
+if TYPE_CHECKING:
+    from .eval_results import EvalSource
 
 MANUAL_START = "<!-- bakery-slurm: notes start (kept when the card is regenerated) -->"
 MANUAL_END = "<!-- bakery-slurm: notes end -->"
 DEFAULT_NOTES = ("_Evaluation results and notes go here: edit between these two comments on the "
                  "Hub or in this file; bakery-slurm keeps this section when it rewrites the card._")
 TAGS = ("merge", "mergekit", "lora", "bakery-slurm")
+EVAL_START = "<!-- bakery-slurm: evaluation start (rewritten from the eval results) -->"
+EVAL_END = "<!-- bakery-slurm: evaluation end -->"
+
+
+@dataclass(frozen=True)
+class CardEvaluation:
+    """The lm-eval results in the work folder when a card is rendered."""
+
+    rows: tuple[Row, ...]  # every target with results, in the matrix's order
+    scored: Mapping[str, str | None]  # target id -> the cell checkpoint its results scored
+    baseline: str | None  # the methods are ranked against it
 
 
 @dataclass(frozen=True)
@@ -35,21 +55,46 @@ class CardContext:
     sizes: tuple[str, ...] = ()
     variants: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
+    # Where the eval results are read when a card is rendered (None: the matrix has no [eval]).
+    evals: "EvalSource | None" = None
 
     @classmethod
-    def of_matrix(cls, matrix: Any) -> "CardContext":
+    def of_matrix(cls, matrix: Any, work: Any = None) -> "CardContext":
+        """The matrix's title and orders, and its eval results in `work` (default: its work
+        folder)."""
+        from .eval_results import EvalSource
+
         spec = matrix.spec
         return cls(title=spec.name, sizes=tuple(spec.sizes), variants=tuple(spec.variants),
-                   methods=tuple(spec.methods))
+                   methods=tuple(spec.methods), evals=EvalSource.of_matrix(matrix, work))
+
+
+def _section(card: str | None, start_marker: str, end_marker: str) -> str | None:
+    """The text between two markers of a card (None when it has no such section)."""
+    if card:
+        start, end = card.find(start_marker), card.find(end_marker)
+        if 0 <= start < end:
+            return card[start + len(start_marker):end].strip("\n")
+    return None
 
 
 def manual_section(previous: str | None) -> str:
     """The user's section of an earlier card (without the markers), or the placeholder."""
-    if previous:
-        start, end = previous.find(MANUAL_START), previous.find(MANUAL_END)
-        if 0 <= start < end:
-            return previous[start + len(MANUAL_START):end].strip("\n")
-    return DEFAULT_NOTES
+    return _section(previous, MANUAL_START, MANUAL_END) or DEFAULT_NOTES
+
+
+def evaluation_section(evaluation: CardEvaluation, records: Mapping[str, Mapping[str, Any]]) -> str:
+    """`report`'s Markdown for the baselines and the published cells whose results scored the
+    checkpoint published (a cell merged again since its eval is left out); the methods ranked
+    against the baseline when it has results. Empty when no row is left."""
+    rows = [row for row in evaluation.rows if row.kind == "baseline" or (
+        row.id in records
+        and evaluation.scored.get(row.id) == records[row.id]["output"]["content_sha256"])]
+    if not rows:
+        return ""
+    baselines = {name for row in rows if row.kind == "baseline" for name in (row.id, row.label)}
+    ranked = ranking(rows, evaluation.baseline) if evaluation.baseline in baselines else []
+    return render_report(rows, ranked, markdown=True)
 
 
 def front_matter(card: str) -> dict[str, Any]:
@@ -95,7 +140,8 @@ def card_metadata(records: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardContext,
-                     location: str, previous: str | None = None) -> str:
+                     location: str, previous: str | None = None,
+                     evaluation: CardEvaluation | None = None) -> str:
     """The root README.md for the cells `records` (cell id -> its `bakery.json`).
 
     Parameters
@@ -107,7 +153,10 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
     location:
         What `from_pretrained` takes: the Hub repo id, or the `dir:` folder.
     previous:
-        The card this one replaces, whose notes section is kept.
+        The card this one replaces, whose notes section is kept (and its evaluation section,
+        without `evaluation`).
+    evaluation:
+        The eval results to show.
     """
     cells = sorted(records.values(), key=lambda r: _sort_key(r, context))
     rows: dict[tuple[str, str], list[str]] = {}
@@ -145,6 +194,9 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
         versions=versions, example=cells[-1]["cell"] if cells else None,
         dtypes=sorted({r["dtype"] for r in cells}), manual_start=MANUAL_START,
         manual_end=MANUAL_END, notes=manual_section(previous),
+        evaluation=(evaluation_section(evaluation, records) if evaluation is not None
+                    else _section(previous, EVAL_START, EVAL_END)),
+        eval_start=EVAL_START, eval_end=EVAL_END,
     )
 
 

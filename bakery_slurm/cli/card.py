@@ -8,8 +8,8 @@ import click
 
 from .. import fsutil
 from ..matrix import REPO_ID, PushTarget, load_matrix
-from ..rootcard import CardContext, render_root_card
-from ..stages.push import make_target
+from ..rootcard import CardContext
+from ..stages.push import make_target, root_renderer
 from . import cli
 
 
@@ -19,9 +19,14 @@ from . import cli
               help="Read the published cells here (default: [push] target of the matrix).")
 @click.option("--write", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the card to this file instead of printing it.")
-def card(matrix: Path, target: str | None, out: Path | None) -> None:
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
+              help="Work folder whose eval results fill the evaluation section (default: "
+                   "[paths] work of the matrix).")
+def card(matrix: Path, target: str | None, out: Path | None, work: Path | None) -> None:
     """Print the root README.md that the next push would write: rendered from the records of
-    the cells published at the target, titled and ordered by MATRIX, keeping the card's notes.
+    the cells published at the target, titled and ordered by MATRIX, keeping the card's notes,
+    with the eval results in the work folder (`bakery-slurm report`'s pivot and ranking) as its
+    evaluation section. `bakery-slurm push --cards` publishes it.
 
     \b
     Example:
@@ -31,8 +36,8 @@ def card(matrix: Path, target: str | None, out: Path | None) -> None:
     loaded = load_matrix(matrix, check_cells=False)
     push = _parse_target(target) if target else loaded.push_target
     published = make_target(push)
-    text = render_root_card(published.published_records(), CardContext.of_matrix(loaded),
-                            push.location, published.root_card())
+    text = root_renderer(push, CardContext.of_matrix(loaded, work))(
+        published.published_records(), published.root_card())
     if out is None:
         click.echo(text, nl=False)
     else:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
+import os
 from pathlib import Path
 
 import click
 
 from .. import preflight
 from ..errors import BakeryError, ConfigError
+from ..eval_prefetch import child_environment, prefetch_tasks
+from ..evaluation import EvalTarget, expand_eval, target_inputs
 from ..executors import resolve_executor
+from ..matrix import Matrix, ModelSource
 from ..output import format_rows, output_options
 from ..pins import hub_sources
-from ..preflight import hub_cache_dir
+from ..preflight import datasets_cache_dir, hub_cache_dir
 from ..sources import hub_patterns, missing_files
 from .common import selected_cells
 from . import cli
@@ -21,30 +27,66 @@ COLUMNS = ["input", "commit", "files", "bytes"]
 
 @cli.command()
 @click.argument("matrix", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--only", metavar="GLOB", help="Only the inputs of cells matching GLOB.")
+@click.option("--only", metavar="GLOB",
+              help="Only the inputs of cells and baselines matching GLOB, and the datasets of "
+                   "the eval tasks that run on them.")
 @output_options
 def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
-    """Download every Hub base and adapter of MATRIX into the Hub cache its tasks read.
+    """Download every Hub base and adapter of MATRIX, and the datasets of its [eval] tasks, into
+    the caches its tasks read.
 
-    Run it on the login node: the cache is the tasks' HF_HUB_CACHE or HF_HOME/hub ([runtime]
-    env; in a container <work>/hf-home by default; else this environment's), so twelve tasks do
-    not download the same bases through the proxy at once, and with [runtime] offline = true the
-    tasks never touch the network. Only what a cell reads is fetched (safetensors weights,
-    configs, tokenizer files; no .bin/.pth copies, optimizer states or checkpoint-* folders). A
-    second run resumes or skips what is there. Prints each input's commit, files and bytes.
+    Run it on the login node: the caches are the tasks' HF_HUB_CACHE or HF_HOME/hub and
+    HF_DATASETS_CACHE or HF_HOME/datasets ([runtime] env; in a container <work>/hf-home by
+    default; else this environment's), so twelve tasks do not download the same bases through
+    the proxy at once, and with [runtime] offline = true the tasks never touch the network. Only
+    what a cell reads is fetched (safetensors weights, configs, tokenizer files; no .bin/.pth
+    copies, optimizer states or checkpoint-* folders), plus the Hub inputs of the baselines.
+    Each eval task is loaded with lm-eval once, which downloads and prepares its dataset. A
+    second run resumes or skips what is there. Prints each input's commit, files and bytes (an
+    eval task as eval:<task>, with its dataset's cache files).
 
     \b
     Example:
         bakery-slurm prefetch matrix.toml
         bakery-slurm prefetch matrix.toml --only '4b-*'
     """
+    loaded, cells = selected_cells(matrix, only)
+    container = loaded.spec.runtime.resolve(resolve_executor("auto"))
+    targets = [t for t in expand_eval(loaded, cells)
+               if only is None or fnmatch.fnmatchcase(t.id, only)]
+    if targets and importlib.util.find_spec("lm_eval") is None:
+        # Before any download: the eval tasks' datasets would be missing offline.
+        raise ConfigError(f"{loaded.path}: eval: lm-eval is not installed here, and prefetch "
+                          f"loads the eval tasks with it: pip install 'bakery-slurm[eval]'")
+    rows = _prefetch_models({**hub_sources(cells), **_baseline_sources(targets)}, loaded,
+                            hub_cache_dir(loaded, container))
+    if targets:
+        cache = datasets_cache_dir(loaded, container)
+        click.echo(f"loading eval tasks into {cache or 'the default datasets cache'}", err=True)
+        tasks = list(dict.fromkeys(task for t in targets for task in t.tasks))
+        rows += prefetch_tasks(tasks, targets[0].include_path,
+                               child_environment(os.environ, loaded.task_env(container)),
+                               loaded.path)
+    click.echo(format_rows(rows, COLUMNS, fmt))
+    total = sum(r["bytes"] for r in rows)
+    click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB", err=True)
+
+
+def _baseline_sources(targets: list[EvalTarget]) -> dict[str, ModelSource]:
+    """The Hub inputs of the baselines (at a size and variant without cells, nothing else reads
+    them), by key."""
+    return {source.key: source for target in targets
+            for source in target_inputs(target).values() if source.repo is not None}
+
+
+def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
+                     cache: Path | None) -> list[dict]:
+    """Download each Hub source into `cache`; one row per source (commit, files, bytes)."""
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    loaded, cells = selected_cells(matrix, only)
-    cache = hub_cache_dir(loaded, loaded.spec.runtime.resolve(resolve_executor("auto")))
     api = preflight.hub_api()
     rows = []
-    for key, source in hub_sources(cells).items():
+    for key, source in sources.items():
         allow, ignore = hub_patterns(source.subfolder)
         click.echo(f"fetching {key} into {cache or 'the default Hub cache'}", err=True)
         try:
@@ -63,7 +105,4 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
         files = [p for p in folder.rglob("*") if p.is_file()]
         rows.append({"input": key, "commit": snapshot.name, "files": len(files),
                      "bytes": sum(p.stat().st_size for p in files)})
-    click.echo(format_rows(rows, COLUMNS, fmt))
-    total = sum(r["bytes"] for r in rows)
-    click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB in "
-               f"{cache or 'the default Hub cache'}", err=True)
+    return rows

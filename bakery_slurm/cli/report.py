@@ -10,9 +10,10 @@ import click
 
 from .. import fsutil
 from ..errors import ConfigError
-from ..evaluation import EvalTarget, expand_eval, results_path
+from ..eval_results import read_results
+from ..evaluation import expand_eval
 from ..matrix import load_matrix
-from ..report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
+from ..report import Row, pivot, ranking, render, to_csv
 from . import cli
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
     targets = expand_eval(loaded)
     if not targets:
         raise ConfigError(f"{loaded.path}: eval: the matrix has no [eval] table")
-    rows, missing = _read_rows(targets, work or loaded.work_dir)
+    found, missing = read_results(targets, work or loaded.work_dir)
+    rows = [Row.of(t, found[t.id]) for t in targets if t.id in found]
     if missing:
         log.warning("%d of %d eval targets have no results yet: %s", len(missing), len(targets),
                     ", ".join(missing))
@@ -70,20 +72,3 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
     else:
         click.echo(render(rows, ranked, markdown=False), nl=False)
 
-
-def _read_rows(targets: list[EvalTarget], work: Path) -> tuple[list[Row], list[str]]:
-    """The rows of the targets whose results exist, and the ids of those without."""
-    rows, missing = [], []
-    for target in targets:
-        path = results_path(work, target.id)
-        try:
-            results = json.loads(path.read_text())
-        except FileNotFoundError:
-            missing.append(target.id)
-            continue
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: not a readable lm-eval results file: {e}") from None
-        rows.append(Row(id=target.id, kind=target.kind, size=target.size,
-                        variant=target.variant, label=target.label, values=metrics(results),
-                        lower_is_better=lower_is_better(results)))
-    return rows, missing

@@ -63,7 +63,7 @@ def _run_cell(matrix: Path, cell_id: str, device: str, work: Path | None, pins: 
                           f"{recipe_hash[:12]}); submit again to run the new recipe")
     cell = apply_pins(cells[cell_id], parse_pins(pins))
     result = run(cell, work or loaded.work_dir, device=device, offline=loaded.spec.runtime.offline,
-                 card=CardContext.of_matrix(loaded))
+                 card=CardContext.of_matrix(loaded, work))
     click.echo(json.dumps(result, indent=2))
 
 

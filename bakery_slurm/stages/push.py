@@ -34,13 +34,19 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+import yaml
 
 from .. import fsutil
 from ..errors import PushError
 from ..matrix import Cell, PushTarget
+from ..report import metrics, model_index, score
 from ..rootcard import TAGS, CardContext, card_metadata, front_matter, reference, render_root_card
 from ..templating import render
+
+if TYPE_CHECKING:
+    from ..eval_results import EvalSource
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,9 @@ class Publication:
     cell_id: str
     folder: Path
     record: dict[str, Any]
+    # False: `folder` holds some files only (a refreshed card), put over the published ones,
+    # which stay. True: the cell's published folder becomes exactly `folder`.
+    replace: bool = True
 
 
 class Target(Protocol):
@@ -122,6 +131,11 @@ class DirTarget:
         try:
             with fsutil.locked(self.root / ".bakery-push.lock"):
                 for item in items:
+                    if not item.replace:
+                        for path in item.folder.iterdir():
+                            fsutil.atomic_write_bytes(self.root / item.cell_id / path.name,
+                                                      path.read_bytes())
+                        continue
                     with fsutil.staging_dir(self.root / item.cell_id) as tmp:
                         for path in item.folder.iterdir():
                             shutil.copy2(path, tmp / path.name)
@@ -207,7 +221,7 @@ class HubTarget:
         self._retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=additions),
                     "upload", transfer=True)
         uploaded = {op.path_in_repo for op in additions}
-        prefixes = tuple(f"{item.cell_id}/" for item in items)
+        prefixes = tuple(f"{item.cell_id}/" for item in items if item.replace)
         for conflict in range(1, MAX_CONFLICTS + 1):
             state = self.head()
             if state is None:
@@ -327,11 +341,13 @@ def make_target(push: PushTarget, api: Any = None) -> Target:
 
 
 def root_renderer(push: PushTarget, context: CardContext | None) -> RenderRoot:
-    """The root card renderer for a target; without a matrix the title is the target's name."""
+    """The root card renderer for a target; without a matrix the title is the target's name.
+    The eval results are read on each render: an eval may have finished since the last try."""
     context = context or CardContext(title=Path(push.location).name)
 
     def render_root(records: dict[str, dict[str, Any]], previous: str | None) -> str:
-        return render_root_card(records, context, push.location, previous)
+        evaluation = context.evals.evaluation() if context.evals else None
+        return render_root_card(records, context, push.location, previous, evaluation)
 
     return render_root
 
@@ -375,8 +391,10 @@ def public_recipe(cell: Cell, inputs: Mapping[str, Any]) -> str:
 
 
 def prepare(cell: Cell, final: Path, out: Path, inputs: Mapping[str, Any], base_dir: Path,
-            merge: Mapping[str, Any], versions: Mapping[str, str]) -> dict[str, Any]:
-    """Write `out` (the publish folder) for a verified cell and return its record."""
+            merge: Mapping[str, Any], versions: Mapping[str, str],
+            evals: EvalSource | None = None) -> dict[str, Any]:
+    """Write `out` (the publish folder) for a verified cell and return its record; its card
+    carries the cell's eval results from `evals` if they scored this checkpoint."""
     from ..manifest import intact_marker
 
     marker = intact_marker(final)
@@ -390,8 +408,9 @@ def prepare(cell: Cell, final: Path, out: Path, inputs: Mapping[str, Any], base_
               "output": {"content_sha256": marker["content_sha256"], "files": marker["files"]},
               "device": merge["device"], "fallback_reason": merge["fallback_reason"],
               "versions": dict(versions)}
-    recipe = public_recipe(cell, published_inputs)
-    build_publish_folder(final, out, render_card(cell, recipe, record), recipe, record)
+    results = evals.cell_results(cell.id, marker["content_sha256"]) if evals else None
+    build_publish_folder(final, out, cell_card(cell, record, results),
+                         public_recipe(cell, published_inputs), record)
     return record
 
 
@@ -430,22 +449,38 @@ def publish_cells(target: Target, push: PushTarget, items: list[Publication],
 
 
 def _message(items: list[Publication]) -> str:
+    if not any(item.replace for item in items):
+        return f"bakery-slurm: cards of {len(items)} cell(s) ({', '.join(i.cell_id for i in items)})"
     if len(items) == 1:
         return f"bakery-slurm: {items[0].cell_id} (recipe {items[0].record['recipe_hash'][:12]})"
     return f"bakery-slurm: {len(items)} cells ({', '.join(i.cell_id for i in items)})"
 
 
-def render_card(cell: Cell, recipe: str, record: dict[str, Any]) -> str:
-    """The model card (README.md) of a published cell: metadata consistent with the root card's,
-    how to load, recipe, provenance."""
+def cell_card(cell: Cell, record: Mapping[str, Any], results: Mapping[str, Any] | None) -> str:
+    """The card of a cell as published with `record` (its `bakery.json`), with its lm-eval
+    `results` if any."""
+    return render_card(cell, public_recipe(cell, record["inputs"]), record, results)
+
+
+def render_card(cell: Cell, recipe: str, record: Mapping[str, Any],
+                results: Mapping[str, Any] | None = None) -> str:
+    """The model card (README.md) of a published cell: metadata consistent with the root card's
+    (and the Hub's `model-index` of its eval results), how to load, recipe, provenance."""
     inputs = [("base", reference(record["inputs"]["base"]))] + [
         (f"adapter {name}", reference(identity))
         for name, identity in record["inputs"]["adapters"].items()]
+    index = model_index(cell.id, dict(results)) if results else []
     return render("model_card.md.j2", cell=cell, recipe=recipe, metadata=card_metadata([record]),
                   tags=TAGS, repo=cell.push.location, adapter_names=record["adapters"],
                   inputs=inputs, output_sha256=record["output"]["content_sha256"],
                   device=record["device"], fallback_reason=record["fallback_reason"],
-                  versions=record["versions"])
+                  versions=record["versions"],
+                  model_index=yaml.safe_dump({"model-index": index}, sort_keys=False,
+                                             allow_unicode=True) if index else "",
+                  scores=[(column, score(value)) for column, value in
+                          metrics(dict(results)).items()] if index else [],
+                  lm_eval_version=(results or {}).get("lm_eval_version"),
+                  n_shot=(results or {}).get("n-shot") or {})
 
 
 def build_publish_folder(final: Path, out: Path, card: str, recipe: str,

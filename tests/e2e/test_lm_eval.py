@@ -148,3 +148,41 @@ def test_an_unknown_target_is_a_usage_error(evaluated):
     result = invoke("run-eval", evaluated.matrix, "tiny1b-std/nope")
     assert result.exit_code == 2
     assert "'tiny1b-std/nope' is not an eval target" in result.stderr
+
+
+def test_push_cards_publishes_the_eval_results_in_the_cards(evaluated):
+    """run-cell published the cell before its eval ran; `push --cards` then publishes its card
+    with the results (model-index) and the root card's evaluation section, and nothing else."""
+    import yaml
+
+    published = evaluated.matrix.parent / "published"
+    card = published / CELL / "README.md"
+    assert "model-index" not in card.read_text()
+    others = {p.name: p.stat().st_mtime_ns for p in (published / CELL).iterdir()
+              if p.name != "README.md"}
+    preview = invoke("card", evaluated.matrix)
+    assert preview.exit_code == 0, preview.output
+    result = invoke("push", evaluated.matrix, "--cards", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [
+        {"cell": "tiny4b-std/eng-nob__ties", "action": "skipped: not published"},
+        {"cell": CELL, "action": "published: card with its eval results"}]
+    text = card.read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    (entry,) = meta["model-index"][0]["results"]
+    scores = stored(evaluated.work, CELL)["results"]["tiny_mc"]
+    assert meta["model-index"][0]["name"] == CELL
+    assert entry == {"task": {"type": "text-generation"},
+                     "dataset": {"name": "tiny_mc", "type": "json", "split": "validation",
+                                 "args": {"num_few_shot": 1}},
+                     "metrics": [{"type": "acc", "value": scores["acc,none"], "name": "acc"},
+                                 {"type": "acc_norm", "value": scores["acc_norm,none"],
+                                  "name": "acc_norm"}]}
+    root = (published / "README.md").read_text()
+    assert root == preview.stdout  # `card` showed what the push wrote
+    for target in (CELL, BASE, LORA, LORA_MULTIMODAL):
+        assert f"| {target} | " in root
+    assert "### tiny1b method ranking (Δ vs tiny1b-std/base, points)" in root
+    assert str(evaluated.work) not in text + root and str(TASKS) not in text + root
+    assert {p.name: p.stat().st_mtime_ns for p in (published / CELL).iterdir()
+            if p.name != "README.md"} == others

@@ -476,3 +476,29 @@ def test_a_dir_target_that_cannot_be_written_says_so(tmp_path, item):
     (tmp_path / "published").write_text("a file, not a folder")
     with pytest.raises(PushError, match=r"published: could not publish: "):
         DirTarget(tmp_path / "published").publish([item], "x", render_root("dir:/x"))
+
+
+@pytest.mark.parametrize("kind", ["hub", "dir"])
+def test_a_card_refresh_replaces_the_readme_and_leaves_the_other_files(tmp_path, item, sleeps,
+                                                                       kind):
+    """`push --cards`: a Publication with replace=False puts its files over the published
+    folder; nothing of the cell is deleted."""
+    folder = tmp_path / "published"
+    if kind == "hub":
+        target, api = hub(tmp_path, sleeps)
+        where = f"hub:{REPO}"
+    else:
+        target, where = DirTarget(folder), f"dir:{folder}"
+
+    def published() -> dict[str, bytes]:
+        if kind == "hub":
+            return {name: data for name, data in api.repos[REPO].items() if name.startswith(CELL)}
+        return {f"{CELL}/{p.name}": p.read_bytes() for p in (folder / CELL).iterdir()}
+
+    target.publish([item], "cell", render_root(where))
+    before = published()
+    card = tmp_path / "card" / CELL
+    card.mkdir(parents=True)
+    (card / "README.md").write_text("---\nmodel-index: []\n---\n")
+    target.publish([Publication(CELL, card, item.record, replace=False)], "card", render_root(where))
+    assert published() == {**before, f"{CELL}/README.md": b"---\nmodel-index: []\n---\n"}
