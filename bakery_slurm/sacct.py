@@ -51,7 +51,10 @@ def parse_sacct(text: str, names: Mapping[str, str]) -> dict[str, TaskState]:
     -------
     dict
         ``"<job>_<index>"`` (``"<job>"`` for a job that is not an array) -> `TaskState`. A pending
-        range such as ``1234_[4-9%2]`` gives one entry per index, all with the range's state.
+        range such as ``1234_[4-9%2]`` gives one entry per index, all with the range's state,
+        unless the task has a row of its own: when an array whose tasks wait on a dependency is
+        killed (`--kill-on-invalid-dep`), sacct keeps the tasks that ran as rows of their own and
+        still prints the whole range CANCELLED (``1234_[0-1%2]``, beside ``1234_0|FAILED``).
 
     Raises
     ------
@@ -59,13 +62,15 @@ def parse_sacct(text: str, names: Mapping[str, str]) -> dict[str, TaskState]:
         A line does not have the expected fields, job id, state or exit code.
     """
     states: dict[str, TaskState] = {}
+    ranges: dict[str, TaskState] = {}
     for number, fields in rows(text, len(SACCT_FIELDS), "sacct", maxsplit=len(SACCT_FIELDS) - 1):
         job_id, state, exit_code, elapsed, node, name = fields
         if exit_code and not EXIT_CODE.fullmatch(exit_code):
             raise SchedulerError(f"sacct line {number}: cannot parse exit code {exit_code!r}")
         task = TaskState(base_state(state, number, "sacct"), exit_code or None, elapsed or None, node_list(node))
-        states.update(dict.fromkeys(task_keys(job_id, name, names, number, "sacct"), task))
-    return states
+        keys = task_keys(job_id, name, names, number, "sacct")
+        (ranges if "[" in job_id else states).update(dict.fromkeys(keys, task))
+    return {**ranges, **states}
 
 
 def sacct_starttime(ledger: Ledger, margin: timedelta = timedelta(hours=1)) -> str | None:

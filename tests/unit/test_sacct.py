@@ -51,6 +51,14 @@ def test_parse_sacct_expands_ranges_and_strips_state_detail():
     assert sorted(k for k in states if k.startswith("1238_")) == ["1238_0", "1238_3", "1238_6"]
 
 
+def test_a_tasks_own_row_wins_over_a_range_that_still_covers_it():
+    """Seen on SLURM 22.05: an eval array killed by --kill-on-invalid-dep after its task 0 ran
+    keeps 4_0's row and prints the whole range CANCELLED."""
+    states = parse_sacct("4_0|FAILED|1:0|00:00:15|vm|e\n4_[0-1%2]|CANCELLED|0:0|00:00:00|None assigned|e\n",
+                         {"4": "e"})
+    assert {k: s.state for k, s in states.items()} == {"4_0": "FAILED", "4_1": "CANCELLED"}
+
+
 def test_parse_sacct_skips_rows_of_other_jobs_with_the_same_id():
     # After a controller's state is reset, ids are handed out again and `sacct -j` also prints the
     # earlier jobs' rows: 1234_5 is still PENDING in our array, 1236 still RUNNING.
