@@ -210,14 +210,14 @@ def test_size_and_variant_vars_fill_templates(write_matrix, minimal_matrix):
 
 def test_local_paths_resolve_relative_to_the_matrix_file(tmp_path, write_matrix, minimal_matrix,
                                                          monkeypatch):
-    text = minimal_matrix.replace('path = "models/base-{size}"', 'path = "../shared/base-{size}"')
+    text = minimal_matrix.replace('path = "models/base-{size}"', 'path = "../group-models/base-{size}"')
     path = write_matrix(text, "project/matrix.toml")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     (cell,) = expand(load_matrix(path))
     root = path.parent.resolve()
-    assert cell.base.path == str(root.parent / "shared" / "base-tiny")
+    assert cell.base.path == str(root.parent / "group-models" / "base-tiny")
     assert [(name, src.path) for name, src in cell.adapters] == [
         ("eng", str(root / "models" / "adapter-tiny-std-eng")),
         ("nob", str(root / "models" / "adapter-tiny-std-nob")),
