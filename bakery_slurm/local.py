@@ -108,10 +108,11 @@ def supervise(folder: Path) -> None:
         for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:
             pending.remove(index)
             _write_state(folder, index, "CANCELLED", exit_code="0:15")
+        waited_states: dict[tuple[str, str], dict[str, TaskState]] = {}  # read once per round
         for index in list(pending):
             if len(running) >= spec["parallelism"]:
                 break
-            waited = _dependency_state(after[index]) if after else "COMPLETED"
+            waited = _dependency_state(after[index], waited_states) if after else "COMPLETED"
             if waited in ("PENDING", "RUNNING"):
                 continue
             pending.remove(index)
@@ -133,10 +134,14 @@ def supervise(folder: Path) -> None:
         time.sleep(POLL_S)
 
 
-def _dependency_state(task: dict[str, Any]) -> str:
-    """The state of the task waited for; PENDING while its array shows no state yet."""
-    state = read_states(Path(task["folder"]), task["job_id"]).get(
-        f"{task['job_id']}_{task['index']}")
+def _dependency_state(task: dict[str, Any],
+                      seen: dict[tuple[str, str], dict[str, TaskState]]) -> str:
+    """The state of the task waited for; PENDING while its array shows no state yet. `seen`
+    keeps each waited-for array's states for the rest of one supervisor round."""
+    key = (task["folder"], task["job_id"])
+    if key not in seen:
+        seen[key] = read_states(Path(task["folder"]), task["job_id"])
+    state = seen[key].get(f"{task['job_id']}_{task['index']}")
     return state.state if state else "PENDING"
 
 
