@@ -20,7 +20,7 @@ import string
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -712,8 +712,12 @@ def _push_target(matrix: Matrix) -> PushTarget:
                       defer=matrix.spec.push.defer)
 
 
-def select(cells: list[Cell], only: str | None) -> list[Cell]:
-    """Cells whose id matches the glob `only` (all cells when None)."""
+T = TypeVar("T")
+
+
+def select(cells: list[T], only: str | None) -> list[T]:
+    """Cells (or eval targets: anything with an `id`) whose id matches the glob `only` (all when
+    None)."""
     if only is None:
         return cells
     return [c for c in cells if fnmatch.fnmatchcase(c.id, only)]

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 
 import click
 
-from ..evaluation import (EvalTarget, baseline_carriers, expand_eval, is_evaluated,
-                          read_eval_record, verified_output)
+from ..evaluation import (baseline_carriers, expand_eval, is_evaluated, read_eval_record,
+                          verified_output)
 from ..executors import backend, resolve_executor
 from ..ledger import latest_attempt, load_ledger
 from ..login_push import ready_to_publish
+from ..matrix import select
 from ..output import format_rows, output_options
 from ..pipeline import CellPaths, read_result
 from ..preflight import gate
@@ -73,7 +73,7 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
     ledger = load_ledger(ledger_path) if ledger_path.exists() else None
     snap = (snapshot(ledger_path, ledger, recover=not dry_run)
             if ledger and (ledger.cells or ledger.evals) else None)
-    targets = [] if no_eval else select_targets(expand_eval(loaded, cells), only)
+    targets = [] if no_eval else select(expand_eval(loaded, cells), only)
     cells, skipped, seen = _skip_done_or_live(cells, ledger, snap, loaded.work_dir, force)
     evals, live, eval_skips, seen_evals = _evals_to_submit(
         targets, {c.id for c in cells}, ledger, snap, loaded.work_dir, kind, force)
@@ -133,11 +133,6 @@ def _skip_done_or_live(cells, ledger, snap, work: Path, force: bool):
         else:
             keep.append(cell)
     return keep, skipped, seen
-
-
-def select_targets(targets: list[EvalTarget], only: str | None) -> list[EvalTarget]:
-    """Eval targets (cells' and baselines') whose id matches the glob `only`."""
-    return [t for t in targets if only is None or fnmatch.fnmatchcase(t.id, only)]
 
 
 def _evals_to_submit(targets, merging: set[str], ledger, snap, work: Path, executor: str,
