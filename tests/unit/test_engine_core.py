@@ -118,14 +118,16 @@ def test_adapters_the_engine_cannot_compute_exactly_are_refused(shapes, named):
         plan_factors(PLAIN, shapes, BASE, lambda n: n)
 
 
-def test_baked_tensor_is_peft_merge_and_unload():
-    """The same operations PEFT's lora.Linear.merge runs on a bf16 layer with fp32 factors."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("alpha", [16, 11])  # scaling 2.0, and 1.375 (rounds in fp32)
+def test_baked_tensor_is_peft_merge_and_unload(dtype, alpha):
+    """The same operations PEFT's lora.Linear.merge runs on a layer with fp32 factors."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=False)).to(torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(480, 400, bias=False)).to(dtype)
     base = model[0].weight.detach().clone()
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=alpha, target_modules=["0"]))
     layer = peft.base_model.model[0]
     with torch.no_grad():
         layer.lora_A["default"].weight.normal_()
@@ -133,8 +135,8 @@ def test_baked_tensor_is_peft_merge_and_unload():
     a, b = (layer.lora_A["default"].weight.detach().clone(),
             layer.lora_B["default"].weight.detach().clone())
     merged = peft.merge_and_unload()[0].weight.detach()
-    ours = baked_tensor(base, a, b, 2.0)
-    assert ours.dtype == torch.bfloat16 and torch.equal(ours.view(torch.int16), merged.view(torch.int16))
+    ours = baked_tensor(base, a, b, alpha / 8)
+    assert ours.dtype == dtype and torch.equal(ours.view(torch.uint8), merged.view(torch.uint8))
     assert not torch.equal(ours, base)
 
 
@@ -181,3 +183,25 @@ def test_only_tensors_that_survive_base_plus_zero_are_copied():
     # ...and the reason: base + 0.0 is +0.0 where the base is -0.0.
     negative = torch.tensor([-0.0]).to(torch.bfloat16)
     assert not torch.signbit(negative + torch.zeros_like(negative)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_copy_check_is_base_plus_zero_on_every_bit_pattern(dtype):
+    """Read on the bits, the check copies exactly the finite values that survive base + (x - x)
+    (a task vector of equal inputs) unchanged, and never inf or NaN (inf - inf is NaN)."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    survives = torch.eq((every + (every - every)).view(torch.int16), every.view(torch.int16))
+    checked = torch.tensor([_unchanged_by_zero_delta(value.reshape(1)) for value in every])
+    finite = torch.isfinite(every)
+    assert torch.equal(checked[finite], survives[finite])
+    assert not bool(checked[~finite].any())
+    assert int((~survives).sum()) > 1  # -0.0 and the infinities at least
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_copy_check_on_wide_dtypes(dtype):
+    info = torch.finfo(dtype)
+    assert _unchanged_by_zero_delta(torch.tensor([info.max, -info.max, info.tiny, -info.tiny / 4, 0.0],
+                                                 dtype=dtype))
+    for bad in (-0.0, float("inf"), float("-inf"), float("nan"), -float("nan")):
+        assert not _unchanged_by_zero_delta(torch.tensor([1.0, bad], dtype=dtype)), bad
