@@ -19,7 +19,10 @@ tensor; the 262k x 1152 embedding is 30% of a 1B model). linear and task_arithme
 elementwise, so a large untouched tensor is merged in row chunks to bound memory.
 
 Tensors run in parallel on a thread pool (torch releases the GIL inside its kernels), each
-kernel on one thread, with at most `memory_budget` bytes of estimated working memory in flight.
+kernel on one thread, one thread per core the task may use, with at most `memory_budget` bytes of
+estimated working memory in flight: half of what the task may allocate (its SLURM memory, read from
+its cgroup, or the machine's available memory), so a 70-core node with 220 GB merges 12B-sized
+tensors on every core, and a small allocation still merges one large tensor at a time.
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ CHUNK_ELEMENTS = 1 << 24
 # also sorts each delta's magnitudes in fp32 with int64 indices). Measured peaks are below these.
 BYTES_PER_ELEMENT = {"ties": 12}
 DEFAULT_BYTES_PER_ELEMENT = 6
-# Working memory in flight: enough for every core to hold a large tensor, at least 1 GiB.
+# Working memory in flight where the memory the task may use is unknown: 384 MiB per core.
 MEMORY_PER_WORKER = 384 << 20
 MIN_MEMORY_BUDGET = 1 << 30
+# A cgroup memory limit at or above this is "no limit" (cgroup v1 writes 2^63 rounded to pages).
+NO_LIMIT = 1 << 60
 PROGRESS_INTERVAL_S = 5.0
 SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
@@ -164,7 +169,12 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     import torch
 
     workers = workers or available_cores()
-    memory_budget = memory_budget or max(MIN_MEMORY_BUDGET, MEMORY_PER_WORKER * workers)
+    available = available_memory()
+    if torch.device(device).type == "cuda":
+        # The merge's inputs and temporaries are on the GPU too: what it has free bounds them.
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        available = free if available is None else min(available, free)
+    memory_budget = memory_budget or default_memory_budget(workers, available)
     units = _units(plan)
     shard_plan = plan_shards(plan.specs, max_shard_bytes)
     progress = Progress(len(plan.specs), sum(p.nbytes for p in shard_plan.placements.values()))
@@ -175,6 +185,10 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     context = _Context(plan, writer, torch.device(device), progress, pending_chunks)
     in_flight = _Budget(memory_budget)
     errors: list[BaseException] = []
+
+    def run(unit: _Unit) -> None:
+        if not errors:  # units queued behind a failure are not started
+            context.run(unit)
 
     def finished(future: Future, cost: int) -> None:
         if future.exception() is not None:
@@ -195,7 +209,7 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
                 if errors:  # stop submitting; the pool finishes what it runs
                     in_flight.release(unit.cost)
                     break
-                pool.submit(context.run, unit).add_done_callback(
+                pool.submit(run, unit).add_done_callback(
                     lambda future, cost=unit.cost: finished(future, cost))
         if errors:
             raise errors[0]
@@ -215,6 +229,71 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
 def available_cores() -> int:
     """The cores this task may use (its CPU affinity, which SLURM sets to the allocation)."""
     return len(os.sched_getaffinity(0))
+
+
+def default_memory_budget(workers: int, available: int | None) -> int:
+    """Estimated working memory the tensors in flight may take: half of `available` (the other
+    half is the process, torch and the page cache of the files it reads), at least
+    MIN_MEMORY_BUDGET (one large tensor at a time); MEMORY_PER_WORKER per worker when unknown."""
+    if available is None:
+        return max(MIN_MEMORY_BUDGET, MEMORY_PER_WORKER * workers)
+    return max(MIN_MEMORY_BUDGET, available // 2)
+
+
+def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process may allocate: the least of the machine's MemAvailable and every memory
+    limit of the cgroups it is in (SLURM confines a job's memory with one; cgroup v1 or v2), or
+    None where neither can be read (not Linux)."""
+    found = [limit for folder in _memory_cgroups(proc / "self" / "cgroup", cgroups)
+             for limit in (_read_int(folder / "memory.max"), _read_int(folder / "memory.limit_in_bytes"))
+             if limit is not None and limit < NO_LIMIT]
+    try:
+        meminfo = (proc / "meminfo").read_text()
+    except OSError:
+        meminfo = ""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            found.append(int(line.split()[1]) * 1024)
+    return min(found) if found else None
+
+
+def _memory_cgroups(membership: Path, cgroups: Path) -> list[Path]:
+    """The folders of the memory cgroup this process is in and of each cgroup above it.
+
+    `membership` is /proc/self/cgroup: `0::<path>` (v2, under `cgroups`) and, on v1 or hybrid
+    hosts, `<id>:memory:<path>` (under `cgroups`/memory). Inside a container whose cgroup
+    namespace makes the path unknown under the mount, the mount's root is the process's cgroup.
+    """
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return []
+    folders = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount = cgroups
+        elif "memory" in controllers.split(","):
+            mount = cgroups / "memory"
+        else:
+            continue
+        folder = mount / path.lstrip("/")
+        if not folder.is_dir():
+            folder = mount
+        while True:
+            folders.append(folder)
+            if folder == mount:
+                break
+            folder = folder.parent
+    return folders
+
+
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; None when absent or not a number ("max": no limit)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 class _Budget:

@@ -228,8 +228,10 @@ def test_a_failing_tensor_fails_the_merge_with_nothing_in_place(tmp_path, write_
     from bakery_slurm.errors import StageError
 
     real = engine_cell.baked_tensor
+    baked = []
 
     def failing(base, a, b, scaling):
+        baked.append(tuple(base.shape))
         if base.shape[0] == 128:  # the MLP's gate/up projections
             raise RuntimeError("disk on fire")
         return real(base, a, b, scaling)
@@ -238,9 +240,13 @@ def test_a_failing_tensor_fails_the_merge_with_nothing_in_place(tmp_path, write_
     cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
     paths = CellPaths(matrix.work_dir, cell.id)
     monkeypatch.setattr(engine_cell, "baked_tensor", failing)
+    # One worker: every unit is queued before the first fails (the budget holds them all), and
+    # none of them may start after it.
+    monkeypatch.setattr(engine_cell, "available_cores", lambda: 1)
     with pytest.raises(StageError, match="merge failed: RuntimeError: disk on fire"):
         run_cell(cell, matrix.work_dir, device="cpu")
     assert not paths.final.exists() and not marker_path(paths.final).exists()
+    assert baked[-1][0] == 128 and baked.count(baked[-1]) == 1
     monkeypatch.setattr(engine_cell, "baked_tensor", real)
     result = run_cell(cell, matrix.work_dir, device="cpu")
     assert result["status"] == "done"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bakery_slurm.engine.cell import _unchanged_by_zero_delta
+from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _unchanged_by_zero_delta,
+                                      available_memory, default_memory_budget)
 from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
                                       installed_lora_defaults, lora_defaults, plan_factors,
                                       unsupported_setting)
@@ -205,3 +206,56 @@ def test_the_copy_check_on_wide_dtypes(dtype):
                                                  dtype=dtype))
     for bad in (-0.0, float("inf"), float("-inf"), float("nan"), -float("nan")):
         assert not _unchanged_by_zero_delta(torch.tensor([1.0, bad], dtype=dtype)), bad
+
+
+def fake_host(root, membership: str, limits: dict[str, str], available_kib: int | None = 24_000_000):
+    """A /proc and a /sys/fs/cgroup with `membership` as /proc/self/cgroup and the given
+    {cgroup file relative to the mount: content}."""
+    proc, cgroups = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(membership)
+    if available_kib is not None:
+        (proc / "meminfo").write_text(f"MemTotal: 25000000 kB\nMemAvailable: {available_kib} kB\n")
+    for name, content in limits.items():
+        (cgroups / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroups / name).write_text(content + "\n")
+    return proc, cgroups
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("membership, limits, expected", [
+    # cgroup v2, SLURM's job cgroup limits; its step and task below have none
+    ("0::/slurm/job_7/step_0/task_0\n",
+     {"slurm/job_7/memory.max": str(8 * GIB), "slurm/job_7/step_0/memory.max": "max",
+      "slurm/job_7/step_0/task_0/memory.max": "max"}, 8 * GIB),
+    # cgroup v1 (hybrid host): the memory controller's own hierarchy; the tightest ancestor wins
+    ("4:memory:/slurm/uid_0/job_7\n0::/\n",
+     {"memory/slurm/uid_0/job_7/memory.limit_in_bytes": str(6 * GIB),
+      "memory/slurm/uid_0/memory.limit_in_bytes": str(4 * GIB),
+      "memory/memory.limit_in_bytes": "9223372036854771712"}, 4 * GIB),
+    # a container's cgroup namespace: the path is not under the mount, whose root is ours
+    ("4:memory:/process_api/abc\n", {"memory/memory.limit_in_bytes": str(3 * GIB)}, 3 * GIB),
+    # no limit anywhere: the machine's available memory
+    ("0::/user.slice\n", {"user.slice/memory.max": "max"}, 24_000_000 * 1024),
+])
+def test_available_memory_is_the_tightest_cgroup_limit_or_the_machine(tmp_path, membership, limits,
+                                                                      expected):
+    assert available_memory(*fake_host(tmp_path, membership, limits)) == expected
+
+
+def test_available_memory_unknown_without_proc(tmp_path):
+    assert available_memory(tmp_path / "proc", tmp_path / "cgroup") is None
+
+
+def test_available_memory_here_is_within_the_machine():
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                 if line.startswith("MemTotal:"))
+    assert 0 < available_memory() <= total
+
+
+def test_the_memory_budget_is_half_of_what_the_task_may_use():
+    assert default_memory_budget(70, 220 * GIB) == 110 * GIB
+    assert default_memory_budget(70, GIB) == MIN_MEMORY_BUDGET  # still one large tensor
+    assert default_memory_budget(16, None) == 16 * MEMORY_PER_WORKER
