@@ -165,8 +165,10 @@ def _evals_to_submit(targets, merging: set[str], ledger, snap, work: Path, execu
             keep.append(target)
             live[target.id] = (merge.array_name, merge.index)
         else:
-            skipped.append((target.id, "eval not submitted: the cell has no verified output and "
-                                       "no merge pending or running"))
+            skipped.append((target.id, "eval not submitted: the cell has no verified output (gc "
+                                       "removes a published cell's) and no merge pending or "
+                                       f"running; `submit --force --only {target.id}` merges it "
+                                       "again and evaluates it"))
     return keep, live, skipped, seen
 
 

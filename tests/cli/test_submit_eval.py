@@ -94,6 +94,27 @@ def test_a_verified_cell_is_evaluated_at_once_and_an_evaluated_one_not_again(tmp
     assert f"run-eval {matrix_path} {evaluated} " in forced.stdout
 
 
+def test_a_published_cell_whose_outputs_gc_removed_is_not_evaluated_but_told_how(tmp_path):
+    matrix_path = eval_project(tmp_path)
+    matrix = load_matrix(matrix_path)
+    cell = next(c for c in expand(matrix) if c.id == CELLS[0])
+    paths = CellPaths(matrix.work_dir, cell.id)
+    paths.root.mkdir(parents=True)  # published, then gc: the result record stays, final/ goes
+    paths.result.write_text(json.dumps(
+        {"status": "done", "recipe_hash": cell.recipe_hash, "push": str(cell.push)}))
+    result = invoke("submit", matrix_path, "--executor", "slurm", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert (f"skip {cell.id}: eval not submitted: the cell has no verified output (gc removes a "
+            f"published cell's) and no merge pending or running; `submit --force --only {cell.id}` "
+            "merges it again and evaluates it") in result.stderr
+    assert f"run-eval {matrix_path} {cell.id} " not in result.stdout
+    again = invoke("submit", matrix_path, "--executor", "slurm", "--dry-run", "--force",
+                   "--only", cell.id)
+    assert again.exit_code == 0, again.output
+    assert re.search(r"\(slurm, 1 tasks, after bakery-\w+-0\)", again.stdout)
+    assert f"run-eval {matrix_path} {cell.id} " in again.stdout
+
+
 def test_the_local_executor_runs_the_chain_and_resubmit_rechains_it(tmp_path):
     """Merges fail (the models hold no weights), so the scheduler side cancels their evals; the
     baseline's eval runs and fails. resubmit takes the merges with their evals chained again,
