@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,10 +29,21 @@ def test_files_copies_exactly_what_the_package_build_needs():
                             *package_roots, "templates"}
 
 
-def test_image_uses_the_pinned_versions_but_keeps_ngc_torch():
-    post = "\n".join(section("post"))
-    assert "grep -v '^torch==' constraints.txt" in post
-    assert "PIP_CONSTRAINT=/tmp/constraints-image.txt" in post
-    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    assert pins["mergekit"] == "0.1.5" and "transformers" in pins and "peft" in pins
+def test_image_uses_the_pinned_versions_but_keeps_ngc_torch(tmp_path):
+    """%post's own command, run on constraints.txt: every pin but torch and torch's own
+    dependencies (NGC's torch keeps the versions it was built with)."""
+    post = section("post")
+    assert "PIP_CONSTRAINT=/tmp/constraints-image.txt" in "\n".join(post)
+    command = next(line for line in post if line.endswith("> /tmp/constraints-image.txt"))
+    subprocess.run(["bash", "-c", command.replace("/tmp/", f"{tmp_path}/")], cwd=ROOT, check=True)
+    image = pins_in((tmp_path / "constraints-image.txt").read_text())
+    tested = pins_in((ROOT / "constraints.txt").read_text())
+    assert image["mergekit"] == tested["mergekit"] and "transformers" in image and "peft" in image
+    assert "lm-eval" in image and "regex" in image  # transitive dependencies are pinned too
+    assert set(tested) - set(image) == {"torch", "filelock", "fsspec", "mpmath", "networkx", "sympy",
+                                        "typing-extensions"}
+
+
+def pins_in(text: str) -> dict[str, str]:
+    return {name.lower().replace("_", "-"): version for name, version in
+            (line.split("==") for line in text.splitlines() if "==" in line and not line.startswith("#"))}
