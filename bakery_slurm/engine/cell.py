@@ -21,8 +21,8 @@ elementwise, so a large untouched tensor is merged in row chunks to bound memory
 Tensors run in parallel on a thread pool (torch releases the GIL inside its kernels), each
 kernel on one thread, one thread per core the task may use, with at most `memory_budget` bytes of
 estimated working memory in flight: half of what the task may allocate (its SLURM memory, read from
-its cgroup, or the machine's available memory), so a 70-core node with 220 GB merges 12B-sized
-tensors on every core, and a small allocation still merges one large tensor at a time.
+its cgroup, or the machine's available memory), so a 12b cell with 220 GB merges ~50 of its
+largest tensors at once, and a small allocation still merges one large tensor at a time.
 """
 
 from __future__ import annotations

@@ -189,8 +189,9 @@ def baked_tensor(base: Any, a: Any, b: Any, scaling: float) -> Any:
     """`base` (already in the cell's dtype) with one adapter merged, bit for bit as PEFT does it.
 
     PEFT's `weight += delta` on a bf16/fp16 weight computes `float(weight) + delta` in fp32 and
-    rounds that to the weight's dtype. The same two roundings in place on the fp32 product, and
-    one conversion at the end, run ~3x faster on CPU than torch's mixed-dtype in-place add.
+    rounds the sum to the weight's dtype. Here the same fp32 operations run in place on the
+    product, `(B @ A) * scaling + float(base)`, and one conversion rounds the sum: the same bits,
+    ~3x faster on CPU than torch's mixed-dtype in-place add.
     """
     delta = b.float() @ a.float()
     delta.mul_(scaling)
