@@ -151,6 +151,21 @@ def results_path(work: Path, target_id: str) -> Path:
     return eval_dir(work, target_id) / "results.json"
 
 
+def failure_path(work: Path, target_id: str) -> Path:
+    """Where a target's failed eval says why and when (removed when an eval succeeds): without
+    accounting, `status` tells a failed eval from one that never ran by it."""
+    return eval_dir(work, target_id) / "failed.json"
+
+
+def read_eval_failure(work: Path, target_id: str) -> dict[str, Any]:
+    """A target's failure record ({"error", "finished"}), empty when its last eval did not fail."""
+    try:
+        record = json.loads(failure_path(work, target_id).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def verified_output(work: Path, cell_id: str) -> str | None:
     """The content hash of the cell's verified checkpoint (`cells/<id>/final`, intact and the one
     its verify record checked), or None when it has none: what a cell's eval scores."""

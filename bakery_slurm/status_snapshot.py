@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .errors import ConfigError
-from .evaluation import read_eval_record
+from .evaluation import read_eval_failure, read_eval_record
 from .executors import LocalBackend, SlurmBackend
 from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
 from .login_push import VERIFIED, ready_to_publish
@@ -93,18 +93,27 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
 
 def _eval_from_results(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
     """Without accounting, an eval task that left squeue is COMPLETED if it wrote its results
-    after its attempt was submitted (a failed one writes none: it stays NOT_FOUND)."""
+    after its attempt was submitted, FAILED if it wrote a failure record then (the later of the
+    two when both are), and stays NOT_FOUND when it wrote neither (it never ran)."""
     if status.state != NOT_FOUND:
         return status
     array = arrays[status.array_name]
-    record = read_eval_record(Path(array.folder).parent.parent, status.cell)
+    work = Path(array.folder).parent.parent
+    outcomes = [(_written_at(record, array), state) for record, state in
+                ((read_eval_record(work, status.cell), COMPLETED),
+                 (read_eval_failure(work, status.cell), "FAILED"))]
+    written = [(when, state) for when, state in outcomes if when is not None]
+    return replace(status, state=max(written)[1]) if written else status
+
+
+def _written_at(record: dict, array: ArrayRecord) -> datetime | None:
+    """When `record` was written ("finished"), if by a task of `array` (not before it was
+    submitted); else None."""
     try:
         finished = datetime.fromisoformat(record["finished"])
     except (KeyError, TypeError, ValueError):
-        return status
-    if finished < array.submitted - CLOCK_SKEW:
-        return status
-    return replace(status, state=COMPLETED)
+        return None
+    return finished if finished >= array.submitted - CLOCK_SKEW else None
 
 
 def _why_not_run(status: CellStatus, merge_state: str | None) -> CellStatus:

@@ -6,7 +6,8 @@ attached unmerged through lm-eval's `peft=` model argument. lm-eval runs through
 (`simple_evaluate`, model `hf`). Its results JSON (lm-eval's version, each task's version,
 n-shot, configs, results) is written atomically to `cells/<id>/eval/results.json` with a `bakery`
 block added: the target, the model's identity, the eval settings, the device. A rerun with the
-same model and settings keeps it and evaluates nothing.
+same model and settings keeps it and evaluates nothing. A failed eval writes
+`cells/<id>/eval/failed.json` (the error, when), which the next successful one removes.
 
 Task YAMLs from `[eval] include_path` often name their data files relatively; `datasets` reads
 such paths from the working directory, so lm-eval runs with the include folder as working
@@ -24,7 +25,8 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import BakeryError, StageError
-from ..evaluation import EvalTarget, eval_dir, read_eval_record, results_path, verified_output
+from ..evaluation import (EvalTarget, eval_dir, failure_path, read_eval_record, results_path,
+                          verified_output)
 from ..pipeline import CellPaths, now
 from .merge import choose_device
 
@@ -53,6 +55,16 @@ def run_eval(target: EvalTarget, work: Path, device: str = "auto",
 
 
 def _run(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str, Any]:
+    try:
+        summary = _evaluate(target, work, device, offline)
+    except StageError as e:
+        fsutil.atomic_write_json(failure_path(work, target.id), {"error": str(e), "finished": now()})
+        raise
+    failure_path(work, target.id).unlink(missing_ok=True)
+    return summary
+
+
+def _evaluate(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str, Any]:
     start = time.monotonic()
     out = results_path(work, target.id)
     try:

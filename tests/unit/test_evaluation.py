@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bakery_slurm.errors import ConfigError, StageError
-from bakery_slurm.evaluation import expand_eval, pin_target, results_path
+from bakery_slurm.evaluation import (expand_eval, failure_path, pin_target, read_eval_failure,
+                                     results_path)
 from bakery_slurm.manifest import write_marker
 from bakery_slurm.matrix import load_matrix
 from bakery_slurm.pipeline import CellPaths
@@ -170,6 +171,25 @@ def test_a_cell_is_scored_only_on_its_verified_output(tmp_path, write_matrix, re
     with pytest.raises(StageError, match=r"stage eval failed: no verified output in"):
         run_eval(target, tmp_path / "work", device="cpu")
     assert not results_path(tmp_path / "work", target.id).exists()
+    failure = read_eval_failure(tmp_path / "work", target.id)
+    assert "stage eval failed: no verified output in" in failure["error"] and failure["finished"]
+
+
+def test_a_successful_eval_removes_the_failure_record(tmp_path, write_matrix, monkeypatch):
+    from bakery_slurm.stages import evaluate
+
+    (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
+    work = tmp_path / "work"
+    paths = CellPaths(work, target.id)
+    paths.final.mkdir(parents=True)
+    (paths.final / "model.safetensors").write_bytes(b"weights")
+    paths.verified.write_text(json.dumps({"final_sha256": write_marker(paths.final, {})["content_sha256"]}))
+    failure_path(work, target.id).parent.mkdir(parents=True)
+    failure_path(work, target.id).write_text('{"error": "an earlier try", "finished": "2026-01-01"}')
+    monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: {"results": {"a": {"acc": 1.0}}})
+    assert run_eval(target, work, device="cpu")["status"] == "done"
+    assert read_eval_failure(work, target.id) == {} and not failure_path(work, target.id).exists()
+    assert json.loads(results_path(work, target.id).read_text())["results"] == {"a": {"acc": 1.0}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,3 +142,44 @@ def test_status_detail_of_a_failed_cell_is_its_error(tmp_path):
                   error="bake: adapter nob (/m/nob): /m/nob/adapter_model.safetensors: bad header")
     assert detail_of(tmp_path, "FAILED") == \
         "bake: adapter nob (/m/nob): /m/nob/adapter_model.safetensors: bad header"
+
+
+def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -> str:
+    """The state of CELL's eval (its task gone from squeue), with the eval folder holding the
+    given records ("results" and/or "failure"), each written that long ago; the eval array
+    was submitted 10 minutes ago."""
+    from bakery_slurm.evaluation import failure_path, results_path
+
+    ledger = Ledger()
+    planned = PlannedArray(executor="slurm", resources={}, cells=[CELL], stage="eval",
+                           folder=str(tmp_path / "work" / "arrays" / "e"))
+    submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
+                               matrix_sha256="0" * 64, arrays=[planned], recipe_hashes={},
+                               eval_hashes={CELL: "s"},
+                               now=datetime.now(timezone.utc) - timedelta(minutes=10))
+    confirm_array(ledger, submission.arrays[0].name, "52")
+    path = tmp_path / "bakery-ledger.json"
+    save_ledger(path, ledger)
+    work = tmp_path / "work"
+    for kind, age in write.items():
+        finished = (datetime.now(timezone.utc) - age).isoformat(timespec="seconds")
+        target = results_path(work, CELL) if kind == "results" else failure_path(work, CELL)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"bakery": {"finished": finished}} if kind == "results"
+                                     else {"error": "lm-eval failed", "finished": finished}))
+    runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
+    return {s.cell: s.state for s in snapshot(path, ledger, slurm=SlurmBackend(runner)).evals}[CELL]
+
+
+def test_without_accounting_a_gone_eval_reads_its_records_of_this_attempt(tmp_path):
+    minute = timedelta(minutes=1)
+    assert eval_state_without_accounting(tmp_path / "a", {"results": 2 * minute}) == "COMPLETED"
+    assert eval_state_without_accounting(tmp_path / "b", {"failure": 2 * minute}) == "FAILED"
+    # an older eval's results, then this attempt failed: FAILED (and the other way round)
+    assert eval_state_without_accounting(tmp_path / "c", {"results": 60 * minute,
+                                                          "failure": 2 * minute}) == "FAILED"
+    assert eval_state_without_accounting(tmp_path / "d", {"failure": 5 * minute,
+                                                          "results": 2 * minute}) == "COMPLETED"
+    # records older than the attempt say nothing about it: it never ran
+    assert eval_state_without_accounting(tmp_path / "e", {"failure": 60 * minute}) == "NOT_FOUND"
+    assert eval_state_without_accounting(tmp_path / "f", {}) == "NOT_FOUND"
