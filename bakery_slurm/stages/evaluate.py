@@ -57,8 +57,12 @@ def run_eval(target: EvalTarget, work: Path, device: str = "auto",
 def _run(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str, Any]:
     try:
         summary = _evaluate(target, work, device, offline)
-    except StageError as e:
-        fsutil.atomic_write_json(failure_path(work, target.id), {"error": str(e), "finished": now()})
+    except Exception as e:  # a StageError, or writing the results failed (disk full, ...)
+        try:
+            fsutil.atomic_write_json(failure_path(work, target.id),
+                                     {"error": str(e), "finished": now()})
+        except OSError as unwritten:  # the eval's own error is the one to report
+            log.warning("%s: could not record the failure: %s", target.id, unwritten)
         raise
     failure_path(work, target.id).unlink(missing_ok=True)
     return summary
