@@ -172,8 +172,8 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     available = available_memory()
     if torch.device(device).type == "cuda":
         # The merge's inputs and temporaries are on the GPU too: what it has free bounds them.
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        available = free if available is None else min(available, free)
+        free = _gpu_free_memory(torch.device(device))
+        available = free if available is None or free is None else min(available, free)
     memory_budget = memory_budget or default_memory_budget(workers, available)
     units = _units(plan)
     shard_plan = plan_shards(plan.specs, max_shard_bytes)
@@ -255,6 +255,17 @@ def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/c
         if line.startswith("MemAvailable:"):
             found.append(int(line.split()[1]) * 1024)
     return min(found) if found else None
+
+
+def _gpu_free_memory(device: Any) -> int | None:
+    """Bytes free on the GPU, or None when it cannot be asked: then the merge's own first use
+    of the GPU fails the same way, and the caller falls back to the CPU on that error."""
+    import torch
+
+    try:
+        return torch.cuda.mem_get_info(device)[0]
+    except (RuntimeError, AssertionError):  # torch asserts when it was built without CUDA
+        return None
 
 
 def _memory_cgroups(membership: Path, cgroups: Path) -> list[Path]:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _unchanged_by_zero_delta,
-                                      available_memory, default_memory_budget)
+from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _gpu_free_memory,
+                                      _unchanged_by_zero_delta, available_memory,
+                                      default_memory_budget)
 from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
                                       installed_lora_defaults, lora_defaults, plan_factors,
                                       unsupported_setting)
@@ -259,3 +260,9 @@ def test_the_memory_budget_is_half_of_what_the_task_may_use():
     assert default_memory_budget(70, 220 * GIB) == 110 * GIB
     assert default_memory_budget(70, GIB) == MIN_MEMORY_BUDGET  # still one large tensor
     assert default_memory_budget(16, None) == 16 * MEMORY_PER_WORKER
+
+
+def test_the_gpu_free_memory_is_unknown_where_there_is_no_gpu():
+    """None, not an error, so the merge itself meets the missing or broken GPU and falls back."""
+    free = _gpu_free_memory(torch.device("cuda"))
+    assert (free is None) == (not torch.cuda.is_available())
