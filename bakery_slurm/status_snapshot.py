@@ -88,6 +88,7 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         evals = [_eval_from_results(s, by_name) for s in evals]
     merges = {s.cell: s.state for s in statuses}
     evals = [_why_not_run(s, merges.get(s.cell)) for s in evals]
+    evals = [_why_failed(s, by_name) for s in evals]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes, evals=evals)
 
 
@@ -122,6 +123,18 @@ def _why_not_run(status: CellStatus, merge_state: str | None) -> CellStatus:
     if merge_state in TERMINAL_FAILURES and status.state in (CANCELLED, "PENDING"):
         return replace(status, detail=f"never ran: its merge ended {merge_state}")
     return status
+
+
+def _why_failed(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    """A failed eval says why, from the failure record its attempt wrote (none when it was
+    killed: a timeout, out of memory)."""
+    if status.state not in TERMINAL_FAILURES or status.detail:
+        return status
+    array = arrays[status.array_name]
+    failure = read_eval_failure(Path(array.folder).parent.parent, status.cell)
+    if _written_at(failure, array) is None:
+        return status
+    return replace(status, detail=failure.get("error"))
 
 
 # Cells in these states have no result record of their latest attempt worth reading.

@@ -138,6 +138,9 @@ def test_the_local_executor_runs_the_chain_and_resubmit_rechains_it(tmp_path):
         **{c: ("FAILED", "CANCELLED") for c in CELLS}, BASELINE: (None, "FAILED")}
     assert all(rows[c]["detail"] for c in CELLS)  # the merge's own failure
     assert {rows[c]["eval_detail"] for c in CELLS} == {"never ran: its merge ended FAILED"}
+    # The baseline's eval says why it failed (its failure record), in the detail column too.
+    assert rows[BASELINE]["eval_detail"].startswith(f"{BASELINE}: stage eval failed: ")
+    assert rows[BASELINE]["detail"] == f"eval: {rows[BASELINE]['eval_detail']}"
     assert status.exit_code == 1
     table = invoke("status", "--ledger", ledger)
     assert "eval totals: CANCELLED 3, FAILED 1" in table.stdout

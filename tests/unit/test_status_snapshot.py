@@ -168,7 +168,10 @@ def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -
         target.write_text(json.dumps({"bakery": {"finished": finished}} if kind == "results"
                                      else {"error": "lm-eval failed", "finished": finished}))
     runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
-    return {s.cell: s.state for s in snapshot(path, ledger, slurm=SlurmBackend(runner)).evals}[CELL]
+    (status,) = snapshot(path, ledger, slurm=SlurmBackend(runner)).evals
+    # A failed eval says why; one that did not fail says nothing.
+    assert status.detail == ("lm-eval failed" if status.state == "FAILED" else None)
+    return status.state
 
 
 def test_without_accounting_a_gone_eval_reads_its_records_of_this_attempt(tmp_path):
