@@ -114,6 +114,8 @@ def _written_at(record: dict, array: ArrayRecord) -> datetime | None:
         finished = datetime.fromisoformat(record["finished"])
     except (KeyError, TypeError, ValueError):
         return None
+    if finished.tzinfo is None:  # not ours (we write UTC with its offset): read it as UTC
+        finished = finished.replace(tzinfo=timezone.utc)
     return finished if finished >= array.submitted - CLOCK_SKEW else None
 
 

@@ -163,6 +163,8 @@ def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -
     work = tmp_path / "work"
     for kind, age in write.items():
         finished = (datetime.now(timezone.utc) - age).isoformat(timespec="seconds")
+        if kind == "failure":  # written by hand or another tool: no UTC offset, read as UTC
+            finished = finished.removesuffix("+00:00")
         target = results_path(work, CELL) if kind == "results" else failure_path(work, CELL)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps({"bakery": {"finished": finished}} if kind == "results"
