@@ -209,14 +209,13 @@ def test_the_copy_check_on_wide_dtypes(dtype):
         assert not _unchanged_by_zero_delta(torch.tensor([1.0, bad], dtype=dtype)), bad
 
 
-def fake_host(root, membership: str, limits: dict[str, str], available_kib: int | None = 24_000_000):
-    """A /proc and a /sys/fs/cgroup with `membership` as /proc/self/cgroup and the given
-    {cgroup file relative to the mount: content}."""
+def fake_host(root, membership: str, limits: dict[str, str]):
+    """A /proc (MemAvailable 24,000,000 kB) and a /sys/fs/cgroup with `membership` as
+    /proc/self/cgroup and the given {cgroup file relative to the mount: content}."""
     proc, cgroups = root / "proc", root / "cgroup"
     (proc / "self").mkdir(parents=True)
     (proc / "self" / "cgroup").write_text(membership)
-    if available_kib is not None:
-        (proc / "meminfo").write_text(f"MemTotal: 25000000 kB\nMemAvailable: {available_kib} kB\n")
+    (proc / "meminfo").write_text("MemTotal: 25000000 kB\nMemAvailable: 24000000 kB\n")
     for name, content in limits.items():
         (cgroups / name).parent.mkdir(parents=True, exist_ok=True)
         (cgroups / name).write_text(content + "\n")
