@@ -49,8 +49,19 @@ def task_times(job_ids: list[str]) -> dict[str, tuple[str, datetime | None, date
     def when(text: str) -> datetime | None:
         return None if text in ("None", "Unknown", "") else datetime.fromisoformat(text)
 
-    rows = [line.split("|") for line in out.splitlines()]
-    return {job: (state.split()[0], when(start), when(end)) for job, state, start, end in rows}
+    times, ranges = {}, {}
+    for job, state, start, end in (line.split("|") for line in out.splitlines()):
+        row = (state.split()[0], when(start), when(end))
+        if "_[" not in job:
+            times[job] = row
+            continue
+        # A task that never started may have no row of its own, only its array's range
+        # (`4_[1]`, `4_[0-1%2]`): each index of the range gets the range's row.
+        array, spec = job.rstrip("]").split("_[")
+        for part in spec.split("%")[0].split(","):
+            first, _, last = part.partition("-")
+            ranges.update({f"{array}_{i}": row for i in range(int(first), int(last or first) + 1)})
+    return {**ranges, **times}
 
 
 def task_of(ledger, stage: str, target: str, attempt: int = -1) -> str:
