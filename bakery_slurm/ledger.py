@@ -89,6 +89,11 @@ class PlannedArray(_Model):
     after: str | None = None
     after_indices: list[Annotated[int, Field(ge=0)]] | None = None
 
+    @property
+    def work(self) -> Path:
+        """The work folder whose `cells/` its tasks write: `folder` is `<work>/arrays/<name>`."""
+        return Path(self.folder).parent.parent
+
     @field_validator("cells")
     @classmethod
     def _cells_unique(cls, cells: list[str]) -> list[str]:

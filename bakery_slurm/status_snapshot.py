@@ -99,10 +99,9 @@ def _eval_from_results(status: CellStatus, arrays: dict[str, ArrayRecord]) -> Ce
     if status.state != NOT_FOUND:
         return status
     array = arrays[status.array_name]
-    work = Path(array.folder).parent.parent
     outcomes = [(_written_at(record, array), state) for record, state in
-                ((read_eval_record(work, status.cell), COMPLETED),
-                 (read_eval_failure(work, status.cell), "FAILED"))]
+                ((read_eval_record(array.work, status.cell), COMPLETED),
+                 (read_eval_failure(array.work, status.cell), "FAILED"))]
     written = [(when, state) for when, state in outcomes if when is not None]
     return replace(status, state=max(written)[1]) if written else status
 
@@ -133,7 +132,7 @@ def _why_failed(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatu
     if status.state not in TERMINAL_FAILURES or status.detail:
         return status
     array = arrays[status.array_name]
-    failure = read_eval_failure(Path(array.folder).parent.parent, status.cell)
+    failure = read_eval_failure(array.work, status.cell)
     if _written_at(failure, array) is None:
         return status
     return replace(status, detail=failure.get("error"))
@@ -204,7 +203,7 @@ def _attempt_result(status: CellStatus,
     """The cell's paths, and its result record if this very attempt wrote it (one written before
     the attempt started may be a --force rerun's)."""
     # Array folders live at <work>/arrays/<name> (submission.py).
-    paths = CellPaths(Path(arrays[status.array_name].folder).parent.parent, status.cell)
+    paths = CellPaths(arrays[status.array_name].work, status.cell)
     result = read_result(paths)
     if not result or result.get("recipe_hash") != status.recipe_hash:
         return paths, None

@@ -41,12 +41,12 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     # Array folders live at <work>/arrays/<name> (submission.py).
     works: dict[Path, set[str]] = {}
     for array in all_arrays(ledger):
-        works.setdefault(Path(array.folder).parent.parent, set())
+        works.setdefault(array.work, set())
     # A cell whose eval may still run keeps its outputs too: the eval reads its verified output.
     merges = {s.cell for s in snap.statuses}
     for status in snap.statuses + [e for e in snap.evals if e.cell in merges]:
         if is_live(status.state):
-            works[Path(snap.arrays[status.array_name].folder).parent.parent].add(status.cell)
+            works[snap.arrays[status.array_name].work].add(status.cell)
     rows, freed = [], 0
     for work, live in sorted(works.items()):
         removals = plan_gc(work, live)
