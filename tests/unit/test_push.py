@@ -4,7 +4,9 @@ whole cell pushed to a fake Hub repo."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -393,6 +395,23 @@ def test_hub_published_record_retries_and_gives_up(tmp_path, item, sleeps):
     api.failures["repo_info"] = [401]
     with pytest.raises(PushError, match=r"could not read the head commit: HTTP 401"):
         target.published_record(CELL)
+
+
+@pytest.mark.parametrize("can_link", [True, False])
+def test_dir_target_links_weights_copies_the_rest_and_syncs_every_file(tmp_path, item, monkeypatch,
+                                                                       can_link):
+    synced = []
+    monkeypatch.setattr(push.fsutil, "fsync_path", lambda path: synced.append(Path(path).name))
+    if not can_link:  # another filesystem than the work folder's
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(push.fsutil.os, "link", refuse)
+    where = Path(DirTarget(tmp_path / "published").publish([item], "x", render_root("dir:/x")))
+    names = sorted(p.name for p in item.folder.iterdir())
+    assert all((where / n).read_bytes() == (item.folder / n).read_bytes() for n in names)
+    assert [n for n in names if os.path.samefile(where / n, item.folder / n)] == (
+        ["model.safetensors"] if can_link else [])
+    assert set(names) <= set(synced)  # each on disk before the folder was renamed into place
 
 
 def test_dir_target_publishes_reads_back_and_keeps_a_root_card(tmp_path, item):
