@@ -11,12 +11,12 @@ brought to the hub layout, so the output needs no repair), which adapters change
    filling in its defaults (normalize, int8_mask, ...) exactly as run_merge does;
 3. the result written at its place in the output shards (`shards.ShardWriter`).
 
-Tensors no adapter touches are all-equal inputs. For task_arithmetic and TIES (mergekit's
-`GeneralizedTaskArithmeticMerge`: base + a combination of the deltas) every delta is then zero and
-the result is the base tensor itself, provided it has no -0.0 (base + 0.0 turns it into +0.0) and no
-inf or NaN: such tensors are copied after that check instead of being sorted (TIES sorts every
-tensor; the 262k x 1152 embedding is 30% of a 1B model). linear and task_arithmetic are
-elementwise, so a large untouched tensor is merged in row chunks to bound memory.
+Tensors no adapter touches are all-equal inputs, which task_arithmetic, TIES and linear return
+unchanged for the values `unchanged.py` proves they do (no -0.0, inf or NaN; for linear, positive
+weights and magnitudes in fp32's safe range): such tensors are copied after that check instead of
+being merged (TIES sorts every tensor; the 262k x 1152 embedding is 30% of a 1B model). linear and
+task_arithmetic are elementwise, so a large untouched tensor is checked and merged in row chunks
+to bound memory.
 
 Tensors run in parallel on a thread pool (torch releases the GIL inside its kernels), each
 kernel on one thread, one thread per core the task may use, with at most `memory_budget` bytes of
@@ -42,6 +42,7 @@ from ..repair import (checkpoint_tensors, detect_kind, read_config, read_header_
                       to_hub_name)
 from .lora import ADAPTER_WEIGHTS, Factors, Unsupported, baked_tensor, read_adapter
 from .shards import ELEMENT_BYTES, ShardWriter, plan_shards
+from .unchanged import Unchanged, rule_for
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,15 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
         free = _gpu_free_memory(torch.device(device))
         available = free if available is None or free is None else min(available, free)
     memory_budget = memory_budget or default_memory_budget(workers, available)
-    units = _units(plan)
+    unchanged = unchanged_rule(plan)
+    units = _units(plan, unchanged is not None)
     shard_plan = plan_shards(plan.specs, max_shard_bytes)
     progress = Progress(len(plan.specs), sum(p.nbytes for p in shard_plan.placements.values()))
     pending_chunks = {}
     for unit in units:
         pending_chunks[unit.name] = pending_chunks.get(unit.name, 0) + 1
     writer = ShardWriter(shard_plan, out)
-    context = _Context(plan, writer, torch.device(device), progress, pending_chunks)
+    context = _Context(plan, writer, torch.device(device), progress, pending_chunks, unchanged)
     in_flight = _Budget(memory_budget)
     errors: list[BaseException] = []
 
@@ -325,15 +327,16 @@ class _Budget:
             self.cond.notify_all()
 
 
-def _units(plan: CellPlan) -> list[_Unit]:
-    adapted, copies = plan.adapted, _may_pass_through(plan)
+def _units(plan: CellPlan, copies: bool) -> list[_Unit]:
+    adapted = plan.adapted
     per_element = BYTES_PER_ELEMENT.get(plan.method, DEFAULT_BYTES_PER_ELEMENT) * (len(plan.adapters) + 1)
     units = []
     for name, (_, shape) in plan.specs.items():
         numel = math.prod(shape)
         rows = shape[0] if shape else 1
         if name in adapted or plan.method not in ELEMENTWISE or numel <= CHUNK_ELEMENTS or not shape:
-            # A copy (checked, untouched, task-vector methods) needs no working memory beyond it.
+            # A copy (an untouched tensor the method leaves unchanged) needs no working memory
+            # beyond it.
             cost = numel * (4 if name not in adapted and copies else per_element)
             units.append(_Unit(name, 0, rows, True, cost))
             continue
@@ -345,32 +348,12 @@ def _units(plan: CellPlan) -> list[_Unit]:
     return sorted(units, key=lambda unit: -unit.cost)
 
 
-def _may_pass_through(plan: CellPlan) -> bool:
-    """True for methods whose result is the base when every delta is zero (see the module doc)."""
+def unchanged_rule(plan: CellPlan) -> Unchanged | None:
+    """Which untouched tensors the cell's method returns as they are (see `unchanged.py`)."""
     from mergekit import merge_methods
-    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
-    method = merge_methods.get(plan.method)
-    return (isinstance(method, GeneralizedTaskArithmeticMerge) and plan.needs_base
-            and not plan.parameters.get("rescale", method.default_rescale))
-
-
-def _unchanged_by_zero_delta(tensor: Any) -> bool:
-    """base + 0.0 == base bit for bit: no -0.0 (it becomes +0.0), no inf or NaN (inf - inf is NaN).
-
-    Read on the bits, as integers of the same width, ~7x faster than isfinite and signbit on bf16:
-    -0.0 is the sign bit alone, the integer minimum; inf and NaN are the values whose bits without
-    the sign are at least +inf's. Checked in chunks, so the temporaries stay small.
-    """
-    import torch
-
-    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    lowest, magnitude = torch.iinfo(as_int).min, torch.iinfo(as_int).max
-    inf = int(torch.tensor(math.inf, dtype=tensor.dtype).view(as_int))
-    for part in tensor.reshape(-1).view(as_int).split(CHUNK_ELEMENTS):
-        if int(part.min()) == lowest or int((part & magnitude).max()) >= inf:
-            return False
-    return True
+    return rule_for(merge_methods.get(plan.method), plan.method, plan.parameters, plan.adapters,
+                    plan.needs_base, plan.dtype)
 
 
 class _Files:
@@ -424,12 +407,12 @@ class _Files:
 
 class _Context:
     def __init__(self, plan: CellPlan, writer: ShardWriter, device: Any, progress: Progress,
-                 pending_chunks: dict[str, int]):
+                 pending_chunks: dict[str, int], unchanged: Unchanged | None):
         self.plan, self.writer, self.device, self.progress = plan, writer, device, progress
         self.pending_chunks = pending_chunks
+        self.unchanged = unchanged
         self.computed: set[str] = set()  # tensors with a chunk that was merged, not copied
         self.files = _Files()
-        self.pass_through = _may_pass_through(plan)
 
     def run(self, unit: _Unit) -> None:
         import torch
@@ -440,7 +423,7 @@ class _Context:
         base = self.files.read(file, source_name, unit.start, None if unit.whole else unit.stop)
         base = base.to(dtype)
         passed = False
-        if unit.name not in plan.adapted and self.pass_through and _unchanged_by_zero_delta(base):
+        if unit.name not in plan.adapted and self.unchanged and self.unchanged.holds_for(base):
             result, passed = base, True
         else:
             baked = []

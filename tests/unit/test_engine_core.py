@@ -1,5 +1,5 @@
 """The bakery engine's pure parts: which adapters it refuses, how LoRA pairs map to base tensors,
-the shard layout, and the check that decides whether an untouched tensor may be copied."""
+and the shard layout (`test_engine_unchanged.py`: which untouched tensors may be copied)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _gpu_free_memory,
-                                      _unchanged_by_zero_delta, available_memory,
-                                      default_memory_budget)
+                                      available_memory, default_memory_budget)
 from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
                                       installed_lora_defaults, lora_defaults, plan_factors,
                                       unsupported_setting)
@@ -175,38 +174,6 @@ def test_writer_fills_shards_in_any_order_and_safetensors_reads_them(tmp_path):
     assert all(torch.equal(read[n], tensors[n]) for n in tensors)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {n: p.file for n, p in plan.placements.items()}
-
-
-def test_only_tensors_that_survive_base_plus_zero_are_copied():
-    assert _unchanged_by_zero_delta(torch.tensor([1.0, 0.0, -2.5]).to(torch.bfloat16))
-    assert not _unchanged_by_zero_delta(torch.tensor([1.0, -0.0]).to(torch.bfloat16))
-    assert not _unchanged_by_zero_delta(torch.tensor([1.0, float("inf")]))
-    assert not _unchanged_by_zero_delta(torch.tensor([float("nan")]))
-    # ...and the reason: base + 0.0 is +0.0 where the base is -0.0.
-    negative = torch.tensor([-0.0]).to(torch.bfloat16)
-    assert not torch.signbit(negative + torch.zeros_like(negative)).any()
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_copy_check_is_base_plus_zero_on_every_bit_pattern(dtype):
-    """Read on the bits, the check copies exactly the finite values that survive base + (x - x)
-    (a task vector of equal inputs) unchanged, and never inf or NaN (inf - inf is NaN)."""
-    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
-    survives = torch.eq((every + (every - every)).view(torch.int16), every.view(torch.int16))
-    checked = torch.tensor([_unchanged_by_zero_delta(value.reshape(1)) for value in every])
-    finite = torch.isfinite(every)
-    assert torch.equal(checked[finite], survives[finite])
-    assert not bool(checked[~finite].any())
-    assert int((~survives).sum()) > 1  # -0.0 and the infinities at least
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_copy_check_on_wide_dtypes(dtype):
-    info = torch.finfo(dtype)
-    assert _unchanged_by_zero_delta(torch.tensor([info.max, -info.max, info.tiny, -info.tiny / 4, 0.0],
-                                                 dtype=dtype))
-    for bad in (-0.0, float("inf"), float("-inf"), float("nan"), -float("nan")):
-        assert not _unchanged_by_zero_delta(torch.tensor([1.0, bad], dtype=dtype)), bad
 
 
 def fake_host(root, membership: str, limits: dict[str, str]):
