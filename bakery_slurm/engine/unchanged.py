@@ -127,8 +127,8 @@ def rule_for(method: Any, name: str, parameters: Mapping[str, Any], adapters: Se
         rescale = parameters.get("rescale", method.default_rescale)
         return zero_delta() if needs_base and not rescale else None
     if name == "linear":
-        weight = parameters.get("weight")
-        weights = [weight.get(a) for a in adapters] if isinstance(weight, dict) else [weight] * len(adapters)
+        weight = parameters.get("weight")  # per adapter, or one for all
+        weights = [weight.get(a) if isinstance(weight, dict) else weight for a in adapters]
         normalize = parameters.get("normalize", _default(method, "normalize"))
         return linear(weights, normalize, dtype) if isinstance(normalize, bool) else None
     return None
