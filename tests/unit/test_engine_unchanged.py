@@ -25,7 +25,8 @@ def admitted(rule: Unchanged, values: torch.Tensor) -> torch.Tensor:
     """The elements `rule` says come back unchanged, by its definition (on the numbers)."""
     magnitude = values.double().abs()
     positive_zero = (magnitude == 0) & ~torch.signbit(values)
-    return positive_zero | ((magnitude >= rule.smallest) & (magnitude <= rule.largest))
+    return positive_zero | ((magnitude > 0) & (magnitude >= rule.smallest)
+                            & (magnitude <= rule.largest))
 
 
 def test_only_tensors_that_survive_base_plus_zero_are_copied():
@@ -49,6 +50,21 @@ def test_the_copy_check_is_base_plus_zero_on_every_bit_pattern(dtype):
     assert torch.equal(checked[finite], survives[finite])
     assert not bool(checked[~finite].any())
     assert int((~survives).sum()) > 1  # -0.0 and the infinities at least
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method, parameters", [("task_arithmetic", {"weight": 0.5}),
+                                                ("ties", {"density": 0.5, "weight": 0.5})])
+def test_task_vector_methods_return_every_value_the_rule_admits_unchanged(dtype, method, parameters):
+    """mergekit's own kernel on every 16-bit pattern, both adapters and the base all equal."""
+    every = every_pattern(DTYPES[dtype])
+    merged = merge_tensors([every, every, every], method, parameters=parameters,
+                           ids=["eng", "nob", "__base__"], base_index=2, name="t")
+    assert rule_for(merge_methods.get(method), method, parameters, ("eng", "nob"), True,
+                    dtype) == zero_delta()
+    admits = admitted(zero_delta(), every)
+    assert bool(same_bits(merged, every)[admits].all())
+    assert not bool(admits[~torch.isfinite(every)].any())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
