@@ -14,6 +14,9 @@ again (a rerun redoes what is missing). The rules, most careful first:
   cell being fixed reuses its bakes); base copies only once every cell is published.
 - Leftovers of killed tasks (``.*.partial``, ``.*.raw``) go when no cell may run.
 
+The bytes reported are the bytes freed: a hard-linked file counts once, and not at all while a
+link outside the removals keeps it (a `dir:` target's weights, a Hub cache blob).
+
 `plan_gc` only reads; `remove` deletes what it planned.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -50,16 +54,15 @@ def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
     work = Path(work)
     results = _results(work)
     live = set(live_cells) | {cell for cell, (root, _) in results.items() if _running(root)}
-    removals: list[Removal] = []
-    counted: set[tuple[int, int]] = set()  # (device, inode): a hard-linked file frees its bytes once
+    planned: list[tuple[str, Path]] = []
     for cell, (root, result) in sorted(results.items()):
         if cell in live or result.get("status") != "done":
             continue
         for name in CELL_OUTPUTS:
-            removals += _entries("cell outputs", [root / name, marker_path(root / name)], counted)
-        removals += _entries("cell outputs", [root / "verified.json"], counted)
+            planned += [("cell outputs", root / name), ("cell outputs", marker_path(root / name))]
+        planned.append(("cell outputs", root / "verified.json"))
     if live:
-        return removals
+        return _with_sizes(planned)
     unpublished = {cell: result for cell, (_, result) in results.items() if result.get("status") != "done"}
     wanted = {key for result in unpublished.values() for key in _bake_keys(result)}
     cache = work / "cache"
@@ -68,11 +71,11 @@ def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
             continue
         for output in _outputs(folder):
             if output.name not in wanted:
-                removals += _entries(kind, [output, marker_path(output)], counted)
+                planned += [(kind, output), (kind, marker_path(output))]
     leftovers = [p for folder in (cache / "bakes", cache / "bases") for p in _hidden_dirs(folder)]
     leftovers += [p for root, _ in results.values() for p in _hidden_dirs(root)]
-    removals += _entries("leftovers", leftovers, counted)
-    return removals
+    planned += [("leftovers", p) for p in leftovers]
+    return _with_sizes(planned)
 
 
 def remove(removals: Iterable[Removal]) -> None:
@@ -134,16 +137,32 @@ def _hidden_dirs(folder: Path) -> list[Path]:
         if folder.is_dir() else []
 
 
-def _entries(kind: str, paths: Iterable[Path], counted: set[tuple[int, int]]) -> list[Removal]:
-    return [Removal(kind, path, _size(path, counted)) for path in paths if path.exists()]
+def _with_sizes(planned: list[tuple[str, Path]]) -> list[Removal]:
+    """The planned (kind, path) pairs that exist, each with the bytes removing it frees.
+
+    A file's bytes count once, under the first path that holds it, and only when gc removes
+    every hard link to it: a checkpoint also published to a `dir:` target on the same
+    filesystem, or a base linked from the Hub cache, frees nothing.
+    """
+    files = {path: _files(path) for _, path in planned if path.exists()}
+    links = Counter(inode for found in files.values() for inode, _, _ in found)
+    counted: set[tuple[int, int]] = set()
+    removals = []
+    for kind, path in planned:
+        if path not in files:
+            continue
+        freed = [(inode, size) for inode, size, nlink in files[path]
+                 if inode not in counted and links[inode] >= nlink]
+        counted.update(inode for inode, _ in freed)
+        removals.append(Removal(kind, path, sum(size for _, size in freed)))
+    return removals
 
 
-def _size(path: Path, counted: set[tuple[int, int]]) -> int:
-    """Bytes of the files under `path` not counted before (hard links count once)."""
-    total = 0
+def _files(path: Path) -> list[tuple[tuple[int, int], int, int]]:
+    """((device, inode), size, link count) of every regular file at or under `path`."""
+    found = []
     for file in [path] if path.is_file() else path.rglob("*"):
         st = file.lstat()
-        if file.is_file() and not file.is_symlink() and (st.st_dev, st.st_ino) not in counted:
-            counted.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
+        if file.is_file() and not file.is_symlink():
+            found.append(((st.st_dev, st.st_ino), st.st_size, st.st_nlink))
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,23 @@ def test_published_outputs_unused_bakes_and_leftovers_go(tmp_path):
     remove(plan)
     assert (work / "cells" / DONE / "result.json").is_file()
     assert (work / "cache" / "bakes" / "k-failed").is_dir() and (work / "cache" / "bases" / "b1").is_dir()
+
+
+def test_a_file_counts_only_when_its_last_hard_link_goes(tmp_path):
+    """final/ and publish/ share the weights (counted once); a `dir:` target on the same
+    filesystem, or the Hub cache a base copy is linked from, keeps its own link: nothing freed."""
+    work = work_folder(tmp_path)
+    root = work / "cells" / DONE
+    (root / "publish" / "model.safetensors").unlink()
+    os.link(root / "final" / "model.safetensors", root / "publish" / "model.safetensors")
+    assert bytes_per_kind(plan_gc(work, live_cells=[]))["cell outputs"] == (7, 200 + 4 * 2)
+    (tmp_path / "published").mkdir()
+    os.link(root / "final" / "model.safetensors", tmp_path / "published" / "model.safetensors")
+    os.link(work / "cache" / "bases" / "b1" / "model.safetensors", tmp_path / "hub-blob")
+    (work / "cells" / FAILED / "result.json").write_text(json.dumps({"cell": FAILED, "status": "done"}))
+    totals = bytes_per_kind(plan_gc(work, live_cells=[]))
+    assert totals["cell outputs"] == (14, 100 + 300 + 8 * 2)  # DONE's merged, all of FAILED's
+    assert totals["base copies"] == (2, 2)  # the marker only
 
 
 def test_a_pending_or_running_cell_keeps_the_whole_cache(tmp_path):
