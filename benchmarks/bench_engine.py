@@ -7,7 +7,9 @@ run_merge, strip, verify, `dir:` push) and with `engine = "bakery"`, each cell a
 `bakery-slurm run-cell` process on CPU. Prints each cell's wall time and peak RSS, the row totals,
 the new/old ratio, and each cell against the copy floor (copying the base file once, with fsync;
 the median of a copy before, between and after the engines).
-Checks that both engines published the same bytes. Everything is built in a temporary folder
+Then each target set for the bakery engine with what this run measured and whether it is met
+(the TIES one needs 16 cores). Checks that both engines published the same bytes. Everything is
+built in a temporary folder
 under --dir and removed at the end, also on failure (~10 GB at full size).
 
     python benchmarks/bench_engine.py [--layers 26] [--vocab 262144] [--dir /tmp] [--engines E,E]
@@ -124,6 +126,25 @@ def copy_floor(base: Path, out: Path) -> float:
     return seconds
 
 
+def targets(rows: dict[str, dict[str, tuple[float, int]]], floor: float,
+            cores: int) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the targets set for the bakery engine (one run)."""
+    new, old = rows["bakery"], rows["mergekit"]
+    row = sum(s for s, _ in new.values()) / sum(s for s, _ in old.values())
+    rss = max(r for _, r in new.values()) / 1e9
+    copies = max(new[m][0] for m in ("linear", "task_arithmetic")) / floor
+    ties = old["ties"][0] / new["ties"][0]
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "not met"
+
+    return [("row <= 0.35x the mergekit engine", f"{row:.2f}x", verdict(row <= 0.35)),
+            ("peak RSS of any cell <= 3 GB", f"{rss:.2f} GB", verdict(rss <= 3)),
+            ("linear and task_arithmetic <= 3x the copy floor", f"{copies:.1f}x", verdict(copies <= 3)),
+            ("TIES >= 8x faster than the mergekit engine on 16 cores", f"{ties:.1f}x on {cores}",
+             verdict(ties >= 8) if cores >= 16 else "needs 16 cores")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=26)
@@ -176,6 +197,8 @@ def main() -> None:
             print(f"bakery / mergekit, {method}: "
                   f"{rows['bakery'][method][0] / rows['mergekit'][method][0]:.2f}x")
         print(f"bakery / mergekit, row: {sum(s for s, _ in rows['bakery'].values()) / sum(s for s, _ in rows['mergekit'].values()):.2f}x")
+        for target, value, met in targets(rows, floor, len(os.sched_getaffinity(0))):
+            print(f"target {target}: {value}, {met}")
     print("stage seconds: " + ", ".join(STAGES))
     for (engine, method), result in results.items():
         print(f"  {engine:9s} {method:16s} " + " ".join(
