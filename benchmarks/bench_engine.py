@@ -6,10 +6,9 @@ row's three cells with `[merge] engine = "mergekit"` (PEFT bakes shared by the r
 run_merge, strip, verify, `dir:` push) and with `engine = "bakery"`, each cell as its own
 `bakery-slurm run-cell` process on CPU. Prints each cell's wall time and peak RSS, the row totals,
 the new/old ratio, and each cell against the copy floor (copying the base file once, with fsync;
-the median of a copy before, between and after the engines).
-Then each target set for the bakery engine with what this run measured and whether it is met
-(the TIES one needs 16 cores). Checks that both engines published the same bytes. Everything is
-built in a temporary folder
+the median of a copy before, between and after the engines), then each target set for the
+bakery engine with what this run measured and whether it is met (the TIES one needs 16 cores).
+Checks that both engines published the same bytes. Everything is built in a temporary folder
 under --dir and removed at the end, also on failure (~10 GB at full size).
 
     python benchmarks/bench_engine.py [--layers 26] [--vocab 262144] [--dir /tmp] [--engines E,E]
