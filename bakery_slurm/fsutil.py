@@ -37,7 +37,8 @@ def fsync_path(path: Path) -> None:
 
 
 def link_or_copy(src: Path, dst: Path) -> bool:
-    """Hardlink file `src` to `dst` (True), or copy and fsync it where linking fails (False).
+    """Hardlink file `src` to `dst` (True), or copy it where linking fails (False). Into a
+    `staging_dir`, which puts either on disk before it is renamed into place.
 
     Links follow symlinks: Hub snapshot folders are symlinks into a blob store; link the blob.
     Files linked this way must only ever be replaced by rename, never edited in place.
@@ -47,7 +48,6 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return True
     except OSError:  # other filesystem, no hardlink support, link count limit
         shutil.copyfile(src, dst)
-        fsync_path(dst)
         return False
 
 
@@ -175,8 +175,11 @@ def _usual_modes(folder: Path) -> None:
 def staging_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; on success rename it to `final`.
 
-    On any exception the temporary directory is removed, so `final` is either absent or complete.
-    An existing `final` is replaced (the caller decided it was not intact).
+    Everything in it (files written, copied or linked there, and its folders) is fsynced before
+    the rename, so after a crash `final` is absent or complete on disk, not a folder of files that
+    the filesystem had not written yet (zero-length on ext4, zero-filled on others). On any
+    exception the temporary directory is removed. An existing `final` is replaced (the caller
+    decided it was not intact).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +187,9 @@ def staging_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _usual_modes(tmp)
+        for path in [*tmp.rglob("*"), tmp]:  # a file already synced costs nothing here
+            if not path.is_symlink() and (path.is_file() or path.is_dir()):
+                fsync_path(path)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -488,7 +488,6 @@ def repair_checkpoint(src: Path, dst: Path, base_tensors: Mapping[str, TensorSpe
                 renamed_index = dict(index, weight_map={plan[k]: v for k, v in index["weight_map"].items()})
                 fsutil.atomic_write_json(tmp / INDEX_FILE, renamed_index)
                 tally.written += (tmp / INDEX_FILE).stat().st_size
-        fsutil.fsync_path(tmp)
 
     report = RepairReport(kind, renamed, identity, tally.read, tally.written, tally.linked)
     log.info(

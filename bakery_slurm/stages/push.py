@@ -148,8 +148,7 @@ class DirTarget:
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Put one published file into a `dir:` target's staging folder, on disk before the folder is
-    renamed into place.
+    """Put one published file into a `dir:` target's staging folder.
 
     Weights are hard links to the verified checkpoint where one filesystem holds both: no second
     copy of a checkpoint (2 GB for a 1b cell, 24 GB for a 12b one), and bakery-slurm only ever
@@ -161,7 +160,6 @@ def _place(src: Path, dst: Path) -> None:
         fsutil.link_or_copy(src, dst)
     else:
         shutil.copy2(src, dst)
-    fsutil.fsync_path(dst)  # a linked file may not be on disk yet either (a synced copy: no-op)
 
 
 class HubTarget:

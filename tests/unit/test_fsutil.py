@@ -3,6 +3,7 @@
 import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,24 @@ def test_a_staged_folder_appears_complete_with_the_usual_modes(tmp_path):
         assert stat.S_IMODE((final / "sub" / "model.safetensors").stat().st_mode) == 0o644
     finally:
         os.umask(umask)
+
+
+def test_a_staged_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    final, synced = tmp_path / "out", []
+    real = fsutil.fsync_path
+    monkeypatch.setattr(fsutil, "fsync_path",
+                        lambda path: synced.append((Path(path).name, final.exists())) or real(path))
+    (tmp_path / "blob").write_bytes(b"w")
+    with fsutil.staging_dir(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+        fsutil.link_or_copy(tmp_path / "blob", tmp / "model.safetensors")
+        (tmp / "link").symlink_to("model.safetensors")
+        staged = tmp.name
+    before_rename = {name for name, existed in synced if not existed}
+    assert {"sub", "config.json", "model.safetensors", staged} <= before_rename
+    assert "link" not in before_rename  # a symlink is not opened (its target is synced already)
+    assert (final / "sub" / "config.json").read_text() == "{}"
 
 
 def test_a_failed_stage_leaves_nothing(tmp_path):
