@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -37,10 +38,10 @@ FP32_MIN_NORMAL = 2.0 ** -126
 FP32_SAFE_MAX = 2.0 ** 127
 # Significant bits of the 16-bit formats (linear computes them in fp32 and rounds once).
 SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
+# ...and their largest finite values.
+FINITE_MAX = {"bfloat16": 3.3895313892515355e38, "float16": 65504.0}
 # The check reads this many elements at a time (16 Mi: 32 MB of bf16).
 CHECK_CHUNK_ELEMENTS = 1 << 24
-FINITE_MAX = {"bfloat16": 3.3895313892515355e38, "float16": 65504.0,
-              "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _bits(value: float, dtype: Any, as_int: Any, up: bool) -> int:
 
 def zero_delta() -> Unchanged:
     """base + 0.0: every finite value but -0.0 (any dtype: the bound is the widest's)."""
-    return Unchanged(0.0, FINITE_MAX["float64"])
+    return Unchanged(0.0, sys.float_info.max)
 
 
 def linear(weights: Sequence[float], normalize: bool, dtype: str) -> Unchanged | None:
