@@ -201,6 +201,7 @@ class Flow:
     recipe: str = ""
     merged: Path | None = None
     merged_sha: str = ""
+    model_code: Any = None           # threading.Thread importing what verify loads the model with
     # strip
     final_sha: str = ""
 
@@ -306,6 +307,7 @@ def _merge_output(flow: Flow) -> Path:
 def _merge(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     from .recipe import validate_recipe
     from .stages import merge as merge_stage
+    from .stages.verify import import_model_code
 
     _set_recipe(flow)
     chosen, reason = merge_stage.choose_device(flow.device)
@@ -319,6 +321,8 @@ def _merge(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
             config = validate_recipe(flow.cell.id, flow.recipe)
             device_record = merge_stage.run_mergekit(config, tmp, chosen, reason)
             read = sum(_size(p) for p in flow.baked.values())
+        # verify's model code is imported while this output is fsynced and hashed
+        flow.model_code = import_model_code(flow.base_dir)
         tokenizer = merge_stage.copy_tokenizer(flow.base_dir, tmp)
     marker = write_marker(out, {"inputs": inputs, **device_record})
     flow.merged, flow.merged_sha = out, marker["content_sha256"]
@@ -381,6 +385,8 @@ def _strip_resume(flow: Flow, marker: dict[str, Any]) -> dict[str, Any]:
 def _verify(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     from .stages.verify import verify
 
+    if flow.model_code is not None:
+        flow.model_code.join()
     record = verify(flow.paths.final, flow.base_dir, flow.base_tensors, flow.cell.dtype)
     fsutil.atomic_write_json(flow.paths.verified, {"inputs": inputs, **record})
     return {**record, "bytes_read": _size(flow.paths.final), "bytes_written": 0}
@@ -441,13 +447,14 @@ STEPS = (
          gives=("base", "base_dir", "base_tensors", "sources", "adapters", "plan",
                 "engine_fallback", "baked", "baked_sha")),
     Step("merge", needs=("plan", "baked_sha", "baked", "base_dir", "sources", "adapters"),
-         gives=("recipe", "merged", "merged_sha"), run=_merge, inputs=_merge_inputs,
-         previous=lambda flow: intact_marker(_merge_output(flow)), resume=_merge_resume),
+         gives=("recipe", "merged", "merged_sha", "model_code"), run=_merge,
+         inputs=_merge_inputs, previous=lambda flow: intact_marker(_merge_output(flow)),
+         resume=_merge_resume),
     Step("strip", needs=("merged", "merged_sha", "base_tensors"), gives=("final_sha",),
          run=_strip, inputs=lambda flow: {"merged": flow.merged_sha},
          previous=lambda flow: intact_marker(flow.paths.final), resume=_strip_resume),
-    Step("verify", needs=("final_sha", "base_dir", "base_tensors"), gives=(), run=_verify,
-         inputs=lambda flow: {"final": flow.final_sha}, previous=_verify_previous,
+    Step("verify", needs=("final_sha", "base_dir", "base_tensors", "model_code"), gives=(),
+         run=_verify, inputs=lambda flow: {"final": flow.final_sha}, previous=_verify_previous,
          resume=lambda flow, record: {k: v for k, v in record.items() if k != "inputs"}),
     Step("push", needs=("base", "sources"), gives=(), run=_push, inputs=_push_inputs,
          previous=_push_previous,

@@ -8,7 +8,8 @@ brought to the hub layout, so the output needs no repair), which adapters change
    (`lora.baked_tensor`, bit for bit PEFT's merge_and_unload);
 2. mergekit's own merge method on them (`mergekit.merge_methods.merge_tensors`), with the inputs in
    run_merge's order (the recipe's models, then the base) and the recipe's parameters, mergekit
-   filling in its defaults (normalize, int8_mask, ...) exactly as run_merge does;
+   filling in its defaults (normalize, int8_mask, ...) exactly as run_merge does; TIES on the
+   CPU sorts its magnitudes as integers, with the same result (`bitsort.py`);
 3. the result written at its place in the output shards (`shards.ShardWriter`).
 
 Tensors no adapter touches are all-equal inputs, which task_arithmetic, TIES and linear return
@@ -40,6 +41,8 @@ from typing import Any, Callable, Mapping
 from ..errors import RepairError
 from ..repair import (checkpoint_tensors, detect_kind, read_config, read_header_and_offset,
                       to_hub_name)
+from .bitsort import merge_method
+from .heap import keep_freed_memory
 from .lora import ADAPTER_WEIGHTS, Factors, Unsupported, baked_tensor, read_adapter
 from .shards import ELEMENT_BYTES, ShardWriter, plan_shards
 from .unchanged import Unchanged, rule_for
@@ -169,6 +172,7 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     """
     import torch
 
+    keep_freed_memory()
     workers = workers or available_cores()
     available = available_memory()
     if torch.device(device).type == "cuda":
@@ -413,6 +417,7 @@ class _Context:
         self.unchanged = unchanged
         self.computed: set[str] = set()  # tensors with a chunk that was merged, not copied
         self.files = _Files()
+        self.method = merge_method(plan.method, device)
 
     def run(self, unit: _Unit) -> None:
         import torch
@@ -463,7 +468,7 @@ class _Context:
             tensors.append(base)
             ids.append(BASE_ID)
         tensors = to_device(tensors, self.device)
-        result = merge_tensors(tensors, plan.method, parameters=plan.parameters, ids=ids,
+        result = merge_tensors(tensors, self.method, parameters=plan.parameters, ids=ids,
                                base_index=len(baked) if plan.needs_base else None, name=name)
         return result.to("cpu")
 

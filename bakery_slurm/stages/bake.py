@@ -139,13 +139,17 @@ def _merge_and_unload(base: Path, adapter: Path, dtype: str, out: Path) -> None:
 
 
 def load_model(folder: Path, torch_dtype: Any, **kwargs: Any) -> Any:
-    """Load a checkpoint with the class its config names (Gemma3ForCausalLM or
-    Gemma3ForConditionalGeneration), on CPU."""
+    """Load a checkpoint with the class its config names, on CPU."""
+    return model_class(folder).from_pretrained(folder, dtype=torch_dtype, **kwargs)
+
+
+def model_class(folder: Path) -> Any:
+    """The transformers class `folder`'s config names (Gemma3ForCausalLM or
+    Gemma3ForConditionalGeneration; AutoModelForCausalLM when it names none), its code imported."""
     import transformers
 
     architecture = (_config(folder) or {}).get("architectures", ["AutoModelForCausalLM"])[0]
-    cls = getattr(transformers, architecture, transformers.AutoModelForCausalLM)
-    return cls.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    return getattr(transformers, architecture, transformers.AutoModelForCausalLM)
 
 
 def _config(folder: Path) -> dict[str, Any] | None:

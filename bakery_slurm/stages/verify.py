@@ -7,13 +7,14 @@ tokenizer byte for byte.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 from ..errors import BakeryError
 from ..manifest import sha256_file
 from ..repair import TensorSpec, tensor_set
-from .bake import load_model
+from .bake import load_model, model_class
 from .merge import tokenizer_files
 
 # torch dtype name -> safetensors header dtype
@@ -34,6 +35,28 @@ def compare_tensor_sets(out: dict[str, TensorSpec], base: dict[str, TensorSpec],
         if got_dtype != want:
             problems.append(f"{name}: dtype {got_dtype}, expected {want}")
     return problems
+
+
+def import_model_code(folder: Path) -> threading.Thread:
+    """Start importing, on a thread, the transformers class `verify` will load `folder` with.
+
+    Importing transformers' model code is ~2 s of Python that verify would otherwise start with.
+    Started once the merge has computed its output, it runs while the output is fsynced and
+    hashed (disk waits and C code that release the GIL, on one core), so on a machine with two
+    cores both take the time of the longer. The thread only imports: an import that fails there
+    fails again, and is reported, when verify loads the model.
+    """
+    thread = threading.Thread(target=_import_quietly, args=(folder,), daemon=True,
+                              name="bakery-import-model-code")
+    thread.start()
+    return thread
+
+
+def _import_quietly(folder: Path) -> None:
+    try:
+        model_class(folder)
+    except Exception:  # noqa: BLE001 - verify imports it again and reports what failed
+        pass
 
 
 def verify(folder: Path, base_folder: Path, base_tensors: dict[str, TensorSpec],
