@@ -27,9 +27,11 @@ HASH_CHUNK = 64 << 20
 def sha256_file(path: Path) -> str:
     """The file's sha256 (1.3 s for 2 GB here)."""
     digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
+        # No larger than the file (plus one byte, to see its end in one read): a tokenizer file
+        # is not worth zero-filling 64 MiB for.
+        buffer = bytearray(min(HASH_CHUNK, os.fstat(f.fileno()).st_size + 1))
+        view = memoryview(buffer)
         while size := f.readinto(buffer):
             digest.update(view[:size])
     return digest.hexdigest()
