@@ -15,7 +15,6 @@ Elsewhere than glibc (macOS, musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import platform
 
@@ -32,6 +31,8 @@ def keep_freed_memory() -> bool:
     """Set this process's malloc to reuse freed blocks; True where it did (glibc)."""
     if platform.libc_ver()[0] != "glibc":
         return False
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    # The process's own symbols, which hold the C library's (no search for libc.so.6: a minimal
+    # image may have neither ldconfig nor a compiler for ctypes.util.find_library to ask).
+    mallopt = ctypes.CDLL(None).mallopt
     return all(mallopt(option, value) == 1 for option, value in (
         (M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, LARGEST), (M_TRIM_THRESHOLD, LARGEST)))
