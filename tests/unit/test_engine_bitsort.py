@@ -19,7 +19,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(getattr(torch, bitsort.INTEGER_OF[str(tensor.dtype)[6:]]))
+    integer = bitsort.INTEGER_OF[str(tensor.dtype).removeprefix("torch.")]
+    return tensor.view(getattr(torch, integer))
 
 
 def patterns(dtype: torch.dtype) -> torch.Tensor:
