@@ -14,7 +14,7 @@ give every NaN one bit pattern above inf's, as torch's comparator ranks NaN abov
 level with any NaN.
 
 `merge_method` hands the engine mergekit's method, or for a magnitude-sparsified generalized task
-arithmetic method on the CPU a `BitSortedMerge`: the same method whose `merge_group` makes the
+arithmetic method with sign consensus (TIES) on the CPU a `BitSortedMerge`: the same method whose `merge_group` makes the
 torch calls mergekit 0.1.5's does, in the same order and dtypes, with that one sort changed.
 Another mergekit version may compute otherwise, so it gets its own kernel. A torch whose sort does
 not give the same permutation for the integers as for the floats (one that picks its algorithm by
@@ -47,7 +47,7 @@ def merge_method(name: str, device: Any) -> Any:
     method = merge_methods.get(name)
     if (type(method) is GeneralizedTaskArithmeticMerge
             and method.sparsification_method == SparsificationMethod.magnitude
-            and device.type == "cpu" and version("mergekit") == MERGEKIT_VERSION):
+            and method.consensus_method is not None and device.type == "cpu" and version("mergekit") == MERGEKIT_VERSION):
         return bit_sorted_merge()(**{f.name: getattr(method, f.name)
                                      for f in dataclasses.fields(method)})
     return method
@@ -118,7 +118,8 @@ def bit_sorted_merge() -> type:
 
     @dataclasses.dataclass(frozen=True)
     class BitSortedMerge(GeneralizedTaskArithmeticMerge):
-        """A magnitude-sparsified GeneralizedTaskArithmeticMerge (TIES) that sorts by bits."""
+        """A magnitude-sparsified GeneralizedTaskArithmeticMerge with sign consensus (TIES) that
+        sorts by bits."""
 
         def merge_group(self, group: Any, /, **parameters: Any) -> Any:
             import torch
@@ -136,16 +137,11 @@ def bit_sorted_merge() -> type:
             while deltas.dim() > weights.dim():
                 weights.unsqueeze_(-1)
             deltas.mul_(weights)
-            if self.consensus_method:
-                mask = get_mask(deltas, method=self.consensus_method,
-                                mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype)
-                mixed_delta = (deltas * mask).sum(dim=0)
-                divisor = (weights * mask).sum(dim=0)
-                divisor[divisor == 0] = 1
-            else:
-                mixed_delta = deltas.sum(dim=0)
-                divisor = weights.sum(dim=0)
-                divisor[divisor.abs() < 1e-8] = 1
+            mask = get_mask(deltas, method=self.consensus_method,
+                            mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype)
+            mixed_delta = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
             if parameters["normalize"]:
                 mixed_delta /= divisor
             if parameters["lambda"] != 1:
