@@ -14,8 +14,9 @@ give every NaN one bit pattern above inf's, as torch's comparator ranks NaN abov
 level with any NaN.
 
 `merge_method` hands the engine mergekit's method, or for a magnitude-sparsified generalized task
-arithmetic method with sign consensus (TIES) on the CPU a `BitSortedMerge`: the same method whose `merge_group` makes the
-torch calls mergekit 0.1.5's does, in the same order and dtypes, with that one sort changed.
+arithmetic method with sign consensus (TIES) on the CPU a `BitSortedMerge`: the same method whose
+`merge_group` makes the torch calls mergekit 0.1.5's does, in the same order and dtypes, with
+that one sort changed.
 Another mergekit version may compute otherwise, so it gets its own kernel. A torch whose sort does
 not give the same permutation for the integers as for the floats (one that picks its algorithm by
 dtype, such as a SIMD sort for floats only) gets mergekit's `magnitude`: a probe checks once per
