@@ -40,8 +40,8 @@ FP32_SAFE_MAX = 2.0 ** 127
 SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
 # ...and their largest finite values.
 FINITE_MAX = {"bfloat16": 3.3895313892515355e38, "float16": 65504.0}
-# The check reads this many elements at a time (16 Mi: 32 MB of bf16).
-CHECK_CHUNK_ELEMENTS = 1 << 24
+# The check reads this many elements at a time (256 Ki: 512 KB of bf16, within a core's L2).
+CHECK_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,12 @@ class Unchanged:
     def holds_for(self, tensor: Any) -> bool:
         """Every element of `tensor` is one the method returns unchanged.
 
-        Read on the bits, as integers of the same width, ~7x faster than isfinite and signbit
-        on bf16: -0.0 is the sign bit alone, the integer minimum; without the sign bit, a
-        float's bits order as its magnitude does (inf and NaN above every finite value).
-        Checked in chunks, so the temporaries stay small.
+        Read on the bits, as integers of the same width: without the sign bit, a float's bits
+        order as its magnitude does (inf and NaN above every finite value), and -0.0 is the sign
+        bit alone, the integer minimum. One `aminmax` of the magnitudes settles a chunk with no
+        zero in it; a chunk with zeros also needs its signed minimum (-0.0) and its least
+        nonzero magnitude. The chunks fit in a core's L2 cache, so each pass after the first
+        reads from it: ~30x faster than whole-tensor passes over a 262k x 1152 embedding.
         """
         import torch
 
@@ -68,9 +70,16 @@ class Unchanged:
         high = _bits(self.largest, tensor.dtype, as_int, up=False)
         for part in tensor.reshape(-1).view(as_int).split(CHECK_CHUNK_ELEMENTS):
             magnitudes = part & magnitude
-            if int(part.min()) == lowest or int(magnitudes.max()) > high:
+            least, most = torch.aminmax(magnitudes)
+            if int(most) > high:
                 return False
-            if low > 1 and bool(((magnitudes > 0) & (magnitudes < low)).any()):
+            if int(least) >= max(low, 1):  # no zero of either sign, nothing below the range
+                continue
+            if int(part.min()) == lowest:  # -0.0
+                return False
+            # (m - 1) & magnitude puts zeros at the top and every other m at m - 1, so its
+            # minimum is the least nonzero magnitude, less one.
+            if low > 1 and int(((magnitudes - 1) & magnitude).min()) < low - 1:
                 return False
         return True
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bakery_slurm.engine import lora
 from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _gpu_free_memory,
                                       available_memory, default_memory_budget)
 from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
@@ -121,9 +122,13 @@ def test_adapters_the_engine_cannot_compute_exactly_are_refused(shapes, named):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("alpha", [16, 11])  # scaling 2.0, and 1.375 (rounds in fp32)
-def test_baked_tensor_is_peft_merge_and_unload(dtype, alpha):
+@pytest.mark.parametrize("block_rows", [None, 7])  # the layer in one block; in 58, the last short
+def test_baked_tensor_is_peft_merge_and_unload(monkeypatch, dtype, alpha, block_rows):
     """The same operations PEFT's lora.Linear.merge runs on a layer with fp32 factors."""
     from peft import LoraConfig, get_peft_model
+
+    if block_rows:
+        monkeypatch.setattr(lora, "BAKE_BLOCK_ELEMENTS", block_rows * 480)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(480, 400, bias=False)).to(dtype)

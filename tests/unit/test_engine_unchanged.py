@@ -8,6 +8,7 @@ import torch
 from mergekit import merge_methods
 from mergekit.merge_methods import merge_tensors
 
+from bakery_slurm.engine import unchanged
 from bakery_slurm.engine.unchanged import Unchanged, linear, rule_for, zero_delta
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,6 +132,31 @@ def test_linear_holds_for_reads_both_bounds_on_the_bits():
             checked = torch.tensor([rule.holds_for(value.reshape(1)) for value in every])
             assert torch.equal(checked, admitted(rule, every)), rule
             assert 0 < int(checked.sum()) < len(every)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values())
+@pytest.mark.parametrize("rule", [zero_delta(), linear((1e-30, 1.0), True, "bfloat16"),
+                                  linear((2.0 ** 100,) * 2, True, "float16")])
+def test_the_check_finds_a_value_it_does_not_admit_in_any_chunk(monkeypatch, rule, dtype):
+    """A chunk without zeros and a chunk with them are checked differently: a value the rule
+    does not admit (-0.0, inf, NaN, those just past either bound) is found in either, anywhere."""
+    monkeypatch.setattr(unchanged, "CHECK_CHUNK_ELEMENTS", 8)
+    every = every_pattern(dtype)
+    admits = admitted(rule, every)
+    nonzero = every[admits & (every != 0)]
+    tensor = nonzero[torch.linspace(0, len(nonzero) - 1, 40).long()]  # 5 chunks
+    tensor[[9, 27]] = 0.0  # zeros in the second and fourth
+    assert rule.holds_for(tensor)
+    next_to_admitted = admits.roll(1) | admits.roll(-1)
+    rejected = every[~admits]
+    picks = torch.cat([every[~admits & next_to_admitted],
+                       rejected[torch.linspace(0, len(rejected) - 1, 32).long()]])
+    assert bool((picks.view(torch.int16) == torch.iinfo(torch.int16).min).any())  # -0.0 is among them
+    for value in picks:
+        for place in (3, 12, 27, 39):  # no zero in its chunk, a zero, the zero itself, the last
+            spoiled = tensor.clone()
+            spoiled[place] = value
+            assert not rule.holds_for(spoiled), (value, place)
 
 
 def test_the_rule_follows_the_method_and_its_parameters():
