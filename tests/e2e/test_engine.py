@@ -203,6 +203,27 @@ def test_rslora_is_computed_exactly(tmp_path, tiny_models, write_tiny_matrix, ru
     assert any(not torch.equal(ours[n], plain[n]) for n in plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_saved_in_16_bits_are_baked_as_peft_loads_them(tmp_path, tiny_models,
+                                                               write_tiny_matrix, runs, dtype):
+    """PEFT loads 16-bit LoRA factors into fp32 layers (an exact upcast) before it merges them;
+    the engine reads the factors in their file's dtype and upcasts them the same way."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    for name in ("eng", "nob"):
+        file = models / "adapters" / "text" / name / "adapter_model.safetensors"
+        save_file({key: factor.to(dtype) for key, factor in load_file(str(file)).items()},
+                  str(file), metadata={"format": "pt"})
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic")
+    assert both["bakery"]["result"]["stages"]["bake"]["engine"] == "bakery"
+    ours, reference = both["bakery"]["tensors"], both["mergekit"]["tensors"]
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[n], reference[n]) for n in reference)
+    # The factors rounded to 16 bits: another result than the fp32 adapters'.
+    plain = checkpoint_tensors(runs.published["hub", "bakery"] / cell_id("tiny1b", "task_arithmetic"))
+    assert any(not torch.equal(ours[n], plain[n]) for n in plain)
+
+
 @pytest.mark.parametrize("options, reason", [
     ({"use_dora": True}, "use_dora"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "not a linear LoRA factor"),
