@@ -68,6 +68,8 @@ class Unchanged:
         lowest, magnitude = torch.iinfo(as_int).min, torch.iinfo(as_int).max
         low = _bits(self.smallest, tensor.dtype, as_int, up=True)
         high = _bits(self.largest, tensor.dtype, as_int, up=False)
+        if tensor.numel() == 0:  # nothing to change (and torch's reductions refuse it)
+            return True
         for part in tensor.reshape(-1).view(as_int).split(CHECK_CHUNK_ELEMENTS):
             magnitudes = part & magnitude
             least, most = torch.aminmax(magnitudes)

@@ -35,6 +35,7 @@ def test_only_tensors_that_survive_base_plus_zero_are_copied():
     assert not zero_delta().holds_for(torch.tensor([1.0, -0.0]).to(torch.bfloat16))
     assert not zero_delta().holds_for(torch.tensor([1.0, float("inf")]))
     assert not zero_delta().holds_for(torch.tensor([float("nan")]))
+    assert zero_delta().holds_for(torch.empty(0, 4, dtype=torch.bfloat16))
     # ...and the reason: base + 0.0 is +0.0 where the base is -0.0.
     negative = torch.tensor([-0.0]).to(torch.bfloat16)
     assert not torch.signbit(negative + torch.zeros_like(negative)).any()
