@@ -48,7 +48,8 @@ def merge_method(name: str, device: Any) -> Any:
     method = merge_methods.get(name)
     if (type(method) is GeneralizedTaskArithmeticMerge
             and method.sparsification_method == SparsificationMethod.magnitude
-            and method.consensus_method is not None and device.type == "cpu" and version("mergekit") == MERGEKIT_VERSION):
+            and method.consensus_method is not None
+            and device.type == "cpu" and version("mergekit") == MERGEKIT_VERSION):
         return bit_sorted_merge()(**{f.name: getattr(method, f.name)
                                      for f in dataclasses.fields(method)})
     return method

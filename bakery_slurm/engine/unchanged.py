@@ -64,12 +64,12 @@ class Unchanged:
         """
         import torch
 
+        if tensor.numel() == 0:  # nothing to change (and torch's reductions refuse it)
+            return True
         as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
         lowest, magnitude = torch.iinfo(as_int).min, torch.iinfo(as_int).max
         low = _bits(self.smallest, tensor.dtype, as_int, up=True)
         high = _bits(self.largest, tensor.dtype, as_int, up=False)
-        if tensor.numel() == 0:  # nothing to change (and torch's reductions refuse it)
-            return True
         for part in tensor.reshape(-1).view(as_int).split(CHECK_CHUNK_ELEMENTS):
             magnitudes = part & magnitude
             least, most = torch.aminmax(magnitudes)
