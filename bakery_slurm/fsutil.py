@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -159,7 +160,9 @@ def _usual_modes(folder: Path) -> None:
     mkdtemp makes folders 0700 and safetensors writes files 0600: left so, a teammate sharing the
     work folder could not read the bake cache, nor a group the published checkpoints. A file we
     do not own cannot be chmod-ed, and one with other hard links (a Hub cache blob, linked into
-    place) would change mode there too: both are left as they are.
+    place) would change mode there too: both are left as they are. A file that has its mode
+    already is not chmod-ed either, which would change its ctime (a hash taken while it was
+    written is trusted only while its ctime is unchanged: `manifest.scan`).
     """
     mask = umask()
     uid = os.geteuid()
@@ -168,7 +171,9 @@ def _usual_modes(folder: Path) -> None:
         st = path.lstat()
         if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
             continue
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+        mode = (0o777 if path.is_dir() else 0o666) & ~mask
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)
 
 
 @contextlib.contextmanager

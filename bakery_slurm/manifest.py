@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,9 +38,87 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "sha256"}} for every regular file under `folder`."""
-    return without_signatures(scan(folder))
+class PrefixHasher:
+    """The sha256 of a file being written in any order, computed while it is written.
+
+    `written(start, stop)` says a byte range is in the file; a thread reads and hashes each byte
+    as soon as every byte before it has been written (from the page cache, in HASH_CHUNK reads),
+    then asks the kernel to start writing that range to disk, so the final fsync has little left
+    to wait for. The ranges written must tile the file exactly once, which a planned layout
+    (`engine.shards`) guarantees. `result()` waits for the last byte and gives the entry `scan`
+    would make, so `write_marker` does not read the file again.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int):
+        self.path, self.fd, self.size = Path(path), fd, size
+        self.done_to = 0                 # every byte before this one is written
+        self.pending: dict[int, int] = {}  # written ranges beyond it: start -> stop
+        self.hashed = 0
+        self.digest = hashlib.sha256()
+        self.error: BaseException | None = None
+        self.aborted = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"bakery-hash-{self.path.name}")
+        self.thread.start()
+
+    def written(self, start: int, stop: int) -> None:
+        with self.cond:
+            if stop > start:
+                self.pending[start] = stop
+            while self.done_to in self.pending:
+                self.done_to = self.pending.pop(self.done_to)
+            self.cond.notify()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify()
+        self.thread.join()
+
+    def result(self) -> dict[str, Any]:
+        """{"size", "sha256", "signature"} once the whole file is hashed; call it when every
+        byte has been written (a file with a gap left is an error, not a wait)."""
+        with self.cond:
+            gap = self.done_to < self.size
+        if gap:
+            self.abort()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.aborted or self.hashed != self.size:
+            raise RuntimeError(f"{self.path}: hashed {self.hashed} of {self.size} bytes")
+        return {"size": self.size, "sha256": self.digest.hexdigest(),
+                "signature": stat_signature(os.fstat(self.fd))}
+
+    def _run(self) -> None:
+        try:
+            buffer = bytearray(max(1, min(HASH_CHUNK, self.size)))
+            view = memoryview(buffer)
+            while self.hashed < self.size:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.aborted or self.done_to > self.hashed)
+                    if self.aborted:
+                        return
+                    stop = self.done_to
+                start = self.hashed
+                while self.hashed < stop:
+                    got = os.preadv(self.fd, [view[:min(len(buffer), stop - self.hashed)]],
+                                    self.hashed)
+                    if got == 0:
+                        raise OSError(f"{self.path}: ends at {self.hashed} of {self.size} bytes")
+                    self.digest.update(view[:got])
+                    self.hashed += got
+                if hasattr(os, "sync_file_range"):  # Linux; elsewhere the final fsync does it all
+                    os.sync_file_range(self.fd, start, stop - start, os.SYNC_FILE_RANGE_WRITE)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            self.error = e
+
+
+def manifest(folder: Path, known: Mapping[str, Mapping[str, Any]] | None = None
+             ) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} for every regular file under `folder` (see `scan`)."""
+    return without_signatures(scan(folder, known))
 
 
 def without_signatures(files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -94,9 +173,11 @@ def marker_path(output: Path) -> Path:
     return Path(output).with_name(Path(output).name + ".done.json")
 
 
-def write_marker(output: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Record `output`'s manifest plus `info`; returns the marker's content."""
-    files = manifest(output)
+def write_marker(output: Path, info: dict[str, Any],
+                 known: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Record `output`'s manifest plus `info`; returns the marker's content. `known`: files
+    hashed already, as `scan` takes them (a file changed since is read again)."""
+    files = manifest(output, known)
     marker = {**info, "files": files, "content_sha256": content_hash(files)}
     fsutil.atomic_write_json(marker_path(output), marker)
     return marker

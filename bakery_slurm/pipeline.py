@@ -201,7 +201,7 @@ class Flow:
     recipe: str = ""
     merged: Path | None = None
     merged_sha: str = ""
-    model_code: Any = None           # threading.Thread importing what verify loads the model with
+    loader: Any = None               # stages.verify.ModelLoader, started with the merge
     # strip
     final_sha: str = ""
 
@@ -307,24 +307,24 @@ def _merge_output(flow: Flow) -> Path:
 def _merge(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     from .recipe import validate_recipe
     from .stages import merge as merge_stage
-    from .stages.verify import import_model_code
+    from .stages.verify import ModelLoader
 
     _set_recipe(flow)
+    # verify's transformers load, in a process that imports the model code while this one merges
+    flow.loader = ModelLoader(flow.base_dir)
     chosen, reason = merge_stage.choose_device(flow.device)
     out = _merge_output(flow)
     with fsutil.staging_dir(out) as tmp:
         if flow.plan is not None:
-            device_record = merge_stage.run_engine(flow.plan, tmp, chosen, reason,
-                                                   report=flow.report_progress)
+            device_record, hashed = merge_stage.run_engine(flow.plan, tmp, chosen, reason,
+                                                           report=flow.report_progress)
             read = sum(p.stat().st_size for p in {f for f, _ in flow.plan.sources.values()})
         else:
             config = validate_recipe(flow.cell.id, flow.recipe)
-            device_record = merge_stage.run_mergekit(config, tmp, chosen, reason)
+            device_record, hashed = merge_stage.run_mergekit(config, tmp, chosen, reason), None
             read = sum(_size(p) for p in flow.baked.values())
-        # verify's model code is imported while this output is fsynced and hashed
-        flow.model_code = import_model_code(flow.base_dir)
         tokenizer = merge_stage.copy_tokenizer(flow.base_dir, tmp)
-    marker = write_marker(out, {"inputs": inputs, **device_record})
+    marker = write_marker(out, {"inputs": inputs, **device_record}, known=hashed)
     flow.merged, flow.merged_sha = out, marker["content_sha256"]
     return {**device_record, "tokenizer_sha256": tokenizer, "bytes_read": read,
             "bytes_written": total_size(marker["files"]), "outputs": marker["content_sha256"]}
@@ -383,11 +383,13 @@ def _strip_resume(flow: Flow, marker: dict[str, Any]) -> dict[str, Any]:
 
 
 def _verify(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
-    from .stages.verify import verify
+    from .stages.verify import ModelLoader, verify
 
-    if flow.model_code is not None:
-        flow.model_code.join()
-    record = verify(flow.paths.final, flow.base_dir, flow.base_tensors, flow.cell.dtype)
+    loader = flow.loader or ModelLoader(flow.base_dir)
+    try:
+        record = verify(flow.paths.final, flow.base_dir, flow.base_tensors, flow.cell.dtype, loader)
+    finally:
+        loader.close()
     fsutil.atomic_write_json(flow.paths.verified, {"inputs": inputs, **record})
     return {**record, "bytes_read": _size(flow.paths.final), "bytes_written": 0}
 
@@ -447,13 +449,13 @@ STEPS = (
          gives=("base", "base_dir", "base_tensors", "sources", "adapters", "plan",
                 "engine_fallback", "baked", "baked_sha")),
     Step("merge", needs=("plan", "baked_sha", "baked", "base_dir", "sources", "adapters"),
-         gives=("recipe", "merged", "merged_sha", "model_code"), run=_merge,
+         gives=("recipe", "merged", "merged_sha", "loader"), run=_merge,
          inputs=_merge_inputs, previous=lambda flow: intact_marker(_merge_output(flow)),
          resume=_merge_resume),
     Step("strip", needs=("merged", "merged_sha", "base_tensors"), gives=("final_sha",),
          run=_strip, inputs=lambda flow: {"merged": flow.merged_sha},
          previous=lambda flow: intact_marker(flow.paths.final), resume=_strip_resume),
-    Step("verify", needs=("final_sha", "base_dir", "base_tensors", "model_code"), gives=(),
+    Step("verify", needs=("final_sha", "base_dir", "base_tensors", "loader"), gives=(),
          run=_verify, inputs=lambda flow: {"final": flow.final_sha}, previous=_verify_previous,
          resume=lambda flow, record: {k: v for k, v in record.items() if k != "inputs"}),
     Step("push", needs=("base", "sources"), gives=(), run=_push, inputs=_push_inputs,
@@ -478,8 +480,12 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool,
         run.save()
 
     flow = Flow(cell, paths, device, hub_api, offline, card, run.result, report_progress)
-    for step in STEPS:
-        run.stage(step.name, lambda: step(flow))
+    try:
+        for step in STEPS:
+            run.stage(step.name, lambda: step(flow))
+    finally:
+        if flow.loader is not None:  # a failed stage, or verify skipped: the loader has no use
+            flow.loader.close()
     deferred = run.result["stages"]["push"]["status"] == "deferred"
     run.result.update(status="verified" if deferred else "done", finished=now())
     run.save()

@@ -165,8 +165,10 @@ class _Unit:
 
 def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None = None,
              memory_budget: int | None = None, max_shard_bytes: int = 5_000_000_000,
-             report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Write the merged checkpoint's shards into the empty folder `out`; return the final progress.
+             report: Callable[[dict[str, Any]], None] | None = None
+             ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Write the merged checkpoint's shards into the empty folder `out`; return the final progress
+    and the shards' `manifest.scan` entries (each hashed while it was written).
 
     `report` is called with a progress snapshot every few seconds and at the end.
     """
@@ -182,7 +184,8 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     memory_budget = memory_budget or default_memory_budget(workers, available)
     unchanged = unchanged_rule(plan)
     units = _units(plan, unchanged is not None)
-    shard_plan = plan_shards(plan.specs, max_shard_bytes)
+    # Laid out in the order the units run, so each file is hashed behind the merge (shards.py).
+    shard_plan = plan_shards({unit.name: plan.specs[unit.name] for unit in units}, max_shard_bytes)
     progress = Progress(len(plan.specs), sum(p.nbytes for p in shard_plan.placements.values()))
     pending_chunks = {}
     for unit in units:
@@ -219,9 +222,9 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
                     lambda future, cost=unit.cost: finished(future, cost))
         if errors:
             raise errors[0]
-        writer.close()
+        files = writer.close()
     finally:
-        writer.close(sync=False)
+        writer.abort()
         context.files.close()
         torch.set_num_threads(threads)
         stop_reporting.set()
@@ -229,7 +232,7 @@ def run_plan(plan: CellPlan, out: Path, device: str = "cpu", workers: int | None
     final = progress.snapshot()
     if report:
         report(final)
-    return final
+    return final, files
 
 
 def available_cores() -> int:
@@ -332,9 +335,12 @@ class _Budget:
 
 
 def _units(plan: CellPlan, copies: bool) -> list[_Unit]:
+    """The work in the order it runs, which is also the order of the output's layout: tensors
+    largest first, so the last to finish are small ones and every core stays busy, and each
+    tensor's row chunks in row order, so a file's written prefix grows steadily."""
     adapted = plan.adapted
     per_element = BYTES_PER_ELEMENT.get(plan.method, DEFAULT_BYTES_PER_ELEMENT) * (len(plan.adapters) + 1)
-    units = []
+    tensors = []
     for name, (_, shape) in plan.specs.items():
         numel = math.prod(shape)
         rows = shape[0] if shape else 1
@@ -342,14 +348,16 @@ def _units(plan: CellPlan, copies: bool) -> list[_Unit]:
             # A copy (an untouched tensor the method leaves unchanged) needs no working memory
             # beyond it.
             cost = numel * (4 if name not in adapted and copies else per_element)
-            units.append(_Unit(name, 0, rows, True, cost))
+            tensors.append([_Unit(name, 0, rows, True, cost)])
             continue
         step = max(1, CHUNK_ELEMENTS // max(1, numel // rows))
+        chunks = []
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            units.append(_Unit(name, start, stop, False, (stop - start) * (numel // rows) * per_element))
-    # Largest first, so the last tensors to finish are small ones and every core stays busy.
-    return sorted(units, key=lambda unit: -unit.cost)
+            chunks.append(_Unit(name, start, stop, False, (stop - start) * (numel // rows) * per_element))
+        tensors.append(chunks)
+    tensors.sort(key=lambda units: (-units[0].cost, units[0].name))
+    return [unit for units in tensors for unit in units]
 
 
 def unchanged_rule(plan: CellPlan) -> Unchanged | None:

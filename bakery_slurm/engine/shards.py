@@ -4,7 +4,10 @@ Every output tensor's name, dtype and shape is known up front (the base's, in th
 the cell's dtype), so `plan_shards` (pure) decides the files, each file's header and every tensor's
 byte offset. `ShardWriter` creates the files at their final size and writes each tensor (or a
 row range of one) at its offset with `os.pwrite` as soon as it is computed, from any thread: no
-tensor waits for another to be written, and no finished tensor stays in memory.
+tensor waits for another to be written, and no finished tensor stays in memory. Each file is
+hashed while it is written (`manifest.PrefixHasher`): the tensors are laid out in the order the
+engine merges them, so a file's written prefix grows as the merge goes and its hash and its
+writeback to disk follow behind, instead of reading the whole output again at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..manifest import PrefixHasher
 from ..repair import INDEX_FILE, SINGLE_FILE, encode_header
 
 # safetensors dtype name -> bytes per element, for the dtypes a cell can have.
@@ -96,11 +100,19 @@ class ShardWriter:
     def __init__(self, plan: ShardPlan, folder: Path):
         self.plan, self.folder = plan, Path(folder)
         self.fds: dict[str, int] = {}
-        for file, raw in plan.headers.items():
-            fd = os.open(self.folder / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            self.fds[file] = fd
-            os.ftruncate(fd, plan.sizes[file])
-            os.pwrite(fd, raw, 0)
+        self.hashers: dict[str, PrefixHasher] = {}
+        try:
+            for file, raw in plan.headers.items():
+                # 0o666 under the umask: the mode the staging folder gives its files anyway, so
+                # no chmod changes the files' ctime (and so their signatures) once hashed.
+                fd = os.open(self.folder / file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                self.fds[file] = fd
+                self.hashers[file] = PrefixHasher(self.folder / file, fd, plan.sizes[file])
+                os.ftruncate(fd, plan.sizes[file])
+                self._pwrite(file, memoryview(raw), 0)
+        except BaseException:
+            self.abort()
+            raise
         if plan.index is not None:
             (self.folder / INDEX_FILE).write_text(json.dumps(plan.index, indent=2) + "\n")
 
@@ -109,14 +121,29 @@ class ShardWriter:
         where = self.plan.placements[name]
         if byte_offset + len(data) > where.nbytes:
             raise ValueError(f"{name}: {byte_offset + len(data)} bytes do not fit its {where.nbytes}")
-        fd, position = self.fds[where.file], where.offset + byte_offset
+        self._pwrite(where.file, data, where.offset + byte_offset)
+
+    def _pwrite(self, file: str, data: memoryview, position: int) -> None:
+        start, fd = position, self.fds[file]
         while data:
             written = os.pwrite(fd, data, position)
             data, position = data[written:], position + written
+        self.hashers[file].written(start, position)
 
-    def close(self, sync: bool = True) -> None:
-        for fd in self.fds.values():
-            if sync:
+    def close(self) -> dict[str, dict[str, Any]]:
+        """Wait for every file's hash, fsync and close the files; return {file: `scan` entry}."""
+        try:
+            files = {file: hasher.result() for file, hasher in self.hashers.items()}
+            for fd in self.fds.values():
                 os.fsync(fd)
+            return files
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop hashing and close the files (after a failure: they are left incomplete)."""
+        for hasher in self.hashers.values():
+            hasher.abort()
+        for fd in self.fds.values():
             os.close(fd)
-        self.fds = {}
+        self.fds, self.hashers = {}, {}

@@ -61,17 +61,19 @@ def run_mergekit(config: Any, out: Path, device: str, reason: str | None) -> dic
 
 
 def run_engine(plan: Any, out: Path, device: str, reason: str | None,
-               report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Merge `plan` (bakery_slurm.engine) into `out` with the base's config and tokenizer;
-    retry on CPU if CUDA fails. Returns the device record plus the engine's final progress."""
+               report: Callable[[dict[str, Any]], None] | None = None
+               ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Merge `plan` (bakery_slurm.engine) into `out` with the base's config; retry on CPU if
+    CUDA fails. Returns the device record plus the engine's final progress, and the weight
+    files' hashes (`manifest.scan` entries, taken while they were written)."""
     from ..engine import run_plan
 
-    progress, record = _on_device(
+    (progress, files), record = _on_device(
         lambda dev: run_plan(plan, out, dev, max_shard_bytes=OUT_SHARD_BYTES, report=report),
         out, device, reason, "the bakery engine")
     write_config(plan.config, out, plan.dtype)
     return {**record, "tensors": progress["tensors_total"],
-            "passed_through": progress["passed_through"]}
+            "passed_through": progress["passed_through"]}, files
 
 
 def write_config(base_config: Path, out: Path, dtype: str) -> None:

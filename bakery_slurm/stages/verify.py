@@ -3,11 +3,19 @@
 The output must have exactly the base's tensor set (names and shapes, every tensor in the cell's
 dtype), load with transformers with no missing, unexpected or mismatched keys, and carry the base's
 tokenizer byte for byte.
+
+The load runs in a child process (`ModelLoader`), started when the merge starts: importing
+transformers' model code is 2-4 s of Python, which the child does on a core of its own while the
+merge runs, instead of after it (on a thread of the merging process it would hold the GIL that
+the merge's workers take between their kernels, and slow them more than it saves).
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,31 +45,83 @@ def compare_tensor_sets(out: dict[str, TensorSpec], base: dict[str, TensorSpec],
     return problems
 
 
-def import_model_code(folder: Path) -> threading.Thread:
-    """Start importing, on a thread, the transformers class `verify` will load `folder` with.
+class ModelLoader:
+    """Loads one checkpoint with transformers: in a child process that imports the model class
+    `model_folder`'s config names as soon as it starts, then waits to be told what to load; or
+    here, where transformers' model machinery is imported already (a process that baked with
+    PEFT or ran cells before), so that the child would only import it again.
 
-    Importing transformers' model code is ~2 s of Python that verify would otherwise start with.
-    Started once the merge has computed its output, it runs while the output is fsynced and
-    hashed (disk waits and C code that release the GIL, on one core), so on a machine with two
-    cores both take the time of the longer. The thread only imports: an import that fails there
-    fails again, and is reported, when verify loads the model.
+    `load` may be called once; `close` ends the child whether or not it loaded anything (it also
+    ends by itself when this process's end closes its input). `child` forces either way.
     """
-    thread = threading.Thread(target=_import_quietly, args=(folder,), daemon=True,
-                              name="bakery-import-model-code")
-    thread.start()
-    return thread
+
+    def __init__(self, model_folder: Path, child: bool | None = None):
+        if child is None:
+            child = "transformers.modeling_utils" not in sys.modules
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(model_folder)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) if child else None
+
+    def load(self, folder: Path, dtype: str) -> dict[str, Any]:
+        """{"model_class": name, "problems": transformers' loading info, the empty parts left
+        out}; raises BakeryError when transformers cannot load `folder` at all."""
+        if self.process is None:
+            loaded = load_report(folder, dtype)
+        else:
+            request = json.dumps({"folder": str(folder), "dtype": dtype}) + "\n"
+            reply, _ = self.process.communicate(request)
+            try:
+                loaded = json.loads(reply.splitlines()[-1])
+            except (IndexError, ValueError):
+                raise BakeryError(f"{folder}: the process loading it with transformers exited "
+                                  f"with status {self.process.returncode} and no answer (its "
+                                  "error is in the log above)") from None
+        if "error" in loaded:
+            raise BakeryError(f"{folder}: transformers cannot load it: {loaded['error']}")
+        return loaded
+
+    def close(self) -> None:
+        if self.process is not None and self.process.returncode is None:  # not waited for yet
+            self.process.kill()
+            self.process.communicate()
 
 
-def _import_quietly(folder: Path) -> None:
+def load_report(folder: Path, dtype: str) -> dict[str, Any]:
+    """What `ModelLoader.load` returns, or {"error": why transformers cannot load `folder`}."""
     try:
-        model_class(folder)
-    except Exception:  # noqa: BLE001 - verify imports it again and reports what failed
+        import torch
+
+        model, info = load_model(folder, getattr(torch, dtype), output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - reported by load, which names the folder
+        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+    return {"model_class": type(model).__name__,
+            "problems": {kind: keys for kind, keys in info.items() if keys}}
+
+
+def _serve(model_folder: Path) -> None:
+    """The child of `ModelLoader`: import, wait for the request, load, answer on stdout."""
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # what the libraries print goes to the task's log, not into the answer
+    try:
+        model_class(model_folder)
+    except Exception:  # noqa: BLE001 - the load imports it again and reports what failed
         pass
+    line = sys.stdin.readline()
+    if not line:  # the merge failed, or the output was verified already
+        return
+    request = json.loads(line)
+    answer.write(json.dumps(load_report(Path(request["folder"]), request["dtype"]),
+                            default=sorted) + "\n")
+    answer.flush()
+    sys.stderr.flush()
+    # No interpreter teardown (~1 s with torch, transformers and a model): the parent waits for it.
+    os._exit(0)
 
 
-def verify(folder: Path, base_folder: Path, base_tensors: dict[str, TensorSpec],
-           dtype: str) -> dict[str, Any]:
-    """Raise BakeryError on the first failed check; return what was checked."""
+def verify(folder: Path, base_folder: Path, base_tensors: dict[str, TensorSpec], dtype: str,
+           loader: ModelLoader) -> dict[str, Any]:
+    """Raise BakeryError on the first failed check; return what was checked. `loader` loads the
+    output with transformers (the last check)."""
     problems = compare_tensor_sets(tensor_set(folder), base_tensors, dtype)
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
@@ -70,11 +130,11 @@ def verify(folder: Path, base_folder: Path, base_tensors: dict[str, TensorSpec],
     for name in tokenizer_files(base_folder):
         if not (folder / name).is_file() or sha256_file(folder / name) != sha256_file(base_folder / name):
             raise BakeryError(f"{folder}: tokenizer file {name} is missing or differs from the base's")
-    import torch
+    loaded = loader.load(folder, dtype)
+    if loaded["problems"]:
+        raise BakeryError(f"{folder}: transformers reports {loaded['problems']}")
+    return {"tensors": len(base_tensors), "model_class": loaded["model_class"]}
 
-    model, info = load_model(folder, getattr(torch, dtype), output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v and k != "error_msgs"} | (
-        {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {})
-    if bad:
-        raise BakeryError(f"{folder}: transformers reports {bad}")
-    return {"tensors": len(base_tensors), "model_class": type(model).__name__}
+
+if __name__ == "__main__":
+    _serve(Path(sys.argv[1]))

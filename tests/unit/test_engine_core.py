@@ -3,7 +3,9 @@ and the shard layout (`test_engine_unchanged.py`: which untouched tensors may be
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bakery_slurm import manifest
 from bakery_slurm.engine import lora
 from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _gpu_free_memory,
                                       available_memory, default_memory_budget)
@@ -18,6 +21,8 @@ from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
                                       installed_lora_defaults, lora_defaults, plan_factors,
                                       unsupported_setting)
 from bakery_slurm.engine.shards import ShardWriter, plan_shards, shard_name
+from bakery_slurm.fsutil import staging_dir
+from bakery_slurm.manifest import scan, write_marker
 from bakery_slurm.repair import to_hub_name
 from support import assert_matches_golden
 
@@ -171,7 +176,7 @@ def test_writer_fills_shards_in_any_order_and_safetensors_reads_them(tmp_path):
     writer.write("x", memoryview(rows[:3].reshape(-1).numpy()))
     with pytest.raises(ValueError, match="do not fit"):
         writer.write("y", memoryview(bytes(13)))
-    writer.close()
+    hashed = writer.close()
     read = {}
     for file in plan.headers:
         read.update(load_file(str(tmp_path / file)))
@@ -179,6 +184,60 @@ def test_writer_fills_shards_in_any_order_and_safetensors_reads_them(tmp_path):
     assert all(torch.equal(read[n], tensors[n]) for n in tensors)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {n: p.file for n, p in plan.placements.items()}
+    # Each file was hashed while it was written: the entries a scan of the folder makes.
+    assert hashed == {f: e for f, e in scan(tmp_path).items() if f in plan.headers}
+
+
+def test_a_marker_takes_the_writers_hashes_without_reading_the_files(tmp_path, monkeypatch):
+    plan = plan_shards({"x": ("BF16", (4, 3))}, max_shard_bytes=10**9)
+    out = tmp_path / "out"
+    with staging_dir(out) as staged:
+        writer = ShardWriter(plan, staged)
+        writer.write("x", memoryview(torch.ones(4, 3, dtype=torch.bfloat16).view(torch.uint8)
+                                     .reshape(-1).numpy()))
+        hashed = writer.close()
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: pytest.fail(f"{path} read again"))
+    marker = write_marker(out, {}, known=hashed)
+    assert marker["files"]["model.safetensors"]["sha256"] == hashlib.sha256(
+        (out / "model.safetensors").read_bytes()).hexdigest()
+    # A file changed after it was hashed is read again.
+    (out / "model.safetensors").write_bytes(b"changed")
+    monkeypatch.undo()
+    assert write_marker(out, {}, known=hashed)["files"]["model.safetensors"]["sha256"] == (
+        hashlib.sha256(b"changed").hexdigest())
+
+
+def test_a_failed_merge_stops_the_hashing_and_leaves_no_file_open(tmp_path):
+    plan = plan_shards({"x": ("BF16", (4, 3)), "y": ("BF16", (2,))}, max_shard_bytes=10**9)
+    writer = ShardWriter(plan, tmp_path)
+    writer.write("y", memoryview(bytes(4)))
+    hasher = writer.hashers["model.safetensors"]
+    with pytest.raises(RuntimeError, match="hashed"):  # x was never written: no wait for it
+        writer.close()
+    writer.abort()
+    assert not hasher.thread.is_alive() and writer.fds == {}
+    with pytest.raises(RuntimeError, match="hashed"):
+        hasher.result()
+
+
+def test_the_prefix_hasher_follows_ranges_written_in_any_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "HASH_CHUNK", 7)
+    data = os.urandom(100)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, len(data))
+    hasher = manifest.PrefixHasher(path, fd, len(data))
+    for start, stop in [(40, 100), (10, 25), (25, 25), (0, 10)]:
+        os.pwrite(fd, data[start:stop], start)
+        hasher.written(start, stop)
+    assert hasher.done_to == 25 and hasher.pending == {40: 100}
+    os.pwrite(fd, data[25:40], 25)
+    hasher.written(25, 40)
+    assert hasher.done_to == 100 and hasher.pending == {}
+    entry = hasher.result()
+    os.close(fd)
+    assert entry == {"size": 100, "sha256": hashlib.sha256(data).hexdigest(),
+                     "signature": manifest.stat_signature(path.stat())}
 
 
 def fake_host(root, membership: str, limits: dict[str, str]):
