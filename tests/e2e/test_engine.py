@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bakery_slurm import manifest
 from bakery_slurm.manifest import marker_path
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths, run_cell
@@ -122,6 +123,25 @@ def test_engine_records_one_pass_without_bakes(runs, size, method):
     assert 0 < merge["passed_through"] < merge["tensors"]
     assert not (runs.work["hub", "bakery"] / "cache" / "bakes").exists()
     assert not (CellPaths(runs.work["hub", "bakery"], cell_id(size, method)).merged).exists()
+
+
+def test_the_merge_marker_takes_the_hashes_made_while_writing(tmp_path, write_tiny_matrix,
+                                                               monkeypatch):
+    """The engine hashes each shard as it writes it; nothing between the write and the marker
+    (the staging folder's fsync, modes and rename) makes the marker read the output again."""
+    hashed = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(path) or real(path))
+    matrix = load_matrix(write_tiny_matrix(tmp_path, methods=("linear",)))
+    cell = next(c for c in expand(matrix) if c.id == cell_id("tiny4b", "linear"))
+    result = run_cell(cell, matrix.work_dir, device="cpu")
+    final = CellPaths(matrix.work_dir, cell.id).final
+    marker = json.loads(marker_path(final).read_text())
+    weights = [name for name in marker["files"] if name.endswith(".safetensors")]
+    assert weights and result["stages"]["merge"]["outputs"] == marker["content_sha256"]
+    for name in weights:
+        assert marker["files"][name]["sha256"] == real(final / name)
+    assert not [p for p in hashed if p.suffix == ".safetensors" and "cells" in p.parts]
 
 
 def test_negative_zero_is_merged_not_copied(runs):
