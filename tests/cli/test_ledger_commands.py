@@ -522,3 +522,24 @@ def test_run_cell_in_process_removes_and_forgets_its_private_xet_cache(write_mat
     assert result.exit_code == 2, result.output
     assert "HF_XET_CACHE" not in os.environ
     assert list((tmp_path / "node-tmp").iterdir()) == []
+
+
+def test_a_task_process_collects_nothing_on_its_way_out(tmp_path):
+    """Python's exit would walk every object torch and mergekit made looking for cycles; a task
+    skips that. A cycle made before the exit is not collected then (its finalizer never runs)."""
+    code = ("import sys\n"
+            "from bakery_slurm.cli.run_cell import task_process\n"
+            "class Cycle:\n"
+            "    def __del__(self):\n"
+            "        print('collected', flush=True)\n"
+            "with task_process():\n"
+            "    cycle = Cycle(); cycle.me = cycle\n"
+            "    del cycle\n"
+            "    if sys.argv[1:] == ['collect']:\n"
+            "        import gc; gc.collect()\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    skipped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert skipped.returncode == 0 and skipped.stdout == "", skipped.stderr
+    collected = subprocess.run([sys.executable, "-c", code, "collect"], env=env,
+                               capture_output=True, text=True)
+    assert collected.stdout == "collected\n"
