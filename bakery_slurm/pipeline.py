@@ -187,6 +187,7 @@ class Flow:
     card: CardContext | None         # titles and orders the target's root card
     result: dict[str, Any]           # the run's result record (push cites the merge's device)
     report_progress: Callable[[dict[str, Any]], None]
+    loader: Any                      # stages.verify.ModelLoader, started with the run
     # bake
     base: Any = None                 # sources.LocalModel
     base_dir: Path | None = None     # the base's folder as the merge reads it (hub layout for mergekit)
@@ -201,7 +202,6 @@ class Flow:
     recipe: str = ""
     merged: Path | None = None
     merged_sha: str = ""
-    loader: Any = None               # stages.verify.ModelLoader, started with the merge
     # strip
     final_sha: str = ""
 
@@ -307,11 +307,8 @@ def _merge_output(flow: Flow) -> Path:
 def _merge(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     from .recipe import validate_recipe
     from .stages import merge as merge_stage
-    from .stages.verify import ModelLoader
 
     _set_recipe(flow)
-    # verify's transformers load, in a process that imports the model code while this one merges
-    flow.loader = ModelLoader(flow.base_dir)
     chosen, reason = merge_stage.choose_device(flow.device)
     out = _merge_output(flow)
     with fsutil.staging_dir(out) as tmp:
@@ -383,13 +380,10 @@ def _strip_resume(flow: Flow, marker: dict[str, Any]) -> dict[str, Any]:
 
 
 def _verify(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
-    from .stages.verify import ModelLoader, verify
+    from .stages.verify import verify
 
-    loader = flow.loader or ModelLoader(flow.base_dir)
-    try:
-        record = verify(flow.paths.final, flow.base_dir, flow.base_tensors, flow.cell.dtype, loader)
-    finally:
-        loader.close()
+    record = verify(flow.paths.final, flow.base_dir, flow.base_tensors, flow.cell.dtype,
+                    flow.loader)
     fsutil.atomic_write_json(flow.paths.verified, {"inputs": inputs, **record})
     return {**record, "bytes_read": _size(flow.paths.final), "bytes_written": 0}
 
@@ -449,7 +443,7 @@ STEPS = (
          gives=("base", "base_dir", "base_tensors", "sources", "adapters", "plan",
                 "engine_fallback", "baked", "baked_sha")),
     Step("merge", needs=("plan", "baked_sha", "baked", "base_dir", "sources", "adapters"),
-         gives=("recipe", "merged", "merged_sha", "loader"), run=_merge,
+         gives=("recipe", "merged", "merged_sha"), run=_merge,
          inputs=_merge_inputs, previous=lambda flow: intact_marker(_merge_output(flow)),
          resume=_merge_resume),
     Step("strip", needs=("merged", "merged_sha", "base_tensors"), gives=("final_sha",),
@@ -469,6 +463,8 @@ STAGES = tuple(step.name for step in STEPS)
 
 def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool,
          card: CardContext | None) -> dict[str, Any]:
+    from .stages.verify import ModelLoader
+
     run = _Run(cell, paths)
     # A task killed mid-stage leaves its staging folder (`.<output>.*.partial`, as big as a
     # checkpoint) behind. We hold the cell's lock, so any such folder here is dead.
@@ -479,13 +475,15 @@ def _run(cell: Cell, paths: CellPaths, device: str, hub_api: Any, offline: bool,
         run.result["progress"] = {"stage": "merge", **progress, "updated": now()}
         run.save()
 
-    flow = Flow(cell, paths, device, hub_api, offline, card, run.result, report_progress)
+    # verify's transformers load, in a process that imports transformers' model code while this
+    # one fetches, plans and merges
+    loader = ModelLoader()
+    flow = Flow(cell, paths, device, hub_api, offline, card, run.result, report_progress, loader)
     try:
         for step in STEPS:
             run.stage(step.name, lambda: step(flow))
     finally:
-        if flow.loader is not None:  # a failed stage, or verify skipped: the loader has no use
-            flow.loader.close()
+        loader.close()
     deferred = run.result["stages"]["push"]["status"] == "deferred"
     run.result.update(status="verified" if deferred else "done", finished=now())
     run.save()

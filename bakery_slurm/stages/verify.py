@@ -4,10 +4,10 @@ The output must have exactly the base's tensor set (names and shapes, every tens
 dtype), load with transformers with no missing, unexpected or mismatched keys, and carry the base's
 tokenizer byte for byte.
 
-The load runs in a child process (`ModelLoader`), started when the merge starts: importing
-transformers' model code is 2-4 s of Python, which the child does on a core of its own while the
-merge runs, instead of after it (on a thread of the merging process it would hold the GIL that
-the merge's workers take between their kernels, and slow them more than it saves).
+The load runs in a child process (`ModelLoader`), started with the cell: importing transformers'
+model code is 3-4 s of Python, which the child does on a core of its own while the cell fetches,
+plans and merges, instead of after the merge (on a thread of the merging process it would hold
+the GIL that the merge's workers take between their kernels, and slow them more than it saves).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import BakeryError
 from ..manifest import sha256_file
 from ..repair import TensorSpec, tensor_set
-from .bake import load_model, model_class
+from .bake import load_model
 from .merge import tokenizer_files
 
 # torch dtype name -> safetensors header dtype
@@ -46,21 +46,21 @@ def compare_tensor_sets(out: dict[str, TensorSpec], base: dict[str, TensorSpec],
 
 
 class ModelLoader:
-    """Loads one checkpoint with transformers: in a child process that imports the model class
-    `model_folder`'s config names as soon as it starts, then waits to be told what to load; or
-    here, where transformers' model machinery is imported already (a process that baked with
-    PEFT or ran cells before), so that the child would only import it again.
+    """Loads one checkpoint with transformers: in a child process that imports transformers'
+    model code as soon as it starts, then waits to be told what to load; or here, where that code
+    is imported already (a process that baked with PEFT or ran cells before), so that the child
+    would only import it again.
 
     `load` may be called once; `close` ends the child whether or not it loaded anything (it also
     ends by itself when this process's end closes its input). `child` forces either way.
     """
 
-    def __init__(self, model_folder: Path, child: bool | None = None):
+    def __init__(self, child: bool | None = None):
         if child is None:
             child = "transformers.modeling_utils" not in sys.modules
         self.process = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(model_folder)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) if child else None
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True) if child else None
 
     def load(self, folder: Path, dtype: str) -> dict[str, Any]:
         """{"model_class": name, "problems": transformers' loading info, the empty parts left
@@ -98,16 +98,17 @@ def load_report(folder: Path, dtype: str) -> dict[str, Any]:
             "problems": {kind: keys for kind, keys in info.items() if keys}}
 
 
-def _serve(model_folder: Path) -> None:
+def _serve() -> None:
     """The child of `ModelLoader`: import, wait for the request, load, answer on stdout."""
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what the libraries print goes to the task's log, not into the answer
     try:
-        model_class(model_folder)
+        # What every model class needs, ~3 s; the class itself (0.1-0.2 s) comes with the load.
+        import transformers.modeling_utils  # noqa: F401
     except Exception:  # noqa: BLE001 - the load imports it again and reports what failed
         pass
     line = sys.stdin.readline()
-    if not line:  # the merge failed, or the output was verified already
+    if not line:  # the cell failed before verify, or its output was verified already
         return
     request = json.loads(line)
     answer.write(json.dumps(load_report(Path(request["folder"]), request["dtype"]),
@@ -137,4 +138,4 @@ def verify(folder: Path, base_folder: Path, base_tensors: dict[str, TensorSpec],
 
 
 if __name__ == "__main__":
-    _serve(Path(sys.argv[1]))
+    _serve()

@@ -26,7 +26,7 @@ def loaded_in_child(tiny_models, tmp_path_factory):
     save_file(tensors, str(short / "model.safetensors"), metadata={"format": "pt"})
     answers = {}
     for case, folder in (("intact", base), ("short", short)):
-        loader = ModelLoader(base, child=True)
+        loader = ModelLoader(child=True)
         answers[case] = loader.load(folder, "bfloat16")
         assert loader.process.returncode == 0
     return answers
@@ -46,13 +46,13 @@ def test_a_checkpoint_transformers_cannot_load_is_an_error_naming_it(tiny_models
     shutil.copytree(tiny_models / "bases" / "text", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
-    loader = ModelLoader(folder, child=True)
+    loader = ModelLoader(child=True)
     with pytest.raises(BakeryError, match=f"{folder}: transformers cannot load it: .*size"):
         loader.load(folder, "bfloat16")
 
 
-def test_a_loader_never_asked_to_load_ends_when_closed(tiny_models):
-    loader = ModelLoader(tiny_models / "bases" / "text", child=True)
+def test_a_loader_never_asked_to_load_ends_when_closed():
+    loader = ModelLoader(child=True)
     loader.close()
     assert loader.process.returncode is not None
     loader.close()  # twice is harmless: the pipeline closes it after verify and on its way out
