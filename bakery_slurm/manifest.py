@@ -109,10 +109,16 @@ class PrefixHasher:
                         raise OSError(f"{self.path}: ends at {self.hashed} of {self.size} bytes")
                     self.digest.update(view[:got])
                     self.hashed += got
-                if hasattr(os, "sync_file_range"):  # Linux; elsewhere the final fsync does it all
-                    os.sync_file_range(self.fd, start, stop - start, os.SYNC_FILE_RANGE_WRITE)
+                self._start_writeback(start, stop)
         except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
             self.error = e
+
+    def _start_writeback(self, start: int, stop: int) -> None:
+        """A hint, on Linux: the final fsync is what makes the file durable, on any system."""
+        try:
+            os.sync_file_range(self.fd, start, stop - start, os.SYNC_FILE_RANGE_WRITE)
+        except (AttributeError, OSError):  # not Linux, or a filesystem that refuses the hint
+            pass
 
 
 def manifest(folder: Path, known: Mapping[str, Mapping[str, Any]] | None = None

@@ -296,3 +296,16 @@ def test_the_gpu_free_memory_is_unknown_where_there_is_no_gpu():
     """None, not an error, so the merge itself meets the missing or broken GPU and falls back."""
     free = _gpu_free_memory(torch.device("cuda"))
     assert (free is None) == (not torch.cuda.is_available())
+
+
+def test_a_filesystem_that_refuses_the_writeback_hint_still_gets_its_hash(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sync_file_range", refuse, raising=False)
+    plan = plan_shards({"x": ("BF16", (4, 3))}, max_shard_bytes=10**9)
+    writer = ShardWriter(plan, tmp_path)
+    writer.write("x", memoryview(bytes(24)))
+    hashed = writer.close()
+    assert hashed["model.safetensors"]["sha256"] == hashlib.sha256(
+        (tmp_path / "model.safetensors").read_bytes()).hexdigest()
