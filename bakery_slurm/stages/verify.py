@@ -94,8 +94,10 @@ def load_report(folder: Path, dtype: str) -> dict[str, Any]:
         model, info = load_model(folder, getattr(torch, dtype), output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - reported by load, which names the folder
         return {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+    problems = {kind: keys for kind, keys in info.items() if keys}
+    # As JSON values (sets as sorted lists), the same whichever process loaded the model.
     return {"model_class": type(model).__name__,
-            "problems": {kind: keys for kind, keys in info.items() if keys}}
+            "problems": json.loads(json.dumps(problems, default=sorted))}
 
 
 def _serve() -> None:
@@ -111,8 +113,7 @@ def _serve() -> None:
     if not line:  # the cell failed before verify, or its output was verified already
         return
     request = json.loads(line)
-    answer.write(json.dumps(load_report(Path(request["folder"]), request["dtype"]),
-                            default=sorted) + "\n")
+    answer.write(json.dumps(load_report(Path(request["folder"]), request["dtype"])) + "\n")
     answer.flush()
     sys.stderr.flush()
     # No interpreter teardown (~1 s with torch, transformers and a model): the parent waits for it.

@@ -24,7 +24,7 @@ def loaded_in_child(tiny_models, tmp_path_factory):
     tensors = load_file(str(short / "model.safetensors"))
     tensors.pop("model.norm.weight")
     save_file(tensors, str(short / "model.safetensors"), metadata={"format": "pt"})
-    answers = {}
+    answers = {"short folder": short}
     for case, folder in (("intact", base), ("short", short)):
         loader = ModelLoader(child=True)
         answers[case] = loader.load(folder, "bfloat16")
@@ -39,6 +39,7 @@ def test_the_child_loads_the_checkpoint_as_the_process_itself_would(tiny_models,
 
 def test_the_child_reports_what_transformers_found_missing(loaded_in_child):
     assert loaded_in_child["short"]["problems"] == {"missing_keys": ["model.norm.weight"]}
+    assert load_report(loaded_in_child["short folder"], "bfloat16") == loaded_in_child["short"]
 
 
 def test_a_checkpoint_transformers_cannot_load_is_an_error_naming_it(tiny_models, tmp_path):
@@ -55,4 +56,4 @@ def test_a_loader_never_asked_to_load_ends_when_closed():
     loader = ModelLoader(child=True)
     loader.close()
     assert loader.process.returncode is not None
-    loader.close()  # twice is harmless: the pipeline closes it after verify and on its way out
+    loader.close()  # twice is harmless
