@@ -13,6 +13,7 @@ the GIL that the merge's workers take between their kernels, and slow them more 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from ..repair import TensorSpec, tensor_set
 from .bake import load_model
 from .merge import tokenizer_files
 
+log = logging.getLogger(__name__)
 # torch dtype name -> safetensors header dtype
 SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 MAX_LISTED = 10
@@ -58,9 +60,14 @@ class ModelLoader:
     def __init__(self, child: bool | None = None):
         if child is None:
             child = "transformers.modeling_utils" not in sys.modules
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True) if child else None
+        self.process = None
+        if child:
+            try:
+                self.process = subprocess.Popen([sys.executable, "-m", __name__],
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                text=True)
+            except OSError as e:  # no memory or process slot left for it: load here instead
+                log.warning("verify will load the model in this process: no child (%s)", e)
 
     def load(self, folder: Path, dtype: str) -> dict[str, Any]:
         """{"model_class": name, "problems": transformers' loading info, the empty parts left

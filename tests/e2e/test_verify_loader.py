@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -57,3 +58,14 @@ def test_a_loader_never_asked_to_load_ends_when_closed():
     loader.close()
     assert loader.process.returncode is not None
     loader.close()  # twice is harmless
+
+
+def test_without_a_child_the_load_runs_here(tiny_models, monkeypatch):
+    def no_process(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    loader = ModelLoader(child=True)
+    assert loader.process is None
+    assert loader.load(tiny_models / "bases" / "text", "bfloat16")["model_class"] == "Gemma3ForCausalLM"
+    loader.close()
