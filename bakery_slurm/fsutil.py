@@ -166,12 +166,16 @@ def _usual_modes(folder: Path) -> None:
     """
     mask = umask()
     uid = os.geteuid()
-    os.chmod(folder, 0o777 & ~mask)
+    # S_ISGID (inherited from a group's setgid folder) is kept: files created in the folder later
+    # must keep getting the folder's group.
+    os.chmod(folder, (0o777 & ~mask) | (folder.stat().st_mode & stat.S_ISGID))
     for path in folder.rglob("*"):
         st = path.lstat()
         if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
             continue
         mode = (0o777 if path.is_dir() else 0o666) & ~mask
+        if path.is_dir():
+            mode |= st.st_mode & stat.S_ISGID
         if stat.S_IMODE(st.st_mode) != mode:
             os.chmod(path, mode)
 
@@ -195,10 +199,22 @@ def staging_dir(final: Path) -> Iterator[Path]:
         for path in [*tmp.rglob("*"), tmp]:  # a file already synced costs nothing here
             if not path.is_symlink() and (path.is_file() or path.is_dir()):
                 fsync_path(path)
+        old = None
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Moved aside, not removed in place: `final` is never a half-deleted folder (a
+            # reader's open file on NFS makes a removal fail half-way), only briefly absent.
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial",
+                                        dir=final.parent))
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)
+            raise
         fsync_path(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

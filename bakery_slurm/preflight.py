@@ -272,7 +272,9 @@ def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
 
 
 def _check_push(matrix: Matrix, api: Any, report: Report) -> None:
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    from .stages.push import public_repo_problem
 
     repo_id = matrix.push_target.location
     try:
@@ -288,6 +290,18 @@ def _check_push(matrix: Matrix, api: Any, report: Report) -> None:
     problem = token_write_problem(identity, repo_id)
     if problem:
         report.problems.append(f"push.target: {problem} (got {matrix.spec.push.target!r})")
+    if matrix.spec.push.private:
+        try:
+            public = api.repo_info(repo_id).private is False
+        except RepositoryNotFoundError:
+            public = False  # created private by the first push
+        except Exception as e:
+            report.problems.append(f"push.private: cannot read {repo_id}'s visibility "
+                                   f"({type(e).__name__}: {e}); --no-preflight skips this")
+            return
+        if public:
+            report.problems.append(f"push.private: {public_repo_problem(repo_id)} "
+                                   f"(got {matrix.spec.push.target!r})")
 
 
 def token_write_problem(identity: Mapping[str, Any], repo_id: str) -> str | None:

@@ -6,8 +6,8 @@ to. A local source is identified by the sha256 of its files, so a retrained adap
 gets a new identity (mergekit's own LoRA cache keys a bake by folder names only, and would reuse it).
 
 Only the files a cell reads are downloaded (`WANTED`): weights as safetensors, configs, tokenizer
-files; never `.bin`/`.pth` copies of the weights, optimizer states or `checkpoint-*` folders, which
-adapter repos often hold and which can be larger than the model.
+files, the card; never `.bin`/`.pth` copies of the weights, optimizer states or `checkpoint-*`
+folders, which adapter repos often hold and which can be larger than the model.
 
 Hashing a 12B base reads ~24 GB (~1 GiB/s, benchmarks/bench_sources.py) in every cell of that
 base. With a `hash_cache` folder each file's hash is kept beside its stat signature and reused
@@ -39,7 +39,8 @@ class LocalModel:
     identity: dict[str, Any]
 
 
-WANTED = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+# README.md: the base's card, whose license and language the published cards carry.
+WANTED = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md")
 UNWANTED = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*optimizer*", "*checkpoint-*", "*.msgpack", "*.h5")
 
 

@@ -80,7 +80,9 @@ def export_hub_token(cells: Sequence[Cell]) -> None:
     if token is None:
         raise ConfigError("the cells push to the Hub, but no Hub token was found: set HF_TOKEN or "
                           "log in with `hf auth login` on this machine")
-    os.environ.setdefault("HF_TOKEN", token)
+    # An empty HF_TOKEN is set but not a token: the tasks would inherit it, and their HF_HOME has
+    # no token file. Put the token found (it is HF_TOKEN's own value when that holds one) there.
+    os.environ["HF_TOKEN"] = token
 
 
 @dataclass(frozen=True)

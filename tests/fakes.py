@@ -9,8 +9,8 @@ silently), and takes HfApi's own `CommitOperationAdd` and `CommitOperationDelete
 - ``create_repo(repo_id, *, private=None, exist_ok=False, repo_type=None)``: a new repo starts
   with one commit holding `.gitattributes`, as on the Hub.
 - ``repo_info(repo_id, *, revision=None, repo_type=None)``: an object whose `sha` is the commit
-  `revision` (default: the head of main) points to; an unknown revision raises
-  `RevisionNotFoundError`.
+  `revision` (default: the head of main) points to and whose `private` is the repo's visibility
+  (`create_repo`'s or `seed`'s `private`, public by default, as on the Hub); an unknown revision raises `RevisionNotFoundError`.
 - ``list_repo_files(repo_id, *, revision=None, repo_type=None)``: every path at that commit.
 - ``preupload_lfs_files(repo_id, *, additions, repo_type=None)``: transfers the content of every
   addition not yet `_is_uploaded` into the repo's content store, skipping content the store holds
@@ -106,6 +106,7 @@ class FakeCommit:
 @dataclass(frozen=True)
 class FakeRepoInfo:
     sha: str
+    private: bool
 
 
 @dataclass
@@ -130,6 +131,7 @@ class FakeHubApi:
         self._store: dict[str, set[str]] = {}  # repo id -> sha256 of transferred contents
         self._cache: dict[tuple[str, str, str], bytes] = {}  # (repo, commit, path) -> bytes
         self._cached_main: dict[str, str] = {}  # repo id -> commit main resolved to last time
+        self._private: dict[str, bool] = {}  # repo id -> private?
 
     def _enter(self, method: str, **arguments: Any) -> Any:
         """Record the call, run its `before` hook, and raise its next scripted failure. Returns
@@ -165,6 +167,7 @@ class FakeHubApi:
             if repo_id in self.repos and not exist_ok:
                 raise http_error(409, f"{HUB}/api/repos/create")
             if repo_id not in self.repos:
+                self._private[repo_id] = bool(private)
                 self.repos[repo_id] = {}
                 self._store[repo_id] = set()
                 self._commit(repo_id, None, "initial commit",
@@ -175,7 +178,8 @@ class FakeHubApi:
                   repo_type: str | None = None) -> FakeRepoInfo:
         self._enter("repo_info", repo_id=repo_id, revision=revision, repo_type=repo_type)
         with self._lock:
-            return FakeRepoInfo(sha=self._resolve(repo_id, revision))
+            return FakeRepoInfo(sha=self._resolve(repo_id, revision),
+                                private=self._private[repo_id])
 
     def list_repo_files(self, repo_id: str, *, revision: str | None = None,
                         repo_type: str | None = None) -> list[str]:
@@ -320,10 +324,11 @@ class FakeHubApi:
 
     # -- for tests ----------------------------------------------------------------------------
 
-    def seed(self, repo_id: str, files: dict[str, bytes]) -> str:
+    def seed(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
         """A repo holding `files` in its first commit, made without recording a call (a test's
         setup); returns the commit."""
         with self._lock:
+            self._private[repo_id] = private
             self.repos[repo_id] = {}
             self._store[repo_id] = set()
             return self._commit(repo_id, None, "initial commit", files, []).oid

@@ -131,6 +131,7 @@ class DirTarget:
     def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str:
         try:
             with fsutil.locked(self.root / ".bakery-push.lock"):
+                _check_unchanged(str(self.root), items, self.published_records())
                 for item in items:
                     if not item.replace:
                         for path in item.folder.iterdir():
@@ -231,6 +232,9 @@ class HubTarget:
 
         self._retry(lambda: self.api.create_repo(self.repo_id, private=self.private,
                                                  exist_ok=True), "create the repo")
+        if self.private and self._retry(lambda: self.api.repo_info(self.repo_id).private,
+                                        "read the repo's visibility") is False:
+            raise PushError(public_repo_problem(self.repo_id))
         additions = [
             CommitOperationAdd(f"{item.cell_id}/{path.relative_to(item.folder).as_posix()}", str(path))
             for item in items for path in sorted(item.folder.rglob("*")) if path.is_file()]
@@ -244,6 +248,7 @@ class HubTarget:
                 raise PushError(f"{self.repo_id}: the repo vanished while publishing")
             sha, files = state
             records = self.records_at(sha, files)
+            _check_unchanged(self.repo_id, items, records)
             records.update({item.cell_id: item.record for item in items})
             previous = self.read(sha, ROOT_CARD).decode() if ROOT_CARD in files else None
             card = CommitOperationAdd(ROOT_CARD, render_root(records, previous).encode())
@@ -310,6 +315,23 @@ class HubTarget:
             log.warning("%s: %s got %s (try %d/%d); retrying in %.1f s",
                         self.repo_id, what, why, attempt, MAX_TRIES, delay)
             self.sleep(delay)
+
+
+def public_repo_problem(repo_id: str) -> str:
+    """`[push] private = true` and the repo exists, public: `create_repo` leaves an existing repo's
+    visibility as it is, so publishing would make the merges public."""
+    return (f"{repo_id} exists and is public, but push.private = true: make the repo private on "
+            "the Hub (its Settings), or set private = false")
+
+
+def _check_unchanged(where: str, items: list[Publication], records: Mapping[str, Any]) -> None:
+    """A refreshed card (replace=False) was rendered from its cell's published record: refuse to
+    put it over another one (the cell was published again since)."""
+    moved = [item.cell_id for item in items
+             if not item.replace and records.get(item.cell_id) != item.record]
+    if moved:
+        raise PushError(f"{where}: {', '.join(moved)} changed since the card was rendered (published "
+                        "again meanwhile); run `bakery-slurm push --cards` again")
 
 
 def _retry_after(response: Any) -> float | None:

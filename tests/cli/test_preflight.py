@@ -146,6 +146,21 @@ def test_a_read_only_token_fails_submit_before_sbatch(hub, write_matrix, tmp_pat
     assert not (tmp_path / "bakery-ledger.json").exists()
 
 
+def test_a_private_matrix_refuses_an_existing_public_repo_before_sbatch(hub, write_matrix, tmp_path):
+    """`private = true` cannot make an existing repo private (create_repo leaves it as it is)."""
+    text = HUB_MATRIX.replace('target = "hub:acme/merges"', 'target = "hub:acme/merges"\nprivate = true')
+    result = invoke("submit", write_matrix(text), "--executor", "local")
+    assert result.exit_code == 2
+    assert problems(result) == [
+        "push.private: acme/merges exists and is public, but push.private = true: make the repo "
+        "private on the Hub (its Settings), or set private = false (got 'hub:acme/merges')"]
+    assert not (tmp_path / "bakery-ledger.json").exists()
+    hub.seed("acme/merges", {}, private=True)
+    assert invoke("check", write_matrix(text)).exit_code == 0
+    hub.repos.pop("acme/merges")  # a repo the first push creates, private
+    assert invoke("check", write_matrix(text)).exit_code == 0
+
+
 def test_image_apptainer_and_required_variables_are_checked(hub, write_matrix, tmp_path,
                                                             monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apptainer here

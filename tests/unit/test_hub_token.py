@@ -47,3 +47,17 @@ def test_no_token_at_all_is_refused_before_anything_runs(hub_cells, token_file):
 def test_dir_targets_need_no_token(write_matrix, token_file):
     export_hub_token(expand(load_matrix(write_matrix(MINIMAL_MATRIX))))
     assert "HF_TOKEN" not in os.environ
+
+
+def test_an_empty_hf_token_does_not_hide_the_token_files_token_from_the_tasks(hub_cells, token_file,
+                                                                              monkeypatch):
+    """`export HF_TOKEN=` on the login node: huggingface_hub skips the empty variable and finds
+    the file's token, but the tasks inherit the variable, and their HF_HOME has no token file."""
+    token_file.parent.mkdir()
+    token_file.write_text("hf_from_file")
+    monkeypatch.setenv("HF_TOKEN", "")
+    export_hub_token(hub_cells)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file.parent / "no-such-token"))
+    from huggingface_hub import get_token
+
+    assert get_token() == "hf_from_file"

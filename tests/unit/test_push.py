@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -497,17 +499,30 @@ def test_a_dir_target_that_cannot_be_written_says_so(tmp_path, item):
         DirTarget(tmp_path / "published").publish([item], "x", render_root("dir:/x"))
 
 
+def target_of(kind: str, tmp_path: Path, sleeps: list[float]) -> tuple[Any, str, FakeHubApi | None]:
+    """A Hub target (with its fake) or a `dir:` target, and the push target it stands for."""
+    if kind == "hub":
+        target, api = hub(tmp_path, sleeps)
+        return target, f"hub:{REPO}", api
+    folder = tmp_path / "published"
+    return DirTarget(folder), f"dir:{folder}", None
+
+
+def card_folder(tmp_path: Path, text: str) -> Path:
+    """What `push --cards` publishes for CELL: a folder holding only its README.md."""
+    card = tmp_path / "card" / CELL
+    card.mkdir(parents=True)
+    (card / "README.md").write_text(text)
+    return card
+
+
 @pytest.mark.parametrize("kind", ["hub", "dir"])
 def test_a_card_refresh_replaces_the_readme_and_leaves_the_other_files(tmp_path, item, sleeps,
                                                                        kind):
     """`push --cards`: a Publication with replace=False puts its files over the published
     folder; nothing of the cell is deleted."""
+    target, where, api = target_of(kind, tmp_path, sleeps)
     folder = tmp_path / "published"
-    if kind == "hub":
-        target, api = hub(tmp_path, sleeps)
-        where = f"hub:{REPO}"
-    else:
-        target, where = DirTarget(folder), f"dir:{folder}"
 
     def published() -> dict[str, bytes]:
         if kind == "hub":
@@ -516,8 +531,69 @@ def test_a_card_refresh_replaces_the_readme_and_leaves_the_other_files(tmp_path,
 
     target.publish([item], "cell", render_root(where))
     before = published()
-    card = tmp_path / "card" / CELL
-    card.mkdir(parents=True)
-    (card / "README.md").write_text("---\nmodel-index: []\n---\n")
+    card = card_folder(tmp_path, "---\nmodel-index: []\n---\n")
     target.publish([Publication(CELL, card, item.record, replace=False)], "card", render_root(where))
     assert published() == {**before, f"{CELL}/README.md": b"---\nmodel-index: []\n---\n"}
+
+
+@pytest.mark.parametrize("kind", ["hub", "dir"])
+def test_a_card_rendered_from_a_record_since_replaced_is_refused(tmp_path, item, sleeps, kind):
+    """A card refresh (replace=False) carries the record it was rendered from: when the cell was
+    published again meanwhile (a task, or a teammate's push), the stale card must not go over it."""
+    target, where, _ = target_of(kind, tmp_path, sleeps)
+    target.publish([item], "cell", render_root(where))
+    card = card_folder(tmp_path, "stale")
+    stale = record(recipe_hash="cd" * 32)
+    with pytest.raises(PushError, match="changed since the card was rendered"):
+        target.publish([Publication(CELL, card, stale, replace=False)], "card", render_root(where))
+    assert target.published_record(CELL) == item.record
+
+
+def test_a_dir_target_keeps_the_setgid_bit_of_a_group_folder(tmp_path, item):
+    """A shared folder with the setgid bit gives new files its group; the published cell's
+    folder must keep the bit, or files written there later (a card refresh) get the writer's
+    own group."""
+    root = tmp_path / "published"
+    root.mkdir()
+    os.chmod(root, 0o2775)
+    target = DirTarget(root)
+    target.publish([item], "cell", render_root(f"dir:{root}"))
+    assert os.stat(root / CELL).st_mode & stat.S_ISGID
+
+
+def test_republishing_to_a_dir_target_never_leaves_a_half_deleted_cell(tmp_path, monkeypatch):
+    """The old folder is moved aside before the new one goes in: removing it in place can fail
+    half-way (on NFS, a reader's open shard stays behind as .nfsXXXX and rmdir says ENOTEMPTY),
+    which left a cell folder with neither weights nor bakery.json."""
+    root = tmp_path / "published"
+    target = DirTarget(root)
+    old = publish_folder(tmp_path / "old")
+    target.publish([old], "first", render_root(f"dir:{root}"))
+    new_record = record(recipe_hash="cd" * 32)
+    new = publish_folder(tmp_path / "new", weights=b"\1" * 64)
+    (new.folder / RECORD_FILE).write_text(json.dumps(new_record))
+    real_rmdir, published = os.rmdir, str(root / CELL)
+
+    def rmdir_as_on_nfs(path, *args, **kwargs):
+        if str(path) == published:
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        return real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir_as_on_nfs)
+    target.publish([Publication(CELL, new.folder, new_record)], "second", render_root(f"dir:{root}"))
+    monkeypatch.setattr(os, "rmdir", real_rmdir)
+    assert target.published_record(CELL) == new_record
+    assert (root / CELL / "model.safetensors").read_bytes() == b"\1" * 64
+
+
+def test_a_private_target_never_publishes_into_an_existing_public_repo(tmp_path, item, sleeps):
+    api = FakeHubApi(download_dir=tmp_path / "downloads")
+    api.seed(REPO, {})
+    target = HubTarget(REPO, private=True, api=api, sleep=sleeps.append)
+    with pytest.raises(PushError, match=f"{REPO} exists and is public, but push.private = true"):
+        target.publish([item], "cell", render_root())
+    assert api.transfers == [] and len(api.commits) == 1
+    fresh = HubTarget("owner/fresh", private=True, api=api, sleep=sleeps.append)
+    fresh.publish([item], "cell", render_root())
+    assert api.calls_to("create_repo")[-1]["private"] is True
+    assert fresh.published_record(CELL) == item.record

@@ -6,10 +6,12 @@ import json
 import os
 
 import pytest
+from fakes import FakeHubApi
 
 from bakery_slurm import manifest
 from bakery_slurm.matrix import ModelSource
-from bakery_slurm.sources import fetch
+from bakery_slurm.sources import fetch, hub_patterns
+from bakery_slurm.stages.push import base_card
 
 
 def local(folder) -> ModelSource:
@@ -95,3 +97,19 @@ def test_another_node_of_a_network_filesystem_reuses_the_hashes(model, tmp_path,
     assert OtherNode(model).stat().st_dev != model.stat().st_dev
     fetch(local(model), hash_cache=cache)
     assert reads == []
+
+
+def test_a_hub_bases_card_is_fetched_for_its_license_and_language(tmp_path):
+    """The published cards take `license` and `language` from the base's README.md: prefetch's
+    download (the fake applies huggingface_hub's own pattern filter) and a task's offline fetch
+    both keep it."""
+    api = FakeHubApi(download_dir=tmp_path / "downloads")
+    api.seed("org/base", {"README.md": b"---\nlicense: gemma\nlanguage:\n- no\n- en\n---\n# base\n",
+                          "config.json": b"{}", "model.safetensors": b"\0" * 8})
+    cache = tmp_path / "hf-home" / "hub"
+    allow, ignore = hub_patterns(None)
+    api.snapshot_download("org/base", revision=None, cache_dir=cache, allow_patterns=allow,
+                          ignore_patterns=ignore)
+    base = fetch(ModelSource(repo="org/base", path=None, subfolder=None, revision=None),
+                 offline=True, cache_dir=cache)
+    assert base_card(base.path) == {"license": "gemma", "language": ["no", "en"]}
