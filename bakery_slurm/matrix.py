@@ -50,7 +50,7 @@ def is_safe_subpath(value: str) -> bool:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SourceSpec(_Model):
@@ -115,6 +115,13 @@ class Resources(_Model):
     mem: str | None = None
     time: str = "01:00:00"
 
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _one_word(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c.isspace() or not c.isprintable() for c in v)):
+            raise ValueError("must be a non-empty SLURM name without spaces or control characters")
+        return v
+
     @field_validator("mem")
     @classmethod
     def _mem(cls, v: str | None) -> str | None:
@@ -127,6 +134,8 @@ class Resources(_Model):
     def _time(cls, v: str) -> str:
         if not TIME_LIMIT.match(v):
             raise ValueError("time must be HH:MM:SS or D-HH:MM:SS")
+        if not any(int(x or 0) for x in TIME_LIMIT.match(v).groups()):
+            raise ValueError("time must be longer than 0 (SLURM reads 0 as no limit at all)")
         return v
 
     @property
@@ -160,6 +169,8 @@ class Runtime(_Model):
     @classmethod
     def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
             if SECRET_ENV.search(name):
                 raise ValueError(f"{name!r} looks like a credential; tokens come from the "
                                  "environment or the Hub token file, never from the matrix")
@@ -396,11 +407,13 @@ def load_matrix(path: Path | str, check_cells: bool = True) -> Matrix:
     With check_cells=False the cells are not expanded (ids, templates and sweeps go unchecked):
     for readers such as `status` that only need the matrix's settings.
     """
-    path = Path(path).resolve()
     try:
+        path = Path(path).resolve()
         raw = path.read_bytes()
+    except RuntimeError as e:  # Python < 3.13: a symlink loop in resolve()
+        raise ConfigError(f"{path}: cannot read matrix: {e}") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read matrix: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read matrix: {e.strerror or e}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -450,6 +463,9 @@ def _check(matrix: Matrix) -> None:
                             "(letters, digits, '_', '.', '+', '-'; no leading dot, no '..')")
         if len(set(names)) != len(names):
             raise _fail(matrix, key, names, "duplicate names")
+    if "base" in spec.adapters:
+        raise _fail(matrix, "adapters", "base", "'base' is reserved for the base model's input "
+                    "(--pin base=COMMIT); rename the adapter")
     for method, params in spec.methods.items():
         try:
             method_spec = methods.get(method)
@@ -538,6 +554,9 @@ def _check_eval(matrix: Matrix, spec: EvalSpec) -> None:
         for field, wanted, known in (("adapters", baseline.adapters, list(matrix.spec.adapters)),
                                      ("sizes", baseline.sizes, list(matrix.spec.sizes)),
                                      ("variants", baseline.variants, list(matrix.spec.variants))):
+            if field != "adapters" and wanted is not None and not wanted:
+                raise _fail(matrix, f"{key}.{field}", wanted, "an empty list evaluates the "
+                            f"baseline nowhere; leave the key out to use every one of [{field}]")
             for name in wanted or ():
                 if name not in known:
                     raise _fail(matrix, f"{key}.{field}", name,

@@ -219,6 +219,7 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
     resolve_container(matrix, executor)  # a config error must come before any lock or file
     if not dry_run:
         export_hub_token(cells)
+        _arrays_folder(matrix)
     runner = backend(executor)
     try:
         max_size = runner.max_array_size()
@@ -280,6 +281,19 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
         log.info("submitted array %s as job %s (%d cells)", request.array.name, job_id,
                  len(request.argvs))
     return requests
+
+
+def _arrays_folder(matrix: Matrix) -> None:
+    """Create <work>/arrays before the intent is recorded: a work folder that cannot be written
+    is a config error, not an array left unconfirmed in the ledger."""
+    folder = matrix.work_dir / "arrays"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise ConfigError(f"{matrix.path}: paths.work: cannot create array folders in {folder}: "
+                          f"{e.strerror or e} (got {matrix.spec.paths.work!r})") from None
 
 
 def _forget(ledger_path: Path, requests: Sequence[SubmitRequest]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -17,12 +18,24 @@ def environment() -> jinja2.Environment:
         root = resources.files("bakery_slurm.templates")
     except ModuleNotFoundError:
         root = Path(__file__).resolve().parent.parent / "templates"
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: (root / name).read_text(encoding="utf-8")),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.filters["yaml_number"] = yaml_number
+    return env
+
+
+def yaml_number(value) -> str:
+    """A number as YAML 1.1 (PyYAML, mergekit) reads it back as a number: JSON's `1e-05` is a
+    string there (its floats need a '.'), `1.0e-05` is a float."""
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent if exponent[0] in '+-' else '+' + exponent}"
+    return text
 
 
 def render(name: str, **context) -> str:

@@ -33,7 +33,7 @@ def logs(ledger_path: Path, cell: str, attempt: int | None, stderr: bool, of_eva
     if not history:
         what = "eval attempt" if of_eval else "attempt"
         raise click.BadParameter(f"{cell!r} has no {what} in {ledger_path}", param_hint="CELL")
-    number = attempt or len(history)
+    number = len(history) if attempt is None else attempt
     if not 1 <= number <= len(history):
         raise click.BadParameter(f"{cell} has attempts 1..{len(history)}, not {number}",
                                  param_hint="--attempt")

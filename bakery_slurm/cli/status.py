@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         bakery-slurm status --json | jq '.[] | select(.state != "COMPLETED")'
         bakery-slurm status --watch 60
     """
+    if watch is not None and not math.isfinite(watch):
+        raise click.BadParameter(f"{watch} is not a number of seconds", param_hint="--watch")
     if watch is not None and watch < MIN_WATCH_S:
         click.echo(f"--watch {watch:g} is below {MIN_WATCH_S} s; refreshing every {MIN_WATCH_S} s",
                    err=True)

@@ -218,6 +218,14 @@ def test_status_watch_below_30_s_warns_and_returns_when_all_cells_ended(failed):
     assert result.stdout.count("totals:") == 1
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_status_watch_must_be_a_finite_number_of_seconds(failed, value):
+    _, ledger = failed
+    result = invoke("status", "--ledger", ledger, "--watch", value)
+    assert result.exit_code == 2
+    assert f"Invalid value for --watch: {value} is not a number of seconds" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # logs
 
@@ -245,6 +253,7 @@ def test_logs_stdout_is_the_other_file(failed):
 @pytest.mark.parametrize("args, message", [
     (["no-such/cell"], "'no-such/cell' has no attempt in"),
     (["tiny-std/eng-nob__ties", "--attempt", "2"], "tiny-std/eng-nob__ties has attempts 1..1, not 2"),
+    (["tiny-std/eng-nob__ties", "--attempt", "0"], "tiny-std/eng-nob__ties has attempts 1..1, not 0"),
 ])
 def test_logs_refuses_unknown_cells_and_attempts(failed, args, message):
     _, ledger = failed
@@ -434,6 +443,17 @@ def test_submit_apptainer_without_image_exits_2(project):
                                     "needs the path of the .sif image")
     assert not (project / LEDGER).exists()
     assert not (project / "bakery-work" / "arrays").exists()
+
+
+def test_submit_with_a_work_folder_it_cannot_create_exits_2_and_records_nothing(project):
+    matrix_path = write_project(project)
+    (project / "afile").write_text("a file, not a folder")
+    matrix_path.write_text(matrix_path.read_text() + '\n[paths]\nwork = "afile/work"\n')
+    result = invoke("submit", matrix_path, "--executor", "local", "--no-preflight")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: {matrix_path}: paths.work: cannot create array folders "
+                                    f"in {project / 'afile' / 'work' / 'arrays'}: "), result.stderr
+    assert not (project / LEDGER).exists()
 
 
 # ---------------------------------------------------------------------------------------------

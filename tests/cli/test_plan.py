@@ -265,6 +265,37 @@ BAD_MATRICES = [
                  "runtime.env: 'HF_TOKEN' looks like a credential; tokens come from the "
                  "environment or the Hub token file, never from the matrix "
                  "(got variables ['HF_TOKEN'])", id="token-in-runtime-env"),
+    pytest.param(MINIMAL_MATRIX + '\n[runtime]\nenv = { "A=B" = "x" }\n',
+                 "runtime.env: 'A=B' is not an environment variable name (got variables ['A=B'])",
+                 id="env-name-with-equals"),
+    pytest.param(MINIMAL_MATRIX + '\n[resources]\ntime = "00:00:00"\n',
+                 "resources.time: time must be longer than 0 (SLURM reads 0 as no limit at all) "
+                 "(got '00:00:00')", id="time-zero"),
+    pytest.param(MINIMAL_MATRIX + '\n[resources]\ngpus_per_node = true\n',
+                 "resources.gpus_per_node: Input should be a valid integer (got True)",
+                 id="gpus-bool-not-coerced"),
+    pytest.param(MINIMAL_MATRIX + '\n[resources]\ncpus_per_task = "8"\n',
+                 "resources.cpus_per_task: Input should be a valid integer (got '8')",
+                 id="cpus-quoted-not-coerced"),
+    pytest.param("max_attempts = true\n" + MINIMAL_MATRIX,
+                 "max_attempts: Input should be a valid integer (got True)",
+                 id="max-attempts-bool-not-coerced"),
+    pytest.param(MINIMAL_MATRIX + '\n[eval]\ntasks = ["a"]\nlimit = true\n',
+                 "eval.limit.int: Input should be a valid integer (got True)",
+                 id="eval-limit-bool-not-coerced"),
+    pytest.param(MINIMAL_MATRIX + '\n[resources]\npartition = "accel\\necho INJECTED"\n',
+                 "resources.partition: must be a non-empty SLURM name without spaces or control "
+                 "characters (got 'accel\\necho INJECTED')", id="partition-with-newline"),
+    pytest.param(MINIMAL_MATRIX + '\n[resources]\naccount = "nn 1234k"\n',
+                 "resources.account: must be a non-empty SLURM name without spaces or control "
+                 "characters (got 'nn 1234k')", id="account-with-space"),
+    pytest.param(edit('adapters = ["eng", "nob"]', 'adapters = ["base", "nob"]'),
+                 "adapters: 'base' is reserved for the base model's input (--pin base=COMMIT); "
+                 "rename the adapter (got 'base')", id="adapter-named-base"),
+    pytest.param(MINIMAL_MATRIX + '\n[eval]\ntasks = ["a"]\n[[eval.baselines]]\nname = "base"\n'
+                 'sizes = []\n',
+                 "eval.baselines.0.sizes: an empty list evaluates the baseline nowhere; leave the "
+                 "key out to use every one of [sizes] (got [])", id="baseline-with-no-sizes"),
     pytest.param('exclude = [{sise = "tiny"}]\n' + MINIMAL_MATRIX,
                  "exclude.0: unknown key (valid: size, variant, method, id) (got 'sise')",
                  id="exclude-unknown-key"),
@@ -317,6 +348,14 @@ def test_missing_file(tmp_path):
     assert result.stdout == ""
     assert result.stderr == (f"Error: {path}: cannot read matrix: No such file or directory\n")
     assert listing(tmp_path) == []
+
+
+def test_a_matrix_path_in_a_symlink_loop(tmp_path):
+    loop = tmp_path / "matrix.toml"
+    loop.symlink_to(loop)
+    result = run_plan(loop)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: {loop}: cannot read matrix: "), result.stderr
 
 
 def test_several_schema_errors_are_all_reported(tmp_path, write_matrix):

@@ -359,6 +359,16 @@ def test_rendered_recipe_is_valid_for_mergekit(seed_cells, method):
             assert "density" not in model["parameters"]
 
 
+@pytest.mark.parametrize("density", [0.00005, 0.00001, 1.5e-05])
+def test_small_parameters_render_as_yaml_numbers(write_matrix, minimal_matrix, density):
+    """YAML 1.1 (PyYAML, which mergekit reads recipes with) takes `5e-05` for a string."""
+    path = write_matrix(minimal_matrix.replace("density = 0.5", f"density = {density}"))
+    (cell,) = expand(load_matrix(path))
+    config = validate_recipe(cell.id, render_recipe(cell, "/base", {"eng": "/eng", "nob": "/nob"}))
+    densities = [model.parameters["density"] for model in config.models]
+    assert densities == [density, density] and all(type(d) is float for d in densities)
+
+
 def test_merge_wide_parameter_renders_at_the_top(write_matrix, minimal_matrix):
     text = minimal_matrix.replace("weight = 0.5", "weight = 0.5\nnormalize = false")
     (cell,) = expand(load_matrix(write_matrix(text)))
