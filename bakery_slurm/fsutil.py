@@ -143,6 +143,45 @@ def locked(lock_path: Path, blocking: bool = True,
         os.close(fd)
 
 
+@contextlib.contextmanager
+def held_while_alive(path: Path) -> Iterator[None]:
+    """Hold an flock on `path` (created, and removed at the end) for the block: other processes
+    see with `is_held` that this one is still at it; the kernel drops it if this one dies. flock,
+    not lockf: a probe from this very process must see it held too."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            # No locks here: `is_held` cannot tell either and says held while the file exists;
+            # the ledger's own lock then stops the command with the explanation.
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def is_held(path: Path) -> bool:
+    """Is `path` held by `held_while_alive` in a live process? True when it cannot be told."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held; anything else: cannot tell
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _who_may_write(path: Path) -> str:
     """Why a teammate cannot write `path`, and what fixes it."""
     try:

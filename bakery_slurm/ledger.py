@@ -336,6 +336,13 @@ def update_ledger(path: Path | str) -> Iterator[Ledger]:
         save_ledger(path, ledger)
 
 
+def submitting_path(ledger_path: Path | str, submission_id: str) -> Path:
+    """The file a submit holds (`fsutil.held_while_alive`) from recording its intent until its
+    last sbatch returned: while it is held, that submission's unconfirmed arrays are not LOST."""
+    ledger_path = Path(ledger_path)
+    return ledger_path.with_name(f"{ledger_path.name}.submitting-{submission_id}")
+
+
 def array_name(submission_id: str, n: int) -> str:
     """The job name of the `n`-th array of a submission: ``bakery-<submission_id[:8]>-<n>``."""
     return f"bakery-{submission_id[:8]}-{n}"

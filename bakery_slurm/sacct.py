@@ -145,7 +145,9 @@ def find_jobs_by_name(
     """
     found: dict[str, set[str]] = {}
     for chunk in chunks(names):
-        command = ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,JobName"]
+        # --allusers: without -j, sacct shows only the caller's jobs, and a teammate sharing the
+        # ledger must find the owner's array too (the unique name keeps other users' jobs out).
+        command = ["sacct", "-X", "--allusers", "--parsable2", "--noheader", "-o", "JobID,JobName"]
         command += [f"--name={','.join(chunk)}", "--starttime", starttime]
         found.update(run_and_parse(command, runner, functools.partial(parse_names, wanted=set(chunk))))
     return {name: sorted(ids, key=int) for name, ids in sorted(found.items())}

@@ -41,28 +41,34 @@ def parse_squeue(text: str, names: Mapping[str, str]) -> dict[str, TaskState]:
 def query_squeue(names: Mapping[str, str], *, runner: Runner = subprocess.run) -> dict[str, TaskState]:
     """Ask squeue for the tasks of the given array jobs (id -> name) still known to the controller.
 
-    The fallback when there is no accounting. It lists all the user's jobs (``--me``) and keeps the
-    given ones, because ``squeue -j`` fails outright when a single requested job has left the queue.
-    ``--states=all`` includes tasks that ended in the last few minutes (slurm.conf MinJobAge); older
-    tasks are simply absent.
+    The fallback when there is no accounting, and for tasks sacct has no row for. It asks by job
+    name (unique per array), as ``squeue -j`` fails outright when a single requested job has
+    left the queue, and for every user's jobs (no ``--me``): a teammate sharing the ledger asks
+    about the owner's arrays. ``--states=all`` includes tasks that ended in the last few minutes
+    (slurm.conf MinJobAge); older tasks are simply absent.
 
     Raises
     ------
     SchedulerError
         As `query_sacct`.
     """
-    command = ["squeue", "--me", "--array", "--noheader", "--states=all", "-o", SQUEUE_FORMAT]
-    return run_and_parse(command, runner, functools.partial(parse_squeue, names=names)) if names else {}
+    states: dict[str, TaskState] = {}
+    for chunk in chunks(sorted(set(names.values()))):
+        command = ["squeue", "--array", "--noheader", "--states=all", "-o", SQUEUE_FORMAT,
+                   f"--name={','.join(chunk)}"]
+        states.update(run_and_parse(command, runner, functools.partial(parse_squeue, names=names)))
+    return states
 
 
 def find_queued_jobs_by_name(names: Sequence[str], *, runner: Runner = subprocess.run) -> dict[str, list[str]]:
     """As `find_jobs_by_name`, from squeue: the controller's own queue, which knows an array the
-    moment sbatch is accepted (sacct lags) and works without accounting. Jobs that ended more than
-    a few minutes ago (slurm.conf MinJobAge) are no longer listed.
+    moment sbatch is accepted (sacct lags) and works without accounting; every user's jobs, as
+    `query_squeue`. Jobs that ended more than a few minutes ago (slurm.conf MinJobAge) are no
+    longer listed.
     """
     found: dict[str, set[str]] = {}
     for chunk in chunks(names):
-        command = ["squeue", "--me", "--noheader", "--states=all", "-o", "%i|%j",
+        command = ["squeue", "--noheader", "--states=all", "-o", "%i|%j",
                    f"--name={','.join(chunk)}"]
         parse = functools.partial(parse_names, wanted=set(chunk), source="squeue")
         for name, ids in run_and_parse(command, runner, parse).items():

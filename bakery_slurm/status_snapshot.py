@@ -18,7 +18,9 @@ from pathlib import Path
 from .errors import ConfigError
 from .evaluation import read_eval_failure, read_eval_record
 from .executors import LocalBackend, SlurmBackend
-from .ledger import ArrayRecord, Ledger, all_arrays, confirm_array, update_ledger
+from .fsutil import is_held
+from .ledger import (ArrayRecord, Ledger, all_arrays, confirm_array, submitting_path,
+                     update_ledger)
 from .login_push import VERIFIED, ready_to_publish
 from .matrix import load_matrix
 from .pipeline import CellPaths, read_result
@@ -75,15 +77,21 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
     states.update(LocalBackend.states([a for a in arrays if a.executor == "local"], None)[0])
     by_name = {a.name: a for a in arrays}
     recent = datetime.now(timezone.utc) - SACCT_LAG
-    statuses = [_settle_unknown(s, by_name[s.array_name].submitted > recent)
-                for s in reduce_cells(ledger, states)]
+    submission_of = {a.name: s.id for s in ledger.submissions for a in s.arrays}
+
+    def fresh(status: CellStatus) -> bool:
+        # Recorded lately, or its submit is still running its sbatches (a busy controller).
+        return (by_name[status.array_name].submitted > recent
+                or (status.state == UNCONFIRMED and is_held(
+                    submitting_path(ledger_path, submission_of[status.array_name]))))
+
+    statuses = [_settle_unknown(s, fresh(s)) for s in reduce_cells(ledger, states)]
     if source != "sacct":
         statuses = [_from_marker(s, by_name) for s in statuses]
     defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
     statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     statuses = [_with_detail(s, by_name) for s in statuses]
-    evals = [_settle_unknown(s, by_name[s.array_name].submitted > recent)
-             for s in reduce_cells(ledger, states, stage="eval")]
+    evals = [_settle_unknown(s, fresh(s)) for s in reduce_cells(ledger, states, stage="eval")]
     if source != "sacct":
         evals = [_eval_from_results(s, by_name) for s in evals]
     merges = {s.cell: s.state for s in statuses}

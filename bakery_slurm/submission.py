@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 from .errors import ConfigError, SchedulerError, SchedulerMissing
 from .executors import DEFAULT_MAX_ARRAY_SIZE, SubmitRequest, backend, group_cells
 from .evaluation import EvalTarget, target_inputs
+from .fsutil import held_while_alive
 from .ledger import (
     ArrayRecord,
     Ledger,
@@ -33,6 +34,7 @@ from .ledger import (
     confirm_array,
     forget_array,
     record_intent,
+    submitting_path,
     update_ledger,
 )
 from .matrix import Cell, Matrix, ModelSource, Resources
@@ -247,6 +249,11 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
 
     if dry_run:
         return record(Ledger(), cells, evals)
+    with held_while_alive(submitting_path(ledger_path, submission_id)):
+        return _submit_recorded(ledger_path, runner, cells, evals, guard, record)
+
+
+def _submit_recorded(ledger_path, runner, cells, evals, guard, record) -> list[SubmitRequest]:
     with update_ledger(ledger_path) as ledger:
         chosen, targets = guard(ledger) if guard else (list(cells), list(evals))
         if not chosen and not targets:

@@ -74,8 +74,18 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
             groups.setdefault(key, {"merge": [], "eval": []})[stage].append(status)
     live_evals = {s.cell for s in snap.evals if is_live(s.state)}
     for (matrix_path, executor, known_pins), group in groups.items():
-        matrix = load_matrix(matrix_path)
         wanted = states or TERMINAL_FAILURES
+        if not any(s.state in wanted for s in group["merge"] + group["eval"]):
+            # Nothing here to resubmit, so its matrix (moved since, or a teammate's this user may
+            # not read) is not read; the attempt cap applies to states in `wanted` only.
+            refused = choose_resubmit(group["merge"], max_attempts=1, states=wanted, only=only)[1]
+            eval_refused = choose_eval_resubmit(
+                group["eval"], {cell: s.state for cell, s in merges.items()}, max_attempts=1,
+                states=wanted, only=only)[1]
+            rows += _refusal_rows(refused, eval_refused)
+            refused_all += refused + eval_refused
+            continue
+        matrix = load_matrix(matrix_path)
         to_run, refused = choose_resubmit(group["merge"], max_attempts=matrix.spec.max_attempts,
                                           states=wanted, only=only)
         cells = {c.id: c for c in expand(matrix)}
@@ -91,10 +101,7 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
         eval_refused += [Refusal(s.cell, s.state, f"no longer an eval target of {matrix.path}")
                          for s in evals_to_run if s.cell not in targets]
         evals_to_run = [s for s in evals_to_run if s.cell in targets]
-        # Completed ones are refused too; listing each would bury the failures.
-        rows += [{"cell": r.cell, "stage": stage, "state": r.state, "action": f"refused: {r.reason}"}
-                 for stage, rs in (("merge", refused), ("eval", eval_refused))
-                 for r in rs if r.state != "COMPLETED"]
+        rows += _refusal_rows(refused, eval_refused)
         refused_all += refused + eval_refused
         judged = {("merge", s.cell): (s.array_name, s.index) for s in to_run}
         judged |= {("eval", s.cell): (s.array_name, s.index) for s in evals_to_run}
@@ -143,3 +150,11 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
     if any(r.state in TERMINAL_FAILURES for r in refused_all):
         # A failed cell that cannot run again (attempt cap) is still a failed cell.
         sys.exit(EXIT_FAILED)
+
+
+def _refusal_rows(refused: list[Refusal], eval_refused: list[Refusal]) -> list[dict[str, str]]:
+    """The table's rows for refusals; completed cells are refused too, but listing each would bury
+    the failures."""
+    return [{"cell": r.cell, "stage": stage, "state": r.state, "action": f"refused: {r.reason}"}
+            for stage, refusals in (("merge", refused), ("eval", eval_refused))
+            for r in refusals if r.state != "COMPLETED"]

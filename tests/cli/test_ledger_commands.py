@@ -16,19 +16,23 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from bakery_slurm import submission
+from bakery_slurm.cell_status import CellStatus
 from bakery_slurm.cli import cli
+from bakery_slurm.cli import resubmit as resubmit_command
 from bakery_slurm.cli.common import STATUS_COLUMNS
-from bakery_slurm.ledger import all_arrays, load_ledger
+from bakery_slurm.ledger import (Ledger, PlannedArray, all_arrays, confirm_array, load_ledger,
+                                 record_intent, save_ledger)
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
 from bakery_slurm.resubmit_policy import is_live
-from bakery_slurm.status_snapshot import snapshot
+from bakery_slurm.status_snapshot import Snapshot, snapshot
 from conftest import MINIMAL_MATRIX
 from support import settled, wait_for
 
@@ -563,3 +567,32 @@ def test_a_task_process_collects_nothing_on_its_way_out(tmp_path):
     collected = subprocess.run([sys.executable, "-c", code, "collect"], env=env,
                                capture_output=True, text=True)
     assert collected.stdout == "collected\n"
+
+
+def test_resubmit_does_not_need_the_matrix_of_a_submission_with_nothing_failed(tmp_path,
+                                                                              monkeypatch):
+    """A shared ledger holds alice's old submission (all COMPLETED, from a matrix bob cannot read
+    or that was moved since) and bob's, with a FAILED cell: bob's `resubmit` runs his cell
+    without reading alice's matrix."""
+    bob = write_project(tmp_path / "bob")
+    bob.write_text(bob.read_text() + '\n[runtime]\ncontainer = "none"\n')
+    alice = tmp_path / "alice" / "matrix.toml"  # gone (or mode 600 in alice's home)
+    ledger = Ledger()
+    statuses = []
+    for n, (matrix, cell, state) in enumerate([(alice, "tiny-std/eng-nob__old", "COMPLETED"),
+                                               (bob, "tiny-std/eng-nob__ties", "FAILED")]):
+        planned = PlannedArray(executor="slurm", resources={}, cells=[cell],
+                               folder=str(matrix.parent / "work" / "arrays" / f"a{n}"))
+        sub = record_intent(ledger, matrix_path=str(matrix), matrix_sha256="0" * 64,
+                            arrays=[planned], recipe_hashes={cell: "r"},
+                            now=datetime.now(timezone.utc) - timedelta(hours=1))
+        confirm_array(ledger, sub.arrays[0].name, str(100 + n))
+        statuses.append(CellStatus(cell, state, 1, sub.arrays[0].name, str(100 + n), 0, "r"))
+    path = tmp_path / "bakery-ledger.json"
+    save_ledger(path, ledger)
+    arrays = {a.name: a for s in ledger.submissions for a in s.arrays}
+    monkeypatch.setattr(resubmit_command, "snapshot",
+                        lambda *a, **k: Snapshot(statuses=statuses, arrays=arrays, notes=[]))
+    result = invoke("resubmit", "--dry-run", "--no-preflight", "--ledger", path, "--json")
+    assert result.exit_code == 0, result.output
+    assert "would resubmit 1 task(s)" in result.stderr

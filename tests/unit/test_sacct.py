@@ -319,12 +319,14 @@ def test_query_sacct_failures_raise(runner, message):
         query_sacct({"7": "a7"}, runner=runner)
 
 
-def test_query_squeue_lists_own_jobs_and_keeps_ours():
+def test_query_squeue_asks_by_name_for_every_users_jobs_and_keeps_ours():
+    """No --me: a teammate sharing the ledger asks about the owner's arrays."""
     runner = FakeRunner("500_0|RUNNING|1:02|c1-1|a500\n999_0|RUNNING|5:00|c1-2|other\n")
     assert query_squeue({"500": "a500"}, runner=runner) == {"500_0": TaskState("RUNNING", None, "1:02", "c1-1")}
-    assert runner.calls == [["squeue", "--me", "--array", "--noheader", "--states=all", "-o", "%i|%T|%M|%N|%j"]]
+    assert runner.calls == [["squeue", "--array", "--noheader", "--states=all", "-o", "%i|%T|%M|%N|%j",
+                             "--name=a500"]]
     down = FakeRunner(returncode=1, stderr="squeue: error: Unable to contact slurm controller")
-    with pytest.raises(SchedulerError, match="squeue --me .* failed \\(exit status 1\\): squeue: error: Unable"):
+    with pytest.raises(SchedulerError, match="squeue --array .* failed \\(exit status 1\\): squeue: error: Unable"):
         query_squeue({"500": "a500"}, runner=down)
 
 
@@ -332,7 +334,11 @@ def test_find_jobs_by_name():
     runner = FakeRunner("300_0|bakery-aa-0\n300_[1-4]|bakery-aa-0\n301_0|bakery-aa-1\n302_0|someone-else\n")
     found = find_jobs_by_name(["bakery-aa-0", "bakery-aa-1", "bakery-aa-2"], "2025-03-01T11:00:00", runner=runner)
     assert found == {"bakery-aa-0": ["300"], "bakery-aa-1": ["301"]}
-    assert runner.calls[0][5:] == [
+    assert runner.calls[0][2:] == [
+        "--allusers",  # a teammate sharing the ledger finds the owner's arrays too
+        "--parsable2",
+        "--noheader",
+        "-o",
         "JobID,JobName",
         "--name=bakery-aa-0,bakery-aa-1,bakery-aa-2",
         "--starttime",
@@ -345,3 +351,4 @@ def test_find_queued_jobs_by_name():
     assert find_queued_jobs_by_name(["bakery-a-0", "bakery-b-0"], runner=runner) == {"bakery-a-0": ["55"]}
     [call] = runner.calls
     assert call[0] == "squeue" and "--name=bakery-a-0,bakery-b-0" in call and "--states=all" in call
+    assert "--me" not in call

@@ -4,6 +4,7 @@ squeue answered by a recording fake at the subprocess boundary."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -11,20 +12,22 @@ from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (
     Ledger, PlannedArray, confirm_array, load_ledger, record_intent, record_cancel, save_ledger)
 from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.resubmit_policy import choose_resubmit, is_live
 from bakery_slurm.status_snapshot import snapshot
 from support import Recorder
 
 CELL = "1b-std/eng-nob__ties"
+OTHER = "1b-std/eng-nob__linear"
 NO_ACCOUNTING = (1, "", "sacct: error: Slurm accounting storage is disabled")
 
 
 def ledger_with_one_array(tmp_path: Path, age: timedelta, job_id: str | None) -> tuple[Path, Ledger]:
     ledger = Ledger()
-    planned = PlannedArray(executor="slurm", resources={}, cells=[CELL, "1b-std/eng-nob__linear"],
+    planned = PlannedArray(executor="slurm", resources={}, cells=[CELL, OTHER],
                            folder=str(tmp_path / "work" / "arrays" / "a"))
     submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
                                matrix_sha256="0" * 64, arrays=[planned],
-                               recipe_hashes={CELL: "r", "1b-std/eng-nob__linear": "r"},
+                               recipe_hashes={CELL: "r", OTHER: "r"},
                                now=datetime.now(timezone.utc) - age)
     if job_id:
         confirm_array(ledger, submission.arrays[0].name, job_id)
@@ -57,12 +60,13 @@ def test_an_unconfirmed_array_that_squeue_lists_is_recovered_and_never_lost(tmp_
         by_name = f"77_[0-1]|{name}\n"
         states = f"77_0|RUNNING|0:05|n1|{name}\n77_1|PENDING|0:00||{name}\n"
         runner = Recorder({"sacct": sacct, "squeue": lambda argv: (
-            0, by_name if any(a.startswith("--name=") for a in argv) else states, "")})
+            0, by_name if "%i|%j" in argv else states, "")})
         snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
         assert snap.notes[0] == f"recovered job id 77 of array {name} by its job name"
-        state = {s.cell: s.state for s in snap.statuses}[CELL]
-        # Without accounting the states come from squeue too; sacct that lags has no row yet.
-        assert state == ("RUNNING" if sacct == NO_ACCOUNTING else "NOT_FOUND")
+        # Without accounting the states come from squeue; where sacct has no row yet, the queue
+        # fills the gap: a task it lists is live.
+        assert {s.cell: s.state for s in snap.statuses} == {CELL: "RUNNING",
+                                                             OTHER: "PENDING"}
         assert load_ledger(path).submissions[0].arrays[0].job_id == "77"
 
 
@@ -188,3 +192,172 @@ def test_without_accounting_a_gone_eval_reads_its_records_of_this_attempt(tmp_pa
     # records older than the attempt say nothing about it: it never ran
     assert eval_state_without_accounting(tmp_path / "e", {"failure": 60 * minute}) == "NOT_FOUND"
     assert eval_state_without_accounting(tmp_path / "f", {}) == "NOT_FOUND"
+
+
+# ---------------------------------------------------------------------------------------------
+# A ledger shared by a group: the owner's arrays seen from a teammate's account
+
+
+@dataclass
+class Job:
+    job_id: str
+    name: str
+    user: str
+    tasks: dict[int, str]  # index -> state
+
+
+@dataclass
+class Cluster:
+    """sacct/squeue of a cluster whose jobs belong to several users, asked by `me`.
+
+    Visibility as SLURM 22.05 with PrivateData=none has it: `sacct -j` lists any user's job;
+    `sacct --name=...` lists only the caller's jobs unless `-a/--allusers`; `squeue --me` only
+    the caller's jobs (`squeue` without --me/-u lists everyone's)."""
+
+    me: str
+    jobs: list[Job]
+    accounting: bool = True
+
+    def sacct(self, argv: list[str]) -> tuple[int, str, str]:
+        if not self.accounting:
+            return NO_ACCOUNTING
+        all_users = "-a" in argv or "--allusers" in argv
+        ids = next((argv[i + 1].split(",") for i, a in enumerate(argv) if a == "-j"), None)
+        names = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--name=")), None)
+        out = []
+        for job in self.jobs:
+            if ids is not None and job.job_id not in ids:
+                continue
+            if ids is None and not all_users and job.user != self.me:
+                continue
+            if names is not None and job.name not in names:
+                continue
+            for index, state in job.tasks.items():
+                if argv[argv.index("-o") + 1] == "JobID,JobName":
+                    out.append(f"{job.job_id}_{index}|{job.name}")
+                else:
+                    out.append(f"{job.job_id}_{index}|{state}|0:0|00:01:00|n1|{job.name}")
+        return 0, "\n".join(out) + "\n", ""
+
+    def squeue(self, argv: list[str]) -> tuple[int, str, str]:
+        names = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--name=")), None)
+        out = []
+        for job in self.jobs:
+            if "--me" in argv and job.user != self.me:
+                continue
+            if names is not None and job.name not in names:
+                continue
+            for index, state in job.tasks.items():
+                if "%i|%j" in argv:
+                    out.append(f"{job.job_id}_{index}|{job.name}")
+                else:
+                    out.append(f"{job.job_id}_{index}|{state}|1:00|n1|{job.name}")
+        return 0, "\n".join(out) + "\n", ""
+
+    def runner(self) -> Recorder:
+        return Recorder({"sacct": self.sacct, "squeue": self.squeue})
+
+
+def states(path: Path, ledger: Ledger, runner) -> dict[str, str]:
+    return {s.cell: s.state for s in snapshot(path, ledger, slurm=SlurmBackend(runner)).statuses}
+
+
+def test_a_teammates_status_recovers_the_owners_unconfirmed_array_instead_of_calling_it_lost(
+        tmp_path):
+    """alice's submit crashed after sbatch (her array has no job id in the shared ledger); bob,
+    in the same group, runs status/resubmit on it. `sacct --name` without --allusers and
+    `squeue --me` both hide alice's job from bob, so the array is LOST and bob's resubmit runs
+    both cells a second time, next to alice's running ones."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), None)
+    name = ledger.submissions[0].arrays[0].name
+    cluster = Cluster(me="bob", jobs=[Job("77", name, "alice", {0: "RUNNING", 1: "PENDING"})])
+    snap = snapshot(path, ledger, slurm=SlurmBackend(cluster.runner()))
+    by_cell = {s.cell: s for s in snap.statuses}
+    assert by_cell[CELL].state != "LOST", "alice's running array is called LOST in bob's status"
+    chosen, _ = choose_resubmit(snap.statuses, max_attempts=3)
+    assert chosen == [], "bob's resubmit would run alice's running cells a second time"
+
+
+def test_without_accounting_a_teammate_sees_the_owners_running_tasks_as_live(tmp_path):
+    """Without accounting the states come from `squeue --me`: bob does not see alice's tasks,
+    so they read NOT_FOUND, which is not live: bob's `submit` submits both cells again, and his
+    `cancel` says "nothing to cancel"."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "77")
+    name = ledger.submissions[0].arrays[0].name
+    cluster = Cluster(me="bob", accounting=False,
+                      jobs=[Job("77", name, "alice", {0: "RUNNING", 1: "PENDING"})])
+    got = states(path, ledger, cluster.runner())
+    assert got == {CELL: "RUNNING", OTHER: "PENDING"}
+    assert all(is_live(state) for state in got.values())
+
+
+def test_a_task_the_queue_still_runs_is_live_even_when_accounting_has_no_row_for_it(tmp_path):
+    """slurmdbd lost the array's records (restored database, or records still queued in the
+    controller's DBD agent): sacct succeeds with no rows, while squeue shows the tasks running.
+    The cells read NOT_FOUND, which is not live, so `submit` submits them again while they run
+    (and `cancel` does not cancel them)."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "77")
+    name = ledger.submissions[0].arrays[0].name
+    cluster = Cluster(me="alice", jobs=[Job("77", name, "alice", {0: "RUNNING", 1: "PENDING"})])
+    runner = Recorder({"sacct": (0, "", ""), "squeue": cluster.squeue})
+    got = states(path, ledger, runner)
+    assert all(is_live(state) for state in got.values()), got
+
+
+def test_an_array_still_being_submitted_is_not_lost_to_a_concurrent_resubmit(tmp_path,
+                                                                              monkeypatch):
+    """One submit of three arrays (MaxArraySize 1). sbatch of the second array hangs (a busy
+    controller: sbatch retries for minutes); three minutes after the intent was recorded, a
+    teammate runs `resubmit`. Nothing has the second array yet, so status calls it LOST (which
+    README defines as "no scheduler ever had it, e.g. sbatch was interrupted") and resubmit takes
+    its cell, while the first submit goes on to sbatch the very same cell."""
+    from bakery_slurm import status_snapshot, submission
+    from bakery_slurm.ledger import load_ledger
+    from bakery_slurm.matrix import expand, load_matrix
+    from conftest import MINIMAL_MATRIX
+
+    matrix_path = tmp_path / "matrix.toml"
+    matrix_path.write_text(MINIMAL_MATRIX + '\n[methods.linear]\nweight = 0.5\n\n'
+                           '[methods.task_arithmetic]\nweight = 0.5\n\n'
+                           '[runtime]\ncontainer = "none"\n')
+    matrix = load_matrix(matrix_path)
+    ledger_path = tmp_path / "bakery-ledger.json"
+    seen: dict[str, list] = {}
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(minutes=3)
+
+    class SlowSbatch:
+        """sbatch for the second array hangs; meanwhile a teammate runs `resubmit`."""
+
+        def __init__(self):
+            self.submitted: list[str] = []
+
+        def max_array_size(self):
+            return 1
+
+        def submit(self, request):
+            self.submitted.append(request.array.name)
+            if len(self.submitted) == 2:
+                # Three minutes on: what a teammate's `resubmit` sees and chooses.
+                with monkeypatch.context() as m:
+                    m.setattr(status_snapshot, "datetime", Later)
+                    cluster = Recorder({"sacct": (0, "", ""), "squeue": (0, "", "")})
+                    snap = snapshot(ledger_path, load_ledger(ledger_path),
+                                    slurm=SlurmBackend(cluster))
+                chosen, _ = choose_resubmit(snap.statuses, max_attempts=3)
+                seen["states"] = {s.cell: s.state for s in snap.statuses}
+                seen["chosen"] = [s.cell for s in chosen]
+            return str(100 + len(self.submitted))
+
+        def find_by_name(self, name):
+            return None
+
+    monkeypatch.setattr(submission, "backend", lambda name: SlowSbatch())
+    submission.submit_cells(ledger_path, matrix, expand(matrix), "slurm")
+    being_submitted = load_ledger(ledger_path).submissions[0].arrays[1].cells[0]
+    assert seen["states"][being_submitted] != "LOST", seen["states"]
+    assert being_submitted not in seen["chosen"], \
+        "resubmit takes a cell whose sbatch is still running in another process"
