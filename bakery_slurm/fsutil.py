@@ -193,7 +193,7 @@ def _who_may_write(path: Path) -> str:
             "the setgid bit), and the owner can `chmod g+w` the existing files")
 
 
-def _usual_modes(folder: Path) -> None:
+def usual_modes(folder: Path) -> None:
     """Give `folder` and everything in it the modes a plain mkdir/open would under the umask.
 
     mkdtemp makes folders 0700 and safetensors writes files 0600: left so, a teammate sharing the
@@ -205,18 +205,26 @@ def _usual_modes(folder: Path) -> None:
     """
     mask = umask()
     uid = os.geteuid()
-    # S_ISGID (inherited from a group's setgid folder) is kept: files created in the folder later
-    # must keep getting the folder's group.
-    os.chmod(folder, (0o777 & ~mask) | (folder.stat().st_mode & stat.S_ISGID))
+    usual_dir_mode(folder)
     for path in folder.rglob("*"):
         st = path.lstat()
         if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
             continue
-        mode = (0o777 if path.is_dir() else 0o666) & ~mask
-        if path.is_dir():
-            mode |= st.st_mode & stat.S_ISGID
-        if stat.S_IMODE(st.st_mode) != mode:
-            os.chmod(path, mode)
+        if stat.S_IMODE(st.st_mode) != _usual_mode(st, mask):
+            os.chmod(path, _usual_mode(st, mask))
+
+
+def usual_dir_mode(folder: Path) -> None:
+    """Give a folder (mkdtemp's are 0700) the mode mkdir gives under the umask."""
+    os.chmod(folder, _usual_mode(os.stat(folder), umask()))
+
+
+def _usual_mode(st: os.stat_result, mask: int) -> int:
+    """The mode mkdir or open gives under `mask`. A folder keeps its setgid bit (inherited from a
+    group's setgid folder): files created in it later must keep getting the folder's group."""
+    if stat.S_ISDIR(st.st_mode):
+        return (0o777 & ~mask) | (st.st_mode & stat.S_ISGID)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -233,8 +241,9 @@ def staging_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
+        usual_dir_mode(tmp)  # mkdtemp's 0700: a teammate could not remove it after a kill
         yield tmp
-        _usual_modes(tmp)
+        usual_modes(tmp)
         for path in [*tmp.rglob("*"), tmp]:  # a file already synced costs nothing here
             if not path.is_symlink() and (path.is_file() or path.is_dir()):
                 fsync_path(path)

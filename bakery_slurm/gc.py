@@ -72,8 +72,8 @@ def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
         for output in _outputs(folder):
             if output.name not in wanted:
                 planned += [(kind, output), (kind, marker_path(output))]
-    leftovers = [p for folder in (cache / "bakes", cache / "bases") for p in _hidden_dirs(folder)]
-    leftovers += [p for root, _ in results.values() for p in _hidden_dirs(root)]
+    leftovers = [p for folder in (cache / "bakes", cache / "bases") for p in _leftovers(folder)]
+    leftovers += [p for root, _ in results.values() for p in _leftovers(root)]
     planned += [("leftovers", p) for p in leftovers]
     return _with_sizes(planned)
 
@@ -131,10 +131,12 @@ def _outputs(folder: Path) -> list[Path]:
         if folder.is_dir() else []
 
 
-def _hidden_dirs(folder: Path) -> list[Path]:
-    """Staging folders of killed writers: `.<name>.*.partial` and `.<key>.*.raw`."""
-    return sorted(p for p in folder.glob(".*") if p.is_dir() and p.name.endswith((".partial", ".raw"))) \
-        if folder.is_dir() else []
+def _leftovers(folder: Path) -> list[Path]:
+    """Staging folders of killed writers: `.<name>.*.partial` and `.<key>.*.raw`, and the
+    temporary files of killed atomic writes (`.<name>.*.tmp`: records, markers)."""
+    return sorted(p for p in folder.glob(".*")
+                  if (p.is_dir() and p.name.endswith((".partial", ".raw")))
+                  or (p.is_file() and p.name.endswith(".tmp"))) if folder.is_dir() else []
 
 
 def _with_sizes(planned: list[tuple[str, Path]]) -> list[Removal]:

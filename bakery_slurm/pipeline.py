@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from . import fsutil
 from .errors import BakeryError, StageError
-from .manifest import intact_marker, total_size, write_marker
+from .manifest import intact_marker, marker_path, total_size, write_marker
 from .matrix import Cell
 from .rootcard import CardContext
 from .versions import library_versions
@@ -297,7 +297,10 @@ def _merge_inputs(flow: Flow) -> dict[str, Any]:
     if flow.plan is not None:
         return {"engine": "bakery", "recipe_hash": flow.cell.recipe_hash, "sources": flow.sources,
                 "versions": library_versions()}
-    return {"recipe_hash": flow.cell.recipe_hash, "baked": flow.baked_sha}
+    # The merge also copies the base's tokenizer files: a base revision changing only those
+    # leaves every bake's content (and so `baked`) as it was.
+    return {"recipe_hash": flow.cell.recipe_hash, "baked": flow.baked_sha,
+            "base": flow.sources["base"]}
 
 
 def _merge_output(flow: Flow) -> Path:
@@ -311,6 +314,9 @@ def _merge(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     _set_recipe(flow)
     chosen, reason = merge_stage.choose_device(flow.device)
     out = _merge_output(flow)
+    # The old marker must not outlive the output it describes: a task that dies between the
+    # rename below and write_marker would otherwise leave new content under old inputs.
+    marker_path(out).unlink(missing_ok=True)
     with fsutil.staging_dir(out) as tmp:
         if flow.plan is not None:
             device_record, hashed = merge_stage.run_engine(flow.plan, tmp, chosen, reason,
@@ -362,6 +368,7 @@ def _strip(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
         flow.final_sha = flow.merged_sha
         return {"status": "skipped", "reason": "the bakery engine wrote hub-layout names",
                 "bytes_read": 0, "bytes_written": 0, "outputs": flow.final_sha}
+    marker_path(flow.paths.final).unlink(missing_ok=True)  # see _merge
     report = repair_checkpoint(flow.merged, flow.paths.final, flow.base_tensors)
     marker = write_marker(flow.paths.final, {"inputs": inputs})
     flow.final_sha = marker["content_sha256"]

@@ -71,8 +71,14 @@ def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
     """`manifest(path)`, reading only files changed since the hashes kept in `hash_cache`."""
     record = Path(hash_cache) / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
     try:
+        written = record.stat().st_mtime_ns
         known = json.loads(record.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        # "Racy" entries, as git's index has them: a file whose mtime or ctime is not older than
+        # the record may have changed after it was hashed, within one timestamp tick (a whole
+        # second on Lustre), keeping its signature. Hash it again.
+        known = {name: info for name, info in known.items()
+                 if info.get("signature") and max(info["signature"][1:3]) < written}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         known = {}  # none yet, or unreadable: hash everything and write it anew
     files = scan(path, known)
     if files != known:

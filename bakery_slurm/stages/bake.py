@@ -117,7 +117,11 @@ def _bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[
         remove_leftovers(out)
         check_adapter(adapter.path)
         with tempfile.TemporaryDirectory(prefix=f".{key}.", suffix=".raw", dir=out.parent) as raw:
+            fsutil.usual_dir_mode(Path(raw))  # removable by a teammate after a kill
             _merge_and_unload(base.path, adapter.path, dtype, Path(raw))
+            # safetensors writes 0600; an unrenamed bake is linked into place below, and
+            # staging_dir leaves the mode of a linked file alone: give it the usual one here.
+            fsutil.usual_modes(Path(raw))
             # save_pretrained writes whatever layout this transformers version uses: repair it.
             report = repair_checkpoint(Path(raw), out, base_tensors)
         marker = write_marker(out, {"base": base.identity, "adapter": adapter.identity,

@@ -30,10 +30,13 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from bakery_slurm.manifest import intact_marker, marker_path
+from bakery_slurm import pipeline
+from bakery_slurm.errors import StageError
+from bakery_slurm.manifest import intact_marker, marker_path, sha256_file
 from bakery_slurm.matrix import Cell, expand, load_matrix
 from bakery_slurm.pipeline import STAGES, CellPaths, read_result, run_cell
 from bakery_slurm.stages.push import public_inputs
+from bakery_slurm.tiny import build_lora_adapter
 from support import checkpoint_tensors
 
 pytestmark = pytest.mark.e2e
@@ -492,8 +495,6 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
                                                       engine):
     """A new adapter at the same path (retrained: another seed) gets a new bake key (mergekit
     engine) or new merge inputs (bakery engine); the rerun re-merges and publishes the new weights."""
-    from bakery_slurm.tiny import build_lora_adapter
-
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
     matrix_path = write_tiny_matrix(tmp_path, models=models, methods=("linear",), engine=engine)
@@ -527,14 +528,74 @@ def test_retrained_adapter_is_rebaked_and_republished(tmp_path, tiny_models, wri
     assert record["inputs"] == public_inputs(second["stages"]["bake"]["inputs"])
 
 
+def test_mergekit_engine_redoes_the_merge_when_only_the_base_tokenizer_changed(
+        tmp_path, tiny_models, write_tiny_matrix):
+    """A new base revision that only fixes the chat template / tokenizer (same weights, same
+    config): the published cell must carry the new base's tokenizer files, as verify demands."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    matrix = load_matrix(write_tiny_matrix(tmp_path, models=models, methods=("linear",),
+                                           engine="mergekit"))
+    cell = {c.id: c for c in expand(matrix)}["tiny1b-std/eng-nob__linear"]
+    first = run_cell(cell, matrix.work_dir, device="cpu")
+    assert first["status"] == "done"
+
+    template = models / "bases" / "text" / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# fixed upstream #}\n")
+
+    second = run_cell(cell, matrix.work_dir, device="cpu")
+    assert second["stages"]["bake"]["inputs"] != first["stages"]["bake"]["inputs"]  # new base
+    final = CellPaths(matrix.work_dir, cell.id).final
+    # The verified, published output must hold the base's tokenizer files byte for byte.
+    assert sha256_file(final / "chat_template.jinja") == sha256_file(template), (
+        second["stages"]["merge"]["status"], second["stages"]["verify"]["status"])
+    published = matrix.root / "published" / cell.id
+    assert sha256_file(published / "chat_template.jinja") == sha256_file(template)
+
+
+def test_an_output_put_in_place_without_its_new_marker_is_not_trusted_later(
+        tmp_path, tiny_models, write_tiny_matrix, monkeypatch):
+    """Adapter v1 merged and published. Adapter v2 (same shapes, so same file sizes) is put at the
+    same path; its merge renames final/ into place, then the task dies before the done-marker is
+    rewritten (SIGTERM at the time limit, quota exceeded writing the marker). The user restores
+    v1 and reruns: final/ must hold v1's merge, not v2's under v1's old marker."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    matrix = load_matrix(write_tiny_matrix(tmp_path, models=models, methods=("linear",)))
+    cell = {c.id: c for c in expand(matrix)}["tiny1b-std/eng-nob__linear"]
+    paths = CellPaths(matrix.work_dir, cell.id)
+    first = run_cell(cell, matrix.work_dir, device="cpu")
+    v1_weights = checkpoint_tensors(paths.final)
+
+    adapter = models / "adapters" / "text" / "nob"
+    saved = tmp_path / "nob-v1"
+    shutil.copytree(adapter, saved)
+    build_lora_adapter(models / "bases" / "text", adapter, seed=4321)  # v2, same sizes
+
+    def dies(*args, **kwargs):  # the process ends here: final/ is in place, the marker is old
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(pipeline, "write_marker", dies)
+    with pytest.raises(StageError):
+        run_cell(cell, matrix.work_dir, device="cpu")
+    monkeypatch.undo()
+
+    shutil.rmtree(adapter)
+    shutil.copytree(saved, adapter)  # v1 again
+    third = run_cell(cell, matrix.work_dir, device="cpu")
+    assert third["stages"]["bake"]["inputs"] == first["stages"]["bake"]["inputs"]
+    got = checkpoint_tensors(paths.final)
+    assert all(torch.equal(v1_weights[n], got[n]) for n in v1_weights), (
+        "final/ holds adapter v2's merge although every stage was skipped as v1's: "
+        + str({s: r["status"] for s, r in third["stages"].items()}))
+
+
 # ------------------------------------------------------------------------------------------------
 # A failed stage names the input it could not use
 
 
 def test_a_corrupt_adapter_is_named_in_the_error_and_the_result_record(tmp_path, tiny_models,
                                                                        write_tiny_matrix):
-    from bakery_slurm.errors import StageError
-
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
     corrupt = models / "adapters" / "text" / "nob" / "adapter_model.safetensors"

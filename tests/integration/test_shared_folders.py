@@ -12,13 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from bakery_slurm.matrix import expand, load_matrix
+from bakery_slurm.pipeline import CellPaths, run_cell
 
 from .test_slurm import cid, size, write_matrix
 
@@ -55,12 +61,13 @@ def teammate():
 
 
 def as_teammate(teammate, *args: str) -> subprocess.CompletedProcess:
+    """`bakery-slurm *args` as the teammate, under this process's umask (runuser keeps it)."""
     site = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     env = [f"PYTHONPATH={REPO}:{site}", f"HOME={teammate.shared}", "HF_HUB_OFFLINE=1",
            f"PATH={os.environ['PATH']}"]
     return subprocess.run(["runuser", "-u", teammate.user, "--", "env", "-i", *env, SYSTEM_PYTHON,
                            "-m", "bakery_slurm", *args], capture_output=True, text=True,
-                          cwd=teammate.shared, timeout=300)
+                          cwd=teammate.shared, timeout=600)
 
 
 @pytest.fixture
@@ -108,3 +115,55 @@ def test_a_lock_the_group_may_not_write_is_a_clear_message(teammate, bakery, uma
                                    "(Permission denied): it is mode 644"), again.stderr
     assert "umask 002" in again.stderr and "Traceback" not in again.stderr
     assert ledger.read_bytes() == before
+
+
+def group_project(teammate, tiny_models, write_tiny_matrix, engine: str) -> Path:
+    """A matrix of the tiny models' linear and task_arithmetic cells in the group folder."""
+    models = teammate.shared / "models" / engine
+    shutil.copytree(tiny_models, models)
+    subprocess.run(["chmod", "-R", "g+rwX,o+rX", str(models)], check=True)  # pytest's tmp is 0700
+    return write_tiny_matrix(teammate.shared / f"proj-{engine}", models=models,
+                             methods=("linear", "task_arithmetic"), engine=engine)
+
+
+def test_a_teammate_merges_from_the_bakes_the_first_user_made(teammate, umask_of, tiny_models,
+                                                              write_tiny_matrix):
+    """The mergekit engine's bakes are cached for the row: safetensors writes them 0600, and a
+    bake whose names need no repair is linked into place, so its mode must be set before."""
+    umask_of(0o002)
+    matrix_path = group_project(teammate, tiny_models, write_tiny_matrix, "mergekit")
+    matrix = load_matrix(matrix_path)
+    cells = {c.id: c for c in expand(matrix)}
+    assert run_cell(cells["tiny1b-std/eng-nob__linear"], matrix.work_dir, device="cpu")["status"] == "done"
+    unreadable = [p for p in (matrix.work_dir / "cache" / "bakes").rglob("*")
+                  if p.is_file() and not p.stat().st_mode & stat.S_IRGRP]
+    assert unreadable == []
+    run = as_teammate(teammate, "run-cell", str(matrix_path), "tiny1b-std/eng-nob__task_arithmetic",
+                      "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-1500:]
+
+
+KILLED_IN_A_STAGE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from bakery_slurm import fsutil
+    with fsutil.staging_dir(Path(sys.argv[1])) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"half a merge" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)   # SLURM's time limit, the OOM killer
+""")
+
+
+def test_a_teammates_rerun_removes_the_staging_folder_of_a_killed_task(teammate, umask_of,
+                                                                       tiny_models,
+                                                                       write_tiny_matrix):
+    """mkdtemp makes staging folders 0700: left so by a killed task, no teammate could remove it."""
+    umask_of(0o002)
+    matrix_path = group_project(teammate, tiny_models, write_tiny_matrix, "bakery")
+    paths = CellPaths(load_matrix(matrix_path).work_dir, "tiny1b-std/eng-nob__linear")
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_A_STAGE, str(paths.final)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -signal.SIGKILL
+    assert len(list(paths.root.glob(".*.partial"))) == 1
+    run = as_teammate(teammate, "run-cell", str(matrix_path), paths.cell_id, "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert list(paths.root.glob(".*.partial")) == []

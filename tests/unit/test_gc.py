@@ -33,8 +33,10 @@ def work_folder(tmp_path: Path) -> Path:
         (work / "cache" / kind / key / "model.safetensors").write_bytes(b"b" * 1000)
         (work / "cache" / kind / f"{key}.done.json").write_text("{}")
     (work / "cache" / "bakes" / ".k-done.x1.raw").mkdir()
+    (work / "cache" / "bakes" / ".k-failed.done.json.x2.tmp").write_text("{")  # killed mid-write
     cell(work, DONE, "done", ["k-done"])
     cell(work, FAILED, "failed", ["k-failed"])
+    (work / "cells" / FAILED / ".result.json.x3.tmp").write_text("{")
     return work
 
 
@@ -48,7 +50,8 @@ def test_published_outputs_unused_bakes_and_leftovers_go(tmp_path):
     assert removed(work, plan) == {
         *(f"cells/{DONE}/{name}" for name in ("merged", "final", "publish", "verified.json",
                                               "merged.done.json", "final.done.json", "publish.done.json")),
-        "cache/bakes/k-done", "cache/bakes/k-done.done.json", "cache/bakes/.k-done.x1.raw"}
+        "cache/bakes/k-done", "cache/bakes/k-done.done.json", "cache/bakes/.k-done.x1.raw",
+        "cache/bakes/.k-failed.done.json.x2.tmp", f"cells/{FAILED}/.result.json.x3.tmp"}
     # The failed cell keeps its outputs and its bake; base copies stay until all are published.
     assert bytes_per_kind(plan)["cell outputs"] == (7, 300 + 4 * 2)
     remove(plan)

@@ -8,7 +8,7 @@ import os
 import pytest
 from fakes import FakeHubApi
 
-from bakery_slurm import manifest
+from bakery_slurm import manifest, sources
 from bakery_slurm.matrix import ModelSource
 from bakery_slurm.sources import fetch, hub_patterns
 from bakery_slurm.stages.push import base_card
@@ -97,6 +97,30 @@ def test_another_node_of_a_network_filesystem_reuses_the_hashes(model, tmp_path,
     assert OtherNode(model).stat().st_dev != model.stat().st_dev
     fetch(local(model), hash_cache=cache)
     assert reads == []
+
+
+def test_a_file_not_older_than_the_hash_record_is_read_again(model, tmp_path, reads, monkeypatch):
+    """On a filesystem with coarse timestamps (whole seconds on Lustre), a file rewritten in place
+    with its old size in the tick in which it was hashed keeps its signature: as git's index does
+    with such "racy" entries, a file whose mtime or ctime is not older than the record is read
+    again. Here every timestamp is one tick."""
+    real_stat = os.stat_result
+
+    class OneTick(type(model)):
+        def stat(self, *args, **kwargs):
+            st = super().stat(*args, **kwargs)
+            return real_stat(list(st), {"st_mtime_ns": 10**18, "st_ctime_ns": 10**18})
+
+    monkeypatch.setattr(manifest, "Path", OneTick)
+    monkeypatch.setattr(sources, "Path", OneTick)  # the hash record is on such a filesystem too
+    cache = tmp_path / "hashes"
+    first = fetch(local(model), hash_cache=cache)
+    with open(model / "adapter_model.safetensors", "r+b") as f:  # the trainer's final save
+        f.write(b"epoch 2 " * 1000)
+    reads.clear()
+    second = fetch(local(model), hash_cache=cache)
+    assert sorted(reads) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert second.identity != first.identity
 
 
 def test_a_hub_bases_card_is_fetched_for_its_license_and_language(tmp_path):
