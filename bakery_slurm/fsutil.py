@@ -148,8 +148,14 @@ def held_while_alive(path: Path) -> Iterator[None]:
     """Hold an flock on `path` (created, and removed at the end) for the block: other processes
     see with `is_held` that this one is still at it; the kernel drops it if this one dies. flock,
     not lockf: a probe from this very process must see it held too."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        fd = None  # a folder this user may not write: the command's own lock there says so
+    if fd is None:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

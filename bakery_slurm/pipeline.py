@@ -298,9 +298,9 @@ def _merge_inputs(flow: Flow) -> dict[str, Any]:
         return {"engine": "bakery", "recipe_hash": flow.cell.recipe_hash, "sources": flow.sources,
                 "versions": library_versions()}
     # The merge also copies the base's tokenizer files: a base revision changing only those
-    # leaves every bake's content (and so `baked`) as it was.
+    # leaves every bake's content (and so `baked`) as it was. So does another mergekit.
     return {"recipe_hash": flow.cell.recipe_hash, "baked": flow.baked_sha,
-            "base": flow.sources["base"]}
+            "base": flow.sources["base"], "versions": library_versions()}
 
 
 def _merge_output(flow: Flow) -> Path:

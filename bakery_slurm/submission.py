@@ -221,7 +221,6 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
     resolve_container(matrix, executor)  # a config error must come before any lock or file
     if not dry_run:
         export_hub_token(cells)
-        _arrays_folder(matrix)
     runner = backend(executor)
     try:
         max_size = runner.max_array_size()
@@ -250,14 +249,15 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
     if dry_run:
         return record(Ledger(), cells, evals)
     with held_while_alive(submitting_path(ledger_path, submission_id)):
-        return _submit_recorded(ledger_path, runner, cells, evals, guard, record)
+        return _submit_recorded(ledger_path, matrix, runner, cells, evals, guard, record)
 
 
-def _submit_recorded(ledger_path, runner, cells, evals, guard, record) -> list[SubmitRequest]:
+def _submit_recorded(ledger_path, matrix, runner, cells, evals, guard, record) -> list[SubmitRequest]:
     with update_ledger(ledger_path) as ledger:
         chosen, targets = guard(ledger) if guard else (list(cells), list(evals))
         if not chosen and not targets:
             return []
+        _arrays_folder(matrix)  # under the lock: a ledger the user may not write is said first
         requests = record(ledger, chosen, targets, now=datetime.now(timezone.utc))
     for i, request in enumerate(requests):
         try:

@@ -60,11 +60,14 @@ def apptainer_prefix(runtime: Runtime, env: Mapping[str, str], matrix_path: Path
     the runtime's own binds; `--nv` only when the task has GPUs.
     """
     binds = list(dict.fromkeys([*runtime.binds, str(matrix_path.parent), str(work)]))
-    argv = ["apptainer", "exec"]
+    # As APPTAINERENV_* variables, not `--env`: apptainer parses an --env value holding a '='
+    # as CSV, so `NO_PROXY=a,b` with another '=' or a quote in it would be split or refused.
+    # Set after the launcher's forwarded ones, they win over those, as --env would.
+    argv = [*(["env", *[f"APPTAINERENV_{name}={value}" for name, value in sorted(env.items())]]
+              if env else []), "apptainer", "exec"]
     if gpus:
         argv.append("--nv")
     argv += ["--cleanenv", "--bind", ",".join(binds)]
-    argv += [f"--env={name}={value}" for name, value in sorted(env.items())]
     return [*argv, str(runtime.image), runtime.python]
 
 
@@ -103,7 +106,7 @@ def launcher_script(prefix: Sequence[str], pass_env: Sequence[str]) -> str:
     return f"""#!/bin/sh
 # Written by `bakery-slurm submit`. SLURM runs this on the compute node in place of a Python: it
 # starts submitit's task runner inside the image. Under --cleanenv the container sees only
-# APPTAINERENV_* and --env variables, so the job's own (SLURM_*, SUBMITIT_*), the GPUs, the Hub
+# APPTAINERENV_* variables, so the job's own (SLURM_*, SUBMITIT_*), the GPUs, the Hub
 # token and the proxies are forwarded by name; no value is written here.
 for name in $(env | sed -n {patterns}) {names}; do
     eval "isset=\\${{$name+x}}"

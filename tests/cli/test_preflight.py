@@ -331,6 +331,6 @@ def test_the_shipped_matrix_with_three_keys_edited_passes_check_and_runs_in_the_
     assert len(json.loads(checked.stdout)) == 6 + 12  # six bases, two adapters per (size, variant)
     dry = invoke("submit", matrix, "--executor", "slurm", "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert (f"exec apptainer exec --nv --cleanenv --bind {tmp_path},{work} "
-            f"--env=HF_HOME={work}/hf-home {image} python3 \"$@\"") in dry.stdout
+    assert (f"exec env APPTAINERENV_HF_HOME={work}/hf-home apptainer exec --nv --cleanenv "
+            f"--bind {tmp_path},{work} {image} python3 \"$@\"") in dry.stdout
     assert "dry run: 3 array(s), 14 task(s)" in dry.stdout

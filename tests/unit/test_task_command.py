@@ -45,10 +45,10 @@ def test_apptainer_prefix_is_exact():
     prefix = apptainer_prefix(runtime, runtime.env, Path("/data/matrices/matrix.toml"),
                               Path("/scratch/work"), 1)
     assert prefix == [
+        "env", "APPTAINERENV_A_FIRST=1", "APPTAINERENV_HF_HOME=/cluster/projects/nn1k/hf-home",
         "apptainer", "exec", "--nv", "--cleanenv",
         # the runtime's binds, then the matrix folder and the work folder; duplicates dropped
         "--bind", "/cluster/projects/nn1k,/data/matrices,/scratch,/scratch/work",
-        "--env=A_FIRST=1", "--env=HF_HOME=/cluster/projects/nn1k/hf-home",
         "/images/bakery.sif", "python3"]
     assert task_argv(prefix, runtime.env, ARGS) == [*prefix, "-m", "bakery_slurm", *ARGS]
 
@@ -92,12 +92,13 @@ env > "$RECORD.env"
 """
 
 
-def run_launcher(tmp_path: Path, environ: dict[str, str], pass_env: list[str]) -> tuple[list[str], dict[str, str], str]:
+def run_launcher(tmp_path: Path, environ: dict[str, str], pass_env: list[str],
+                 fixed: dict[str, str] | None = None) -> tuple[list[str], dict[str, str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "apptainer").write_text(RECORDER)
     (bin_dir / "apptainer").chmod(0o755)
-    runtime = Runtime(container="apptainer", image="/i.sif", env={"HF_HOME": "/h"})
+    runtime = Runtime(container="apptainer", image="/i.sif", env=fixed or {"HF_HOME": "/h"})
     script = launcher_script(apptainer_prefix(runtime, runtime.env, Path("/m/x.toml"), Path("/w"), 1),
                              pass_env)
     path = tmp_path / "launch.sh"
@@ -119,12 +120,20 @@ def test_launcher_forwards_the_job_the_token_and_pass_env_by_name(tmp_path):
                "HF_TOKEN": SECRET, "https_proxy": "http://proxy:3128", "CUDA_VISIBLE_DEVICES": "1",
                "UNRELATED": "x", "MY_VAR": "with spaces and $dollar"}
     args, seen, script = run_launcher(tmp_path, environ, ["https_proxy", "http_proxy", "MY_VAR"])
-    assert args == ["exec", "--nv", "--cleanenv", "--bind", "/m,/w", "--env=HF_HOME=/h", "/i.sif",
+    assert args == ["exec", "--nv", "--cleanenv", "--bind", "/m,/w", "/i.sif",
                     "python3", "-u", "-m", "submitit.core._submit", "/w/arrays/a b"]
     forwarded = {k[len("APPTAINERENV_"):]: v for k, v in seen.items()
                  if k.startswith("APPTAINERENV_")}
-    assert forwarded == {k: v for k, v in environ.items() if k != "UNRELATED"}
+    # The runtime's fixed env (HF_HOME) goes the same way, set in the script.
+    assert forwarded == {**{k: v for k, v in environ.items() if k != "UNRELATED"}, "HF_HOME": "/h"}
     assert SECRET not in script and "proxy:3128" not in script  # names only, never values
+
+
+def test_runtime_env_values_reach_the_container_whole_and_win_over_forwarded_ones(tmp_path):
+    """apptainer's --env splits a value holding '=' at its commas; APPTAINERENV_* are taken whole."""
+    fixed = {"XLA_FLAGS": "--a=1,--b=2", "NO_PROXY": 'localhost,.cluster,"x"', "https_proxy": "fixed"}
+    _, seen, _ = run_launcher(tmp_path, {"https_proxy": "http://proxy:3128"}, ["https_proxy"], fixed)
+    assert {name: seen[f"APPTAINERENV_{name}"] for name in fixed} == fixed
 
 
 def test_launcher_leaves_unset_names_unset(tmp_path):
@@ -216,7 +225,7 @@ def test_dry_run_never_shows_or_writes_the_token(tmp_path, write_matrix, monkeyp
     # Python, whose path means nothing on an arm64 compute node.
     assert "apptainer-launch.sh -u -m submitit.core._submit" in result.stdout
     assert sys.executable not in result.stdout
-    assert "--env=HF_HOME=/cluster/projects/nn1k/hf-home" in result.stdout
+    assert "env APPTAINERENV_HF_HOME=/cluster/projects/nn1k/hf-home apptainer exec" in result.stdout
     assert SECRET not in result.stdout
     assert SECRET not in result.stderr
     # Not even by name on a command line: only the launcher's list of forwarded names has it.
