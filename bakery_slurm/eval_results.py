@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .evaluation import EvalTarget, expand_eval, results_path
+from .evaluation import EvalTarget, expand_eval, results_path, verified_output
 from .matrix import Matrix
 from .report import Row
 from .rootcard import CardEvaluation
@@ -72,10 +72,26 @@ class EvalSource:
         return CardEvaluation(
             rows=tuple(Row.of(t, found[t.id]) for t in self.targets if t.id in found),
             scored={cell: scored_checkpoint(results) for cell, results in found.items()},
-            baseline=self.baseline)
+            baseline=self.baseline,
+            without_results=frozenset((t.size, t.variant) for t in self.targets
+                                      if t.kind == "baseline" and t.label == self.baseline
+                                      and t.id not in found))
 
     def cell_results(self, cell_id: str, content_sha256: str) -> dict[str, Any] | None:
         """The cell's results if they scored the checkpoint with this content hash."""
         found, _ = read_results([t for t in self.targets if t.id == cell_id], self.work)
         results = found.get(cell_id)
         return results if results and scored_checkpoint(results) == content_sha256 else None
+
+
+def scores_now(target: EvalTarget, results: dict[str, Any], work: Path) -> bool:
+    """Do `results` score `target` as it is now: its eval settings (results without a `bakery`
+    block are taken as they are), and for a cell the checkpoint verified in the work folder (when
+    there still is one: gc removes a published cell's)?"""
+    record = results.get("bakery") or {}
+    if record.get("settings_hash", target.settings_hash) != target.settings_hash:
+        return False
+    if target.kind != "cell":
+        return True
+    now = verified_output(work, target.id)
+    return now is None or now == scored_checkpoint(results)

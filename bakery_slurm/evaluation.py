@@ -52,7 +52,8 @@ class EvalTarget:
     def settings(self) -> dict[str, Any]:
         """What, besides the model, decides the scores: a changed one makes a rerun evaluate again."""
         return {"tasks": list(self.tasks), "num_fewshot": self.num_fewshot, "limit": self.limit,
-                "batch_size": self.batch_size, "include_path": self.include_path}
+                "batch_size": self.batch_size, "include_path": self.include_path,
+                "dtype": self.dtype}
 
     @property
     def settings_hash(self) -> str:

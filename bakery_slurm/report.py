@@ -125,9 +125,12 @@ def pivot(rows: Sequence[Row]) -> list[str]:
     return list(dict.fromkeys(column for row in rows for column in row.values))
 
 
-def ranking(rows: Sequence[Row], baseline: str) -> list[dict[str, Any]]:
+def ranking(rows: Sequence[Row], baseline: str,
+            without_results: Iterable[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """Methods ranked per size by mean delta against `baseline` (a baseline name, or one
-    baseline row's id), best first. Cells with no reference row at their size are left out.
+    baseline row's id), best first. Cells with no reference row at their size are left out, and
+    so are cells at a (size, variant) in `without_results`: the baseline is evaluated there but
+    has no results (yet), so another variant's row is no reference for them.
 
     Raises
     ------
@@ -140,8 +143,9 @@ def ranking(rows: Sequence[Row], baseline: str) -> list[dict[str, Any]]:
         raise ConfigError(f"--baseline {baseline}: no results for such a baseline "
                           f"(baselines with results: {', '.join(known) or 'none'})")
     groups: dict[tuple[str, str], dict[str, Any]] = {}
+    pending = set(without_results)
     for cell in (r for r in rows if r.kind == "cell"):
-        ref = _reference(cell, refs)
+        ref = None if (cell.size, cell.variant) in pending else _reference(cell, refs)
         shared = [c for c in cell.values if c in ref.values] if ref else []
         if not shared:
             continue

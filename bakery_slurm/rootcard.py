@@ -44,6 +44,8 @@ class CardEvaluation:
     rows: tuple[Row, ...]  # every target with results, in the matrix's order
     scored: Mapping[str, str | None]  # target id -> the cell checkpoint its results scored
     baseline: str | None  # the methods are ranked against it
+    # (size, variant) where that baseline is a target but has no results yet.
+    without_results: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def evaluation_section(evaluation: CardEvaluation, records: Mapping[str, Mapping
     if not rows:
         return ""
     baselines = {name for row in rows if row.kind == "baseline" for name in (row.id, row.label)}
-    ranked = ranking(rows, evaluation.baseline) if evaluation.baseline in baselines else []
+    ranked = (ranking(rows, evaluation.baseline, evaluation.without_results)
+              if evaluation.baseline in baselines else [])
     return render_report(rows, ranked, markdown=True)
 
 

@@ -118,7 +118,8 @@ def _written_at(record: dict, array: ArrayRecord) -> datetime | None:
     """When `record` was written ("finished"), if by a task of `array` (not before it was
     submitted); else None."""
     try:
-        finished = datetime.fromisoformat(record["finished"])
+        # A results file kept by a later task (same model and settings) says when: `checked`.
+        finished = datetime.fromisoformat(record.get("checked") or record["finished"])
     except (KeyError, TypeError, ValueError):
         return None
     if finished.tzinfo is None:  # not ours (we write UTC with its offset): read it as UTC

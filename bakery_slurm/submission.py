@@ -140,7 +140,8 @@ def group_evals(targets: Sequence[EvalTarget], merge_arrays: Mapping[str, Sequen
 def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_size: int,
                 submission_id: str, pins: Mapping[str, str],
                 evals: Sequence[EvalTarget] = (),
-                live: Mapping[str, tuple[str, int]] | None = None) -> Planned:
+                live: Mapping[str, tuple[str, int]] | None = None,
+                force_evals: bool = False) -> Planned:
     """Group `cells` into merge arrays and `evals` into eval arrays (`group_evals`), and build
     every task's command line (no I/O).
 
@@ -179,7 +180,8 @@ def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_
                          resources=resources.model_dump(exclude_none=True), stage="eval",
                          after=group.after, after_indices=group.after_indices),
             resources,
-            [eval_args(matrix.path, t.id, matrix.work_dir, input_pins(target_inputs(t), pins))
+            [eval_args(matrix.path, t.id, matrix.work_dir, input_pins(target_inputs(t), pins),
+                       force_evals)
              for t in group.targets])
     return planned
 
@@ -196,6 +198,7 @@ def attempt_pins(owners: Sequence[Cell | EvalTarget],
 def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], executor: str, *,
                  evals: Sequence[EvalTarget] = (), live: Mapping[str, tuple[str, int]] | None = None,
                  pins: Mapping[str, str] | None = None, dry_run: bool = False,
+                 force_evals: bool = False,
                  guard: Callable[[Ledger], tuple[list[Cell], list[EvalTarget]]] | None = None
                  ) -> list[SubmitRequest]:
     """Submit `cells` as merge arrays and `evals` as eval arrays chained to them (one sbatch
@@ -235,7 +238,7 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
 
     def record(ledger: Ledger, chosen: Sequence[Cell], targets: Sequence[EvalTarget], **when):
         planned = plan_arrays(matrix, chosen, executor, max_size, submission_id, pins, targets,
-                              live)
+                              live, force_evals)
         submission = record_intent(
             ledger, matrix_path=str(matrix.path), matrix_sha256=matrix.sha256,
             arrays=planned.arrays, recipe_hashes={c.id: c.recipe_hash for c in chosen},

@@ -41,10 +41,11 @@ def cell_args(matrix_path: Path, cell_id: str, recipe_hash: str, work: Path,
 
 
 def eval_args(matrix_path: Path, target_id: str, work: Path,
-              pins: Mapping[str, str]) -> list[str]:
+              pins: Mapping[str, str], force: bool = False) -> list[str]:
     """Arguments of `python -m bakery_slurm` for one eval target (`run-eval`); `pins` as in
     `cell_args`, for a baseline's inputs."""
-    return ["run-eval", str(matrix_path), target_id, "--work", str(work), *_pin_args(pins)]
+    return ["run-eval", str(matrix_path), target_id, "--work", str(work), *_pin_args(pins),
+            *(["--force"] if force else [])]
 
 
 def _pin_args(pins: Mapping[str, str]) -> list[str]:

@@ -10,7 +10,7 @@ import click
 
 from .. import fsutil
 from ..errors import ConfigError
-from ..eval_results import read_results
+from ..eval_results import read_results, scores_now
 from ..evaluation import expand_eval
 from ..matrix import load_matrix
 from ..report import Row, pivot, ranking, render, to_csv
@@ -48,14 +48,27 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
     targets = expand_eval(loaded)
     if not targets:
         raise ConfigError(f"{loaded.path}: eval: the matrix has no [eval] table")
-    found, missing = read_results(targets, work or loaded.work_dir)
+    work = work or loaded.work_dir
+    found, missing = read_results(targets, work)
+    stale = [t.id for t in targets if t.id in found and not scores_now(t, found[t.id], work)]
+    for target_id in stale:
+        del found[target_id]
     rows = [Row.of(t, found[t.id]) for t in targets if t.id in found]
     if missing:
         log.warning("%d of %d eval targets have no results yet: %s", len(missing), len(targets),
                     ", ".join(missing))
+    if stale:
+        log.warning("%d eval targets have results of other eval settings or of an older "
+                    "checkpoint only (left out until evaluated again): %s", len(stale),
+                    ", ".join(stale))
     names = [b.name for b in loaded.spec.eval.baselines]
     chosen = baseline or (names[0] if names else None)
-    ranked = ranking(rows, chosen) if chosen and rows else []
+    if baseline is None and not any(r.kind == "baseline" and chosen in (r.id, r.label)
+                                    for r in rows):
+        chosen = None  # the default baseline has no results yet: the pivot only
+    pending = {(t.size, t.variant) for t in targets
+               if t.kind == "baseline" and chosen in (t.id, t.label) and t.id not in found}
+    ranked = ranking(rows, chosen, pending) if chosen and rows else []
     columns = pivot(rows)
     if csv_path:
         fsutil.atomic_write_text(csv_path, to_csv(rows, columns))
@@ -71,4 +84,3 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
             "baseline": chosen, "ranking": ranked, "missing": missing}, indent=2))
     else:
         click.echo(render(rows, ranked, markdown=False), nl=False)
-

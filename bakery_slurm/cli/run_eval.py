@@ -25,8 +25,10 @@ from .run_cell import parse_pins, task_process
 @click.option("--pin", "pins", multiple=True, metavar="INPUT=COMMIT",
               help="A baseline reads this Hub input (`base` or its adapter's name) at this "
                    "commit (repeatable).")
+@click.option("--force", is_flag=True,
+              help="Evaluate even when results for this model and these settings exist.")
 def run_eval(matrix: Path, target: str, device: str, work: Path | None,
-             pins: tuple[str, ...]) -> None:
+             pins: tuple[str, ...], force: bool) -> None:
     """Score one cell or baseline of MATRIX with lm-evaluation-harness ([eval] in the matrix).
 
     TARGET is a cell id (scored on its verified output in the work folder: run the cell first)
@@ -41,11 +43,11 @@ def run_eval(matrix: Path, target: str, device: str, work: Path | None,
         bakery-slurm run-eval matrix.toml 4b-std/base --pin base=<40-hex commit>
     """
     with task_process():
-        _run_eval(matrix, target, device, work, pins)
+        _run_eval(matrix, target, device, work, pins, force)
 
 
 def _run_eval(matrix: Path, target: str, device: str, work: Path | None,
-              pins: tuple[str, ...]) -> None:
+              pins: tuple[str, ...], force: bool = False) -> None:
     from ..evaluation import expand_eval, pin_target
     from ..stages.evaluate import run_eval as run
 
@@ -60,5 +62,5 @@ def _run_eval(matrix: Path, target: str, device: str, work: Path | None,
         raise click.BadParameter(f"{target!r} is not an eval target of {loaded.path} "
                                  f"(targets: {', '.join(targets)})", param_hint="TARGET")
     record = run(pin_target(targets[target], parse_pins(pins)), work or loaded.work_dir, device=device,
-                 offline=loaded.spec.runtime.offline)
+                 offline=loaded.spec.runtime.offline, force=force)
     click.echo(json.dumps(record, indent=2))

@@ -89,8 +89,9 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
 
     checked = cells + [c for c in baseline_carriers(loaded, evals) if c not in cells]
     pins = gate(loaded, checked, kind, run_checks=not no_preflight) if checked or evals else {}
-    requests = submit_cells(ledger_path, loaded, cells, kind, evals=evals, live=live, pins=pins,
-                            dry_run=dry_run, guard=unchanged) if cells or evals else []
+    requests = (submit_cells(ledger_path, loaded, cells, kind, evals=evals, live=live, pins=pins,
+                            dry_run=dry_run, force_evals=force, guard=unchanged)
+                if cells or evals else [])
     submitted = {(r.array.stage, c) for r in requests for c in r.array.cells}
     taken = ({("merge", c.id) for c in cells} | {("eval", t.id) for t in evals}) - submitted
     for stage, target_id in sorted(taken):
@@ -153,17 +154,20 @@ def _evals_to_submit(targets, merging: set[str], ledger, snap, work: Path, execu
     live_merges = ({s.cell: s for s in snap.statuses if is_live(s.state)} if snap else {})
     keep, live, skipped = [], {}, []
     for target in targets:
-        final = None if target.id in merging else verified_output(work, target.id)
         merge = live_merges.get(target.id)
+        # A cell merged now, or by a live merge task, will have another output than today's.
+        final = (None if target.id in merging or merge else verified_output(work, target.id))
         if target.id in live_evals:
             skipped.append((target.id, f"an eval attempt is {live_evals[target.id]}"))
         elif not force and is_evaluated(target, read_eval_record(work, target.id), final):
             skipped.append((target.id, "already evaluated with these settings (use --force)"))
-        elif target.kind == "baseline" or target.id in merging or final is not None:
+        elif target.kind == "baseline" or target.id in merging:
             keep.append(target)
         elif merge and merge.array_job_id and snap.arrays[merge.array_name].executor == executor:
             keep.append(target)
             live[target.id] = (merge.array_name, merge.index)
+        elif final is not None:
+            keep.append(target)
         else:
             skipped.append((target.id, "eval not submitted: the cell has no verified output (gc "
                                        "removes a published cell's) and no merge pending or "

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def run_eval(target: EvalTarget, work: Path, device: str = "auto",
-             offline: bool = False) -> dict[str, Any]:
+             offline: bool = False, force: bool = False) -> dict[str, Any]:
     """Evaluate `target` (or keep its results when model and settings are unchanged); return a
     summary record (target, status, device, seconds, results path).
 
@@ -49,14 +49,15 @@ def run_eval(target: EvalTarget, work: Path, device: str = "auto",
     lock = eval_dir(work, target.id) / ".run.lock"
     try:
         with fsutil.locked(lock, blocking=False):
-            return _run(target, work, device, offline)
+            return _run(target, work, device, offline, force)
     except fsutil.LockBusy:
         raise BakeryError(f"{target.id}: another task is evaluating this target ({lock})") from None
 
 
-def _run(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str, Any]:
+def _run(target: EvalTarget, work: Path, device: str, offline: bool,
+         force: bool = False) -> dict[str, Any]:
     try:
-        summary = _evaluate(target, work, device, offline)
+        summary = _evaluate(target, work, device, offline, force)
     except Exception as e:  # a StageError, or writing the results failed (disk full, ...)
         try:
             fsutil.atomic_write_json(failure_path(work, target.id),
@@ -68,14 +69,21 @@ def _run(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str
     return summary
 
 
-def _evaluate(target: EvalTarget, work: Path, device: str, offline: bool) -> dict[str, Any]:
+def _evaluate(target: EvalTarget, work: Path, device: str, offline: bool,
+              force: bool = False) -> dict[str, Any]:
     start = time.monotonic()
     out = results_path(work, target.id)
     try:
         model, adapter, inputs = _model(target, work, offline)
         previous = read_eval_record(work, target.id)
-        if previous.get("inputs") == inputs and previous.get("settings_hash") == target.settings_hash:
+        if (not force and previous.get("inputs") == inputs
+                and previous.get("settings_hash") == target.settings_hash):
             log.info("%s: eval skipped (results for this model and these settings exist)", target.id)
+            # Say when they were last found current: without accounting, `status` tells by it
+            # that this task ran (and succeeded).
+            kept = json.loads(out.read_text())
+            kept["bakery"]["checked"] = now()
+            fsutil.atomic_write_text(out, json.dumps(kept, indent=2) + "\n")
             return {"target": target.id, "status": "skipped", "device": previous.get("device"),
                     "seconds": round(time.monotonic() - start, 3), "results": str(out)}
         chosen, reason = choose_device(device)

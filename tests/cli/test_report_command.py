@@ -11,7 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from bakery_slurm.cli import cli
-from bakery_slurm.evaluation import results_path
+from bakery_slurm.eval_results import EvalSource
+from bakery_slurm.evaluation import expand_eval, results_path
+from bakery_slurm.manifest import write_marker
+from bakery_slurm.matrix import load_matrix
+from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.rootcard import evaluation_section
 from conftest import MINIMAL_MATRIX
 
 MATRIX = MINIMAL_MATRIX.replace("[methods.ties]", "[methods.linear]\nweight = 0.5\n[methods.ties]") + """
@@ -107,3 +112,99 @@ def test_report_does_not_import_heavy_libraries(matrix, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["rows"]) == 3
     assert "HEAVY=\n" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# What is ranked against what
+
+BASELINE_EVAL = '[eval]\ntasks = ["mc"]\nbaselines = [{ name = "base" }]\n'
+TWO_VARIANTS = MINIMAL_MATRIX.replace("[variants.std]\n", "[variants.std]\n[variants.open]\n")
+
+
+def write_results(work, scores):
+    for target, acc in scores.items():
+        out = results_path(work, target)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(lm_eval_results(acc)))
+
+
+def test_a_cell_is_not_ranked_against_another_variants_baseline(tmp_path, write_matrix):
+    """`base` is a baseline at every variant (tiny-std/base, tiny-open/base): the open cell's
+    reference is tiny-open/base. While that one has no results (its eval failed or is pending),
+    the open cell must not be ranked against tiny-std/base, a different base model."""
+    matrix = write_matrix(TWO_VARIANTS + BASELINE_EVAL)
+    write_results(tmp_path / "bakery-work", {"tiny-std/eng-nob__ties": 0.6,
+                                             "tiny-open/eng-nob__ties": 0.7,
+                                             "tiny-std/base": 0.45})
+    result = CliRunner().invoke(cli, ["report", str(matrix), "--json"])
+    assert result.exit_code == 0, result.output
+    ranking = json.loads(result.stdout)["ranking"]
+    references = {v: ref for e in ranking for v, ref in e["references"].items()}
+    assert references.get("open") != "tiny-std/base", ranking
+
+
+def test_report_prints_the_pivot_while_the_default_baseline_has_no_results(tmp_path, write_matrix):
+    """The cells are evaluated, the first baseline's eval failed (or is still pending): without
+    --baseline, report prints the pivot without a ranking, as the root card does."""
+    matrix = write_matrix(MINIMAL_MATRIX + BASELINE_EVAL)
+    write_results(tmp_path / "bakery-work", {"tiny-std/eng-nob__ties": 0.6})
+    result = CliRunner().invoke(cli, ["report", str(matrix)])
+    assert result.exit_code == 0, result.output
+    assert "tiny-std/eng-nob__ties  60.0 ± 5.0" in result.stdout
+
+
+def test_report_leaves_out_a_cell_merged_again_since_its_eval(tmp_path, write_matrix):
+    """The cell's results scored another checkpoint than its verified output (merged again since,
+    its new eval not run yet or failed): report leaves it out, as the cards do, until its eval
+    runs again."""
+    matrix = write_matrix(MINIMAL_MATRIX + BASELINE_EVAL)
+    work = tmp_path / "bakery-work"
+    cell = "tiny-std/eng-nob__ties"
+    paths = CellPaths(work, cell)
+    paths.final.mkdir(parents=True)
+    (paths.final / "model.safetensors").write_bytes(b"new weights")
+    paths.verified.write_text(json.dumps({"final_sha256": write_marker(paths.final, {})["content_sha256"]}))
+    write_results(work, {cell: 0.6, "tiny-std/base": 0.45})
+    stale = json.loads(results_path(work, cell).read_text())
+    stale["bakery"] = {"inputs": {"final_sha256": "0" * 64}}
+    results_path(work, cell).write_text(json.dumps(stale))
+    result = CliRunner().invoke(cli, ["report", str(matrix), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert cell not in [r["target"] for r in data["rows"]]
+    assert data["ranking"] == []
+
+
+def test_report_does_not_rank_results_of_other_eval_settings_against_each_other(tmp_path,
+                                                                                  write_matrix):
+    """num_fewshot changed 0 -> 5; the baseline was evaluated again (5-shot), the cell's new eval
+    failed, so its results are the 0-shot ones (their settings_hash says so): not ranked against
+    the 5-shot baseline."""
+    old = write_matrix(MINIMAL_MATRIX + BASELINE_EVAL + "num_fewshot = 0\n", "old/matrix.toml")
+    new = write_matrix(MINIMAL_MATRIX + BASELINE_EVAL + "num_fewshot = 5\n")
+    old_hash = {t.id: t.settings_hash for t in expand_eval(load_matrix(old))}
+    new_hash = {t.id: t.settings_hash for t in expand_eval(load_matrix(new))}
+    work = tmp_path / "bakery-work"
+    cell, base = "tiny-std/eng-nob__ties", "tiny-std/base"
+    write_results(work, {cell: 0.6, base: 0.45})
+    for target, hashes in ((cell, old_hash), (base, new_hash)):
+        stored = json.loads(results_path(work, target).read_text())
+        stored["bakery"] = {"settings_hash": hashes[target]}
+        results_path(work, target).write_text(json.dumps(stored))
+    result = CliRunner().invoke(cli, ["report", str(new), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ranking"] == []
+
+
+def test_the_root_card_does_not_rank_a_cell_against_another_variants_baseline(tmp_path,
+                                                                              write_matrix):
+    """The same as report's, in the root card's evaluation section (EvalSource -> ranking)."""
+    matrix = load_matrix(write_matrix(TWO_VARIANTS + BASELINE_EVAL))
+    work = tmp_path / "bakery-work"
+    write_results(work, {"tiny-std/eng-nob__ties": 0.6, "tiny-open/eng-nob__ties": 0.7,
+                         "tiny-std/base": 0.45})
+    evaluation = EvalSource.of_matrix(matrix, work).evaluation()
+    records = {c: {"output": {"content_sha256": None}} for c in
+               ("tiny-std/eng-nob__ties", "tiny-open/eng-nob__ties")}
+    section = evaluation_section(evaluation, records)
+    assert "Mean Δ over (std)" in section, section

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+from datetime import datetime, timezone
 from pathlib import Path
 
+from bakery_slurm.cell_status import CellStatus
+from bakery_slurm.cli.submit import _evals_to_submit
 from bakery_slurm.evaluation import expand_eval, results_path
-from bakery_slurm.ledger import all_arrays, load_ledger
+from bakery_slurm.ledger import ArrayRecord, all_arrays, load_ledger
 from bakery_slurm.manifest import write_marker
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.stages import evaluate
+from bakery_slurm.status_snapshot import Snapshot
 from support import wait_for
 
 from test_ledger_commands import CELLS, LEDGER, invoke, write_project
@@ -159,3 +165,56 @@ def test_the_local_executor_runs_the_chain_and_resubmit_rechains_it(tmp_path):
     arrays = all_arrays(load_ledger(ledger))
     assert [(a.stage, len(a.cells), a.after is not None) for a in arrays] == [
         ("merge", 3, False), ("eval", 3, True), ("eval", 1, False)]
+
+
+def test_submit_force_evaluates_an_evaluated_target_again(tmp_path, monkeypatch):
+    """`submit --force` of a target evaluated with the same settings on the same checkpoint: its
+    eval task runs `run-eval --force`, which scores it again instead of keeping the results."""
+    matrix_path = eval_project(tmp_path)
+    matrix = load_matrix(matrix_path)
+    cell = next(c for c in expand(matrix) if c.id == CELLS[0])
+    verified(matrix.work_dir, cell.id)
+    CellPaths(matrix.work_dir, cell.id).result.write_text(json.dumps(
+        {"status": "done", "recipe_hash": cell.recipe_hash, "push": str(cell.push)}))
+    calls = []
+
+    def fake_simple_evaluate(*args):
+        calls.append(args)
+        return {"results": {"tiny_mc": {"acc,none": 0.25 * len(calls)}}}
+
+    monkeypatch.setattr(evaluate, "_simple_evaluate", fake_simple_evaluate)
+    first = invoke("run-eval", matrix_path, cell.id, "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    assert len(calls) == 1
+
+    forced = invoke("submit", matrix_path, "--executor", "slurm", "--dry-run", "--force",
+                    "--only", cell.id)
+    assert forced.exit_code == 0, forced.output
+    line = next(l for l in forced.stdout.splitlines() if f" run-eval {matrix_path} {cell.id} " in l)
+    argv = shlex.split(line)
+    task_args = argv[argv.index("bakery_slurm") + 1:]  # what the eval task runs
+    again = invoke(*task_args, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["status"] == "done"
+    assert len(calls) == 2
+
+
+def test_the_eval_of_a_cell_being_merged_again_waits_for_that_merge(tmp_path):
+    """A cell whose merge is pending from an earlier submit (`submit --force --no-eval`; this
+    submit adds the evals) still has its older verified output in place: its eval waits for that
+    merge instead of scoring the checkpoint the merge is about to replace."""
+    matrix_path = eval_project(tmp_path)
+    matrix = load_matrix(matrix_path)
+    cell = CELLS[0]
+    verified(matrix.work_dir, cell)  # the previous merge's output, still verified
+    target = next(t for t in expand_eval(matrix) if t.id == cell)
+    array = ArrayRecord(name="bakery-abc-0", executor="slurm", resources={},
+                        folder=str(matrix.work_dir / "arrays" / "bakery-abc-0"), cells=[cell],
+                        job_id="1234", submitted=datetime.now(timezone.utc))
+    pending = CellStatus(cell=cell, state="PENDING", attempt=2, array_name=array.name,
+                         array_job_id="1234", index=0, recipe_hash="h")
+    snap = Snapshot(statuses=[pending], arrays={array.name: array}, notes=[], evals=[])
+    keep, live, skipped, _ = _evals_to_submit([target], set(), None, snap, matrix.work_dir,
+                                              "slurm", force=False)
+    assert [t.id for t in keep] == [cell]
+    assert live == {cell: (array.name, 0)}

@@ -5,19 +5,25 @@ Bad [eval] tables are tested through the CLI in tests/cli/test_eval_config.py.""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from bakery_slurm.cell_status import CellStatus
 from bakery_slurm.errors import ConfigError, StageError
-from bakery_slurm.evaluation import (expand_eval, failure_path, pin_target, read_eval_failure,
-                                     results_path)
+from bakery_slurm.evaluation import (expand_eval, failure_path, is_evaluated, pin_target,
+                                     read_eval_failure, results_path)
+from bakery_slurm.ledger import ArrayRecord
 from bakery_slurm.manifest import write_marker
 from bakery_slurm.matrix import load_matrix
 from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.stages import evaluate
 from bakery_slurm.stages.evaluate import _model, run_eval
+from bakery_slurm.status_snapshot import _eval_from_results
 from conftest import MINIMAL_MATRIX
 
+EVAL_WITH_BASELINE = '[eval]\ntasks = ["mc"]\nbaselines = [{ name = "base" }]\n'
 TWO_BY_TWO = MINIMAL_MATRIX.replace("[variants.std]\n", "[variants.std]\n[variants.open]\n").replace(
     "[sizes.tiny]\n", "[sizes.tiny]\n[sizes.big]\nresources = { mem = \"64G\" }\n")
 
@@ -175,15 +181,20 @@ def test_a_cell_is_scored_only_on_its_verified_output(tmp_path, write_matrix, re
     assert "stage eval failed: no verified output in" in failure["error"] and failure["finished"]
 
 
+def verified_cell(work: Path, cell_id: str) -> None:
+    """A cell with a verified (placeholder) output, as the pipeline leaves it."""
+    paths = CellPaths(work, cell_id)
+    paths.final.mkdir(parents=True)
+    (paths.final / "model.safetensors").write_bytes(b"weights")
+    paths.verified.write_text(json.dumps({"final_sha256": write_marker(paths.final, {})["content_sha256"]}))
+
+
 def test_a_successful_eval_removes_the_failure_record(tmp_path, write_matrix, monkeypatch):
     from bakery_slurm.stages import evaluate
 
     (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
     work = tmp_path / "work"
-    paths = CellPaths(work, target.id)
-    paths.final.mkdir(parents=True)
-    (paths.final / "model.safetensors").write_bytes(b"weights")
-    paths.verified.write_text(json.dumps({"final_sha256": write_marker(paths.final, {})["content_sha256"]}))
+    verified_cell(work, target.id)
     failure_path(work, target.id).parent.mkdir(parents=True)
     failure_path(work, target.id).write_text('{"error": "an earlier try", "finished": "2026-01-01"}')
     monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: {"results": {"a": {"acc": 1.0}}})
@@ -251,3 +262,42 @@ def test_a_baselines_inputs_are_checked_and_pinned_through_a_cell_reading_them(t
     lora = targets["big-std/lora-nob"]
     carried = {s.key for s in cell_inputs(carriers[1]).values()}
     assert {lora.base.key, lora.adapter[1].key} <= carried
+
+
+def test_a_baseline_scored_in_another_dtype_is_not_taken_as_evaluated(tmp_path, write_matrix):
+    """lm-eval loads a baseline in the matrix's dtype, so its scores depend on it (a cell's
+    checkpoint changes with it anyway): a dtype change evaluates the baseline again."""
+    def baseline(dtype: str):
+        text = f'dtype = "{dtype}"\n' + MINIMAL_MATRIX + EVAL_WITH_BASELINE
+        return next(t for t in expand_eval(load_matrix(write_matrix(text))) if t.kind == "baseline")
+
+    old, new = baseline("float32"), baseline("bfloat16")
+    assert not is_evaluated(new, {"settings_hash": old.settings_hash, "settings": old.settings}, None)
+    assert is_evaluated(new, {"settings_hash": new.settings_hash, "settings": new.settings}, None)
+
+
+def test_without_accounting_an_eval_task_that_kept_its_results_is_not_NOT_FOUND(
+        tmp_path, write_matrix, monkeypatch):
+    """An eval task that kept the results of the same model and settings (a chained eval after a
+    merge that rebuilt the same bytes) notes when it checked them: without accounting, `status`
+    tells by that note that the task ran and succeeded (COMPLETED, not NOT_FOUND)."""
+    (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
+    work = tmp_path / "work"
+    verified_cell(work, target.id)
+    monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: {"results": {"a": {"acc,none": 1.0}}})
+    assert run_eval(target, work, device="cpu")["status"] == "done"
+    # Rewind the first results' time: they were written by an earlier submission.
+    out = results_path(work, target.id)
+    stored = json.loads(out.read_text())
+    stored["bakery"]["finished"] = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    out.write_text(json.dumps(stored))
+
+    array = ArrayRecord(name="bakery-abc-1", executor="slurm", resources={}, stage="eval",
+                        folder=str(work / "arrays" / "bakery-abc-1"), cells=[target.id],
+                        submitted=datetime.now(timezone.utc) - timedelta(minutes=5))
+    # The task of that array ran (and exited 0) ...
+    assert run_eval(target, work, device="cpu")["status"] == "skipped"
+    # ... and has left squeue; no accounting.
+    gone = CellStatus(cell=target.id, state="NOT_FOUND", attempt=2, array_name=array.name,
+                      array_job_id="42", index=0, recipe_hash="h", stage="eval")
+    assert _eval_from_results(gone, {array.name: array}).state == "COMPLETED"
