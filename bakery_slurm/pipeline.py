@@ -274,6 +274,10 @@ def _bake(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
                     "reason": "the bakery engine bakes each tensor in memory during the merge",
                     "bytes_read": 0, "bytes_written": 0}
     base_dir, base_tensors, base_record = bake_stage.prepare_base(flow.base, cache)
+    # The bakes and mergekit's output are in the cell's dtype, which need not be the base's.
+    from .stages.verify import SAFETENSORS_DTYPE
+    base_tensors = {name: (SAFETENSORS_DTYPE[cell.dtype], tuple(shape))
+                    for name, (_, shape) in base_tensors.items()}
     if flow.plan is None:
         flow.base_dir, flow.base_tensors = base_dir, base_tensors
     records = {}

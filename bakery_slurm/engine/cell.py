@@ -123,13 +123,38 @@ def plan_cell(base: Path, adapters: list[tuple[str, Path]], method: str, needs_b
         sources[out] = (Path(base) / where.file, name)
         specs[out] = (SAFETENSORS_DTYPE[dtype], tuple(where.shape))
     shapes = {name: shape for name, (_, shape) in specs.items()}
-    factors = {adapter: (Path(folder) / ADAPTER_WEIGHTS, read_adapter(folder, shapes, to_output))
+    to_module = peft_module_name if kind == "multimodal" else (lambda module: module)
+    factors = {adapter: (Path(folder) / ADAPTER_WEIGHTS,
+                         read_adapter(folder, shapes, to_output, to_module))
                for adapter, folder in adapters}
     names = tuple(adapter for adapter, _ in adapters)
     merge_parameters = {key: (dict(value) if isinstance(value, dict) else value)
                         for key, value in parameters.items()}
     return CellPlan(method, dtype, names, needs_base, merge_parameters, sources, specs, factors,
                     Path(base) / "config.json")
+
+
+# Multimodal adapter module prefixes that PEFT's key mapping (transformers 5's conversion for
+# gemma3) brings to the model's modules, and what they become; PEFT loads no other layout.
+PEFT_MODULE_PREFIXES = (
+    ("model.language_model.model.", "model.language_model."),
+    ("model.language_model.", "model.language_model."),
+    ("language_model.model.", "model.language_model."),
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.vision_tower.", "model.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+)
+
+
+def peft_module_name(module: str) -> str:
+    """A multimodal adapter's module (its key without `base_model.model.` and the factor suffix)
+    as the module of the model PEFT loads it into; Unsupported where PEFT would load nothing."""
+    if module in ("lm_head", "language_model.lm_head"):
+        return "lm_head"
+    for prefix, model_prefix in PEFT_MODULE_PREFIXES:
+        if module.startswith(prefix):
+            return model_prefix + module[len(prefix):]
+    raise Unsupported(f"adapter module {module}: a key layout PEFT does not load into this model")
 
 
 @dataclass

@@ -7,15 +7,18 @@ when it loads them, and an fp32 file stays fp32), `delta = (B @ A) * scaling` in
 the base weight in the model's dtype: one rounding. `baked_tensor` does exactly these operations.
 
 Anything else an adapter may carry changes what PEFT does (DoRA's magnitude vectors, lora_bias,
-modules_to_save, embedding or convolution LoRA, per-module rank or alpha patterns, ...).
-`read_adapter` refuses such an adapter with the reason, and the cell falls back to PEFT and mergekit
-(recorded in its result), never to a silently different result.
+modules_to_save, embedding or convolution LoRA, per-module rank or alpha patterns, an init that
+PEFT runs again on load and that replaces the base weight by a residual: PiSSA, OLoRA, ...). PEFT
+also loads only the factors of the modules adapter_config.json selects (`selects`), and ignores
+the rest of the file. `read_adapter` refuses such an adapter with the reason, and the cell falls
+back to PEFT and mergekit (recorded in its result), never to a silently different result.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -25,17 +28,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
-# adapter_config.json keys that do not change the merged weights: metadata, training-time settings
-# (dropout, initialisation) and module selection (the engine follows the saved factors instead).
+# adapter_config.json keys that do not change the merged weights: metadata and training-time
+# settings (dropout).
 NEUTRAL_KEYS = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-    "revision", "inference_mode", "target_modules", "exclude_modules", "lora_dropout",
-    "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
+    "revision", "inference_mode", "lora_dropout", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
     "qalora_group_size", "ensure_weight_tying",
 })
-# Keys the engine reads itself.
-HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora"})
+# Keys the engine reads itself: the scaling, and the module selection (PEFT creates LoRA layers
+# only for the modules it selects and ignores saved factors of any other; see `selects`).
+HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+                          "layers_to_transform", "layers_pattern", "init_lora_weights"})
+# init_lora_weights values whose init PEFT's from_pretrained runs again without touching the base
+# weight (pissa, olora, corda, loftq, orthogonal, ... replace it by a residual).
+PLAIN_INITS = (True, "gaussian")
 # `installed_lora_defaults()` of the pinned PEFT, and that version (see `lora_defaults`).
 LORA_DEFAULTS = Path(__file__).with_name("peft_lora_defaults.json")
 # `baked_tensor` scales, adds and rounds this many elements at a time (1 MB of fp32).
@@ -68,6 +75,12 @@ def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) 
     """
     if config.get("peft_type", "LORA") != "LORA":
         return f"peft_type {config.get('peft_type')!r} is not LORA"
+    init = config.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init.lower() == plain)
+               for plain in PLAIN_INITS):
+        return f"init_lora_weights = {init!r} (PEFT re-initialises the base weight on load)"
+    if not isinstance(config.get("target_modules"), (str, list)):
+        return f"target_modules = {config.get('target_modules')!r} (PEFT picks the model type's defaults)"
     for key in sorted(config):
         if key in NEUTRAL_KEYS or key in HANDLED_KEYS:
             continue
@@ -81,8 +94,45 @@ def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) 
     return None
 
 
+def selects(config: Mapping[str, Any], module: str) -> bool:
+    """Whether PEFT (`check_target_module_exists`, and "all-linear" without the output layer)
+    creates a LoRA layer for `module` (a name of the model's module, as PEFT sees it)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, module):
+                return False
+        elif module in exclude or any(module.endswith(f".{key}") for key in exclude):
+            return False
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return module.rpartition(".")[2] != "lm_head"
+        return re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{key}") for key in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match is not None:
+                break
+    if not match:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
 def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 base: Mapping[str, tuple[int, ...]], to_base_name: Callable[[str], str]
+                 base: Mapping[str, tuple[int, ...]], to_base_name: Callable[[str], str],
+                 to_model_module: Callable[[str], str] = lambda module: module
                  ) -> dict[str, Factors]:
     """Map every LoRA pair of an adapter to the base tensor it changes.
 
@@ -122,7 +172,11 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
         a_shape, b_shape = tuple(shapes[parts["A"]]), tuple(shapes[parts["B"]])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
             raise Unsupported(f"{module}: factor shapes {a_shape} and {b_shape} are not rank-{r} linear")
-        target = to_base_name(module + ".weight")
+        model_module = to_model_module(module)
+        if not selects(config, model_module):
+            raise Unsupported(f"{module}: saved, but adapter_config.json does not select "
+                              f"{model_module} (PEFT would not load it)")
+        target = to_base_name(model_module + ".weight")
         if tuple(base.get(target, ())) != (b_shape[0], a_shape[1]):
             raise Unsupported(f"{module}: no base tensor {target} of shape {(b_shape[0], a_shape[1])}")
         if target in plan:
@@ -132,7 +186,9 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
 
 
 def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
-                 to_base_name: Callable[[str], str]) -> dict[str, Factors]:
+                 to_base_name: Callable[[str], str],
+                 to_model_module: Callable[[str], str] = lambda module: module
+                 ) -> dict[str, Factors]:
     """Read an adapter folder's config and file header; return its factors per base tensor.
 
     Raises
@@ -153,7 +209,7 @@ def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
     if reason:
         raise Unsupported(f"{folder}: {reason}")
     shapes = {k: tuple(v["shape"]) for k, v in read_header(weights).items() if k != "__metadata__"}
-    return plan_factors(config, shapes, base, to_base_name)
+    return plan_factors(config, shapes, base, to_base_name, to_model_module)
 
 
 def lora_defaults() -> dict[str, Any]:

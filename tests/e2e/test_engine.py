@@ -200,12 +200,16 @@ def adapters_with(tmp_path: Path, tiny_models: Path, **lora_options) -> Path:
     return models
 
 
-def run_both(tmp_path: Path, models: Path, write_tiny_matrix, method: str) -> dict[str, dict]:
+def run_both(tmp_path: Path, models: Path, write_tiny_matrix, method: str, size: str = "tiny1b",
+             dtype: str | None = None) -> dict[str, dict]:
+    """One cell with each engine (in the matrix's `dtype`, when given): result and published tensors."""
     out = {}
     for engine in ENGINES:
-        matrix = load_matrix(write_tiny_matrix(tmp_path / engine, models=models,
-                                               methods=(method,), engine=engine))
-        cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", method))
+        path = write_tiny_matrix(tmp_path / engine, models=models, methods=(method,), engine=engine)
+        if dtype:
+            path.write_text(f'dtype = "{dtype}"\n' + path.read_text())
+        matrix = load_matrix(path)
+        cell = next(c for c in expand(matrix) if c.id == cell_id(size, method))
         out[engine] = {"result": run_cell(cell, matrix.work_dir, device="cpu"),
                        "tensors": checkpoint_tensors(tmp_path / engine / "published" / cell.id)}
     return out
@@ -247,6 +251,9 @@ def test_adapters_saved_in_16_bits_are_baked_as_peft_loads_them(tmp_path, tiny_m
 @pytest.mark.parametrize("options, reason", [
     ({"use_dora": True}, "use_dora"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "not a linear LoRA factor"),
+    # PEFT's from_pretrained runs these inits again, which replace the base weight by a residual.
+    ({"init_lora_weights": "pissa"}, "init_lora_weights = 'pissa'"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights = 'olora'"),
 ])
 def test_unsupported_adapters_fall_back_to_peft_and_mergekit(tmp_path, tiny_models,
                                                              write_tiny_matrix, options, reason):
@@ -259,6 +266,70 @@ def test_unsupported_adapters_fall_back_to_peft_and_mergekit(tmp_path, tiny_mode
     ours, reference = both["bakery"]["tensors"], both["mergekit"]["tensors"]
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[n], reference[n]) for n in reference)
+
+
+def assert_same_bytes(both: dict[str, dict]) -> None:
+    ours, reference = both["bakery"]["tensors"], both["mergekit"]["tensors"]
+    assert ours.keys() == reference.keys()
+    assert all(ours[n].dtype == reference[n].dtype
+               and torch.equal(ours[n].view(torch.uint8), reference[n].view(torch.uint8))
+               for n in reference)
+
+
+def edit_adapter_configs(models: Path, kind: str, **settings) -> None:
+    for name in ("eng", "nob"):
+        path = models / "adapters" / kind / name / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=2))
+
+
+@pytest.mark.parametrize("settings", [
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"layers_to_transform": [0]},
+    {"exclude_modules": ["fc1", "fc2"]},
+    {"target_modules": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"},
+], ids=["target-list", "layers-to-transform", "exclude-modules", "language-model-regex"])
+def test_saved_factors_the_config_does_not_select_fall_back(tmp_path, tiny_models,
+                                                            write_tiny_matrix, settings):
+    """PEFT makes LoRA layers only for the modules adapter_config.json selects, and ignores the
+    saved factors of any other: an adapter whose file holds more than its config selects is left
+    to PEFT, recorded."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    edit_adapter_configs(models, "multimodal", **settings)
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic", "tiny4b")
+    assert "does not select" in both["bakery"]["result"]["stages"]["bake"]["engine_fallback_reason"]
+    assert_same_bytes(both)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("base_model.model.model.language_model.", "base_model.model.language_model."),
+    ("base_model.model.model.vision_tower.", "base_model.model.vision_tower."),
+], ids=["language_model.layers", "vision_tower.encoder"])
+def test_adapter_keys_in_a_layout_peft_does_not_load_fall_back(tmp_path, tiny_models,
+                                                               write_tiny_matrix, old, new):
+    """Keys PEFT's key mapping does not bring to the model's modules are loaded nowhere (PEFT only
+    warns of missing adapter keys): the engine must not bake them either."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    for name in ("eng", "nob"):
+        file = models / "adapters" / "multimodal" / name / "adapter_model.safetensors"
+        save_file({new + key[len(old):] if key.startswith(old) else key: factor
+                   for key, factor in load_file(str(file)).items()},
+                  str(file), metadata={"format": "pt"})
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic", "tiny4b")
+    assert "a key layout PEFT does not load" in both["bakery"]["result"]["stages"]["bake"]["engine_fallback_reason"]
+    assert_same_bytes(both)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_cell_dtype_other_than_the_bases_is_merged_by_both_engines(tmp_path, tiny_models,
+                                                                    write_tiny_matrix, dtype):
+    """The bakes, and so the reference and every fallback, are in the cell's dtype, not the
+    (bf16) base's."""
+    both = run_both(tmp_path, tiny_models, write_tiny_matrix, "ties", dtype=dtype)
+    assert both["mergekit"]["result"]["status"] == "done"
+    assert {t.dtype for t in both["bakery"]["tensors"].values()} == {getattr(torch, dtype)}
+    assert_same_bytes(both)
 
 
 def test_a_failing_tensor_fails_the_merge_with_nothing_in_place(tmp_path, write_tiny_matrix,

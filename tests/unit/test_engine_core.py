@@ -53,7 +53,7 @@ def test_planning_a_cell_does_not_import_peft(tmp_path):
     assert json.loads(out.stdout) == []
 
 
-PLAIN = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+PLAIN = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "up_proj"],
          "use_rslora": False, "use_dora": False, "lora_bias": False, "bias": "none",
          "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
          "lora_dropout": 0.05, "task_type": "CAUSAL_LM", "runtime_config": {"ephemeral_gpu_offload": False}}
@@ -309,3 +309,30 @@ def test_a_filesystem_that_refuses_the_writeback_hint_still_gets_its_hash(tmp_pa
     hashed = writer.close()
     assert hashed["model.safetensors"]["sha256"] == hashlib.sha256(
         (tmp_path / "model.safetensors").read_bytes()).hexdigest()
+
+
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+           "model.layers.1.mlp.down_proj", "model.language_model.layers.2.mlp.up_proj",
+           "model.vision_tower.encoder.layers.0.mlp.fc1", "model.vision_tower.encoder.layers.1.mlp.fc2",
+           "lm_head"]
+
+
+@pytest.mark.parametrize("selection", [
+    {"target_modules": ["q_proj", "up_proj"]},
+    {"target_modules": ["q_proj", "model.layers.1.mlp.down_proj"], "layers_to_transform": [0]},
+    {"target_modules": ["q_proj", "fc1", "fc2"], "layers_to_transform": 1},
+    {"target_modules": ["q_proj", "fc1"], "layers_to_transform": [0], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "fc1"], "layers_to_transform": [0], "layers_pattern": ["encoder.layers"]},
+    {"target_modules": ["q_proj", "down_proj", "fc1"], "exclude_modules": ["fc1", "model.layers.1.mlp.down_proj"]},
+    {"target_modules": r".*language_model.*\.(up_proj|q_proj)"},
+    {"target_modules": ["q_proj", "fc2"], "exclude_modules": r".*vision_tower.*"},
+])
+def test_module_selection_is_pefts(selection):
+    """`lora.selects` against PEFT's own `check_target_module_exists` (the oracle)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    config = LoraConfig(**selection)
+    for module in MODULES:
+        found = check_target_module_exists(config, module)
+        assert lora.selects(selection, module) == bool(found and not isinstance(found, _ExcludedModule)), module
