@@ -131,6 +131,10 @@ class DirTarget:
     def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str:
         try:
             with fsutil.locked(self.root / ".bakery-push.lock"):
+                # Every publish stages under this lock: a staging folder found now is a killed
+                # publish's (a checkpoint's copy, where the target is on another filesystem).
+                for leftover in [*self.root.glob(".*.partial"), *self.root.glob("*/.*.partial")]:
+                    shutil.rmtree(leftover, ignore_errors=True)
                 _check_unchanged(str(self.root), items, self.published_records())
                 for item in items:
                     if not item.replace:

@@ -597,3 +597,13 @@ def test_a_private_target_never_publishes_into_an_existing_public_repo(tmp_path,
     fresh.publish([item], "cell", render_root())
     assert api.calls_to("create_repo")[-1]["private"] is True
     assert fresh.published_record(CELL) == item.record
+
+
+def test_a_dir_target_removes_what_a_killed_publish_left(tmp_path, item):
+    root = tmp_path / "published"
+    leftover = root / CELL.split("/")[0] / f".{CELL.split('/')[1]}.x1.partial"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half a copy")
+    DirTarget(root).publish([item], "cell", render_root(f"dir:{root}"))
+    assert not leftover.exists()
+    assert DirTarget(root).published_record(CELL) == item.record
