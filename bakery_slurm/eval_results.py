@@ -67,6 +67,7 @@ class EvalSource:
     def evaluation(self) -> CardEvaluation | None:
         """The results there now, for the root card; None when no target has any."""
         found, _ = read_results(list(self.targets), self.work)
+        found = {t.id: found[t.id] for t in self.targets if t.id in found and same_settings(t, found[t.id])}
         if not found:
             return None
         return CardEvaluation(
@@ -79,19 +80,27 @@ class EvalSource:
 
     def cell_results(self, cell_id: str, content_sha256: str) -> dict[str, Any] | None:
         """The cell's results if they scored the checkpoint with this content hash."""
-        found, _ = read_results([t for t in self.targets if t.id == cell_id], self.work)
+        targets = [t for t in self.targets if t.id == cell_id]
+        found, _ = read_results(targets, self.work)
         results = found.get(cell_id)
-        return results if results and scored_checkpoint(results) == content_sha256 else None
+        return (results if results and scored_checkpoint(results) == content_sha256
+                and same_settings(targets[0], results) else None)
 
 
 def scores_now(target: EvalTarget, results: dict[str, Any], work: Path) -> bool:
     """Do `results` score `target` as it is now: its eval settings (results without a `bakery`
     block are taken as they are), and for a cell the checkpoint verified in the work folder (when
     there still is one: gc removes a published cell's)?"""
-    record = results.get("bakery") or {}
-    if record.get("settings_hash", target.settings_hash) != target.settings_hash:
+    if not same_settings(target, results):
         return False
     if target.kind != "cell":
         return True
     now = verified_output(work, target.id)
     return now is None or now == scored_checkpoint(results)
+
+
+def same_settings(target: EvalTarget, results: dict[str, Any]) -> bool:
+    """Were `results` scored with `target`'s eval settings (results without a `bakery` block, not
+    written by run-eval, are taken as they are)?"""
+    record = results.get("bakery") or {}
+    return record.get("settings_hash", target.settings_hash) == target.settings_hash

@@ -51,9 +51,11 @@ class EvalTarget:
     @property
     def settings(self) -> dict[str, Any]:
         """What, besides the model, decides the scores: a changed one makes a rerun evaluate again."""
-        return {"tasks": list(self.tasks), "num_fewshot": self.num_fewshot, "limit": self.limit,
-                "batch_size": self.batch_size, "include_path": self.include_path,
-                "dtype": self.dtype}
+        settings = {"tasks": list(self.tasks), "num_fewshot": self.num_fewshot,
+                    "limit": self.limit, "batch_size": self.batch_size,
+                    "include_path": self.include_path}
+        # A cell's dtype is in its checkpoint (final_sha256) already; a baseline's is not.
+        return {**settings, "dtype": self.dtype} if self.kind == "baseline" else settings
 
     @property
     def settings_hash(self) -> str:

@@ -67,6 +67,11 @@ def fetch(source: ModelSource, hash_cache: Path | None = None, offline: bool = F
     return LocalModel(path=path, identity={"path": str(path), "sha256": content_hash(files)})
 
 
+# A file time this far past the record's cannot be a rewrite in the record's timestamp tick (a
+# rewrite stamps "now"): a future mtime (rsync -a, tar x from a fast clock) is not racy forever.
+RACY_WINDOW_NS = 300 * 10**9
+
+
 def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
     """`manifest(path)`, reading only files changed since the hashes kept in `hash_cache`."""
     record = Path(hash_cache) / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
@@ -77,7 +82,8 @@ def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
         # the record may have changed after it was hashed, within one timestamp tick (a whole
         # second on Lustre), keeping its signature. Hash it again.
         known = {name: info for name, info in known.items()
-                 if info.get("signature") and max(info["signature"][1:3]) < written}
+                 if info.get("signature") and not (
+                     written <= max(info["signature"][1:3]) < written + RACY_WINDOW_NS)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         known = {}  # none yet, or unreadable: hash everything and write it anew
     files = scan(path, known)

@@ -166,6 +166,10 @@ def _evals_to_submit(targets, merging: set[str], ledger, snap, work: Path, execu
         elif merge and merge.array_job_id and snap.arrays[merge.array_name].executor == executor:
             keep.append(target)
             live[target.id] = (merge.array_name, merge.index)
+        elif merge:
+            skipped.append((target.id, f"its merge is {merge.state} in array {merge.array_name}, "
+                                       "which this submit cannot chain to: submit again once it "
+                                       "has ended"))
         elif final is not None:
             keep.append(target)
         else:

@@ -42,7 +42,7 @@ HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora", "target_modules", "ex
                           "layers_to_transform", "layers_pattern", "init_lora_weights"})
 # init_lora_weights values whose init PEFT's from_pretrained runs again without touching the base
 # weight (pissa, olora, corda, loftq, orthogonal, ... replace it by a residual).
-PLAIN_INITS = (True, "gaussian")
+PLAIN_INITS = (True, False, "gaussian", "eva")
 # `installed_lora_defaults()` of the pinned PEFT, and that version (see `lora_defaults`).
 LORA_DEFAULTS = Path(__file__).with_name("peft_lora_defaults.json")
 # `baked_tensor` scales, adds and rounds this many elements at a time (1 MB of fp32).

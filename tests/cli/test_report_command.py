@@ -208,3 +208,14 @@ def test_the_root_card_does_not_rank_a_cell_against_another_variants_baseline(tm
                ("tiny-std/eng-nob__ties", "tiny-open/eng-nob__ties")}
     section = evaluation_section(evaluation, records)
     assert "Mean Δ over (std)" in section, section
+
+
+def test_the_cards_leave_out_results_of_other_eval_settings_as_report_does(tmp_path, write_matrix):
+    matrix = load_matrix(write_matrix(MINIMAL_MATRIX + BASELINE_EVAL))
+    work = tmp_path / "bakery-work"
+    write_results(work, {"tiny-std/eng-nob__ties": 0.6, "tiny-std/base": 0.45})
+    stale = json.loads(results_path(work, "tiny-std/base").read_text())
+    stale["bakery"] = {"settings_hash": "0" * 64}  # scored with other [eval] settings
+    results_path(work, "tiny-std/base").write_text(json.dumps(stale))
+    evaluation = EvalSource.of_matrix(matrix, work).evaluation()
+    assert [row.id for row in evaluation.rows] == ["tiny-std/eng-nob__ties"]

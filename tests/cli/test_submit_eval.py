@@ -218,3 +218,24 @@ def test_the_eval_of_a_cell_being_merged_again_waits_for_that_merge(tmp_path):
                                               "slurm", force=False)
     assert [t.id for t in keep] == [cell]
     assert live == {cell: (array.name, 0)}
+
+
+def test_the_eval_of_a_cell_whose_merge_cannot_be_chained_to_says_so(tmp_path):
+    """A live merge this submit cannot wait for (another executor's, or one with no job id yet):
+    the eval is not submitted, and the message names that merge."""
+    matrix_path = eval_project(tmp_path)
+    matrix = load_matrix(matrix_path)
+    cell = CELLS[0]
+    verified(matrix.work_dir, cell)
+    target = next(t for t in expand_eval(matrix) if t.id == cell)
+    array = ArrayRecord(name="bakery-abc-0", executor="local", resources={},
+                        folder=str(matrix.work_dir / "arrays" / "bakery-abc-0"), cells=[cell],
+                        job_id="local-1", submitted=datetime.now(timezone.utc))
+    running = CellStatus(cell=cell, state="RUNNING", attempt=2, array_name=array.name,
+                         array_job_id="local-1", index=0, recipe_hash="h")
+    snap = Snapshot(statuses=[running], arrays={array.name: array}, notes=[], evals=[])
+    keep, live, skipped, _ = _evals_to_submit([target], set(), None, snap, matrix.work_dir,
+                                              "slurm", force=False)
+    assert keep == [] and live == {}
+    assert skipped == [(cell, "its merge is RUNNING in array bakery-abc-0, which this submit "
+                              "cannot chain to: submit again once it has ended")]

@@ -62,6 +62,9 @@ PLAIN = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_pro
 def test_a_plain_lora_config_is_supported(defaults):
     assert unsupported_setting(PLAIN, defaults) is None
     assert unsupported_setting({**PLAIN, "use_rslora": True}, defaults) is None
+    # Inits PEFT runs again on load without touching the base weight (the saved factors win).
+    for init in (True, False, "gaussian", "eva"):
+        assert unsupported_setting({**PLAIN, "init_lora_weights": init}, defaults) is None
 
 
 @pytest.mark.parametrize("change, named", [
@@ -74,6 +77,9 @@ def test_a_plain_lora_config_is_supported(defaults):
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"trainable_token_indices": [3]}, "trainable_token_indices"),
     ({"peft_type": "LOHA"}, "LOHA"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"init_lora_weights": "orthogonal"}, "init_lora_weights"),
+    ({"target_modules": None}, "target_modules"),
     ({"some_future_setting": 1}, "some_future_setting"),
 ])
 def test_settings_that_change_the_merge_are_refused_by_name(defaults, change, named):

@@ -276,6 +276,17 @@ def test_a_baseline_scored_in_another_dtype_is_not_taken_as_evaluated(tmp_path, 
     assert is_evaluated(new, {"settings_hash": new.settings_hash, "settings": new.settings}, None)
 
 
+def test_a_cells_settings_leave_the_dtype_to_its_checkpoint(tmp_path, write_matrix):
+    """A cell's dtype is in its checkpoint's hash already: results scored before the dtype joined
+    the baselines' settings still score the cell."""
+    def cell(dtype: str):
+        text = f'dtype = "{dtype}"\n' + MINIMAL_MATRIX + EVAL_WITH_BASELINE
+        return next(t for t in expand_eval(load_matrix(write_matrix(text))) if t.kind == "cell")
+
+    assert cell("float32").settings_hash == cell("bfloat16").settings_hash
+    assert "dtype" not in cell("bfloat16").settings
+
+
 def test_without_accounting_an_eval_task_that_kept_its_results_is_not_NOT_FOUND(
         tmp_path, write_matrix, monkeypatch):
     """An eval task that kept the results of the same model and settings (a chained eval after a

@@ -123,6 +123,20 @@ def test_a_file_not_older_than_the_hash_record_is_read_again(model, tmp_path, re
     assert second.identity != first.identity
 
 
+def test_a_file_from_the_future_is_not_read_again_on_every_fetch(model, tmp_path, reads):
+    """An mtime far past the record's (copied with `rsync -a` from a host whose clock runs fast)
+    cannot be a rewrite in the record's tick: trusted, not hashed again until that date."""
+    weights = model / "adapter_model.safetensors"
+    future = weights.stat().st_mtime + 3600
+    os.utime(weights, (future, future))
+    cache = tmp_path / "hashes"
+    fetch(local(model), hash_cache=cache)
+    reads.clear()
+    fetch(local(model), hash_cache=cache)
+    fetch(local(model), hash_cache=cache)
+    assert reads == []
+
+
 def test_a_hub_bases_card_is_fetched_for_its_license_and_language(tmp_path):
     """The published cards take `license` and `language` from the base's README.md: prefetch's
     download (the fake applies huggingface_hub's own pattern filter) and a task's offline fetch
