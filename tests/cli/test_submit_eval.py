@@ -199,43 +199,36 @@ def test_submit_force_evaluates_an_evaluated_target_again(tmp_path, monkeypatch)
     assert len(calls) == 2
 
 
+def evals_beside_a_live_merge(tmp_path: Path, executor: str, job_id: str, state: str):
+    """`_evals_to_submit` (for SLURM) of a verified cell whose merge from an earlier submit is
+    `state` in an array of `executor`: (kept ids, chained, skipped)."""
+    matrix = load_matrix(eval_project(tmp_path))
+    cell = CELLS[0]
+    verified(matrix.work_dir, cell)  # the previous merge's output, still verified
+    target = next(t for t in expand_eval(matrix) if t.id == cell)
+    array = ArrayRecord(name="bakery-abc-0", executor=executor, resources={},
+                        folder=str(matrix.work_dir / "arrays" / "bakery-abc-0"), cells=[cell],
+                        job_id=job_id, submitted=datetime.now(timezone.utc))
+    merge = CellStatus(cell=cell, state=state, attempt=2, array_name=array.name,
+                       array_job_id=job_id, index=0, recipe_hash="h")
+    snap = Snapshot(statuses=[merge], arrays={array.name: array}, notes=[], evals=[])
+    keep, live, skipped, _ = _evals_to_submit([target], set(), None, snap, matrix.work_dir,
+                                              "slurm", force=False)
+    return [t.id for t in keep], live, skipped
+
+
 def test_the_eval_of_a_cell_being_merged_again_waits_for_that_merge(tmp_path):
     """A cell whose merge is pending from an earlier submit (`submit --force --no-eval`; this
     submit adds the evals) still has its older verified output in place: its eval waits for that
     merge instead of scoring the checkpoint the merge is about to replace."""
-    matrix_path = eval_project(tmp_path)
-    matrix = load_matrix(matrix_path)
-    cell = CELLS[0]
-    verified(matrix.work_dir, cell)  # the previous merge's output, still verified
-    target = next(t for t in expand_eval(matrix) if t.id == cell)
-    array = ArrayRecord(name="bakery-abc-0", executor="slurm", resources={},
-                        folder=str(matrix.work_dir / "arrays" / "bakery-abc-0"), cells=[cell],
-                        job_id="1234", submitted=datetime.now(timezone.utc))
-    pending = CellStatus(cell=cell, state="PENDING", attempt=2, array_name=array.name,
-                         array_job_id="1234", index=0, recipe_hash="h")
-    snap = Snapshot(statuses=[pending], arrays={array.name: array}, notes=[], evals=[])
-    keep, live, skipped, _ = _evals_to_submit([target], set(), None, snap, matrix.work_dir,
-                                              "slurm", force=False)
-    assert [t.id for t in keep] == [cell]
-    assert live == {cell: (array.name, 0)}
+    keep, live, skipped = evals_beside_a_live_merge(tmp_path, "slurm", "1234", "PENDING")
+    assert keep == [CELLS[0]] and live == {CELLS[0]: ("bakery-abc-0", 0)} and skipped == []
 
 
 def test_the_eval_of_a_cell_whose_merge_cannot_be_chained_to_says_so(tmp_path):
     """A live merge this submit cannot wait for (another executor's, or one with no job id yet):
     the eval is not submitted, and the message names that merge."""
-    matrix_path = eval_project(tmp_path)
-    matrix = load_matrix(matrix_path)
-    cell = CELLS[0]
-    verified(matrix.work_dir, cell)
-    target = next(t for t in expand_eval(matrix) if t.id == cell)
-    array = ArrayRecord(name="bakery-abc-0", executor="local", resources={},
-                        folder=str(matrix.work_dir / "arrays" / "bakery-abc-0"), cells=[cell],
-                        job_id="local-1", submitted=datetime.now(timezone.utc))
-    running = CellStatus(cell=cell, state="RUNNING", attempt=2, array_name=array.name,
-                         array_job_id="local-1", index=0, recipe_hash="h")
-    snap = Snapshot(statuses=[running], arrays={array.name: array}, notes=[], evals=[])
-    keep, live, skipped, _ = _evals_to_submit([target], set(), None, snap, matrix.work_dir,
-                                              "slurm", force=False)
+    keep, live, skipped = evals_beside_a_live_merge(tmp_path, "local", "local-1", "RUNNING")
     assert keep == [] and live == {}
-    assert skipped == [(cell, "its merge is RUNNING in array bakery-abc-0, which this submit "
-                              "cannot chain to: submit again once it has ended")]
+    assert skipped == [(CELLS[0], "its merge is RUNNING in array bakery-abc-0, which this submit "
+                                  "cannot chain to: submit again once it has ended")]
