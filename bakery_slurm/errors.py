@@ -18,6 +18,15 @@ class SchedulerMissing(SchedulerError):
     """A SLURM command is not installed or not on PATH."""
 
 
+class CancelRefused(SchedulerError):
+    """scancel cancelled the tasks it was allowed to and refused `refused`, (array name, index)
+    keys (a teammate's tasks on a shared ledger)."""
+
+    def __init__(self, message: str, refused: frozenset[tuple[str, int]]):
+        super().__init__(message)
+        self.refused = refused
+
+
 class LedgerError(BakeryError):
     """The ledger cannot be read (missing, truncated, corrupt, newer schema). It is never overwritten."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from . import array_task, fsutil, local
-from .errors import SchedulerError, SchedulerMissing
+from .errors import CancelRefused, SchedulerError, SchedulerMissing
 from .ledger import ArrayRecord
 from .matrix import Cell, Resources
 from .sacct import accounting_disabled, find_jobs_by_name, query_sacct
@@ -278,16 +278,29 @@ class SlurmBackend:
         return ids[-1] if ids else None
 
     def cancel(self, tasks: Sequence[tuple[ArrayRecord, int]]) -> None:
-        """One scancel for every (array, index) given."""
-        task_ids = [a.job_id if len(a.cells) == 1 else f"{a.job_id}_{i}" for a, i in tasks]
-        if not task_ids:
+        """One scancel for every (array, index) given.
+
+        Raises
+        ------
+        CancelRefused
+            scancel refused some tasks by id (another user's: it cancels the others, names each
+            refused one, "... job id 200: Access/permission denied", and exits non-zero).
+        SchedulerError
+            scancel failed otherwise: no task is known to be cancelled.
+        """
+        ids = {slurm_task_id(a, i): (a.name, i) for a, i in tasks}
+        if not ids:
             return
-        command = ["scancel", *task_ids]
+        command = ["scancel", *ids]
         try:
             self.runner(command, capture_output=True, text=True, timeout=SCHEDULER_TIMEOUT_S,
                         check=True)
         except subprocess.CalledProcessError as e:
-            raise SchedulerError(f"{' '.join(command)} failed: {e.stderr.strip()}") from None
+            message = f"{' '.join(command)} failed: {e.stderr.strip()}"
+            refused = {ids[task] for task in re.findall(r"job id (\S+?):", e.stderr or "") if task in ids}
+            if refused:
+                raise CancelRefused(message, frozenset(refused)) from None
+            raise SchedulerError(message) from None
         except (OSError, subprocess.SubprocessError) as e:
             raise SchedulerError(f"{' '.join(command)} failed: {e}") from None
 
@@ -295,9 +308,14 @@ class SlurmBackend:
     def log_paths(array: ArrayRecord, index: int) -> tuple[Path, Path]:
         """submitit's log files of one task (`JobPaths(folder, "<job>_<i>", 0).stdout/.stderr`),
         spelled out: `status` asks for 10,000 of them and JobPaths costs ~0.1 ms each."""
-        job = array.job_id if len(array.cells) == 1 else f"{array.job_id}_{index}"
-        stem = f"{array.folder}/{job}_0_log"
+        stem = f"{array.folder}/{slurm_task_id(array, index)}_0_log"
         return Path(stem + ".out"), Path(stem + ".err")
+
+
+def slurm_task_id(array: ArrayRecord, index: int) -> str:
+    """One task's SLURM id: `<job>_<index>`, or the job id alone for a one-task array (submitted
+    as a plain job)."""
+    return array.job_id if len(array.cells) == 1 else f"{array.job_id}_{index}"
 
 
 class LocalBackend:

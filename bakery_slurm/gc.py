@@ -110,15 +110,17 @@ def _results(work: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def _running(root: Path) -> bool:
-    """Does another process hold this cell's run lock (a task running it now)?"""
-    lock = root / ".run.lock"
-    if not lock.exists():
-        return False
-    try:
-        with fsutil.locked(lock, blocking=False):
-            return False
-    except fsutil.LockBusy:
-        return True
+    """Does another process hold this cell's run lock, or its eval's (a task running it, or
+    evaluating its `final` folder, now)?"""
+    for lock in (root / ".run.lock", root / "eval" / ".run.lock"):
+        if not lock.exists():
+            continue
+        try:
+            with fsutil.locked(lock, blocking=False):
+                pass
+        except fsutil.LockBusy:
+            return True
+    return False
 
 
 def _bake_keys(result: dict) -> set[str]:

@@ -83,7 +83,10 @@ def cancel(folder: Path, indices: list[int]) -> None:
     for index in indices:
         fsutil.atomic_write_text(folder / f"{index}.cancel", "")
         record = _read_json(folder / f"{index}.state.json") or {}
-        if record.get("state") == "RUNNING" and _alive(record):
+        # Only a process of this host can be signalled here; elsewhere its supervisor sees the
+        # cancel file and kills it.
+        if (record.get("state") == "RUNNING" and record.get("host") == socket.gethostname()
+                and _alive(record)):
             try:
                 os.killpg(record["pid"], signal.SIGTERM)
             except ProcessLookupError:
@@ -104,6 +107,7 @@ def supervise(folder: Path) -> None:
     running: dict[int, tuple[subprocess.Popen, float]] = {}
     env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
     after = spec.get("after")
+    stopping: set[int] = set()
     while pending or running:
         for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:
             pending.remove(index)
@@ -123,6 +127,14 @@ def supervise(folder: Path) -> None:
             if process is not None:
                 running[index] = (process, time.monotonic() + spec["time_limit_s"])
         for index, (process, deadline) in list(running.items()):
+            if (process.poll() is None and index not in stopping
+                    and (folder / f"{index}.cancel").exists()):
+                # A cancel that came while the task was being started, or from another host.
+                stopping.add(index)
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             if process.poll() is None and time.monotonic() > deadline:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

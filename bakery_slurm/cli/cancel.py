@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import CancelRefused, SchedulerError
 from ..executors import backend
 from ..ledger import load_ledger, record_cancel, update_ledger
 from ..resubmit_policy import is_live
@@ -34,8 +35,17 @@ def cancel(ledger_path: Path, only: str | None) -> None:
     for s in live:
         array = snap.arrays[s.array_name]
         by_executor.setdefault(array.executor, []).append((array, s.index))
+    failed: SchedulerError | None = None
     for executor, tasks in by_executor.items():
-        backend(executor).cancel(tasks)
+        try:
+            backend(executor).cancel(tasks)
+        except SchedulerError as e:
+            # Refused by id (a teammate's task): the others were cancelled, and are noted below.
+            # Any other failure: none of this executor's tasks is known to be cancelled.
+            failed = e
+            not_cancelled = (e.refused if isinstance(e, CancelRefused)
+                             else {(a.name, i) for a, i in tasks})
+            live = [s for s in live if (s.array_name, s.index) not in not_cancelled]
     if live:
         # SLURM forgets a task cancelled before it started: the ledger remembers, so that status
         # shows it CANCELLED and resubmit takes it.
@@ -45,5 +55,7 @@ def cancel(ledger_path: Path, only: str | None) -> None:
     for s in live:
         what = f"{s.cell} (eval)" if s.stage == "eval" else s.cell
         click.echo(f"cancelled {what} ({s.task_id}, was {s.state})")
+    if failed is not None:
+        raise failed
     if not live:
         click.echo("nothing to cancel", err=True)

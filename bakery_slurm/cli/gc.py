@@ -43,8 +43,11 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     for array in all_arrays(ledger):
         works.setdefault(array.work, set())
     # A cell whose eval may still run keeps its outputs too: the eval reads its verified output.
+    # (a cell's eval, also one whose cell was merged outside this ledger; not a baseline's)
     merges = {s.cell for s in snap.statuses}
-    for status in snap.statuses + [e for e in snap.evals if e.cell in merges]:
+    cell_evals = [e for e in snap.evals if e.cell in merges or
+                  (snap.arrays[e.array_name].work / "cells" / e.cell / "result.json").exists()]
+    for status in snap.statuses + cell_evals:
         if is_live(status.state):
             works[snap.arrays[status.array_name].work].add(status.cell)
     rows, freed = [], 0

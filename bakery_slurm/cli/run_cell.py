@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -87,13 +88,24 @@ def task_process() -> Iterator[None]:
     HF_XET_CACHE is removed, and forgotten, when the block ends."""
     _no_collection_at_exit()
     xet_cache = _task_environment()
+    # scancel, the time limit and preemption send SIGTERM first (SIGKILL KillWait s later):
+    # end through `finally`, so the private cache goes too (exit status 128+15, as a shell says).
+    # Only the main thread may set a handler (a task's process is its own main thread).
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main else None
     try:
         yield
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         if xet_cache is not None:
             shutil.rmtree(xet_cache, ignore_errors=True)
             # Run in-process (a test's CliRunner), the next task must get a folder of its own.
             os.environ.pop("HF_XET_CACHE", None)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @functools.cache

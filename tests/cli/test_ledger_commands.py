@@ -23,18 +23,21 @@ import pytest
 from click.testing import CliRunner
 
 from bakery_slurm import submission
-from bakery_slurm.cell_status import CellStatus
+from bakery_slurm.cell_status import CellStatus, reduce_cells
 from bakery_slurm.cli import cli
+from bakery_slurm.cli import cancel as cancel_command
 from bakery_slurm.cli import resubmit as resubmit_command
 from bakery_slurm.cli.common import STATUS_COLUMNS
+from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (Ledger, PlannedArray, all_arrays, confirm_array, load_ledger,
                                  record_intent, save_ledger)
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths
 from bakery_slurm.resubmit_policy import is_live
+from bakery_slurm.slurm_commands import TaskState
 from bakery_slurm.status_snapshot import Snapshot, snapshot
 from conftest import MINIMAL_MATRIX
-from support import settled, wait_for
+from support import Recorder, settled, wait_for
 
 # Three cells, all with local sources under models/ that hold no weights.
 FAILING_MATRIX = MINIMAL_MATRIX.replace(
@@ -596,3 +599,69 @@ def test_resubmit_does_not_need_the_matrix_of_a_submission_with_nothing_failed(t
     result = invoke("resubmit", "--dry-run", "--no-preflight", "--ledger", path, "--json")
     assert result.exit_code == 0, result.output
     assert "would resubmit 1 task(s)" in result.stderr
+
+
+MINE = ["1b-std/eng-nob__ties", "1b-std/eng-nob__linear"]
+THEIRS = "1b-std/eng-nob__dare"
+
+
+def ledger_shared_with_a_teammate(tmp_path: Path) -> Path:
+    ledger = Ledger()
+    for cells, job in ((MINE, "100"), ([THEIRS], "200")):
+        planned = PlannedArray(executor="slurm", resources={}, cells=cells,
+                               folder=str(tmp_path / "work" / "arrays" / job))
+        sub = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
+                            matrix_sha256="0" * 64, arrays=[planned],
+                            recipe_hashes={c: "r" for c in cells})
+        confirm_array(ledger, sub.arrays[0].name, job)
+    path = tmp_path / "bakery-ledger.json"
+    save_ledger(path, ledger)
+    return path
+
+
+def test_cancel_records_the_tasks_scancel_did_cancel_when_a_teammates_task_is_refused(
+        tmp_path, monkeypatch):
+    """A shared ledger: my array 100 (2 pending tasks) and a teammate's single-task job 200.
+    `scancel 100_0 100_1 200` (checked on this cluster as a non-owner) cancels 100_0 and 100_1,
+    refuses 200 and exits non-zero. The ledger must note my two cancels: SLURM keeps no row of a
+    pending array task cancelled before it started, so without the note status shows them
+    NOT_FOUND (or the pending range) and resubmit never takes them."""
+    path = ledger_shared_with_a_teammate(tmp_path)
+    ledger = load_ledger(path)
+    pending = {"100_0": TaskState("PENDING"), "100_1": TaskState("PENDING"),
+               "200": TaskState("PENDING")}
+    snap = Snapshot(statuses=reduce_cells(ledger, pending),
+                    arrays={a.name: a for a in all_arrays(ledger)}, notes=[])
+    runner = Recorder({"scancel": (1, "", "scancel: error: Kill job error on job id 200: "
+                                          "Access/permission denied\n")})
+    monkeypatch.setattr(cancel_command, "snapshot", lambda *a, **k: snap)
+    monkeypatch.setattr(cancel_command, "backend", lambda name: SlurmBackend(runner))
+    result = invoke("cancel", "--ledger", path)
+    assert sorted(runner.calls[0][1:]) == ["100_0", "100_1", "200"]
+    after = load_ledger(path)
+    noted = {cell: after.cells[cell][-1].cancelled is not None for cell in [*MINE, THEIRS]}
+    assert noted == {MINE[0]: True, MINE[1]: True, THEIRS: False}
+    assert result.exit_code == 3 and "Access/permission denied" in result.stderr
+    assert all(f"cancelled {cell} (100_" in result.stdout for cell in MINE)
+
+
+def test_a_task_ended_by_sigterm_removes_its_private_xet_cache(tmp_path):
+    """scancel, the time limit and preemption start with SIGTERM (SIGKILL comes KillWait seconds
+    later; the local executor's cancel sends SIGTERM only): the task ends through its cleanup."""
+    script = ("import os, pathlib, time\n"
+              "from bakery_slurm.cli.run_cell import task_process\n"
+              "with task_process():\n"
+              "    folder = pathlib.Path(os.environ['HF_XET_CACHE'])\n"
+              "    folder.mkdir()\n"
+              "    print(folder, flush=True)\n"
+              "    time.sleep(60)\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_XET_CACHE"}, "TMPDIR": str(tmp_path)}
+    task = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        folder = Path(task.stdout.readline().strip())
+        assert folder.is_dir() and folder.parent == tmp_path
+        task.send_signal(signal.SIGTERM)
+        assert task.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        task.kill()
+    assert not folder.exists()

@@ -274,3 +274,36 @@ def test_a_task_waits_for_its_dependency_and_is_cancelled_when_that_fails(folder
     assert started["started"] >= waited["ended"]
     assert "ended FAILED (dependency never satisfied)" in (second / "1.err").read_text()
     assert states[f"{second_job}_1"].exit_code == "0:0"
+
+
+def test_cancel_signals_only_a_process_of_this_host(tmp_path, monkeypatch):
+    """On a shared work folder the array may run on another node: the pid recorded there means
+    nothing here (its supervisor sees the cancel file and stops it)."""
+    folder = tmp_path / "array"
+    folder.mkdir()
+    (folder / "0.state.json").write_text(json.dumps(
+        {"state": "RUNNING", "pid": os.getpid(), "host": "some-other-node"}))
+    signalled = []
+    monkeypatch.setattr(local.os, "killpg", lambda pid, sig: signalled.append(pid))
+    local.cancel(folder, [0])
+    assert signalled == [] and (folder / "0.cancel").exists()
+
+
+def test_a_cancel_that_comes_while_the_supervisor_starts_the_task_stops_it(folder, tmp_path,
+                                                                           monkeypatch):
+    """`cancel` found the task PENDING (the supervisor was starting it) and signalled nothing:
+    the supervisor, seeing the cancel file, stops the running task."""
+    ran = tmp_path / "ran"
+    write_array(folder, [[PY, "-c", f"import time; time.sleep(30); open({str(ran)!r}, 'w')"]],
+                parallelism=1, time_limit_s=60)
+    local._write_state(folder, 0, "PENDING")
+    real_start = local._start
+
+    def start_racing_a_cancel(*args, **kwargs):
+        local.cancel(folder, [0])  # the state is still PENDING: nothing to signal yet
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(local, "_start", start_racing_a_cancel)
+    local.supervise(folder)
+    assert states_of(folder) == {f"{JOB}_0": "CANCELLED"}
+    assert not ran.exists()
