@@ -272,7 +272,9 @@ def load_ledger(path: Path | str, *, missing_ok: bool = False) -> Ledger:
     untouched = "the file was left untouched; restore it from a backup or move it aside"
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an over-long integer literal;
+    # RecursionError a file of deeply nested brackets.
+    except (ValueError, RecursionError) as exc:
         raise LedgerError(f"{path}: not valid JSON, the ledger is truncated or corrupt ({exc}); {untouched}") from exc
     if not isinstance(data, dict):
         raise LedgerError(f"{path}: the ledger must be a JSON object, found {type(data).__name__}; {untouched}")
@@ -329,7 +331,9 @@ def update_ledger(path: Path | str) -> Iterator[Ledger]:
     LedgerError
         From `load_ledger` or `save_ledger`.
     """
-    path = Path(path)
+    # The file a symlink names: its lock is beside it, and the atomic rename replaces it, not
+    # the link (which would leave a private copy that no teammate sees).
+    path = Path(path).resolve()
     with locked(path.with_name(path.name + ".lock")):
         ledger = load_ledger(path, missing_ok=True)
         yield ledger
@@ -339,7 +343,7 @@ def update_ledger(path: Path | str) -> Iterator[Ledger]:
 def submitting_path(ledger_path: Path | str, submission_id: str) -> Path:
     """The file a submit holds (`fsutil.held_while_alive`) from recording its intent until its
     last sbatch returned: while it is held, that submission's unconfirmed arrays are not LOST."""
-    ledger_path = Path(ledger_path)
+    ledger_path = Path(ledger_path).resolve()  # beside the file a symlink names, as its lock
     return ledger_path.with_name(f"{ledger_path.name}.submitting-{submission_id}")
 
 

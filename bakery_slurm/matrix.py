@@ -668,18 +668,24 @@ def _per_model(spec: MatrixSpec, method: str, params: dict[str, Any]) -> dict[st
     """Spell per-model parameters out per adapter, so the recipe and its hash are explicit."""
     out: dict[str, Any] = {}
     for name, value in params.items():
+        # `+ 0.0` turns -0.0 into 0.0: the same recipe must have the same hash.
         if methods.get(method).params[name].per_model and not isinstance(value, dict):
-            value = {adapter: float(value) for adapter in spec.adapters}
+            value = {adapter: float(value) + 0.0 for adapter in spec.adapters}
         elif isinstance(value, dict):
-            value = {adapter: float(value[adapter]) for adapter in spec.adapters}
+            value = {adapter: float(value[adapter]) + 0.0 for adapter in spec.adapters}
         elif not isinstance(value, bool):
-            value = float(value)
+            value = float(value) + 0.0
         out[name] = value
     return out
 
 
 def _number(value: float) -> str:
-    return f"{value:g}"
+    # `:g` keeps 6 significant digits: 0.1234561 and 0.1234564 would both read 0.123456. Keep
+    # its (existing) spelling where it is exact, else the shortest exact one.
+    text = f"{value:g}"
+    if float(text) == value:
+        return text
+    return str(value) if isinstance(value, int) else repr(float(value))
 
 
 def _excluded(rules: list[dict[str, str]], size: str, variant: str, method: str,

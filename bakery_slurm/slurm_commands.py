@@ -30,7 +30,7 @@ Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 # `1234`, `1234_7`, or a compressed set of tasks `1234_[0,3-5,8-20:4%2]` (`:step` and `%throttle`
 # are both printed by SLURM), optionally followed by a job step (`.batch`, `.0`).
-_JOB_ID = re.compile(r"(?P<job>\d+)(?:_(?:(?P<index>\d+)|\[(?P<ranges>[0-9,:-]+)(?:%\d+)?\]))?(?:\.(?P<step>\w+))?")
+_JOB_ID = re.compile(r"(?P<job>\d+)(?:_(?:(?P<index>\d+)|\[(?P<ranges>[0-9,:-]+)(?:%\d+)?\])|\+(?P<het>\d+))?(?:\.(?P<step>\w+))?")
 _RANGE = re.compile(r"(?P<first>\d+)(?:-(?P<last>\d+)(?::(?P<step>\d+))?)?")
 _STATE = re.compile(r"[A-Z_]+")
 EXIT_CODE = re.compile(r"\d+:\d+")
@@ -66,7 +66,7 @@ def parse_names(text: str, wanted: set[str], source: str = "sacct") -> dict[str,
     # Split once: JobName is last and may itself contain "|".
     for number, (job_id, name) in rows(text, 2, source, maxsplit=1):
         match = _JOB_ID.fullmatch(job_id)
-        if match is None:
+        if match is None or (name in wanted and match["het"] is not None):
             raise SchedulerError(f"{source} line {number}: cannot parse job id {job_id!r}")
         if name in wanted:
             found.setdefault(name, set()).add(match["job"])
@@ -91,6 +91,10 @@ def task_keys(job_id: str, name: str, names: Mapping[str, str], number: int, sou
     job = match["job"]
     if names.get(job) != name:
         return []
+    if match["het"] is not None:
+        # A heterogeneous job's component (`1234+0`) under our array's name: not ours to read.
+        # (One under another name, a job that reused our id, was skipped above.)
+        raise SchedulerError(f"{source} line {number}: cannot parse job id {job_id!r}")
     if match["step"] is not None:
         # A step row (sacct without -X) repeats its job's state; the job row is what counts.
         return []

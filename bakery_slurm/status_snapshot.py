@@ -144,7 +144,9 @@ def _why_failed(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatu
     failure = read_eval_failure(array.work, status.cell)
     if _written_at(failure, array) is None:
         return status
-    return replace(status, detail=failure.get("error"))
+    error = failure.get("error")
+    # One line, as every detail: lm-eval's errors (a YAML error, a dataset's) span several.
+    return replace(status, detail=" ".join(error.split()) if isinstance(error, str) else error)
 
 
 # Cells in these states have no result record of their latest attempt worth reading.

@@ -307,3 +307,29 @@ def test_a_ledger_whose_eval_array_waits_for_an_unknown_array_is_refused(saved: 
     saved.write_text(json.dumps(data))
     with pytest.raises(LedgerError, match="waits for unknown merge array 'bakery-nope-0'"):
         load_ledger(saved)
+
+
+@pytest.mark.parametrize("text", ['{"schema_version": 3, "x": ' + "1" * 5000 + "}",
+                                  '{"schema_version": 3, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_a_corrupt_ledger_is_a_ledger_error(tmp_path, text):
+    path = tmp_path / "bakery-ledger.json"
+    path.write_text(text)
+    with pytest.raises(LedgerError, match="bakery-ledger.json"):
+        load_ledger(path)
+
+
+def test_updating_a_symlinked_ledger_updates_the_shared_file_under_its_lock(tmp_path):
+    shared = tmp_path / "project" / "bakery-ledger.json"
+    shared.parent.mkdir()
+    save_ledger(shared, Ledger())
+    link = tmp_path / "mine.json"
+    link.symlink_to(shared)
+    with update_ledger(link) as ledger:
+        record_intent(ledger, matrix_path="/m.toml", matrix_sha256="0" * 64,
+                      arrays=[PlannedArray(executor="slurm", resources={}, cells=["c"],
+                                           folder="/w/arrays/a")],
+                      recipe_hashes={"c": "r"})
+    assert link.is_symlink()
+    assert load_ledger(shared).cells.keys() == {"c"}
+    # the lock a teammate updating `shared` directly takes is the one this update took
+    assert (shared.parent / "bakery-ledger.json.lock").exists()

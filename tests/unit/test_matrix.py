@@ -407,3 +407,26 @@ def test_merge_engine_defaults_to_bakery_and_stays_out_of_the_recipe_hash(write_
 def test_merge_table_is_validated(write_matrix, minimal_matrix, table, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_matrix(write_matrix(minimal_matrix + f"\n[merge]\n{table}\n"))
+
+
+TIES = "[methods.ties]\ndensity = 0.5\nweight = 0.5\n"
+
+
+def with_methods(write_matrix, minimal_matrix, methods_toml: str):
+    return load_matrix(write_matrix(minimal_matrix.replace(TIES, methods_toml)))
+
+
+@pytest.mark.parametrize("axis", ["density = [0.1234561, 0.1234564]\nweight = 0.5",
+                                  "density = 0.5\nweight = [1234567, 1234568]"])
+def test_distinct_sweep_values_get_distinct_cell_ids(write_matrix, minimal_matrix, axis):
+    cells = expand(with_methods(write_matrix, minimal_matrix, f"[methods.ties]\n{axis}\n"))
+    assert len({c.id for c in cells}) == 2
+
+
+def test_negative_zero_does_not_change_the_recipe_hash(write_matrix, minimal_matrix):
+    (zero,) = expand(with_methods(write_matrix, minimal_matrix,
+                             "[methods.ties]\ndensity = 0.5\nweight = {eng = 0.0, nob = 0.5}\n"))
+    (negative,) = expand(with_methods(write_matrix, minimal_matrix,
+                                 "[methods.ties]\ndensity = 0.5\nweight = {eng = -0.0, nob = 0.5}\n"))
+    assert negative.parameters == zero.parameters
+    assert negative.recipe_hash == zero.recipe_hash

@@ -352,3 +352,13 @@ def test_find_queued_jobs_by_name():
     [call] = runner.calls
     assert call[0] == "squeue" and "--name=bakery-a-0,bakery-b-0" in call and "--states=all" in call
     assert "--me" not in call
+
+
+def test_parse_sacct_skips_a_foreign_heterogeneous_job_with_a_reused_id():
+    # A controller reset hands out 1234 again; sacct -j 1234 also prints the earlier het job's
+    # components, which are not ours and must be skipped like any other foreign row.
+    text = ("1234+0|COMPLETED|0:0|00:00:01|c9-9|train\n"
+            "1234+1|COMPLETED|0:0|00:00:01|c9-8|train\n"
+            "1234_0|RUNNING|0:0|00:01:00|c1-1|bakery-t-1234\n")
+    assert parse_sacct(text, {"1234": "bakery-t-1234"}) == {
+        "1234_0": TaskState("RUNNING", "0:0", "00:01:00", "c1-1")}

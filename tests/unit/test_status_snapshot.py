@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from bakery_slurm.cli.common import status_columns, status_rows
+from bakery_slurm.evaluation import failure_path
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (
     Ledger, PlannedArray, confirm_array, load_ledger, record_intent, record_cancel, save_ledger)
+from bakery_slurm.output import format_rows
 from bakery_slurm.pipeline import CellPaths
 from bakery_slurm.resubmit_policy import choose_resubmit, is_live
 from bakery_slurm.status_snapshot import snapshot
@@ -361,3 +364,30 @@ def test_an_array_still_being_submitted_is_not_lost_to_a_concurrent_resubmit(tmp
     assert seen["states"][being_submitted] != "LOST", seen["states"]
     assert being_submitted not in seen["chosen"], \
         "resubmit takes a cell whose sbatch is still running in another process"
+
+
+def test_a_multi_line_eval_error_stays_on_its_row_of_the_status_table(tmp_path):
+    target = "1b-std/base"
+    ledger = Ledger()
+    planned = PlannedArray(executor="slurm", resources={}, cells=[target], stage="eval",
+                           folder=str(tmp_path / "work" / "arrays" / "e"))
+    submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
+                               matrix_sha256="0" * 64, arrays=[planned], recipe_hashes={},
+                               eval_hashes={target: "s"},
+                               now=datetime.now(timezone.utc) - timedelta(minutes=10))
+    name = submission.arrays[0].name
+    confirm_array(ledger, name, "52")
+    path = tmp_path / "bakery-ledger.json"
+    save_ledger(path, ledger)
+    failure = failure_path(tmp_path / "work", target)
+    failure.parent.mkdir(parents=True)
+    # What evaluate.py records for lm-eval's YAML error: str(StageError), several lines.
+    failure.write_text(json.dumps({
+        "error": f"{target}: stage eval failed: ScannerError: while scanning a simple key\n"
+                 '  in "tasks/x.yaml", line 3, column 1\ncould not find expected \':\'',
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    runner = Recorder({"sacct": (0, f"52|FAILED|1:0|00:00:30|n1|{name}\n", "")})
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    rows = status_rows(ledger, snap)
+    table = format_rows(rows, status_columns(snap), "table")
+    assert len(table.splitlines()) == 1 + len(rows), table
