@@ -151,22 +151,28 @@ def test_status_detail_of_a_failed_cell_is_its_error(tmp_path):
         "bake: adapter nob (/m/nob): /m/nob/adapter_model.safetensors: bad header"
 
 
-def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -> str:
-    """The state of CELL's eval (its task gone from squeue), with the eval folder holding the
-    given records ("results" and/or "failure"), each written that long ago; the eval array
-    was submitted 10 minutes ago."""
-    from bakery_slurm.evaluation import failure_path, results_path
-
+def ledger_with_one_eval(tmp_path: Path, target: str) -> tuple[Path, Ledger]:
+    """A ledger whose one eval array (job 52, of `target`) was submitted 10 minutes ago."""
     ledger = Ledger()
-    planned = PlannedArray(executor="slurm", resources={}, cells=[CELL], stage="eval",
+    planned = PlannedArray(executor="slurm", resources={}, cells=[target], stage="eval",
                            folder=str(tmp_path / "work" / "arrays" / "e"))
     submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
                                matrix_sha256="0" * 64, arrays=[planned], recipe_hashes={},
-                               eval_hashes={CELL: "s"},
+                               eval_hashes={target: "s"},
                                now=datetime.now(timezone.utc) - timedelta(minutes=10))
     confirm_array(ledger, submission.arrays[0].name, "52")
     path = tmp_path / "bakery-ledger.json"
     save_ledger(path, ledger)
+    return path, ledger
+
+
+def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -> str:
+    """The state of CELL's eval (its task gone from squeue), with the eval folder holding the
+    given records ("results" and/or "failure"), each written that long ago; the eval array
+    was submitted 10 minutes ago."""
+    from bakery_slurm.evaluation import results_path
+
+    path, ledger = ledger_with_one_eval(tmp_path, CELL)
     work = tmp_path / "work"
     for kind, age in write.items():
         finished = (datetime.now(timezone.utc) - age).isoformat(timespec="seconds")
@@ -368,17 +374,8 @@ def test_an_array_still_being_submitted_is_not_lost_to_a_concurrent_resubmit(tmp
 
 def test_a_multi_line_eval_error_stays_on_its_row_of_the_status_table(tmp_path):
     target = "1b-std/base"
-    ledger = Ledger()
-    planned = PlannedArray(executor="slurm", resources={}, cells=[target], stage="eval",
-                           folder=str(tmp_path / "work" / "arrays" / "e"))
-    submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
-                               matrix_sha256="0" * 64, arrays=[planned], recipe_hashes={},
-                               eval_hashes={target: "s"},
-                               now=datetime.now(timezone.utc) - timedelta(minutes=10))
-    name = submission.arrays[0].name
-    confirm_array(ledger, name, "52")
-    path = tmp_path / "bakery-ledger.json"
-    save_ledger(path, ledger)
+    path, ledger = ledger_with_one_eval(tmp_path, target)
+    name = ledger.submissions[0].arrays[0].name
     failure = failure_path(tmp_path / "work", target)
     failure.parent.mkdir(parents=True)
     # What evaluate.py records for lm-eval's YAML error: str(StageError), several lines.
