@@ -147,7 +147,8 @@ def locked(lock_path: Path, blocking: bool = True,
 def held_while_alive(path: Path) -> Iterator[None]:
     """Hold an flock on `path` (created, and removed at the end) for the block: other processes
     see with `is_held` that this one is still at it; the kernel drops it if this one dies. flock,
-    not lockf: a probe from this very process must see it held too."""
+    not lockf: a probe from this very process sees it held too (on a local filesystem; NFS
+    emulates flock with POSIX locks, which only other processes see)."""
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -259,7 +260,11 @@ def staging_dir(final: Path) -> Iterator[Path]:
             # reader's open file on NFS makes a removal fail half-way), only briefly absent.
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial",
                                         dir=final.parent))
-            os.replace(final, old)
+            try:
+                os.replace(final, old)
+            except BaseException:
+                old.rmdir()
+                raise
         try:
             os.replace(tmp, final)
         except BaseException:

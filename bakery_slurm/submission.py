@@ -220,6 +220,9 @@ def submit_cells(ledger_path: Path, matrix: Matrix, cells: Sequence[Cell], execu
         resubmits submit each once).
     dry_run:
         Plan and return the requests; submit nothing and write nothing.
+    force_evals:
+        The eval tasks score their targets again even where results for the same model and
+        settings exist (`run-eval --force`).
     """
     resolve_container(matrix, executor)  # a config error must come before any lock or file
     if not dry_run:
