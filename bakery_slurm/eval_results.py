@@ -67,7 +67,8 @@ class EvalSource:
     def evaluation(self) -> CardEvaluation | None:
         """The results there now, for the root card; None when no target has any."""
         found, _ = read_results(list(self.targets), self.work)
-        found = {t.id: found[t.id] for t in self.targets if t.id in found and same_settings(t, found[t.id])}
+        found = {t.id: found[t.id] for t in self.targets
+                 if t.id in found and same_settings(t, found[t.id])}
         if not found:
             return None
         return CardEvaluation(
