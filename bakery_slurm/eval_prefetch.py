@@ -26,10 +26,18 @@ from typing import Any, Iterable, Mapping, Sequence
 from .errors import BakeryError, ConfigError
 
 
-def child_environment(environ: Mapping[str, str], task_env: Mapping[str, str]) -> dict[str, str]:
+CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE",
+                   "XDG_CACHE_HOME")
+
+
+def child_environment(environ: Mapping[str, str], task_env: Mapping[str, str],
+                      container: str = "none") -> dict[str, str]:
     """The child's environment: this one with the tasks' fixed variables over it (their Hub and
-    datasets caches), as a task's process would see them."""
-    return {**environ, **task_env}
+    datasets caches), as a task's process would see them. A container task (--cleanenv) does not
+    inherit this environment's cache variables, so neither does the child."""
+    inherited = {name: value for name, value in environ.items()
+                 if container != "apptainer" or name not in CACHE_VARIABLES}
+    return {**inherited, **task_env}
 
 
 def row(task: str, cache_files: Iterable[Path]) -> dict[str, Any]:

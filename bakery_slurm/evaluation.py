@@ -120,11 +120,22 @@ def baseline_carriers(matrix: Matrix, targets: Sequence[EvalTarget]) -> list[Cel
     """One cell of the matrix at each (size, variant) of the baselines among `targets`: it reads
     the same base and adapters, so preflight checks and pins a baseline's Hub inputs through it
     (and a baseline scores the same commits as the cells it is compared with)."""
-    wanted = {(t.size, t.variant) for t in targets if t.kind == "baseline"}
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for t in targets:
+        if t.kind == "baseline":
+            wanted.setdefault((t.size, t.variant), set()).update([t.adapter[0]] if t.adapter else [])
     carriers: dict[tuple[str, str], Cell] = {}
-    for cell in expand(matrix):
+    cells = expand(matrix)
+    for cell in cells:
         if (cell.size, cell.variant) in wanted:
             carriers.setdefault((cell.size, cell.variant), cell)
+    for (size, variant), names in wanted.items():
+        if (size, variant) not in carriers and cells:
+            # No cell reads this (size, variant): a stand-in reading what its baselines read.
+            base, adapters = sources(matrix, size, variant)
+            carriers[(size, variant)] = dataclasses.replace(
+                cells[0], id=f"{size}-{variant}/(baselines)", size=size, variant=variant,
+                base=base, adapters=tuple((n, s) for n, s in adapters if n in names))
     return list(carriers.values())
 
 

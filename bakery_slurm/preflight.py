@@ -39,15 +39,22 @@ class Report:
 
 
 def hub_cache_dir(matrix: Matrix, container: str) -> Path | None:
-    """The Hub cache the tasks use: HF_HUB_CACHE or HF_HOME/hub of their fixed environment; None
+    """The Hub cache the tasks use: HF_HUB_CACHE or HF_HOME/hub of their environment; None
     means huggingface_hub's default (this environment's)."""
-    return _task_cache(matrix.task_env(container), "HF_HUB_CACHE", "hub")
+    return _task_cache(_tasks_environment(matrix, container), "HF_HUB_CACHE", "hub")
 
 
 def datasets_cache_dir(matrix: Matrix, container: str) -> Path | None:
-    """The datasets cache the eval tasks use: HF_DATASETS_CACHE or HF_HOME/datasets of their fixed
+    """The datasets cache the eval tasks use: HF_DATASETS_CACHE or HF_HOME/datasets of their
     environment; None means the `datasets` default (this environment's)."""
-    return _task_cache(matrix.task_env(container), "HF_DATASETS_CACHE", "datasets")
+    return _task_cache(_tasks_environment(matrix, container), "HF_DATASETS_CACHE", "datasets")
+
+
+def _tasks_environment(matrix: Matrix, container: str) -> dict[str, str]:
+    """Without a container a task inherits this environment under [runtime] env (an HF_HUB_CACHE
+    set here beats the HF_HOME of [runtime] env); in one (--cleanenv) it sees [runtime] env only."""
+    env = matrix.task_env(container)
+    return env if container == "apptainer" else {**os.environ, **env}
 
 
 def _task_cache(env: Mapping[str, str], variable: str, under_home: str) -> Path | None:
@@ -217,9 +224,15 @@ def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,
     )
 
     files: dict[tuple[str, str], set[str]] = {}
+    readable: set[str] = set()
     for key, source in hub_sources(list(cells)).items():
         kind, name = _where(cells, source)
         try:
+            if source.repo not in readable:
+                # The Hub answers repo_info and the file listing of a gated repo to anyone;
+                # only the downloads (and auth-check) refuse a token without access.
+                api.auth_check(source.repo)
+                readable.add(source.repo)
             commit = known.get(key) or api.repo_info(source.repo, revision=source.revision).sha
             if (source.repo, commit) not in files:
                 files[(source.repo, commit)] = set(api.list_repo_files(source.repo, revision=commit))
@@ -255,9 +268,27 @@ def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,
 
 def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
                     known: Mapping[str, str], report: Report, required: bool = True) -> None:
+    from huggingface_hub import constants
+
+    from .sources import missing_files
+
     cache = hub_cache_dir(matrix, container)
     for key, source in hub_sources(list(cells)).items():
         commit = known.get(key) or cached_commit(source, cache)
+        if commit and required:
+            # A ref (or a commit revision) is not the input: prefetch writes refs/<revision>
+            # before any file, and may have fetched other subfolders of the repo only.
+            folder = (Path(cache or constants.HF_HUB_CACHE)
+                      / f"models--{source.repo.replace('/', '--')}" / "snapshots" / commit
+                      / (source.subfolder or ""))
+            lacking = missing_files(folder) if folder.is_dir() else [str(folder)]
+            if lacking:
+                kind, name = _where(cells, source)
+                report.problems.append(
+                    f"{kind}.repo: {source.key} at {commit[:12]} is not in the Hub cache "
+                    f"{cache or '(default)'} (lacks {', '.join(lacking)}) and runtime.offline is "
+                    f"true: run `bakery-slurm prefetch {matrix.path}` first (input {name!r})")
+                continue
         if commit:
             report.pins[key] = commit
         elif required:

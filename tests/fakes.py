@@ -26,6 +26,9 @@ silently), and takes HfApi's own `CommitOperationAdd` and `CommitOperationDelete
   keeping a local cache like the Hub's (files by commit, plus the commit main last resolved to).
   A missing repo raises `RepositoryNotFoundError`, a missing file `RemoteEntryNotFoundError`.
 
+- ``auth_check(repo_id, *, repo_type=None, write=False)``: `GatedRepoError` (403) for a repo in
+  `gated`, `RepositoryNotFoundError` for an unknown one. As on the Hub, a gated repo still answers
+  `repo_info` and `list_repo_files`; only this and downloads refuse.
 - ``whoami()``: `identity`, by default a classic write token of user `tester`.
 - ``snapshot_download(repo_id, *, revision=None, cache_dir=None, allow_patterns=None,
   ignore_patterns=None)``: writes the files of that commit that huggingface_hub's own
@@ -64,6 +67,7 @@ from typing import Any, Callable, Iterable
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub.errors import (
+    GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
@@ -120,6 +124,7 @@ class FakeHubApi:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     commits: list[FakeCommit] = field(default_factory=list)
     transfers: list[str] = field(default_factory=list)
+    gated: set[str] = field(default_factory=set)  # repos whose terms this token has not accepted
     identity: dict[str, Any] = field(default_factory=lambda: {
         "type": "user", "name": "tester", "orgs": [],
         "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
@@ -186,6 +191,14 @@ class FakeHubApi:
         self._enter("list_repo_files", repo_id=repo_id, revision=revision, repo_type=repo_type)
         with self._lock:
             return sorted(self._snapshots[self._resolve(repo_id, revision)])
+
+    def auth_check(self, repo_id: str, *, repo_type: str | None = None,
+                   write: bool = False) -> None:
+        self._enter("auth_check", repo_id=repo_id, repo_type=repo_type, write=write)
+        if repo_id in self.gated:
+            raise http_error(403, f"{HUB}/api/models/{repo_id}/auth-check", cls=GatedRepoError)
+        with self._lock:
+            self._resolve(repo_id, None)
 
     def whoami(self) -> dict[str, Any]:
         self._enter("whoami")

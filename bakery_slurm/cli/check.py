@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..evaluation import baseline_carriers, expand_eval
 from ..executors import resolve_executor
+from ..matrix import select
 from ..output import format_rows, output_options
 from ..preflight import preflight, raise_problems
 from ..submission import resolve_container
@@ -26,8 +28,9 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
     """Check that the cells of MATRIX can start: image, apptainer, inputs, token, variables.
 
     Checks the image file (readable) and apptainer where the runtime needs them; every local
-    input folder; every Hub base and adapter (repo, revision, subfolder: resolved to the commit
-    a submit now would pin, or read from the Hub cache when the runtime is offline); that the
+    input folder; every Hub base and adapter, the [eval] baselines' too (repo, revision,
+    subfolder: resolved to the commit a submit now would pin, or read from the Hub cache when
+    the runtime is offline); that the
     Hub token may write to (or create) the push repo; and that the variables in
     [runtime] require_env are set. Prints each Hub input with its commit; exits 2 naming every
     problem with its matrix key and value.
@@ -39,7 +42,11 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
     """
     loaded, cells = selected_cells(matrix, only)
     kind = resolve_executor(executor)
-    report = preflight(loaded, cells, kind, container=resolve_container(loaded, kind))
+    # The [eval] baselines' inputs too (a baseline at a size and variant without cells reads a
+    # base no cell does), as submit checks them.
+    baselines = [t for t in select(expand_eval(loaded, cells), only) if t.kind == "baseline"]
+    checked = cells + [c for c in baseline_carriers(loaded, baselines) if c not in cells]
+    report = preflight(loaded, checked, kind, container=resolve_container(loaded, kind))
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     raise_problems(loaded, report)

@@ -65,7 +65,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
         click.echo(f"loading eval tasks into {cache or 'the default datasets cache'}", err=True)
         tasks = list(dict.fromkeys(task for t in targets for task in t.tasks))
         rows += prefetch_tasks(tasks, targets[0].include_path,
-                               child_environment(os.environ, loaded.task_env(container)),
+                               child_environment(os.environ, loaded.task_env(container), container),
                                loaded.path)
     click.echo(format_rows(rows, COLUMNS, fmt))
     total = sum(r["bytes"] for r in rows)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -334,3 +337,167 @@ def test_the_shipped_matrix_with_three_keys_edited_passes_check_and_runs_in_the_
     assert (f"exec env APPTAINERENV_HF_HOME={work}/hf-home apptainer exec --nv --cleanenv "
             f"--bind {tmp_path},{work} {image} python3 \"$@\"") in dry.stdout
     assert "dry run: 3 array(s), 14 task(s)" in dry.stdout
+
+# ---------------------------------------------------------------------------------------------
+# Two sizes: offline caches, pins of baselines without cells, gated repos
+
+TWO_SIZES = HUB_MATRIX.replace("[sizes.1b]\n", "[sizes.1b]\n[sizes.2b]\n")
+
+
+@pytest.fixture
+def hub2(hub) -> FakeHubApi:
+    """`hub` with acme/base-2b and the 2b adapters too."""
+    hub.seed("acme/base-2b", {"config.json": b"{}", "model.safetensors": b"w" * 10})
+    hub.adapters = hub.put("acme/adapters", {f"2b-std/{name}/{file}": b"{}" for name in ("eng", "nob")
+                                             for file in ("adapter_config.json",
+                                                          "adapter_model.safetensors")})
+    return hub
+
+
+# Offline, an input is pinned only where the cache holds its files, whatever its revision.
+def test_offline_submit_refuses_a_commit_revision_the_cache_lacks(hub2, write_matrix, tmp_path):
+    hf_home = tmp_path / "hf-home"
+    commit = hub2.head("acme/base-1b")
+    text = (TWO_SIZES.replace('repo = "acme/base-{size}"',
+                               f'repo = "acme/base-{{size}}"\nrevision = "{commit}"')
+            .replace("[sizes.2b]\n", "")
+            + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n')
+    matrix = write_matrix(text)
+    result = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    # Nothing at all is in the cache (no prefetch ran): every input must be refused.
+    assert not (hf_home / "hub" / "models--acme--base-1b").exists()
+    assert result.exit_code == 2, result.output
+    assert any(p.startswith(f"base.repo: hub:acme/base-1b@{commit} ") and "not in the Hub cache" in p
+               for p in problems(result)), problems(result)
+
+
+# A ref in the cache is not the input: prefetch may have fetched other cells' subfolders only, or
+# been interrupted (huggingface_hub writes refs/<revision> before any file).
+def test_offline_submit_refuses_an_adapter_subfolder_prefetch_did_not_fetch(hub2, write_matrix,
+                                                                             tmp_path):
+    hf_home = tmp_path / "hf-home"
+    matrix = write_matrix(TWO_SIZES + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n')
+    assert invoke("prefetch", matrix, "--only", "1b-*").exit_code == 0
+    snapshot = hf_home / "hub" / "models--acme--adapters" / "snapshots" / hub2.adapters
+    assert not (snapshot / "2b-std").exists()  # only the 1b adapters were fetched
+    result = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert result.exit_code == 2, result.output
+    found = problems(result)
+    assert any("hub:acme/base-2b" in p for p in found)  # no ref at all
+    # the adapters' ref is there (the 1b ones were fetched), their 2b files are not:
+    assert any("hub:acme/adapters/2b-std/eng" in p for p in found), found
+
+
+# A baseline at a size and variant without cells reads a base no cell does: checked and pinned too.
+BASELINE_ONLY = (TWO_SIZES.replace('name = "hub"\n',
+                                   'name = "hub"\nexclude = [{ size = "2b", method = "ties" }]\n')
+                 + '[eval]\ntasks = ["tiny_mc"]\nbaselines = [{ name = "base" }]\n')
+
+
+def eval_task_line(stdout: str, target: str) -> str:
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("-- task ") and line.endswith(f": {target}"):
+            return lines[i + 1]
+    raise AssertionError(f"no task {target} in:\n{stdout}")
+
+
+def test_submit_pins_the_base_of_a_baseline_without_cells(hub2, write_matrix):
+    matrix = write_matrix(BASELINE_ONLY)
+    dry = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert f"--pin base={hub2.head('acme/base-1b')}" in eval_task_line(dry.stdout, "1b-std/base")
+    assert f"--pin base={hub2.head('acme/base-2b')}" in eval_task_line(dry.stdout, "2b-std/base")
+
+
+def test_check_refuses_a_missing_base_of_a_baseline_without_cells(hub2, write_matrix):
+    hub2.repos.pop("acme/base-2b")  # not on the Hub (a typo, a private repo)
+    matrix = write_matrix(BASELINE_ONLY)
+    for command in (["submit", matrix, "--executor", "local", "--dry-run"], ["check", matrix]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert any(p.startswith("base.repo: no such repo on the Hub") and "acme/base-2b" in p
+                   for p in problems(result)), problems(result)
+
+
+# Without a container a task inherits this environment with [runtime] env over it: an
+# HF_HUB_CACHE set here wins, in the task's huggingface_hub, over the HF_HOME of [runtime] env,
+# and prefetch, check and offline submit must use that cache too.
+def resolved_in(env: dict[str, str], expression: str, module: str) -> str:
+    return subprocess.run([sys.executable, "-c", f"import {module}; print({expression})"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_hub_cache_prefetch_fills_is_the_one_a_task_without_container_reads(
+        hub2, write_matrix, tmp_path, monkeypatch):
+    from bakery_slurm.matrix import load_matrix
+
+    hf_home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "login-hub-cache"))
+    matrix = write_matrix(TWO_SIZES + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n')
+    loaded = load_matrix(matrix)
+    task_env = {**os.environ, **loaded.task_env("none")}  # array_task.run_task's environment
+    task_cache = resolved_in(task_env, "huggingface_hub.constants.HF_HUB_CACHE", "huggingface_hub.constants")
+    assert str(preflight.hub_cache_dir(loaded, "none")) == task_cache
+    # End to end: what prefetch fetched, an offline task reads.
+    assert invoke("prefetch", matrix, "--only", "1b-*").exit_code == 0
+    code = ("from bakery_slurm.sources import fetch; from bakery_slurm.matrix import ModelSource;"
+            f"fetch(ModelSource('acme/base-1b', None, None, None, '{hub2.head('acme/base-1b')}'),"
+            " offline=True)")
+    done = subprocess.run([sys.executable, "-c", code], env=task_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+# In a container (--cleanenv) the eval tasks see only [runtime] env (HF_HOME = <work>/hf-home by
+# default): prefetch loads the datasets there, whatever HF_DATASETS_CACHE says on the login node.
+def test_prefetch_loads_eval_datasets_into_the_cache_a_container_task_reads(
+        hub2, write_matrix, tmp_path, monkeypatch):
+    from bakery_slurm.cli import prefetch as prefetch_cli
+    from bakery_slurm.matrix import load_matrix
+
+    image = tmp_path / "bakery.sif"
+    image.write_text("an image")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "login-datasets"))
+    matrix = write_matrix(TWO_SIZES.replace('container = "none"',
+                                             f'container = "apptainer"\nimage = "{image}"')
+                          + '[eval]\ntasks = ["tiny_mc"]\n')
+    seen = {}
+
+    def fake_prefetch_tasks(tasks, include_path, env, path):
+        seen["env"] = dict(env)
+        return []
+
+    monkeypatch.setattr(prefetch_cli, "prefetch_tasks", fake_prefetch_tasks)
+    result = invoke("prefetch", matrix, "--only", "1b-*")
+    assert result.exit_code == 0, result.output
+    expected = preflight.datasets_cache_dir(load_matrix(matrix), "apptainer")
+    assert f"loading eval tasks into {expected}" in result.stderr
+    child_cache = resolved_in(seen["env"], "datasets.config.HF_DATASETS_CACHE", "datasets.config")
+    assert child_cache == str(expected)
+
+
+# A resubmit's kept pins too: the cache may have been purged since (work areas are purged
+# after some weeks).
+def test_offline_resubmit_pins_are_checked_against_the_cache(hub2, write_matrix, tmp_path):
+    from bakery_slurm.matrix import expand, load_matrix
+
+    hf_home = tmp_path / "hf-home"  # empty: purged since the first submit
+    matrix = load_matrix(write_matrix(TWO_SIZES.replace("[sizes.2b]\n", "")
+                                      + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n'))
+    cells = expand(matrix)
+    known = {"hub:acme/base-1b": hub2.head("acme/base-1b"),
+             "hub:acme/adapters/1b-std/eng": hub2.adapters,
+             "hub:acme/adapters/1b-std/nob": hub2.adapters}
+    report = preflight.preflight(matrix, cells, "local", container="none", known_pins=known,
+                                 api=hub2, environ=os.environ)
+    assert len(report.problems) == 3, report.problems
+
+
+def test_check_refuses_a_gated_base_the_token_cannot_read(hub2, write_matrix):
+    """The Hub answers repo_info and the file listing of a gated repo to anyone; only downloads
+    and auth-check refuse a token that has not accepted its terms."""
+    hub2.gated = {"acme/base-1b"}
+    result = invoke("check", write_matrix(HUB_MATRIX))
+    assert result.exit_code == 2, result.output
+    assert ("base.repo: acme/base-1b is gated and this token has no access (input 'base'; accept "
+            "its terms on the Hub)") in problems(result)

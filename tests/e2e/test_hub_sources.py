@@ -150,9 +150,10 @@ def test_an_adapter_pushed_after_submit_does_not_change_what_the_task_bakes(tmp_
 def test_an_offline_task_fails_at_once_naming_the_file_missing_from_the_cache(tmp_path, tiny_models):
     hf_home = hub_cache(tmp_path / "hf-home", tiny_models)
     snapshot = hf_home / "hub" / "models--acme--tiny-adapters" / "snapshots" / COMMIT
-    (snapshot / "eng" / "adapter_model.safetensors").unlink()  # an interrupted download
     matrix = offline_matrix(tmp_path / "project", hf_home)
-    done = subprocess.run(task_command(matrix), capture_output=True, text=True)
+    command = task_command(matrix)  # submit now checks the cache: the file goes after it
+    (snapshot / "eng" / "adapter_model.safetensors").unlink()
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 1
     assert (f"{snapshot / 'eng' / 'adapter_model.safetensors'} is not in the Hub cache and the "
             "runtime is offline") in done.stderr
