@@ -273,8 +273,10 @@ def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
     from .sources import missing_files
 
     cache = hub_cache_dir(matrix, container)
+    where = cache or "(default)"
     for key, source in hub_sources(list(cells)).items():
         commit = known.get(key) or cached_commit(source, cache)
+        missing = None if commit or not required else f"{source.key} is not in the Hub cache {where}"
         if commit and required:
             # A ref (or a commit revision) is not the input: prefetch writes refs/<revision>
             # before any file, and may have fetched other subfolders of the repo only.
@@ -283,20 +285,14 @@ def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
                       / (source.subfolder or ""))
             lacking = missing_files(folder) if folder.is_dir() else [str(folder)]
             if lacking:
-                kind, name = _where(cells, source)
-                report.problems.append(
-                    f"{kind}.repo: {source.key} at {commit[:12]} is not in the Hub cache "
-                    f"{cache or '(default)'} (lacks {', '.join(lacking)}) and runtime.offline is "
-                    f"true: run `bakery-slurm prefetch {matrix.path}` first (input {name!r})")
-                continue
-        if commit:
-            report.pins[key] = commit
-        elif required:
+                missing = (f"{source.key} at {commit[:12]} is not in the Hub cache {where} "
+                           f"(lacks {', '.join(lacking)})")
+        if missing:
             kind, name = _where(cells, source)
-            report.problems.append(
-                f"{kind}.repo: {source.key} is not in the Hub cache {cache or '(default)'} and "
-                f"runtime.offline is true: run `bakery-slurm prefetch {matrix.path}` first "
-                f"(input {name!r})")
+            report.problems.append(f"{kind}.repo: {missing} and runtime.offline is true: run "
+                                   f"`bakery-slurm prefetch {matrix.path}` first (input {name!r})")
+        elif commit:
+            report.pins[key] = commit
         else:
             report.notes.append(f"{source.key} is not pinned (no Hub access here, not in the "
                                 f"cache): each task resolves it when it starts")
