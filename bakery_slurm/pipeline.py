@@ -421,7 +421,11 @@ def _push(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     from .stages import push as push_stage
 
     cell, paths = flow.cell, flow.paths
-    record = push_stage.prepare(cell, paths.final, paths.publish, flow.sources, flow.base.path,
+    # A Hub base's card is its repo's root README.md, above the subfolder the base is read from.
+    card_dir = flow.base.path
+    if cell.base.repo is not None and cell.base.subfolder:
+        card_dir = card_dir.parents[len(Path(cell.base.subfolder).parts) - 1]
+    record = push_stage.prepare(cell, paths.final, paths.publish, flow.sources, card_dir,
                                 flow.result["stages"]["merge"], flow.result["versions"],
                                 flow.card.evals if flow.card else None)
     if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes

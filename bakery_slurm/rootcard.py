@@ -130,16 +130,19 @@ def card_metadata(records: list[Mapping[str, Any]]) -> dict[str, Any]:
     bases disagree)."""
     bases = list(dict.fromkeys(r["inputs"]["base"]["repo"] for r in records
                                if r["inputs"]["base"].get("repo")))
-    licenses = sorted({str(r["base_card"]["license"]) for r in records
-                       if r.get("base_card", {}).get("license")})
+    # `other` is no license by itself: its name (and link) say which one.
+    licenses = sorted({(str(r["base_card"]["license"]), r["base_card"].get("license_name"),
+                        r["base_card"].get("license_link")) for r in records
+                       if r.get("base_card", {}).get("license")}, key=str)
     languages: list[str] = []
     for r in records:
         value = r.get("base_card", {}).get("language") or []
         for language in [value] if isinstance(value, str) else value:
             if language not in languages:
                 languages.append(language)
-    return {"base_model": bases, "license": licenses[0] if len(licenses) == 1 else None,
-            "language": languages}
+    license, license_name, license_link = licenses[0] if len(licenses) == 1 else (None,) * 3
+    return {"base_model": bases, "license": license, "license_name": license_name,
+            "license_link": license_link, "language": languages}
 
 
 def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardContext,
@@ -172,12 +175,15 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
         params = _parameters(r)
         if params not in recipes.setdefault(r["method"], []):
             recipes[r["method"]].append(params)
-    inputs: dict[str, tuple[str, str]] = {}
+    inputs: dict[str, tuple[str, list[str]]] = {}
     for r in cells:
         used_by = f"{r['size']}-{r['variant']}"
-        inputs.setdefault(reference(r["inputs"]["base"]), ("base", used_by))
-        for name, identity in r["inputs"]["adapters"].items():
-            inputs.setdefault(reference(identity), (f"adapter {name}", used_by))
+        roles = [("base", r["inputs"]["base"])] + [
+            (f"adapter {name}", identity) for name, identity in r["inputs"]["adapters"].items()]
+        for role, identity in roles:
+            users = inputs.setdefault(reference(identity), (role, []))[1]
+            if used_by not in users:
+                users.append(used_by)
     devices: dict[str, int] = {}
     fallbacks: dict[str, list[str]] = {}
     for r in cells:
@@ -195,6 +201,7 @@ def render_root_card(records: Mapping[str, Mapping[str, Any]], context: CardCont
         tags=TAGS, cells=cells, rows=rows, adapters=adapters, recipes=recipes, inputs=inputs,
         devices=devices, fallbacks=fallbacks,
         versions=versions, example=cells[-1]["cell"] if cells else None,
+        example_dtype=cells[-1]["dtype"] if cells else None,
         dtypes=sorted({r["dtype"] for r in cells}), manual_start=MANUAL_START,
         manual_end=MANUAL_END, notes=manual_section(previous),
         evaluation=(evaluation_section(evaluation, records) if evaluation is not None

@@ -47,7 +47,9 @@ UNWANTED = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*optimizer*", "*checkpoint-*", 
 def hub_patterns(subfolder: str | None) -> tuple[list[str], list[str]]:
     """(allow_patterns, ignore_patterns) for `snapshot_download` of one source."""
     prefix = f"{subfolder}/" if subfolder else ""
-    return [prefix + p for p in WANTED], [prefix + p for p in UNWANTED]
+    # The repo's card (the Hub reads metadata only from the root README.md), for the license.
+    card = ["README.md"] if subfolder else []
+    return [prefix + p for p in WANTED] + card, [prefix + p for p in UNWANTED]
 
 
 def fetch(source: ModelSource, hash_cache: Path | None = None, offline: bool = False,

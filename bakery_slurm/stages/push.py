@@ -416,7 +416,9 @@ def base_card(base_dir: Path) -> dict[str, Any]:
         meta = front_matter((Path(base_dir) / "README.md").read_text())
     except (OSError, UnicodeDecodeError):
         return {}
-    return {key: meta[key] for key in ("license", "language") if meta.get(key)}
+    keys = ("license", "language") + (("license_name", "license_link")
+                                      if meta.get("license") == "other" else ())
+    return {key: meta[key] for key in keys if meta.get(key)}
 
 
 def public_recipe(cell: Cell, inputs: Mapping[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 
 import yaml
@@ -11,11 +12,14 @@ from bakery_slurm.rootcard import (
     MANUAL_END,
     MANUAL_START,
     CardContext,
+    card_metadata,
     front_matter,
     manual_section,
     reference,
     render_root_card,
 )
+from bakery_slurm.sources import hub_patterns
+from bakery_slurm.stages.push import base_card
 from support import assert_matches_golden
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -127,3 +131,42 @@ def test_front_matter_reads_a_base_card_and_keeps_norwegian():
     # What we write reads back the same with any YAML reader (the Hub's, PyYAML's).
     meta = yaml.safe_load(render_root_card(seed_records(), CONTEXT, REPO).split("---\n")[1])
     assert meta["language"] == ["no", "nn", "en"] and meta["license"] == "gemma"
+
+
+def test_an_input_shared_by_two_variants_is_credited_to_both():
+    # MINIMAL_MATRIX / the demo matrix: `[base] path = "models/base-{size}"`, one base per size,
+    # shared by every variant of that size.
+    records = {}
+    for variant in ("std", "open"):
+        r = record("4b", variant, "ties")
+        r["inputs"]["base"] = {"repo": "google/gemma-3-4b-pt", "subfolder": None,
+                               "revision": None, "commit": "c" * 40}
+        records[r["cell"]] = r
+    card = render_root_card(records, CONTEXT, REPO)
+    base_rows = [line for line in card.splitlines() if line.startswith("| base |")]
+    assert base_rows == ["| base | 4b-std, 4b-open | `google/gemma-3-4b-pt@" + "c" * 40 + "` |"]
+
+
+def test_the_load_snippet_loads_the_cell_it_names_in_that_cells_dtype():
+    # A repo holding cells of two campaigns (the matrix's dtype changed in between).
+    a = record("1b", "std", "ties")
+    b = record("4b", "std", "ties", dtype="float32")
+    card = render_root_card({a["cell"]: a, b["cell"]: b}, CONTEXT, REPO)
+    assert 'subfolder="4b-std/eng-nob__ties"' in card
+    assert 'dtype="float32"' in card
+
+
+def test_a_base_in_a_subfolder_still_reads_its_repos_card():
+    # The Hub reads a repo's metadata only from its root README.md, above a base's subfolder.
+    allow, _ = hub_patterns("4b")
+    assert any(fnmatch("README.md", pattern) for pattern in allow)
+
+
+def test_a_base_with_license_other_keeps_the_licenses_name(tmp_path):
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: nb-gpt-license\n"
+        "license_link: https://huggingface.co/NbAiLab/x/blob/main/LICENSE\nlanguage: [no]\n---\n")
+    meta = card_metadata([{"inputs": {"base": {"repo": "NbAiLab/x"}},
+                           "base_card": base_card(tmp_path)}])
+    assert meta["license"] == "other"
+    assert meta.get("license_name") == "nb-gpt-license"
