@@ -43,4 +43,6 @@ def _text(value: Any) -> str:
         return ",".join(f"{k}={_text(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value)
+    text = str(value)
+    # One line per row: an error's newlines (lm-eval's, a library's) would break the table.
+    return " ".join(text.split()) if any(c in text for c in "\n\r\t\v\f") else text

@@ -91,9 +91,10 @@ def now() -> str:
 def read_result(paths: CellPaths) -> dict[str, Any] | None:
     """The cell's result record, or None when it has not run (a corrupt one reads as None too)."""
     try:
-        return json.loads(paths.result.read_text())
+        result = json.loads(paths.result.read_text())
     except (OSError, ValueError):
         return None
+    return result if isinstance(result, dict) else None
 
 
 def describe_error(error: BaseException) -> str:

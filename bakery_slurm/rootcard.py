@@ -89,9 +89,11 @@ def evaluation_section(evaluation: CardEvaluation, records: Mapping[str, Mapping
     """`report`'s Markdown for the baselines and the published cells whose results scored the
     checkpoint published (a cell merged again since its eval is left out); the methods ranked
     against the baseline when it has results. Empty when no row is left."""
-    rows = [row for row in evaluation.rows if row.kind == "baseline" or (
-        row.id in records
-        and evaluation.scored.get(row.id) == records[row.id]["output"]["content_sha256"])]
+    def scored_as_published(row: Row) -> bool:
+        published = (records.get(row.id, {}).get("output") or {}).get("content_sha256")
+        return published is not None and evaluation.scored.get(row.id) == published
+
+    rows = [row for row in evaluation.rows if row.kind == "baseline" or scored_as_published(row)]
     if not rows:
         return ""
     baselines = {name for row in rows if row.kind == "baseline" for name in (row.id, row.label)}

@@ -135,6 +135,14 @@ def test_results_of_another_checkpoint_or_an_unpublished_cell_are_left_out():
     assert "| 4b-std/eng-nob__linear |" in shown
 
 
+def test_a_published_record_without_an_output_hash_is_left_out_not_fatal():
+    """A record written by an older bakery-slurm, or edited by hand, may lack `output`."""
+    records = seed_records()
+    del records["4b-std/eng-nob__ties"]["output"]
+    shown = section(render_root_card(records, CONTEXT, REPO, evaluation=evaluation()))
+    assert "| 4b-std/eng-nob__ties |" not in shown and "| 4b-std/eng-nob__linear |" in shown
+
+
 def test_without_a_ranking_baseline_the_pivot_alone():
     no_ranking = CardEvaluation(rows=tuple(ROWS), scored=evaluation().scored, baseline=None)
     shown = section(render_root_card(seed_records(), CONTEXT, REPO, evaluation=no_ranking))

@@ -14,7 +14,7 @@ from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (
     Ledger, PlannedArray, confirm_array, load_ledger, record_intent, record_cancel, save_ledger)
 from bakery_slurm.output import format_rows
-from bakery_slurm.pipeline import CellPaths
+from bakery_slurm.pipeline import CellPaths, read_result
 from bakery_slurm.resubmit_policy import choose_resubmit, is_live
 from bakery_slurm.status_snapshot import snapshot
 from support import Recorder
@@ -388,3 +388,16 @@ def test_a_multi_line_eval_error_stays_on_its_row_of_the_status_table(tmp_path):
     rows = status_rows(ledger, snap)
     table = format_rows(rows, status_columns(snap), "table")
     assert len(table.splitlines()) == 1 + len(rows), table
+
+
+def test_a_table_cell_is_one_line_whatever_its_value():
+    rows = [{"cell": "c", "detail": "ScannerError: while scanning\n  in x.yaml\r\tline 3"}]
+    assert format_rows(rows, ["cell", "detail"], "table").splitlines()[1] == \
+        "c     ScannerError: while scanning in x.yaml line 3"
+
+
+def test_a_result_record_that_is_not_an_object_reads_as_none(tmp_path):
+    paths = CellPaths(tmp_path / "work", CELL)
+    paths.root.mkdir(parents=True)
+    paths.result.write_text("[1]")
+    assert read_result(paths) is None
