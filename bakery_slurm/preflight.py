@@ -100,6 +100,8 @@ def preflight(matrix: Matrix, cells: Sequence[Cell], executor: str, *, container
     report = Report()
     _check_runtime(matrix, executor, container, environ, report)
     _check_local_sources(matrix, cells, report)
+    if container == "apptainer":
+        _check_visible_in_container(matrix, cells, report)
     sources = hub_sources(list(cells))
     needs_hub = bool(sources) or any(c.push.kind == "hub" for c in cells)
     if not needs_hub:
@@ -212,6 +214,35 @@ def _check_local_sources(matrix: Matrix, cells: Sequence[Cell], report: Report) 
                 what = "no such folder" if not folder.is_dir() else f"no {MARKER[kind]} in it"
                 report.problems.append(f"{kind}.path: {what}: {folder} (input {name!r} of "
                                        f"{cell.id})")
+
+
+# Folders apptainer binds by default (a site may add more in apptainer.conf; name those in
+# [runtime] binds too).
+DEFAULT_BINDS = ("~", "/tmp", "/var/tmp")
+
+
+def _check_visible_in_container(matrix: Matrix, cells: Sequence[Cell], report: Report) -> None:
+    """A task sees only the bound folders: every folder it reads or writes outside the image
+    (local inputs, the Hub and datasets caches of [runtime] env, eval tasks) must be under one."""
+    from .task_command import expand_bind
+
+    roots = [Path(expand_bind(bind).split(":")[0]).expanduser().resolve()
+             for bind in [*matrix.spec.runtime.binds, *DEFAULT_BINDS]]
+    roots += [matrix.root.resolve(), matrix.work_dir.resolve()]
+    needed = [(f"runtime.env.{name}", value) for name, value in matrix.task_env("apptainer").items()
+              if name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")]
+    if matrix.spec.eval is not None and matrix.spec.eval.include_path:
+        needed.append(("eval.include_path", str(matrix.root / matrix.spec.eval.include_path)))
+    needed += [(f"{_kind(name)}.path", str(Path(source.path) / (source.subfolder or "")))
+               for cell in cells for name, source in cell_inputs(cell).items()
+               if source.path is not None]
+    for key, value in dict.fromkeys(needed):
+        path = Path(value).expanduser().resolve()
+        if not any(path == root or path.is_relative_to(root) for root in roots):
+            report.problems.append(
+                f"{key}: {value} is under none of the folders a task's container sees (the matrix "
+                f"and work folders, [runtime] binds, ~ and /tmp): add a folder above it to "
+                f"runtime.binds")
 
 
 def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,

@@ -14,6 +14,7 @@ them as APPTAINERENV_<NAME>, set from the task's own environment when it starts.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -60,16 +61,27 @@ def apptainer_prefix(runtime: Runtime, env: Mapping[str, str], matrix_path: Path
     The matrix and work folders are bound (they must be visible inside at the same paths), after
     the runtime's own binds; `--nv` only when the task has GPUs.
     """
-    binds = list(dict.fromkeys([*runtime.binds, str(matrix_path.parent), str(work)]))
+    # Expanded here: apptainer does not expand ~, and the launcher quotes every word.
+    binds = list(dict.fromkeys([*map(expand_bind, runtime.binds), str(matrix_path.parent),
+                                str(work)]))
     # As APPTAINERENV_* variables, not `--env`: apptainer parses an --env value holding a '='
     # as CSV, so `NO_PROXY=a,b` with another '=' or a quote in it would be split or refused.
     # Set after the launcher's forwarded ones, they win over those, as --env would.
-    argv = [*(["env", *[f"APPTAINERENV_{name}={value}" for name, value in sorted(env.items())]]
-              if env else []), "apptainer", "exec"]
+    # PYTHONSAFEPATH: `python -m` would put the job's working directory (the folder submit ran
+    # in, often a bakery-slurm checkout) first on sys.path, over the image's own packages.
+    env = {"PYTHONSAFEPATH": "1", **env}
+    argv = ["env", *[f"APPTAINERENV_{name}={value}" for name, value in sorted(env.items())],
+            "apptainer", "exec"]
     if gpus:
         argv.append("--nv")
     argv += ["--cleanenv", "--bind", ",".join(binds)]
-    return [*argv, str(runtime.image), runtime.python]
+    return [*argv, os.path.expanduser(str(runtime.image)), runtime.python]
+
+
+def expand_bind(bind: str) -> str:
+    """`SRC[:DST[:OPTS]]` with ~ expanded in SRC."""
+    source, sep, rest = bind.partition(":")
+    return os.path.expanduser(source) + sep + rest
 
 
 def task_argv(prefix: Sequence[str] | None, fixed_env: Mapping[str, str], args: Sequence[str]) -> list[str]:

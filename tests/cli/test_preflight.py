@@ -182,6 +182,26 @@ require_env = ["https_proxy"]'''))
     assert result.stderr.startswith(f"Error: preflight found 3 problem(s) in {matrix}")
 
 
+def test_folders_a_container_cannot_see_are_named(hub, write_matrix, tmp_path):
+    """apptainer shows a task only the bound folders (the matrix and work folders, [runtime]
+    binds, ~ and /tmp): a cache or a local input elsewhere would be missing in every task."""
+    image = tmp_path / "bakery.sif"
+    image.write_text("an image")
+    text = (HUB_MATRIX.replace('repo = "acme/base-{size}"', 'path = "/srv/elsewhere/base-{size}"')
+            .replace('container = "none"', f'container = "apptainer"\nimage = "{image}"\n'
+                     'env = { HF_HOME = "/srv/elsewhere/hf-home" }'))
+    result = invoke("check", write_matrix(text), "--executor", "slurm")
+    assert result.exit_code == 2
+    hidden = [p for p in problems(result) if "under none of the folders" in p]
+    assert [p.split(":")[0] for p in hidden] == ["runtime.env.HF_HOME", "base.path"]
+    assert hidden[0] == ("runtime.env.HF_HOME: /srv/elsewhere/hf-home is under none of the folders "
+                         "a task's container sees (the matrix and work folders, [runtime] binds, ~ "
+                         "and /tmp): add a folder above it to runtime.binds")
+    bound = write_matrix(text.replace(f'image = "{image}"', f'image = "{image}"\nbinds = ["/srv"]'))
+    assert not [p for p in problems(invoke("check", bound, "--executor", "slurm"))
+                if "under none of the folders" in p]
+
+
 def test_require_env_must_name_passed_variables(write_matrix):
     matrix = write_matrix(HUB_MATRIX + 'require_env = ["MY_PROXY"]\n')
     result = invoke("plan", matrix)
@@ -334,7 +354,8 @@ def test_the_shipped_matrix_with_three_keys_edited_passes_check_and_runs_in_the_
     assert len(json.loads(checked.stdout)) == 6 + 12  # six bases, two adapters per (size, variant)
     dry = invoke("submit", matrix, "--executor", "slurm", "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert (f"exec env APPTAINERENV_HF_HOME={work}/hf-home apptainer exec --nv --cleanenv "
+    assert (f"exec env APPTAINERENV_HF_HOME={work}/hf-home APPTAINERENV_PYTHONSAFEPATH=1 "
+            f"apptainer exec --nv --cleanenv "
             f"--bind {tmp_path},{work} {image} python3 \"$@\"") in dry.stdout
     assert "dry run: 3 array(s), 14 task(s)" in dry.stdout
 

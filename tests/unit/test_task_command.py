@@ -46,7 +46,8 @@ def test_apptainer_prefix_is_exact():
                               Path("/scratch/work"), 1)
     assert prefix == [
         "env", "APPTAINERENV_A_FIRST=1", "APPTAINERENV_HF_HOME=/cluster/projects/nn1k/hf-home",
-        "apptainer", "exec", "--nv", "--cleanenv",
+        # the image's packages, not the folder submit ran in (the job's working directory)
+        "APPTAINERENV_PYTHONSAFEPATH=1", "apptainer", "exec", "--nv", "--cleanenv",
         # the runtime's binds, then the matrix folder and the work folder; duplicates dropped
         "--bind", "/cluster/projects/nn1k,/data/matrices,/scratch,/scratch/work",
         "/images/bakery.sif", "python3"]
@@ -63,7 +64,16 @@ def test_apptainer_prefix_binds_the_matrix_and_work_folders_once():
 def test_apptainer_prefix_without_gpus_has_no_nv(gpus):
     runtime = Runtime(container="apptainer", image="/i.sif", python="/opt/py/bin/python3")
     assert apptainer_prefix(runtime, {}, Path("/m/matrix.toml"), Path("/w"), gpus=gpus) == [
-        "apptainer", "exec", "--cleanenv", "--bind", "/m,/w", "/i.sif", "/opt/py/bin/python3"]
+        "env", "APPTAINERENV_PYTHONSAFEPATH=1", "apptainer", "exec", "--cleanenv", "--bind", "/m,/w",
+        "/i.sif", "/opt/py/bin/python3"]
+
+
+def test_apptainer_prefix_expands_a_home_folder_apptainer_would_not(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    runtime = Runtime(container="apptainer", image="~/images/b.sif", binds=["~/data:/data:ro"])
+    prefix = apptainer_prefix(runtime, {}, Path("/m/matrix.toml"), Path("/w"), gpus=0)
+    assert prefix[prefix.index("--bind") + 1] == "/home/me/data:/data:ro,/m,/w"
+    assert prefix[-2] == "/home/me/images/b.sif"
 
 
 def test_a_container_gets_a_hub_cache_under_work_unless_env_names_one(write_matrix):
@@ -125,7 +135,8 @@ def test_launcher_forwards_the_job_the_token_and_pass_env_by_name(tmp_path):
     forwarded = {k[len("APPTAINERENV_"):]: v for k, v in seen.items()
                  if k.startswith("APPTAINERENV_")}
     # The runtime's fixed env (HF_HOME) goes the same way, set in the script.
-    assert forwarded == {**{k: v for k, v in environ.items() if k != "UNRELATED"}, "HF_HOME": "/h"}
+    assert forwarded == {**{k: v for k, v in environ.items() if k != "UNRELATED"}, "HF_HOME": "/h",
+                         "PYTHONSAFEPATH": "1"}
     assert SECRET not in script and "proxy:3128" not in script  # names only, never values
 
 
@@ -134,6 +145,29 @@ def test_runtime_env_values_reach_the_container_whole_and_win_over_forwarded_one
     fixed = {"XLA_FLAGS": "--a=1,--b=2", "NO_PROXY": 'localhost,.cluster,"x"', "https_proxy": "fixed"}
     _, seen, _ = run_launcher(tmp_path, {"https_proxy": "http://proxy:3128"}, ["https_proxy"], fixed)
     assert {name: seen[f"APPTAINERENV_{name}"] for name in fixed} == fixed
+
+
+STANDIN = Path(__file__).resolve().parents[1] / "integration" / "standin"
+
+
+def test_the_image_and_not_the_folder_submit_ran_in_provides_bakery_slurm(tmp_path):
+    """SLURM starts a task in the folder submit ran in (often a bakery-slurm checkout), apptainer
+    keeps it as the working directory, and `python -m` would put it first on sys.path."""
+    image = tmp_path / "image.sif"  # the stand-in's image: this venv stands for it
+    image.write_text(f"bakery-standin-image {sys.prefix}\n")
+    checkout = tmp_path / "checkout"
+    (checkout / "bakery_slurm").mkdir(parents=True)
+    (checkout / "bakery_slurm" / "__init__.py").write_text("raise ImportError('the checkout')\n")
+    runtime = Runtime(container="apptainer", image=str(image))
+    script = tmp_path / "launch.sh"
+    script.write_text(launcher_script(apptainer_prefix(runtime, {}, tmp_path / "matrix.toml",
+                                                       tmp_path, 0), []))
+    script.chmod(0o755)
+    done = subprocess.run([str(script), "-c", "import bakery_slurm; print(bakery_slurm.__file__)"],
+                          cwd=checkout, env={"PATH": f"{STANDIN}:/usr/bin:/bin", "HOME": str(tmp_path)},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not done.stdout.startswith(str(checkout))
 
 
 def test_launcher_leaves_unset_names_unset(tmp_path):
@@ -225,7 +259,8 @@ def test_dry_run_never_shows_or_writes_the_token(tmp_path, write_matrix, monkeyp
     # Python, whose path means nothing on an arm64 compute node.
     assert "apptainer-launch.sh -u -m submitit.core._submit" in result.stdout
     assert sys.executable not in result.stdout
-    assert "env APPTAINERENV_HF_HOME=/cluster/projects/nn1k/hf-home apptainer exec" in result.stdout
+    assert ("env APPTAINERENV_HF_HOME=/cluster/projects/nn1k/hf-home APPTAINERENV_PYTHONSAFEPATH=1 "
+            "apptainer exec") in result.stdout
     assert SECRET not in result.stdout
     assert SECRET not in result.stderr
     # Not even by name on a command line: only the launcher's list of forwarded names has it.
