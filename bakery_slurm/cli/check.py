@@ -40,7 +40,7 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
         bakery-slurm check matrix.toml
         bakery-slurm check matrix.toml --only '12b-*' --json
     """
-    loaded, cells = selected_cells(matrix, only)
+    loaded, cells = selected_cells(matrix, only, or_baselines=True)
     kind = resolve_executor(executor)
     # The [eval] baselines' inputs too (a baseline at a size and variant without cells reads a
     # base no cell does), as submit checks them.

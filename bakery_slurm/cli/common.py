@@ -19,13 +19,20 @@ STATUS_COLUMNS = ["cell", "state", "eval", "exit_code", "elapsed", "node", "atte
                   "detail", "log"]
 
 
-def selected_cells(matrix: Path, only: str | None) -> tuple[Matrix, list[Cell]]:
+def selected_cells(matrix: Path, only: str | None,
+                   or_baselines: bool = False) -> tuple[Matrix, list[Cell]]:
     """The matrix and its cells matching `--only` (all without it); matching none is a usage
-    error."""
+    error, unless `or_baselines` and the glob names an [eval] baseline (for the commands that
+    also act on baselines: check, prefetch)."""
+    from ..evaluation import expand_eval
+
     loaded = load_matrix(matrix)
     cells = select(expand(loaded), only)
+    if not cells and or_baselines and select(expand_eval(loaded, []), only):
+        return loaded, cells
     if not cells:
-        raise click.UsageError(f"--only {only!r} matches no cell of {loaded.path}")
+        what = "no cell or [eval] baseline" if or_baselines else "no cell"
+        raise click.UsageError(f"--only {only!r} matches {what} of {loaded.path}")
     return loaded, cells
 
 

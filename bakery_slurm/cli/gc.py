@@ -25,9 +25,10 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     """Remove what published cells no longer need from the ledger's work folders.
 
     Removes the merged, final and publish folders of published cells, bakes no unpublished cell
-    names, base copies once every cell is published, and what killed tasks left behind. Never
-    touches anything while a cell of that work folder is pending or running (states are
-    refreshed first; the scheduler must answer). Prints the bytes freed per kind.
+    names, base copies once every cell is published, and what killed tasks left behind. While a
+    cell of that work folder is pending or running (or its eval), only the outputs of published
+    cells go: no bakes, base copies or leftovers (states are refreshed first; the scheduler must
+    answer). Prints the bytes freed per kind.
 
     \b
     Example:

@@ -26,7 +26,7 @@ def plan(matrix: Path, only: str | None, ledger_path: Path | None, fmt: str) -> 
     """Show the cells MATRIX expands to, with their recipes, inputs and push target.
 
     Where the ledger has submitted a cell, its Hub inputs are shown with the commits its latest
-    attempt was pinned to (`pins` in --json; the table counts them).
+    attempt was pinned to (`pins` in --json; the table lists them as `input@<12 hex>`).
 
     \b
     Example:

@@ -50,7 +50,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
         bakery-slurm prefetch matrix.toml
         bakery-slurm prefetch matrix.toml --only '4b-*'
     """
-    loaded, cells = selected_cells(matrix, only)
+    loaded, cells = selected_cells(matrix, only, or_baselines=True)
     container = loaded.spec.runtime.resolve(resolve_executor("auto"))
     targets = [t for t in expand_eval(loaded, cells)
                if only is None or fnmatch.fnmatchcase(t.id, only)]

@@ -431,6 +431,17 @@ def test_submit_pins_the_base_of_a_baseline_without_cells(hub2, write_matrix):
     assert f"--pin base={hub2.head('acme/base-2b')}" in eval_task_line(dry.stdout, "2b-std/base")
 
 
+def test_check_and_prefetch_take_only_a_baseline(hub2, write_matrix):
+    """`--only` may name a baseline alone (one at a size and variant without cells, say)."""
+    matrix = write_matrix(BASELINE_ONLY)
+    checked = invoke("check", matrix, "--only", "2b-std/base", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert [row["input"] for row in json.loads(checked.stdout)] == ["hub:acme/base-2b"]
+    nothing = invoke("check", matrix, "--only", "9b-*")
+    assert nothing.exit_code == 2
+    assert "--only '9b-*' matches no cell or [eval] baseline of" in nothing.stderr
+
+
 def test_check_refuses_a_missing_base_of_a_baseline_without_cells(hub2, write_matrix):
     hub2.repos.pop("acme/base-2b")  # not on the Hub (a typo, a private repo)
     matrix = write_matrix(BASELINE_ONLY)
