@@ -45,11 +45,13 @@ UNWANTED = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*optimizer*", "*checkpoint-*", 
 
 
 def hub_patterns(subfolder: str | None) -> tuple[list[str], list[str]]:
-    """(allow_patterns, ignore_patterns) for `snapshot_download` of one source."""
+    """(allow_patterns, ignore_patterns) for `snapshot_download` of one source: its own folder's
+    files, not its subfolders' (fnmatch's `*` crosses `/`: a base at the root of a repo that also
+    holds adapters, or an `original/` copy of the weights, would be downloaded whole)."""
     prefix = f"{subfolder}/" if subfolder else ""
     # The repo's card (the Hub reads metadata only from the root README.md), for the license.
     card = ["README.md"] if subfolder else []
-    return [prefix + p for p in WANTED] + card, [prefix + p for p in UNWANTED]
+    return [prefix + p for p in WANTED] + card, [prefix + p for p in UNWANTED] + [prefix + "*/*"]
 
 
 def fetch(source: ModelSource, hash_cache: Path | None = None, offline: bool = False,

@@ -151,3 +151,16 @@ def test_a_hub_bases_card_is_fetched_for_its_license_and_language(tmp_path):
     base = fetch(ModelSource(repo="org/base", path=None, subfolder=None, revision=None),
                  offline=True, cache_dir=cache)
     assert base_card(base.path) == {"license": "gemma", "language": ["no", "en"]}
+
+
+@pytest.mark.parametrize("subfolder", [None, "4b"])
+def test_a_hub_source_fetches_its_own_folder_not_its_subfolders(subfolder):
+    from huggingface_hub.utils import filter_repo_objects
+
+    at = f"{subfolder}/" if subfolder else ""
+    files = [f"{at}config.json", f"{at}model.safetensors", f"{at}tokenizer.json",
+             f"{at}1b-std/eng/adapter_model.safetensors", f"{at}original/consolidated.safetensors",
+             f"{at}checkpoint-100/model.safetensors", f"{at}optimizer.pt", "README.md"]
+    allow, ignore = hub_patterns(subfolder)
+    assert sorted(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore)) == \
+        sorted([f"{at}config.json", f"{at}model.safetensors", f"{at}tokenizer.json", "README.md"])
