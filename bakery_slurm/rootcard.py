@@ -90,8 +90,10 @@ def evaluation_section(evaluation: CardEvaluation, records: Mapping[str, Mapping
     checkpoint published (a cell merged again since its eval is left out); the methods ranked
     against the baseline when it has results. Empty when no row is left."""
     def scored_as_published(row: Row) -> bool:
-        published = (records.get(row.id, {}).get("output") or {}).get("content_sha256")
-        return published is not None and evaluation.scored.get(row.id) == published
+        if row.id not in records:
+            return False
+        published = (records[row.id].get("output") or {}).get("content_sha256")
+        return evaluation.scored.get(row.id) == published
 
     rows = [row for row in evaluation.rows if row.kind == "baseline" or scored_as_published(row)]
     if not rows:

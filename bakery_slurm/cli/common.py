@@ -31,7 +31,8 @@ def selected_cells(matrix: Path, only: str | None,
     if not cells and or_baselines and select(expand_eval(loaded, []), only):
         return loaded, cells
     if not cells:
-        what = "no cell or [eval] baseline" if or_baselines else "no cell"
+        what = ("no cell or [eval] baseline" if or_baselines and loaded.spec.eval is not None
+                else "no cell")
         raise click.UsageError(f"--only {only!r} matches {what} of {loaded.path}")
     return loaded, cells
 

@@ -62,7 +62,7 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
     """
     from ..recipe import render_recipe, validate_recipe
 
-    loaded, cells = selected_cells(matrix, only)
+    loaded, cells = selected_cells(matrix, only, or_baselines=not no_eval)
     ledger_path = ledger_path or loaded.root / LEDGER_NAME
     recipes = {c.id: render_recipe(c, "(base, hub layout)",
                                    {name: f"({name} baked)" for name, _ in c.adapters})

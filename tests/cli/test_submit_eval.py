@@ -62,6 +62,17 @@ def test_dry_run_chains_each_eval_to_its_merge_task_and_starts_baselines_at_once
     assert not (tmp_path / LEDGER).exists()
 
 
+def test_only_a_baseline_submits_its_eval_alone(tmp_path):
+    matrix = eval_project(tmp_path)
+    result = invoke("submit", matrix, "--executor", "slurm", "--dry-run", "--only", BASELINE)
+    assert result.exit_code == 0, result.output
+    assert "== merge array" not in result.stdout
+    assert re.findall(r"-m bakery_slurm run-eval \S+ (\S+) --work", result.stdout) == [BASELINE]
+    refused = invoke("submit", matrix, "--executor", "slurm", "--dry-run", "--only", BASELINE,
+                     "--no-eval")
+    assert refused.exit_code == 2 and "matches no cell of" in refused.stderr
+
+
 def verified(work: Path, cell_id: str) -> str:
     """Fake a verified output for the cell, as verify records it; return its content hash."""
     paths = CellPaths(work, cell_id)
