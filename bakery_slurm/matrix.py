@@ -415,7 +415,7 @@ def load_matrix(path: Path | str, check_cells: bool = True) -> Matrix:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read matrix: {e.strerror or e}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # an editor's BOM is not TOML
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:

@@ -341,6 +341,12 @@ def test_non_toml_file(tmp_path, write_matrix):
     assert listing(tmp_path) == before
 
 
+def test_a_matrix_saved_with_a_byte_order_mark_reads(tmp_path, write_matrix):
+    path = write_matrix(MINIMAL_MATRIX)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert run_plan(path).exit_code == 0
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "nowhere" / "matrix.toml"
     result = run_plan(path)
