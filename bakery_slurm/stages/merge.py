@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -85,18 +86,40 @@ def write_config(base_config: Path, out: Path, dtype: str) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# What a failure of the GPU says (torch's CUDA errors, out of memory on the device, cuBLAS,
+# cuDNN, NCCL, a device-side assert). Any other error (a CPU allocation, a shape) would fail the
+# same way on the CPU: it is raised, not retried.
+CUDA_FAILURE = re.compile(r"cuda|cublas|cudnn|nccl|device-side|gpu", re.IGNORECASE)
+
+
 def _on_device(attempt: Callable[[str], T], out: Path, device: str, reason: str | None,
                what: str) -> tuple[T, dict[str, Any]]:
-    """Run `attempt(device)`; when it fails on CUDA, empty `out` and run it again on CPU."""
+    """Run `attempt(device)`; when the GPU fails it, empty `out` and run it again on CPU."""
     try:
         return attempt(device), {"device": device, "fallback_reason": reason}
     except RuntimeError as e:
-        if device != "cuda":
+        if device != "cuda" or not CUDA_FAILURE.search(f"{type(e).__name__}: {e}"):
             raise
-        log.warning("%s failed on CUDA (%s); retrying on CPU", what, e)
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return attempt("cpu"), {"device": "cpu", "fallback_reason": f"{what} on CUDA failed: {e}"}
+        failure = f"{what} on CUDA failed: {' '.join(str(e).split())}"
+    # Retried out of the `except`: the failed attempt's tensors (held by its traceback) are freed.
+    log.warning("%s; retrying on CPU", failure)
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    _release_gpu_memory()
+    try:
+        return attempt("cpu"), {"device": "cpu", "fallback_reason": failure}
+    except Exception as e:
+        e.add_note(failure)
+        raise
+
+
+def _release_gpu_memory() -> None:
+    import torch
+
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError:  # the GPU that failed may refuse this too
+        pass
 
 
 def tokenizer_files(folder: Path) -> list[str]:

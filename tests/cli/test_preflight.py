@@ -18,6 +18,7 @@ from bakery_slurm.cli import cli
 from bakery_slurm.ledger import load_ledger
 from bakery_slurm.preflight import token_write_problem
 from fakes import FakeHubApi
+from support import settled, wait_for
 
 CELL = "1b-std/eng-nob__ties"
 
@@ -243,6 +244,8 @@ def test_submit_pins_every_hub_input_and_the_task_reads_exactly_those(hub, write
                             "hub:acme/adapters/1b-std/nob": hub.adapters}
     plan = invoke("plan", matrix, "--json")
     assert json.loads(plan.stdout)[0]["pins"] == attempt.pins
+    # The task (it fails offline) must not outlive the test, competing with the next ones.
+    wait_for(lambda: settled(tmp_path / "bakery-ledger.json"), "the task to end")
 
 
 def test_resubmit_reuses_the_pins_unless_refreshed(hub, write_matrix, tmp_path):

@@ -68,3 +68,35 @@ def test_without_cuda_auto_merges_on_cpu_and_says_why():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split(") (") == [
         "('cpu', None", "'cpu', 'CUDA is not available'", "'cpu', 'CUDA requested but not available')\n"]
+
+
+def test_only_a_gpu_failure_sends_a_merge_to_the_cpu(tmp_path):
+    """An error the CPU would meet as well (a host allocation, a shape) is raised, not retried on
+    the CPU with a record blaming CUDA; a CPU retry that fails too names the CUDA failure."""
+    out = tmp_path / "out"
+    out.mkdir()
+    tried = []
+
+    def failing_on(message_on_cuda, message_on_cpu=None):
+        def attempt(device):
+            tried.append(device)
+            (out / f"{device}.part").write_text("partial")
+            message = message_on_cuda if device == "cuda" else message_on_cpu
+            if message:
+                raise RuntimeError(message)
+            return "merged"
+        return attempt
+
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+        merge_stage._on_device(failing_on("DefaultCPUAllocator: can't allocate memory"), out,
+                               "cuda", None, "the engine")
+    assert tried == ["cuda"]
+    result, record = merge_stage._on_device(failing_on("CUDA error: an illegal memory access\nwas met"),
+                                            out, "cuda", None, "the engine")
+    assert result == "merged" and sorted(p.name for p in out.iterdir()) == ["cpu.part"]
+    assert record == {"device": "cpu", "fallback_reason":
+                      "the engine on CUDA failed: CUDA error: an illegal memory access was met"}
+    with pytest.raises(RuntimeError, match="disk on fire") as failed:
+        merge_stage._on_device(failing_on("CUDA out of memory", "disk on fire"), out, "cuda", None,
+                               "the engine")
+    assert failed.value.__notes__ == ["the engine on CUDA failed: CUDA out of memory"]

@@ -9,6 +9,7 @@ Python 3.11 and this checkout on PYTHONPATH (root's own interpreter is not reada
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths, run_cell
+from support import wait_for
 
 from .test_slurm import cid, size, write_matrix
 
@@ -55,9 +57,25 @@ def teammate():
             finally:
                 shutil.rmtree(shared, ignore_errors=True)
         finally:
+            end_processes_of(name)  # userdel refuses while the teammate's supervisor lives
             subprocess.run(["userdel", name], check=True, capture_output=True)
     finally:
         subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def end_processes_of(user: str) -> None:
+    """Wait for `user`'s processes (local supervisors, tasks) to end; kill those that do not."""
+    def pids() -> list[int]:
+        found = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True).stdout
+        return [int(pid) for pid in found.split()]
+
+    try:
+        wait_for(lambda: not pids(), f"{user}'s processes to end", deadline_s=30)
+    except AssertionError:
+        for pid in pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pids(), f"{user}'s processes to die")
 
 
 def as_teammate(teammate, *args: str) -> subprocess.CompletedProcess:

@@ -466,7 +466,12 @@ def test_racing_resubmits_submit_each_failed_cell_once(tmp_path, bakery):
                str(ledger)]
     racers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(2)]
-    outputs = [racer.communicate(timeout=120) for racer in racers]
+    try:
+        outputs = [racer.communicate(timeout=120) for racer in racers]
+    finally:  # a racer that hangs must not outlive the test
+        for racer in racers:
+            racer.kill()
+            racer.wait()
     for racer, (out, err) in zip(racers, outputs):
         assert racer.returncode == 0, (out, err)
     after = load_ledger(ledger)
@@ -568,6 +573,10 @@ def test_states_come_from_our_jobs_when_the_controller_reuses_job_ids(tmp_path, 
     state cleared hands out job ids again, while accounting keeps the earlier jobs: `sacct -j ID`
     then also prints the earlier job's rows, finished long ago. Read as ours, they made a cell look
     COMPLETED before its task had run (CI saw it once). Here the ids really are reused."""
+    # A job of its own first: the id handed out after the reset has been used even when this test
+    # runs alone on a fresh cluster.
+    subprocess.run(["sbatch", "--wait", "-J", "bakery-reuse-seed", "-o", str(tmp_path / "seed.out"),
+                    "--wrap", "true"], check=True, capture_output=True, timeout=RESET_DEADLINE_S)
     queue = ["squeue", "-h", "-o", "%i"]
     wait_for(lambda: not subprocess.run(queue, capture_output=True, text=True, check=True).stdout.strip(),
              "the queue to drain", deadline_s=RESET_DEADLINE_S, interval_s=1.0)
