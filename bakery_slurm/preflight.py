@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
+from .eval_prefetch import child_environment
 from .matrix import Cell, Matrix, ModelSource
 from .pins import COMMIT, cell_inputs, hub_sources
 
@@ -51,10 +52,10 @@ def datasets_cache_dir(matrix: Matrix, container: str) -> Path | None:
 
 
 def _tasks_environment(matrix: Matrix, container: str) -> dict[str, str]:
-    """Without a container a task inherits this environment under [runtime] env (an HF_HUB_CACHE
-    set here beats the HF_HOME of [runtime] env); in one (--cleanenv) it sees [runtime] env only."""
-    env = matrix.task_env(container)
-    return env if container == "apptainer" else {**os.environ, **env}
+    """The caches' variables as a task sees them (`child_environment`): without a container this
+    environment's under [runtime] env (an HF_HUB_CACHE set here beats the HF_HOME of [runtime]
+    env); in one (--cleanenv), [runtime] env's only."""
+    return child_environment(os.environ, matrix.task_env(container), container)
 
 
 def _task_cache(env: Mapping[str, str], variable: str, under_home: str) -> Path | None:
@@ -65,17 +66,21 @@ def _task_cache(env: Mapping[str, str], variable: str, under_home: str) -> Path 
     return None
 
 
+def cached_repo(source: ModelSource, cache_dir: Path | None) -> Path:
+    """The source's repo folder in the Hub cache (`cache_dir`, or huggingface_hub's default)."""
+    from huggingface_hub import constants
+
+    return Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{source.repo.replace('/', '--')}"
+
+
 def cached_commit(source: ModelSource, cache_dir: Path | None) -> str | None:
     """The commit the Hub cache holds for the source's revision (a ref written by a download, as
     `prefetch` does), or None."""
-    from huggingface_hub import constants
-
     revision = source.revision or "main"
     if COMMIT.match(revision):
         return revision
-    folder = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{source.repo.replace('/', '--')}"
     try:
-        commit = (folder / "refs" / revision).read_text().strip()
+        commit = (cached_repo(source, cache_dir) / "refs" / revision).read_text().strip()
     except OSError:
         return None
     return commit if COMMIT.match(commit) else None
@@ -299,8 +304,6 @@ def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,
 
 def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
                     known: Mapping[str, str], report: Report, required: bool = True) -> None:
-    from huggingface_hub import constants
-
     from .sources import missing_files
 
     cache = hub_cache_dir(matrix, container)
@@ -311,9 +314,7 @@ def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
         if commit and required:
             # A ref (or a commit revision) is not the input: prefetch writes refs/<revision>
             # before any file, and may have fetched other subfolders of the repo only.
-            folder = (Path(cache or constants.HF_HUB_CACHE)
-                      / f"models--{source.repo.replace('/', '--')}" / "snapshots" / commit
-                      / (source.subfolder or ""))
+            folder = cached_repo(source, cache) / "snapshots" / commit / (source.subfolder or "")
             lacking = missing_files(folder) if folder.is_dir() else [str(folder)]
             if lacking:
                 missing = (f"{source.key} at {commit[:12]} is not in the Hub cache {where} "

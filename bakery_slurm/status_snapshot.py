@@ -78,12 +78,13 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
     by_name = {a.name: a for a in arrays}
     recent = datetime.now(timezone.utc) - SACCT_LAG
     submission_of = {a.name: s.id for s in ledger.submissions for a in s.arrays}
+    # Asked once per submission, not per cell: a large unconfirmed array is many cells.
+    submitting = functools.cache(lambda submission: is_held(submitting_path(ledger_path, submission)))
 
     def fresh(status: CellStatus) -> bool:
         # Recorded lately, or its submit is still running its sbatches (a busy controller).
         return (by_name[status.array_name].submitted > recent
-                or (status.state == UNCONFIRMED and is_held(
-                    submitting_path(ledger_path, submission_of[status.array_name]))))
+                or (status.state == UNCONFIRMED and submitting(submission_of[status.array_name])))
 
     statuses = [_settle_unknown(s, fresh(s)) for s in reduce_cells(ledger, states)]
     if source != "sacct":

@@ -135,7 +135,8 @@ class DirTarget:
                 # publish's (a checkpoint's copy, where the target is on another filesystem).
                 for leftover in [*self.root.glob(".*.partial"), *self.root.glob("*/.*.partial")]:
                     shutil.rmtree(leftover, ignore_errors=True)
-                _check_unchanged(str(self.root), items, self.published_records())
+                if any(not item.replace for item in items):  # a card refresh: read the records
+                    _check_unchanged(str(self.root), items, self.published_records())
                 for item in items:
                     if not item.replace:
                         for path in item.folder.iterdir():
