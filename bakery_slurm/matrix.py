@@ -176,6 +176,15 @@ class Runtime(_Model):
                                  "environment or the Hub token file, never from the matrix")
         return v
 
+    @field_validator("binds")
+    @classmethod
+    def _binds(cls, v: list[str]) -> list[str]:
+        for bind in v:
+            if "," in bind or not bind.partition(":")[0]:
+                raise ValueError(f"{bind!r} is not one bind SRC[:DST[:OPTS]]: apptainer reads a "
+                                 "',' as the start of another bind (one list item per folder)")
+        return v
+
     @field_validator("pass_env", "require_env")
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
@@ -386,6 +395,18 @@ class Matrix:
     @property
     def work_dir(self) -> Path:
         return (self.root / Path(self.spec.paths.work).expanduser()).resolve()
+
+    @property
+    def runtime(self) -> Runtime:
+        """[runtime] with its paths as a task needs them: ~ expanded (apptainer does not expand
+        it) and a relative image or bind source read from the matrix's folder, as every other
+        path in the file. A bind source is kept as written otherwise: its symlinks are not
+        resolved, as the container sees it at that path."""
+        runtime = self.spec.runtime
+        binds = [str(self.root / Path(source).expanduser()) + sep + rest
+                 for source, sep, rest in (bind.partition(":") for bind in runtime.binds)]
+        image = runtime.image and str(self.root / Path(runtime.image).expanduser())
+        return runtime.model_copy(update={"image": image, "binds": binds})
 
     def task_env(self, container: str) -> dict[str, str]:
         """The fixed environment of every task: [runtime] env, and in a container a Hub cache

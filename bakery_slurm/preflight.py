@@ -179,19 +179,20 @@ def _where(cells: Sequence[Cell], source: ModelSource) -> tuple[str, str]:
 
 def _check_runtime(matrix: Matrix, executor: str, container: str, environ: Mapping[str, str],
                    report: Report) -> None:
-    runtime = matrix.spec.runtime
-    for bind in runtime.binds:
-        source = bind.split(":")[0]
-        if not Path(source).expanduser().exists():
+    runtime = matrix.runtime
+    for bind, written in zip(runtime.binds, matrix.spec.runtime.binds):
+        source = bind.partition(":")[0]
+        if not Path(source).exists():
             report.problems.append(f"runtime.binds: {source} does not exist, and apptainer "
-                                   f"refuses to start with it (got {bind!r})")
+                                   f"refuses to start with it (got {written!r})")
     if container == "apptainer":
-        image = Path(runtime.image).expanduser()
+        image = Path(runtime.image)
         if not image.is_file():
-            report.problems.append(f"runtime.image: no such image file ({runtime.image!r})")
+            report.problems.append(f"runtime.image: no such image file: {image} "
+                                   f"(got {matrix.spec.runtime.image!r})")
         elif not os.access(image, os.R_OK):
-            report.problems.append(f"runtime.image: the image is not readable by this user "
-                                   f"({runtime.image!r})")
+            report.problems.append(f"runtime.image: the image is not readable by this user: "
+                                   f"{image}")
         if shutil.which("apptainer", path=environ.get("PATH")) is None:
             if executor == "local":
                 report.problems.append("runtime.container: 'apptainer' is not on PATH here, and "
@@ -229,10 +230,12 @@ DEFAULT_BINDS = ("~", "/tmp", "/var/tmp")
 def _check_visible_in_container(matrix: Matrix, cells: Sequence[Cell], report: Report) -> None:
     """A task sees only the bound folders: every folder it reads or writes outside the image
     (local inputs, the Hub and datasets caches of [runtime] env, eval tasks) must be under one."""
-    from .task_command import expand_bind
-
-    roots = [Path(expand_bind(bind).split(":")[0]).expanduser().resolve()
-             for bind in [*matrix.spec.runtime.binds, *DEFAULT_BINDS]]
+    # Every path is read at the path the matrix names, and a bind SRC:DST shows SRC only at DST.
+    roots = []
+    for bind in [*matrix.runtime.binds, *DEFAULT_BINDS]:
+        source, _, rest = bind.partition(":")
+        if rest.partition(":")[0] in ("", source):
+            roots.append(Path(source).expanduser().resolve())
     roots += [matrix.root.resolve(), matrix.work_dir.resolve()]
     needed = [(f"runtime.env.{name}", value) for name, value in matrix.task_env("apptainer").items()
               if name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")]

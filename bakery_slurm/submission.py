@@ -63,6 +63,13 @@ def resolve_container(matrix: Matrix, executor: str) -> str:
     if container == "apptainer" and not runtime.image:
         raise ConfigError(f"{matrix.path}: runtime.image: container 'apptainer' needs the path of "
                           f"the .sif image (got {runtime.image!r})")
+    if container == "apptainer":
+        # Both are bound at their own paths, as `--bind SRC,...`: a ':' would be read as the
+        # start of a destination and a ',' as the next bind.
+        for key, folder in (("the matrix's folder", matrix.root), ("paths.work", matrix.work_dir)):
+            if {",", ":"} & set(str(folder)):
+                raise ConfigError(f"{matrix.path}: {key}: apptainer cannot bind a folder whose "
+                                  f"path holds ',' or ':' (got {str(folder)!r}); move it")
     return container
 
 
@@ -148,7 +155,7 @@ def plan_arrays(matrix: Matrix, cells: Sequence[Cell], executor: str, max_array_
     `pins` maps a Hub source's key to the commit this submission reads it at; `live` is as in
     `group_evals`.
     """
-    runtime = matrix.spec.runtime
+    runtime = matrix.runtime
     container = resolve_container(matrix, executor)
     env = matrix.task_env(container)
     planned = Planned(arrays=[], cell_args=[], argvs=[], launchers=[], container=container)

@@ -14,7 +14,6 @@ them as APPTAINERENV_<NAME>, set from the task's own environment when it starts.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -58,12 +57,11 @@ def apptainer_prefix(runtime: Runtime, env: Mapping[str, str], matrix_path: Path
     """`apptainer exec ... IMAGE PYTHON`: what starts the image's Python, with the fixed
     environment `env` (`Matrix.task_env`).
 
-    The matrix and work folders are bound (they must be visible inside at the same paths), after
-    the runtime's own binds; `--nv` only when the task has GPUs.
+    `runtime` is `Matrix.runtime` (its paths expanded and absolute). The matrix and work folders
+    are bound (they must be visible inside at the same paths), after the runtime's own binds;
+    `--nv` only when the task has GPUs.
     """
-    # Expanded here: apptainer does not expand ~, and the launcher quotes every word.
-    binds = list(dict.fromkeys([*map(expand_bind, runtime.binds), str(matrix_path.parent),
-                                str(work)]))
+    binds = list(dict.fromkeys([*runtime.binds, str(matrix_path.parent), str(work)]))
     # As APPTAINERENV_* variables, not `--env`: apptainer parses an --env value holding a '='
     # as CSV, so `NO_PROXY=a,b` with another '=' or a quote in it would be split or refused.
     # Set after the launcher's forwarded ones, they win over those, as --env would.
@@ -75,13 +73,7 @@ def apptainer_prefix(runtime: Runtime, env: Mapping[str, str], matrix_path: Path
     if gpus:
         argv.append("--nv")
     argv += ["--cleanenv", "--bind", ",".join(binds)]
-    return [*argv, os.path.expanduser(str(runtime.image)), runtime.python]
-
-
-def expand_bind(bind: str) -> str:
-    """`SRC[:DST[:OPTS]]` with ~ expanded in SRC."""
-    source, sep, rest = bind.partition(":")
-    return os.path.expanduser(source) + sep + rest
+    return [*argv, str(runtime.image), runtime.python]
 
 
 def task_argv(prefix: Sequence[str] | None, fixed_env: Mapping[str, str], args: Sequence[str]) -> list[str]:
@@ -112,10 +104,13 @@ def launcher_script(prefix: Sequence[str], pass_env: Sequence[str]) -> str:
     submitit.core._submit FOLDER`), forwarding the task's variables into the container.
 
     Names only: values are read from the task's environment when it runs. Every name was
-    checked to be a shell identifier when the matrix was loaded.
+    checked to be a shell identifier when the matrix was loaded. The node's `$TMPDIR`, when it is
+    a folder apptainer can bind, is bound and set inside too (`prefix` ends with IMAGE PYTHON,
+    and the bind goes before them).
     """
     names = " ".join(forwarded_names(pass_env))
     patterns = " ".join(f"-e 's/^\\({p}[A-Za-z0-9_]*\\)=.*/\\1/p'" for p in FORWARDED_PREFIXES)
+    options, image_python = shlex.join(prefix[:-2]), shlex.join(prefix[-2:])
     return f"""#!/bin/sh
 # Written by `bakery-slurm submit`. SLURM runs this on the compute node in place of a Python: it
 # starts submitit's task runner inside the image. Under --cleanenv the container sees only
@@ -125,5 +120,15 @@ for name in $(env | sed -n {patterns}) {names}; do
     eval "isset=\\${{$name+x}}"
     if [ -n "$isset" ]; then eval "export APPTAINERENV_$name=\\"\\$$name\\""; fi
 done
-exec {shlex.join(prefix)} "$@"
+# The node's temporary folder (often local disk where /tmp is small or in memory): apptainer
+# binds only /tmp, and --cleanenv drops TMPDIR. A ',' or ':' in it cannot be bound.
+tmpdir_bind=
+case ${{TMPDIR:-}} in
+    ''|*,*|*:*) ;;
+    *) if [ -d "$TMPDIR" ]; then
+           tmpdir_bind="--bind=$TMPDIR"
+           export APPTAINERENV_TMPDIR="$TMPDIR"
+       fi ;;
+esac
+exec {options} ${{tmpdir_bind:+"$tmpdir_bind"}} {image_python} "$@"
 """

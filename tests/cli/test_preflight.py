@@ -175,7 +175,7 @@ require_env = ["https_proxy"]'''))
     result = invoke("check", matrix, "--executor", "local")
     assert result.exit_code == 2
     assert problems(result) == [
-        f"runtime.image: no such image file ('{tmp_path}/nope.sif')",
+        f"runtime.image: no such image file: {tmp_path}/nope.sif (got '{tmp_path}/nope.sif')",
         "runtime.container: 'apptainer' is not on PATH here, and the local executor runs the "
         "tasks here (got 'apptainer')",
         "runtime.require_env: https_proxy is not set in this environment, and the tasks need it "
@@ -201,6 +201,24 @@ def test_folders_a_container_cannot_see_are_named(hub, write_matrix, tmp_path):
     bound = write_matrix(text.replace(f'image = "{image}"', f'image = "{image}"\nbinds = ["/srv"]'))
     assert not [p for p in problems(invoke("check", bound, "--executor", "slurm"))
                 if "under none of the folders" in p]
+    # A task reads every path at the path written in the matrix: a bind shown elsewhere in the
+    # container (SRC:DST) makes its source visible only at DST.
+    moved = write_matrix(text.replace(f'image = "{image}"',
+                                      f'image = "{image}"\nbinds = ["/srv:/mnt/srv"]'))
+    assert [p.split(":")[0] for p in problems(invoke("check", moved, "--executor", "slurm"))
+            if "under none of the folders" in p] == ["runtime.env.HF_HOME", "base.path"]
+
+
+def test_a_relative_image_and_bind_are_read_from_the_matrix_folder(hub, write_matrix, tmp_path,
+                                                                   monkeypatch):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bakery.sif").write_text("an image")
+    (tmp_path / "shared").mkdir()
+    matrix = write_matrix(HUB_MATRIX.replace('container = "none"', 'container = "apptainer"\n'
+                                             'image = "images/bakery.sif"\nbinds = ["shared"]'))
+    monkeypatch.chdir("/")
+    result = invoke("check", matrix, "--executor", "slurm")
+    assert not [p for p in problems(result) if p.startswith("runtime.")], result.stderr
 
 
 def test_require_env_must_name_passed_variables(write_matrix):
@@ -359,7 +377,8 @@ def test_the_shipped_matrix_with_three_keys_edited_passes_check_and_runs_in_the_
     assert dry.exit_code == 0, dry.output
     assert (f"exec env APPTAINERENV_HF_HOME={work}/hf-home APPTAINERENV_PYTHONSAFEPATH=1 "
             f"apptainer exec --nv --cleanenv "
-            f"--bind {tmp_path},{work} {image} python3 \"$@\"") in dry.stdout
+            f"--bind {tmp_path},{work} ${{tmpdir_bind:+\"$tmpdir_bind\"}} {image} python3 "
+            f"\"$@\"") in dry.stdout
     assert "dry run: 3 array(s), 14 task(s)" in dry.stdout
 
 # ---------------------------------------------------------------------------------------------

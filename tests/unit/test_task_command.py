@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from bakery_slurm import local, submission
 from bakery_slurm.cli import cli
-from bakery_slurm.errors import SchedulerError
+from bakery_slurm.errors import ConfigError, SchedulerError
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.matrix import Runtime, expand, load_matrix
 from bakery_slurm.task_command import (
@@ -68,12 +68,42 @@ def test_apptainer_prefix_without_gpus_has_no_nv(gpus):
         "/i.sif", "/opt/py/bin/python3"]
 
 
-def test_apptainer_prefix_expands_a_home_folder_apptainer_would_not(monkeypatch):
+def test_the_runtime_paths_are_expanded_and_read_from_the_matrix_folder(write_matrix, tmp_path,
+                                                                          monkeypatch):
+    """apptainer expands no ~, and a relative image or bind is read from the matrix's folder (as
+    every path in the file), not from wherever submit runs; a bind's symlink is kept as written."""
     monkeypatch.setenv("HOME", "/home/me")
-    runtime = Runtime(container="apptainer", image="~/images/b.sif", binds=["~/data:/data:ro"])
-    prefix = apptainer_prefix(runtime, {}, Path("/m/matrix.toml"), Path("/w"), gpus=0)
-    assert prefix[prefix.index("--bind") + 1] == "/home/me/data:/data:ro,/m,/w"
-    assert prefix[-2] == "/home/me/images/b.sif"
+    monkeypatch.chdir("/")
+    matrix = load_matrix(write_matrix(MINIMAL_MATRIX + '[runtime]\ncontainer = "apptainer"\n'
+                                      'image = "images/b.sif"\n'
+                                      'binds = ["~/data:/data:ro", "shared", "/abs/link"]\n',
+                                      "m/matrix.toml"))
+    folder = tmp_path / "m"
+    assert matrix.runtime.image == f"{folder}/images/b.sif"
+    assert matrix.runtime.binds == ["/home/me/data:/data:ro", f"{folder}/shared", "/abs/link"]
+    prefix = apptainer_prefix(matrix.runtime, {}, matrix.path, Path("/w"), gpus=0)
+    assert prefix[prefix.index("--bind") + 1] == f"/home/me/data:/data:ro,{folder}/shared,/abs/link,{folder},/w"
+    assert prefix[-2] == f"{folder}/images/b.sif"
+    home = load_matrix(write_matrix(MINIMAL_MATRIX + '[runtime]\nimage = "~/b.sif"\n'))
+    assert home.runtime.image == "/home/me/b.sif"
+
+
+@pytest.mark.parametrize("bind", ["/a,/b", ":/data", ""])
+def test_a_bind_that_is_not_one_folder_is_refused_at_load(write_matrix, bind):
+    path = write_matrix(MINIMAL_MATRIX + f'[runtime]\nbinds = ["{bind}"]\n')
+    with pytest.raises(ConfigError, match=f"{path}: runtime.binds.*is not one bind"):
+        load_matrix(path)
+
+
+@pytest.mark.parametrize("work", ["w,1", "w:1"])
+def test_a_work_folder_apptainer_cannot_bind_is_refused_before_sbatch(write_matrix, work):
+    """The work folder is bound as `--bind SRC,...`: a ',' starts another bind, a ':' a destination."""
+    matrix = load_matrix(write_matrix(MINIMAL_MATRIX + f'[paths]\nwork = "{work}"\n'
+                                      '[runtime]\nimage = "/i.sif"\n'))
+    with pytest.raises(ConfigError, match=f"paths.work: apptainer cannot bind a folder whose path "
+                                          f"holds ',' or ':' \\(got '{matrix.work_dir}'\\)"):
+        submission.resolve_container(matrix, "slurm")
+    assert submission.resolve_container(matrix, "local") == "none"  # no container, no bind
 
 
 def test_a_container_gets_a_hub_cache_under_work_unless_env_names_one(write_matrix):
@@ -168,6 +198,26 @@ def test_the_image_and_not_the_folder_submit_ran_in_provides_bakery_slurm(tmp_pa
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not done.stdout.startswith(str(checkout))
+
+
+def test_launcher_binds_and_names_the_node_tmpdir(tmp_path):
+    """--cleanenv drops TMPDIR and apptainer binds only /tmp: the node's own temporary folder (the
+    tasks' private Xet cache goes there) is bound and named inside."""
+    node_tmp = tmp_path / "local scratch"
+    node_tmp.mkdir()
+    args, seen, _ = run_launcher(tmp_path, {"TMPDIR": str(node_tmp)}, [])
+    assert args[:7] == ["exec", "--nv", "--cleanenv", "--bind", "/m,/w", f"--bind={node_tmp}",
+                        "/i.sif"]
+    assert seen["APPTAINERENV_TMPDIR"] == str(node_tmp)
+
+
+@pytest.mark.parametrize("tmpdir", ["missing", "a,b", "a:b"])
+def test_launcher_leaves_a_tmpdir_it_cannot_bind(tmp_path, tmpdir):
+    (tmp_path / "a,b").mkdir()
+    (tmp_path / "a:b").mkdir()
+    args, seen, _ = run_launcher(tmp_path, {"TMPDIR": str(tmp_path / tmpdir)}, [])
+    assert args[:6] == ["exec", "--nv", "--cleanenv", "--bind", "/m,/w", "/i.sif"]
+    assert "APPTAINERENV_TMPDIR" not in seen
 
 
 def test_launcher_leaves_unset_names_unset(tmp_path):
