@@ -102,12 +102,13 @@ _NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
 
 
 @contextlib.contextmanager
-def locked(lock_path: Path, blocking: bool = True,
+def locked(lock_path: Path, blocking: bool = True, shared: bool = False,
            lockf: Callable[[int, int], None] = fcntl.lockf) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (created if missing) for the duration of the block.
+    """Hold an exclusive lock on `lock_path` (created if missing) for the duration of the block;
+    with shared=True a shared one, which other shared holders may hold at the same time.
 
-    With blocking=False, raise LockBusy at once when another process holds it. `lockf` is
-    `fcntl.lockf` or a stand-in with its signature.
+    With blocking=False, raise LockBusy at once when another process holds it (exclusively, for a
+    shared lock). `lockf` is `fcntl.lockf` or a stand-in with its signature.
 
     Raises
     ------
@@ -124,7 +125,8 @@ def locked(lock_path: Path, blocking: bool = True,
                         f"{_who_may_write(lock_path)}") from None
     try:
         try:
-            lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            lockf(fd, mode if blocking else mode | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             raise LockBusy(str(lock_path)) from None
         except OSError as e:

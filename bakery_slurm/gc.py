@@ -5,9 +5,15 @@ every cell) and one folder per cell (`cells/<id>/{merged,final,publish}` with th
 Once a cell is published, its outputs are on the push target and only a rerun would need them
 again (a rerun redoes what is missing). The rules, most careful first:
 
-- A cell that may still run (pending or running in the ledger, or whose run lock another process
-  holds) keeps everything: its outputs, and, since a pending cell's bake keys are not known before
-  it runs, the whole cache and every leftover of the work folder.
+- A cell that may still run (pending or running in the ledger) keeps everything: its outputs,
+  and, since a pending cell's bake keys are not known before it runs, the whole cache and every
+  leftover of the work folder.
+- What a task is using now is kept, whatever the ledger says (a `run-cell` or `run-eval` started
+  by hand, or from another ledger on the same work folder): every task holds its cell's gc lock
+  and the work folder's shared (`in_use`); gc removes a cell's outputs holding the cell's lock
+  exclusively, and the cache and leftovers holding the work folder's, and skips what is held. So
+  a task never loses a file between gc's plan and its removal, and never waits for gc longer than
+  a removal.
 - A published cell (result record ``done``) gives up `merged`, `final`, `publish`, their markers
   and `verified.json`; its `result.json` stays (submit's skip rule and status read it).
 - Bakes are removed unless a cell that is not published names them in its result record (a failed
@@ -17,52 +23,62 @@ again (a rerun redoes what is missing). The rules, most careful first:
 The bytes reported are the bytes freed: a hard-linked file counts once, and not at all while a
 link outside the removals keeps it (a `dir:` target's weights, a Hub cache blob).
 
-`plan_gc` only reads; `remove` deletes what it planned.
+`plan_gc` only reads; `sweep` deletes what it planned and what no task is using.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import fsutil
 from .manifest import marker_path
 
 KINDS = ("cell outputs", "bakes", "base copies", "leftovers")
 CELL_OUTPUTS = ("merged", "final", "publish")
+GC_LOCK = ".gc.lock"
+
+
+@contextlib.contextmanager
+def in_use(work: Path, cell_id: str) -> Iterator[None]:
+    """Hold the work folder's gc lock and the cell's, shared, for the block: what every task
+    reading or writing a cell (and the shared cache) holds, so that gc removes none of it
+    meanwhile. Blocks only while gc is removing something of the cell or the cache."""
+    with fsutil.locked(Path(work) / GC_LOCK, shared=True), \
+            fsutil.locked(Path(work) / "cells" / cell_id / GC_LOCK, shared=True):
+        yield
 
 
 @dataclass(frozen=True)
 class Removal:
-    """One path `gc` removes: what kind of thing it is and its size in bytes."""
+    """One path `gc` removes: what kind of thing it is, its size in bytes, and the lock that must
+    be free to remove it (its cell's gc lock, or the work folder's for the cache and leftovers)."""
 
     kind: str
     path: Path
     bytes: int
+    guard: Path
 
 
 def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
-    """What may be removed from `work` while the cells in `live_cells` may still run.
-
-    Cells whose run lock is held by another process count as live too, whatever the ledger says
-    (a `run-cell` started by hand).
-    """
+    """What may be removed from `work` while the cells in `live_cells` may still run."""
     work = Path(work)
     results = _results(work)
-    live = set(live_cells) | {cell for cell, (root, _) in results.items() if _running(root)}
-    planned: list[tuple[str, Path]] = []
+    live = set(live_cells)
+    planned: list[tuple[str, Path, Path]] = []
     for cell, (root, result) in sorted(results.items()):
         if cell in live or result.get("status") != "done":
             continue
-        for name in CELL_OUTPUTS:
-            planned += [("cell outputs", root / name), ("cell outputs", marker_path(root / name))]
-        planned.append(("cell outputs", root / "verified.json"))
+        paths = [p for name in CELL_OUTPUTS for p in (root / name, marker_path(root / name))]
+        planned += [("cell outputs", p, root / GC_LOCK) for p in [*paths, root / "verified.json"]]
     if live:
         return _with_sizes(planned)
+    guard = work / GC_LOCK
     unpublished = {cell: result for cell, (_, result) in results.items() if result.get("status") != "done"}
     wanted = {key for result in unpublished.values() for key in _bake_keys(result)}
     cache = work / "cache"
@@ -71,20 +87,36 @@ def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
             continue
         for output in _outputs(folder):
             if output.name not in wanted:
-                planned += [(kind, output), (kind, marker_path(output))]
+                planned += [(kind, output, guard), (kind, marker_path(output), guard)]
     leftovers = [p for folder in (cache / "bakes", cache / "bases") for p in _leftovers(folder)]
     leftovers += [p for root, _ in results.values() for p in _leftovers(root)]
-    planned += [("leftovers", p) for p in leftovers]
+    planned += [("leftovers", p, guard) for p in leftovers]
     return _with_sizes(planned)
 
 
-def remove(removals: Iterable[Removal]) -> None:
-    """Delete every planned path (already gone is fine)."""
-    for removal in removals:
-        if removal.path.is_dir() and not removal.path.is_symlink():
-            shutil.rmtree(removal.path, ignore_errors=True)
+def sweep(removals: list[Removal], dry_run: bool = False) -> tuple[list[Removal], list[Removal]]:
+    """Delete the planned paths whose guard no task holds, holding it exclusively meanwhile (with
+    dry_run, only try it); return (removed, kept because a task is using them now). A path
+    already gone is fine."""
+    removed, kept = [], []
+    for guard in dict.fromkeys(r.guard for r in removals):
+        group = [r for r in removals if r.guard == guard]
+        try:
+            with fsutil.locked(guard, blocking=False):
+                for removal in [] if dry_run else group:
+                    _delete(removal.path)
+        except fsutil.LockBusy:
+            kept += group
         else:
-            removal.path.unlink(missing_ok=True)
+            removed += group
+    return removed, kept
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def bytes_per_kind(removals: Iterable[Removal]) -> dict[str, tuple[int, int]]:
@@ -109,20 +141,6 @@ def _results(work: Path) -> dict[str, tuple[Path, dict]]:
     return found
 
 
-def _running(root: Path) -> bool:
-    """Does another process hold this cell's run lock, or its eval's (a task running it, or
-    evaluating its `final` folder, now)?"""
-    for lock in (root / ".run.lock", root / "eval" / ".run.lock"):
-        if not lock.exists():
-            continue
-        try:
-            with fsutil.locked(lock, blocking=False):
-                pass
-        except fsutil.LockBusy:
-            return True
-    return False
-
-
 def _bake_keys(result: dict) -> set[str]:
     adapters = ((result.get("stages") or {}).get("bake") or {}).get("adapters") or {}
     return {record["key"] for record in adapters.values() if isinstance(record, dict) and "key" in record}
@@ -141,24 +159,25 @@ def _leftovers(folder: Path) -> list[Path]:
                   or (p.is_file() and p.name.endswith(".tmp"))) if folder.is_dir() else []
 
 
-def _with_sizes(planned: list[tuple[str, Path]]) -> list[Removal]:
-    """The planned (kind, path) pairs that exist, each with the bytes removing it frees.
+def _with_sizes(planned: list[tuple[str, Path, Path]]) -> list[Removal]:
+    """The planned (kind, path, guard) triples whose path exists, each with the bytes removing it
+    frees.
 
     A file's bytes count once, under the first path that holds it, and only when gc removes
     every hard link to it: a checkpoint also published to a `dir:` target on the same
     filesystem, or a base linked from the Hub cache, frees nothing.
     """
-    files = {path: _files(path) for _, path in planned if path.exists()}
+    files = {path: _files(path) for _, path, _ in planned if path.exists()}
     links = Counter(inode for found in files.values() for inode, _, _ in found)
     counted: set[tuple[int, int]] = set()
     removals = []
-    for kind, path in planned:
+    for kind, path, guard in planned:
         if path not in files:
             continue
         freed = [(inode, size) for inode, size, nlink in files[path]
                  if inode not in counted and links[inode] >= nlink]
         counted.update(inode for inode, _ in freed)
-        removals.append(Removal(kind, path, sum(size for _, size in freed)))
+        removals.append(Removal(kind, path, sum(size for _, size in freed), guard))
     return removals
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import fsutil
+from .gc import in_use
 from .manifest import intact_marker
 from .matrix import Cell, PushTarget
 from .pipeline import CellPaths, read_result
@@ -178,6 +179,7 @@ def _hold(held: contextlib.ExitStack, paths: CellPaths) -> bool:
         held.enter_context(fsutil.locked(paths.lock, blocking=False))
     except fsutil.LockBusy:
         return False
+    held.enter_context(in_use(paths.work, paths.cell_id))
     return True
 
 

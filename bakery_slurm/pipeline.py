@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from . import fsutil
 from .errors import BakeryError, StageError
+from .gc import in_use
 from .manifest import intact_marker, marker_path, total_size, write_marker
 from .matrix import Cell
 from .rootcard import CardContext
@@ -169,7 +170,7 @@ def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None,
     """
     paths = CellPaths(Path(work), cell.id)
     try:
-        with fsutil.locked(paths.lock, blocking=False):
+        with fsutil.locked(paths.lock, blocking=False), in_use(paths.work, cell.id):
             return _run(cell, paths, device, hub_api, offline, card)
     except fsutil.LockBusy:
         raise BakeryError(f"{cell.id}: another task is running this cell ({paths.lock})") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..gc import bytes_per_kind, plan_gc, remove
+from ..gc import bytes_per_kind, plan_gc, sweep
 from ..ledger import all_arrays, load_ledger
 from ..output import format_rows, output_options
 from ..resubmit_policy import is_live
@@ -28,7 +28,8 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     names, base copies once every cell is published, and what killed tasks left behind. While a
     cell of that work folder is pending or running (or its eval), only the outputs of published
     cells go: no bakes, base copies or leftovers (states are refreshed first; the scheduler must
-    answer). Prints the bytes freed per kind.
+    answer). What a task is using now (run-cell, run-eval or push, also one started by hand or
+    from another ledger) is kept. Prints the bytes freed per kind.
 
     \b
     Example:
@@ -53,12 +54,12 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
             works[snap.arrays[status.array_name].work].add(status.cell)
     rows, freed = [], 0
     for work, live in sorted(works.items()):
-        removals = plan_gc(work, live)
         if live:
             click.echo(f"{work}: {len(live)} cell(s) pending or running: only outputs of "
                        "published cells are removed", err=True)
-        if not dry_run:
-            remove(removals)
+        removals, kept = sweep(plan_gc(work, live), dry_run)
+        if kept:
+            click.echo(f"{work}: {len(kept)} path(s) kept: a task is using them now", err=True)
         for kind, (n, size) in bytes_per_kind(removals).items():
             rows.append({"work": str(work), "kind": kind, "paths": n, "bytes": size,
                          "size": _human(size)})

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import BakeryError, StageError
+from ..gc import in_use
 from ..evaluation import (EvalTarget, eval_dir, failure_path, read_eval_record, results_path,
                           verified_output)
 from ..pipeline import CellPaths, now
@@ -48,7 +49,7 @@ def run_eval(target: EvalTarget, work: Path, device: str = "auto",
     work = Path(work)
     lock = eval_dir(work, target.id) / ".run.lock"
     try:
-        with fsutil.locked(lock, blocking=False):
+        with fsutil.locked(lock, blocking=False), in_use(work, target.id):
             return _run(target, work, device, offline, force)
     except fsutil.LockBusy:
         raise BakeryError(f"{target.id}: another task is evaluating this target ({lock})") from None

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from bakery_slurm.cell_status import reduce_cells
 from bakery_slurm.cli import cli
 from bakery_slurm.cli import gc as gc_command
-from bakery_slurm.gc import bytes_per_kind, plan_gc, remove
+from bakery_slurm.gc import bytes_per_kind, plan_gc, sweep
 from bakery_slurm.ledger import (Ledger, PlannedArray, all_arrays, confirm_array, record_intent,
                                  save_ledger)
 from bakery_slurm.slurm_commands import TaskState
@@ -63,7 +63,7 @@ def test_published_outputs_unused_bakes_and_leftovers_go(tmp_path):
         "cache/bakes/.k-failed.done.json.x2.tmp", f"cells/{FAILED}/.result.json.x3.tmp"}
     # The failed cell keeps its outputs and its bake; base copies stay until all are published.
     assert bytes_per_kind(plan)["cell outputs"] == (7, 300 + 4 * 2)
-    remove(plan)
+    assert sweep(plan) == (plan, [])
     assert (work / "cells" / DONE / "result.json").is_file()
     assert (work / "cache" / "bakes" / "k-failed").is_dir() and (work / "cache" / "bases" / "b1").is_dir()
 
@@ -92,37 +92,96 @@ def test_a_pending_or_running_cell_keeps_the_whole_cache(tmp_path):
     assert all(str(r.path).startswith(str(work / "cells" / DONE)) for r in plan)
 
 
-def plan_while_locked(work: Path, lock: Path):
-    """`plan_gc` while another process holds `lock` (a task running, or evaluating, a cell)."""
+LOCK_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+try:
+    fcntl.lockf(fd, (fcntl.LOCK_SH if sys.argv[2] == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+except OSError:
+    print("busy")
+else:
+    print("free")
+"""
+
+
+def probe(lock: Path, mode: str = "exclusive") -> str:
+    """Whether another process could take `lock` now: "busy" or "free"."""
+    return subprocess.run([sys.executable, "-c", LOCK_PROBE, str(lock), mode], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def sweep_while_in_use(work: Path, cell_id: str):
+    """`sweep(plan_gc(...))` while another process holds `in_use(work, cell_id)`: a task running
+    or evaluating that cell, started by hand or from another ledger."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-        "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"),
-        str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        "import sys; from bakery_slurm.gc import in_use\n"
+        "with in_use(sys.argv[1], sys.argv[2]):\n"
+        "    print('held', flush=True); sys.stdin.read()"), str(work), cell_id],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline() == "locked\n"
-        return plan_gc(work, live_cells=[])
+        assert holder.stdout.readline() == "held\n"
+        return sweep(plan_gc(work, live_cells=[]))
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
 
 
-def test_a_cell_whose_run_lock_is_held_is_live(tmp_path):
+def test_what_a_task_is_using_now_is_kept(tmp_path):
+    """A task holds its cell's gc lock and the work folder's (shared): that cell's outputs, the
+    cache and the leftovers stay; another published cell's outputs go."""
     work = work_folder(tmp_path)
     root = cell(work, LIVE, "done", [])  # done before, being rerun (--force) right now
-    plan = plan_while_locked(work, root / ".run.lock")
-    assert not any(str(r.path).startswith(str(root)) for r in plan)
-    assert {r.kind for r in plan} == {"cell outputs"}
+    removed_now, kept = sweep_while_in_use(work, LIVE)
+    assert {r.kind for r in removed_now} == {"cell outputs"}
+    assert all(str(r.path).startswith(str(work / "cells" / DONE)) for r in removed_now)
+    assert not (work / "cells" / DONE / "final").exists()
+    assert {str(r.path.relative_to(work)) for r in kept if r.kind == "cell outputs"} == {
+        f"cells/{LIVE}/{name}" for name in ("merged", "final", "publish", "verified.json",
+                                            "merged.done.json", "final.done.json",
+                                            "publish.done.json")}
+    assert (root / "final").is_dir() and (work / "cache" / "bakes" / "k-done").is_dir()
+    assert {r.kind for r in kept} == {"cell outputs", "bakes", "leftovers"}
 
 
-def test_a_published_cell_whose_eval_is_running_now_keeps_its_final_folder(tmp_path):
-    """`run-eval` by hand (or from another ledger on the same work folder) holds the cell's eval
-    lock and reads its `final` folder: the cell is live."""
+def test_a_published_cell_being_evaluated_now_keeps_its_final_folder(tmp_path):
+    """`run-eval` by hand (or from another ledger on the same work folder) reads the cell's
+    `final` folder, holding the same locks as a run."""
     work = work_folder(tmp_path)
-    lock = work / "cells" / DONE / "eval" / ".run.lock"
-    lock.parent.mkdir(parents=True)
-    plan = plan_while_locked(work, lock)
-    doomed = {str(r.path.relative_to(work)) for r in plan}
-    assert f"cells/{DONE}/final" not in doomed
+    _, kept = sweep_while_in_use(work, DONE)
+    assert f"cells/{DONE}/final" in {str(r.path.relative_to(work)) for r in kept}
+    assert (work / "cells" / DONE / "final").is_dir()
+
+
+def test_gc_holds_what_it_removes_and_never_the_run_lock(tmp_path, monkeypatch):
+    """While gc removes a cell's outputs, a task of that cell cannot start using them (it waits on
+    the cell's gc lock), and a task starting now finds its run lock free: gc never makes a
+    starting run-cell fail as "already running"."""
+    from bakery_slurm import gc
+
+    work = work_folder(tmp_path)
+    seen = {}
+
+    def delete(path: Path) -> None:
+        if path == work / "cells" / DONE / "final":
+            seen["cell gc lock"] = probe(work / "cells" / DONE / ".gc.lock", "shared")
+            seen["run lock"] = probe(work / "cells" / DONE / ".run.lock")
+        if path == work / "cache" / "bakes" / "k-done":
+            seen["work gc lock"] = probe(work / ".gc.lock", "shared")
+        real_delete(path)
+
+    real_delete = gc._delete
+    monkeypatch.setattr(gc, "_delete", delete)
+    removed_now, kept = sweep(plan_gc(work, live_cells=[]))
+    assert seen == {"cell gc lock": "busy", "run lock": "free", "work gc lock": "busy"}
+    assert kept == [] and not (work / "cells" / DONE / "final").exists()
+
+
+def test_a_dry_run_removes_nothing_and_reports_what_is_in_use(tmp_path):
+    work = work_folder(tmp_path)
+    before = sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name)
+    plan = plan_gc(work, live_cells=[])
+    assert sweep(plan, dry_run=True) == (plan, [])
+    assert sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name) == before
 
 
 def test_gc_keeps_the_final_folder_of_a_cell_whose_ledger_eval_is_pending_without_a_merge_attempt(
@@ -150,3 +209,35 @@ def test_gc_keeps_the_final_folder_of_a_cell_whose_ledger_eval_is_pending_withou
     result = CliRunner().invoke(cli, ["gc", "--ledger", str(path)])
     assert result.exit_code == 0, result.output
     assert (work / "cells" / DONE / "final").is_dir()
+
+
+def test_every_task_that_uses_a_cell_holds_it_against_gc(tmp_path, write_matrix, monkeypatch):
+    """run-cell, run-eval and the login node's push each hold the cell's gc lock and the work
+    folder's while they read or write them (and, for run-cell and run-eval, their run lock)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from bakery_slurm import login_push, pipeline
+    from bakery_slurm.matrix import expand, load_matrix
+    from bakery_slurm.stages import evaluate
+    from conftest import MINIMAL_MATRIX
+
+    work = tmp_path / "work"
+    [one] = expand(load_matrix(write_matrix(MINIMAL_MATRIX)))
+    cell_lock, work_lock = work / "cells" / one.id / ".gc.lock", work / ".gc.lock"
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append((probe(cell_lock), probe(work_lock), probe(cell_lock, "shared")))
+        return {}
+
+    monkeypatch.setattr(pipeline, "_run", record)
+    monkeypatch.setattr(evaluate, "_run", record)
+    pipeline.run_cell(one, work)
+    evaluate.run_eval(SimpleNamespace(id=one.id), work)
+    with contextlib.ExitStack() as held:
+        assert login_push._hold(held, pipeline.CellPaths(work, one.id))
+        record()
+    # Shared: gc cannot take them, and another task of the work folder still can.
+    assert seen == [("busy", "busy", "free")] * 3
+    assert (probe(cell_lock), probe(work_lock)) == ("free", "free")  # released at the end
