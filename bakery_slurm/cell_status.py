@@ -18,7 +18,9 @@ UNCONFIRMED = "UNCONFIRMED"
 """The latest attempt's array has no job id: sbatch is running, failed, or its id was never saved."""
 
 NOT_FOUND = "NOT_FOUND"
-"""The array has a job id, but the scheduler's answer has no row for this task."""
+"""The array has a job id, but the scheduler's answer has no row for this task. For a SLURM
+task `status_snapshot.snapshot` settles it (SUBMITTED, or how it ended); a local array keeps it
+when its state files are gone."""
 
 CANCELLED = "CANCELLED"
 """A task cancelled by scancel (or `bakery-slurm cancel`, also before it started)."""
@@ -34,8 +36,11 @@ UNPUBLISHED = "UNPUBLISHED"
 `status_snapshot.snapshot`; `bakery-slurm push` publishes it, `resubmit` never reruns it for that."""
 
 LOST = "LOST"
-"""The intent was recorded but no scheduler ever had the array (sbatch failed or was interrupted
-before it ran): set by `status_snapshot.snapshot` once sacct had time to know it by name and does not."""
+"""Nothing says what became of the attempt, and nothing can run it any more: set by
+`status_snapshot.snapshot` for an array no scheduler ever had (sbatch failed or was interrupted
+before it ran; unconfirmed, and not found by name once sacct had time to know it), and, without
+accounting, for a task that left the queue without recording an outcome (killed at a time or
+memory limit, on a failed node, or cancelled)."""
 
 @dataclass(frozen=True)
 class CellStatus:
@@ -60,6 +65,9 @@ class CellStatus:
         why a failed one failed (the stage and the input it could not use).
     stage
         Whose attempts these are: the cell's merge, or the evaluation of a cell or baseline.
+    unscheduled_attempts
+        How many of its attempts no scheduler took (their array has no job id: sbatch failed
+        or was interrupted): they ran nothing, so `max_attempts` does not count them.
     """
 
     cell: str
@@ -74,6 +82,7 @@ class CellStatus:
     node: str | None = None
     detail: str | None = None
     stage: Stage = "merge"
+    unscheduled_attempts: int = 0
 
     @property
     def task_id(self) -> str | None:
@@ -133,6 +142,7 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
                 elapsed=task.elapsed,
                 node=task.node,
                 stage=stage,
+                unscheduled_attempts=sum(arrays[a.array].job_id is None for a in cell_attempts),
             )
         )
     return statuses

@@ -9,7 +9,6 @@ locate logs, as the `Backend` protocol documents.
 
 from __future__ import annotations
 
-import logging
 import re
 import shlex
 import shutil
@@ -27,8 +26,6 @@ from .sacct import accounting_disabled, find_jobs_by_name, query_sacct
 from .slurm_commands import SCHEDULER_TIMEOUT_S, Runner, TaskState
 from .squeue import find_queued_jobs_by_name, query_squeue
 from .task_command import LAUNCHER_NAME
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize (highest index 1000)
 # Resource fields -> submitit SlurmExecutor parameters (time is handled apart: minutes).
@@ -150,7 +147,9 @@ class Backend(Protocol):
         """What `submit` would run for `request`, for --dry-run; submits nothing."""
 
     def submit(self, request: SubmitRequest) -> str:
-        """Start the array; return its job id. Raises SchedulerError when it was refused."""
+        """Start the array; return its job id. Raises SchedulerError when it was refused, and
+        OSError only when the array's own files (folder, launcher) could not be written: before
+        anything reached the scheduler."""
 
     def states(self, arrays: Sequence[ArrayRecord], starttime: str | None) -> tuple[dict[str, TaskState], str]:
         """Task states ("<job id>_<index>" -> TaskState) of the confirmed `arrays`, and where they
@@ -242,16 +241,12 @@ class SlurmBackend:
             why = "sacct is not installed" if isinstance(e, SchedulerMissing) else "SLURM accounting is disabled"
             return self._fallback(names, why)
         # Accounting can lack rows of tasks the controller has (slurmdbd behind, or its records
-        # lost): a task the queue lists is live whatever sacct says, never NOT_FOUND.
+        # lost): a task the queue lists is live whatever sacct says. One neither lists is gone
+        # (`status_snapshot` reads it as ended), so a queue that cannot be asked is an error.
         gaps = {a.job_id: a.name for a in arrays if a.job_id and a.job_id not in states
                 and any(f"{a.job_id}_{i}" not in states for i in range(len(a.cells)))}
         if gaps:
-            try:
-                queued = query_squeue(gaps, runner=self.runner)
-            except SchedulerError as e:
-                log.warning("squeue could not be asked about tasks sacct has no row for: %s", e)
-                queued = {}
-            states = {**queued, **states}
+            states = {**query_squeue(gaps, runner=self.runner), **states}
         return states, "sacct"
 
     def _fallback(self, names: dict[str, str], why: str) -> tuple[dict[str, TaskState], str]:

@@ -51,8 +51,15 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
         process = subprocess.Popen([sys.executable, "-m", "bakery_slurm.local", str(folder)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    start_new_session=True)
-    fsutil.atomic_write_json(folder / "supervisor.json",
-                             {"pid": process.pid, "host": socket.gethostname()})
+    try:
+        fsutil.atomic_write_json(folder / "supervisor.json",
+                                 {"pid": process.pid, "host": socket.gethostname()})
+    except OSError:
+        # Without its pid no status could tell it runs: stop it while it is still starting
+        # Python, so that a submit failing with OSError started nothing (`Backend.submit`).
+        process.kill()
+        process.wait()
+        raise
     return job_id
 
 

@@ -66,6 +66,8 @@ def choose_resubmit(
         From `reduce_cells`, freshly queried.
     max_attempts
         Attempts allowed per cell, the first included; a cell that has had them all is refused.
+        Attempts no scheduler took (`CellStatus.unscheduled_attempts`) ran nothing and do not
+        count.
     states
         Which terminal failures to resubmit; must be a subset of `TERMINAL_FAILURES`.
     only
@@ -131,8 +133,9 @@ def choose_eval_resubmit(
 
 def _refusal_reason(status: CellStatus, wanted: frozenset[str], max_attempts: int) -> str | None:
     if status.state in wanted:
-        if status.attempt >= max_attempts:
-            return f"reached the attempt cap ({status.attempt} of {max_attempts})"
+        counted = status.attempt - status.unscheduled_attempts
+        if counted >= max_attempts:
+            return f"reached the attempt cap ({counted} of {max_attempts})"
         return None
     if status.state in TERMINAL_FAILURES:
         return f"{status.state} is not among the selected states ({', '.join(sorted(wanted))})"

@@ -2,7 +2,9 @@
 
 One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
 accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
-(a crash between sbatch and the ledger write): sacct finds them by their unique job name.
+(a crash between sbatch and the ledger write): sacct finds them by their unique job name. A task
+that neither sacct nor squeue shows has ended: its state is read from its own records
+(`_gone_state`).
 Eval attempts (`Ledger.evals`) are reduced the same way, from the same sacct call.
 Never imports torch.
 """
@@ -14,6 +16,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 from .errors import ConfigError
 from .evaluation import read_eval_failure, read_eval_record
@@ -86,33 +89,51 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         return (by_name[status.array_name].submitted > recent
                 or (status.state == UNCONFIRMED and submitting(submission_of[status.array_name])))
 
-    statuses = [_settle_unknown(s, fresh(s)) for s in reduce_cells(ledger, states)]
-    if source != "sacct":
-        statuses = [_from_marker(s, by_name) for s in statuses]
+    accounting = source == "sacct"
+    statuses = [_settle_gone(_settle_unknown(s, fresh(s)), by_name, _merge_outcome, accounting)
+                for s in reduce_cells(ledger, states)]
     defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
     statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     statuses = [_with_detail(s, by_name) for s in statuses]
-    evals = [_settle_unknown(s, fresh(s)) for s in reduce_cells(ledger, states, stage="eval")]
-    if source != "sacct":
-        evals = [_eval_from_results(s, by_name) for s in evals]
+    evals = [_settle_gone(_settle_unknown(s, fresh(s)), by_name, _eval_outcome, accounting)
+             for s in reduce_cells(ledger, states, stage="eval")]
     merges = {s.cell: s.state for s in statuses}
     evals = [_why_not_run(s, merges.get(s.cell)) for s in evals]
     evals = [_why_failed(s, by_name) for s in evals]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes, evals=evals)
 
 
-def _eval_from_results(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
-    """Without accounting, an eval task that left squeue is COMPLETED if it wrote its results
-    after its attempt was submitted, FAILED if it wrote a failure record then (the later of the
-    two when both are), and stays NOT_FOUND when it wrote neither (it never ran)."""
-    if status.state != NOT_FOUND:
+def _gone_state(outcome: str | None, accounting: bool) -> str:
+    """The state of a SLURM task that neither sacct nor squeue shows past sacct's lag: the
+    controller no longer has it, so it will never run. It ended as its attempt's own record says
+    (`outcome`: COMPLETED or FAILED, None when it recorded none). Without one: CANCELLED with
+    accounting, which has a row for every task that started, so this one was removed before it
+    started (scancel or an admin: SLURM 22.05 keeps no row for a pending task cancelled alone);
+    LOST without accounting, where the queue forgets every task minutes after it ended
+    (MinJobAge) and nothing says whether a limit, a node or a scancel ended it. `resubmit` takes
+    both."""
+    return outcome or (CANCELLED if accounting else LOST)
+
+
+def _settle_gone(status: CellStatus, arrays: dict[str, ArrayRecord],
+                 outcome: Callable[[CellStatus, dict[str, ArrayRecord]], str | None],
+                 accounting: bool) -> CellStatus:
+    """A NOT_FOUND SLURM task's `_gone_state`, its records read only then. (A local task has
+    state files until its array folder is removed: it stays NOT_FOUND.)"""
+    if status.state != NOT_FOUND or arrays[status.array_name].executor != "slurm":
         return status
+    return replace(status, state=_gone_state(outcome(status, arrays), accounting))
+
+
+def _eval_outcome(status: CellStatus, arrays: dict[str, ArrayRecord]) -> str | None:
+    """COMPLETED if the eval wrote its results after its attempt was submitted, FAILED if it
+    wrote a failure record then (the later of the two when both are), None when neither."""
     array = arrays[status.array_name]
     outcomes = [(_written_at(record, array), state) for record, state in
                 ((read_eval_record(array.work, status.cell), COMPLETED),
                  (read_eval_failure(array.work, status.cell), "FAILED"))]
     written = [(when, state) for when, state in outcomes if when is not None]
-    return replace(status, state=max(written)[1]) if written else status
+    return max(written)[1] if written else None
 
 
 def _written_at(record: dict, array: ArrayRecord) -> datetime | None:
@@ -150,8 +171,9 @@ def _why_failed(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatu
     return replace(status, detail=" ".join(error.split()) if isinstance(error, str) else error)
 
 
-# Cells in these states have no result record of their latest attempt worth reading.
-_NO_DETAIL = frozenset({COMPLETED, "PENDING", UNCONFIRMED, SUBMITTED, LOST})
+# Cells in these states have no result record of their latest attempt worth reading. (A LOST
+# task may have one: the stage it was killed in.)
+_NO_DETAIL = frozenset({COMPLETED, "PENDING", UNCONFIRMED, SUBMITTED})
 
 
 def describe_progress(state: str, result: dict | None) -> str | None:
@@ -228,14 +250,11 @@ def _attempt_result(status: CellStatus,
     return paths, result
 
 
-def _from_marker(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
-    """Without accounting, a task that left squeue takes its state from the cell's result record
-    (COMPLETED or FAILED), if that record was written by this attempt."""
-    if status.state != NOT_FOUND:
-        return status
+def _merge_outcome(status: CellStatus, arrays: dict[str, ArrayRecord]) -> str | None:
+    """COMPLETED or FAILED as the cell's result record says, if this attempt wrote it and got
+    that far; None otherwise (a record still "running": the task was killed)."""
     result = _attempt_result(status, arrays)[1] or {}
-    state = {"done": COMPLETED, "failed": "FAILED", VERIFIED: COMPLETED}.get(result.get("status"))
-    return replace(status, state=state) if state else status
+    return {"done": COMPLETED, "failed": "FAILED", VERIFIED: COMPLETED}.get(result.get("status"))
 
 
 @functools.lru_cache(maxsize=None)

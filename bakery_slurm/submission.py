@@ -8,7 +8,8 @@ nothing.
 The order is what makes a crash recoverable: the intent (arrays with unique job names, one attempt
 per cell) is saved under the ledger lock before any sbatch runs; each array's job id is confirmed
 after its sbatch returns. An sbatch that definitely failed is rolled back from the ledger; a crash
-in between leaves an UNCONFIRMED array that `status` recovers from sacct by its job name.
+in between leaves an UNCONFIRMED array that `status` recovers from sacct by its job name. An array
+whose own files could not be written never reached sbatch: it is rolled back too.
 """
 
 from __future__ import annotations
@@ -290,6 +291,13 @@ def _submit_recorded(ledger_path, matrix, runner, cells, evals, guard, record) -
                 raise
             log.warning("sbatch reported a failure for array %s, but the controller has it as "
                         "job %s: recorded it (%s)", request.array.name, job_id, e)
+        except OSError as e:
+            # Writing the array's own files failed (`Backend.submit`: before any sbatch): neither
+            # this array nor the rest ever existed.
+            _forget(ledger_path, requests[i:])
+            raise ConfigError(f"{matrix.path}: paths.work: cannot write the files of array "
+                              f"{request.array.name} in {request.array.folder}: {e.strerror or e} "
+                              "(nothing was submitted for it)") from e
         except BaseException:
             # Ctrl-C mid-sbatch: this array stays unconfirmed (`status` finds it by name, or calls
             # it LOST); the ones not yet handed to sbatch never existed.

@@ -73,8 +73,8 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
                    tuple(sorted(pins.items())))
             groups.setdefault(key, {"merge": [], "eval": []})[stage].append(status)
     live_evals = {s.cell for s in snap.evals if is_live(s.state)}
+    wanted = states or TERMINAL_FAILURES
     for (matrix_path, executor, known_pins), group in groups.items():
-        wanted = states or TERMINAL_FAILURES
         if not any(s.state in wanted for s in group["merge"] + group["eval"]):
             # Nothing here to resubmit, so its matrix (moved since, or a teammate's this user may
             # not read) is not read; the attempt cap applies to states in `wanted` only.
@@ -147,8 +147,9 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
             rows.append({"cell": target_id, "stage": stage, "state": state, "action": action})
     click.echo(format_rows(rows, COLUMNS, fmt))
     click.echo(f"{'would resubmit' if dry_run else 'resubmitted'} {submitted} task(s)", err=True)
-    if any(r.state in TERMINAL_FAILURES for r in refused_all):
-        # A failed cell that cannot run again (attempt cap) is still a failed cell.
+    if any(r.state in wanted for r in refused_all):
+        # A failed cell that cannot run again (attempt cap) is still a failed cell; failed cells
+        # outside --state were not asked about.
         sys.exit(EXIT_FAILED)
 
 

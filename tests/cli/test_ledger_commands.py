@@ -330,6 +330,19 @@ def test_resubmit_stops_at_max_attempts(project):
     assert ledger.read_bytes() == before
 
 
+def test_resubmit_state_exits_by_the_cells_in_that_state_only(failed):
+    """Three FAILED cells and `--state TIMEOUT`: nothing asked for has failed, so exit 0 (it used
+    to exit 1 for the FAILED cells it was not asked about)."""
+    _, ledger = failed
+    before = ledger.read_bytes()
+    result = invoke("resubmit", "--state", "TIMEOUT", "--ledger", ledger, "--json")
+    assert result.exit_code == 0, result.output
+    assert {(r["state"], r["action"]) for r in json.loads(result.stdout)} == {
+        ("FAILED", "refused: FAILED is not among the selected states (TIMEOUT)")}
+    assert invoke("resubmit", "--state", "FAILED", "--dry-run", "--ledger", ledger).exit_code == 0
+    assert ledger.read_bytes() == before
+
+
 # ---------------------------------------------------------------------------------------------
 # cancel
 
@@ -462,6 +475,25 @@ def test_submit_with_a_work_folder_it_cannot_create_exits_2_and_records_nothing(
     assert result.stderr.startswith(f"Error: {matrix_path}: paths.work: cannot create array folders "
                                     f"in {project / 'afile' / 'work' / 'arrays'}: "), result.stderr
     assert not (project / LEDGER).exists()
+
+
+def test_a_submit_whose_array_files_cannot_be_written_exits_2_and_records_nothing(project,
+                                                                                  monkeypatch):
+    """Writing an array's own files fails (a full disk) before it reaches the scheduler: the
+    array never existed, so the ledger keeps nothing of it (it used to keep it unconfirmed, and
+    status then called it LOST)."""
+    from bakery_slurm import local
+
+    def disk_full(folder, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(folder / "array.json"))
+
+    monkeypatch.setattr(local, "submit", disk_full)
+    matrix_path = write_project(project)
+    result = invoke("submit", matrix_path, "--executor", "local", "--no-preflight")
+    assert result.exit_code == 2, result.output
+    assert "No space left on device (nothing was submitted for it)" in result.stderr
+    ledger = load_ledger(project / LEDGER)
+    assert (ledger.submissions, ledger.cells) == ([], {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,7 +658,7 @@ def test_cancel_records_the_tasks_scancel_did_cancel_when_a_teammates_task_is_re
     `scancel 100_0 100_1 200` (checked on this cluster as a non-owner) cancels 100_0 and 100_1,
     refuses 200 and exits non-zero. The ledger must note my two cancels: SLURM keeps no row of a
     pending array task cancelled before it started, so without the note status shows them
-    NOT_FOUND (or the pending range) and resubmit never takes them."""
+    PENDING while the array's pending range still covers them, and LOST without accounting."""
     path = ledger_shared_with_a_teammate(tmp_path)
     ledger = load_ledger(path)
     pending = {"100_0": TaskState("PENDING"), "100_1": TaskState("PENDING"),

@@ -1,5 +1,6 @@
-"""Faults a real cluster brings (`-m slurm`): cancels before a task starts, sbatch failing after
-the controller accepted the job, no accounting, and held, suspended and special-exit tasks.
+"""Faults a real cluster brings (`-m slurm`): cancels before a task starts (`bakery-slurm
+cancel`'s and plain scancel's), sbatch failing after the controller accepted the job, no
+accounting, and held, suspended and special-exit tasks.
 
 As in test_slurm.py, the tool is driven through its CLI only; the push lock of the `dir:` target,
 held from another process, keeps the first task of an array RUNNING (at push) while the others
@@ -38,6 +39,21 @@ def scontrol(*args: str) -> None:
     subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True)
 
 
+def age_ledger(ledger: Path, minutes: int = 10) -> None:
+    """Date every submission, array and attempt of `ledger` back by `minutes`: past sacct's
+    usual lag, after which status stops reading a task it cannot find as just SUBMITTED."""
+    data = json.loads(ledger.read_text())
+    old = (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat()
+    for submission in data["submissions"]:
+        submission["created"] = old
+        for array in submission["arrays"]:
+            array["submitted"] = old
+    for attempts in data["cells"].values():
+        for attempt in attempts:
+            attempt["submitted"] = old
+    ledger.write_text(json.dumps(data))
+
+
 def test_a_cell_cancelled_while_pending_is_cancelled_and_resubmitted(tmp_path, tiny_models, bakery,
                                                                       held_lock):
     matrix = one_at_a_time(tmp_path, tiny_models)
@@ -56,6 +72,32 @@ def test_a_cell_cancelled_while_pending_is_cancelled_and_resubmitted(tmp_path, t
         rows = bakery.wait(ledger, lambda rows: rows[QUEUE[1]]["state"] not in ("PENDING", "SUBMITTED"),
                            f"{QUEUE[1]} to leave PENDING")
         assert rows[QUEUE[1]]["state"] == "CANCELLED"
+        again = json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout)
+        assert [(r["cell"], r["state"]) for r in again if r["action"].startswith("resubmitted in ")] == \
+            [(QUEUE[1], "CANCELLED")], again
+    rows = bakery.wait_settled(ledger)
+    assert {c: (r["state"], r["attempt"]) for c, r in rows.items()} == {
+        QUEUE[0]: ("COMPLETED", 1), QUEUE[1]: ("COMPLETED", 2), QUEUE[2]: ("COMPLETED", 1)}
+
+
+def test_a_task_scancelled_while_pending_outside_the_tool_is_cancelled_and_resubmitted(
+        tmp_path, tiny_models, bakery, held_lock):
+    """Plain `scancel` (or an admin) cancels a pending task, so the ledger has no note of it:
+    SLURM 22.05 drops it from the queue and keeps no accounting row for it (sacct's pending
+    range of the array no longer covers it). It used to read NOT_FOUND forever, which resubmit
+    refused."""
+    matrix = one_at_a_time(tmp_path, tiny_models)
+    ledger = tmp_path / "bakery-ledger.json"
+    with held_lock(tmp_path / "published" / ".bakery-push.lock"):
+        bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+        rows = bakery.wait(ledger, lambda rows: rows[QUEUE[0]]["state"] == "RUNNING",
+                           f"{QUEUE[0]} RUNNING")
+        assert rows[QUEUE[1]]["state"] == "PENDING"
+        subprocess.run(["scancel", rows[QUEUE[1]]["task"]], check=True, capture_output=True)
+        age_ledger(ledger)  # past sacct's lag, where a task nothing shows is not just SUBMITTED
+        rows = bakery.wait(ledger, lambda rows: rows[QUEUE[1]]["state"] != "PENDING",
+                           f"{QUEUE[1]} to leave PENDING")
+        assert (rows[QUEUE[1]]["state"], rows[QUEUE[2]]["state"]) == ("CANCELLED", "PENDING")
         again = json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout)
         assert [(r["cell"], r["state"]) for r in again if r["action"].startswith("resubmitted in ")] == \
             [(QUEUE[1], "CANCELLED")], again
@@ -124,16 +166,7 @@ def test_without_accounting_squeue_recovers_and_held_tasks_stay_live(tmp_path, t
             bakery.run("submit", matrix, "--executor", "slurm", ledger=ledger)
         # The job id was never recorded, and the intent is older than sacct's usual lag: without
         # asking squeue, status would exit 3 (no sacct) or call the array LOST.
-        data = json.loads(ledger.read_text())
-        old = (datetime.now(timezone.utc) - timedelta(minutes=10)).isoformat()
-        for submission in data["submissions"]:
-            submission["created"] = old
-            for array in submission["arrays"]:
-                array["submitted"] = old
-        for attempts in data["cells"].values():
-            for attempt in attempts:
-                attempt["submitted"] = old
-        ledger.write_text(json.dumps(data))
+        age_ledger(ledger)
         first = bakery.run("status", "--json", ledger=ledger)
         assert first.exit_code == 0, first.output
         [array] = all_arrays(load_ledger(ledger))

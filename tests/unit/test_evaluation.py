@@ -20,7 +20,7 @@ from bakery_slurm.matrix import load_matrix
 from bakery_slurm.pipeline import CellPaths
 from bakery_slurm.stages import evaluate
 from bakery_slurm.stages.evaluate import _model, run_eval
-from bakery_slurm.status_snapshot import _eval_from_results
+from bakery_slurm.status_snapshot import _eval_outcome
 from conftest import MINIMAL_MATRIX
 
 EVAL_WITH_BASELINE = '[eval]\ntasks = ["mc"]\nbaselines = [{ name = "base" }]\n'
@@ -287,11 +287,11 @@ def test_a_cells_settings_leave_the_dtype_to_its_checkpoint(tmp_path, write_matr
     assert "dtype" not in cell("bfloat16").settings
 
 
-def test_without_accounting_an_eval_task_that_kept_its_results_is_not_NOT_FOUND(
+def test_without_accounting_an_eval_task_that_kept_its_results_is_completed(
         tmp_path, write_matrix, monkeypatch):
     """An eval task that kept the results of the same model and settings (a chained eval after a
     merge that rebuilt the same bytes) notes when it checked them: without accounting, `status`
-    tells by that note that the task ran and succeeded (COMPLETED, not NOT_FOUND)."""
+    tells by that note that the task ran and succeeded (COMPLETED, not LOST)."""
     (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
     work = tmp_path / "work"
     verified_cell(work, target.id)
@@ -311,4 +311,4 @@ def test_without_accounting_an_eval_task_that_kept_its_results_is_not_NOT_FOUND(
     # ... and has left squeue; no accounting.
     gone = CellStatus(cell=target.id, state="NOT_FOUND", attempt=2, array_name=array.name,
                       array_job_id="42", index=0, recipe_hash="h", stage="eval")
-    assert _eval_from_results(gone, {array.name: array}).state == "COMPLETED"
+    assert _eval_outcome(gone, {array.name: array}) == "COMPLETED"

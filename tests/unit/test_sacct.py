@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -141,7 +142,8 @@ def test_reduce_cells_uses_the_latest_attempt_by_cell_not_index():
     assert by_cell["b"] == CellStatus("b", "RUNNING", 2, names[1], "200", 0, "r1", "0:0", "00:00:05", "n3")
     assert by_cell["b"].task_id == "200_0"
     assert by_cell["c"] == CellStatus("c", NOT_FOUND, 1, names[0], "100", 2, "r0")
-    assert by_cell["d"] == CellStatus("d", UNCONFIRMED, 1, names[2], None, 0, "r2")
+    assert by_cell["d"] == CellStatus("d", UNCONFIRMED, 1, names[2], None, 0, "r2",
+                                      unscheduled_attempts=1)
     assert by_cell["d"].task_id is None
 
 
@@ -175,6 +177,27 @@ def test_choose_resubmit_refuses_with_reasons():
         ),
         Refusal("1b/lost", NOT_FOUND, "the scheduler has no record of task 9_0"),
     ]
+
+
+def test_attempts_no_scheduler_took_do_not_count_against_max_attempts():
+    """Two submits interrupted before sbatch (Ctrl-C, a crash: LOST) ran nothing; the attempt that
+    ran and failed is the only one the cap counts. It used to count all three, so with
+    max_attempts = 2 the cell could never run again."""
+    ledger = Ledger()
+    for n, job_id in enumerate([None, None, "300"]):
+        sub = record_intent(ledger, matrix_path="m", matrix_sha256="0" * 64, arrays=[planned("a")],
+                            recipe_hashes={"a": "r"}, now=datetime(2025, 3, 1 + n, tzinfo=timezone.utc))
+        if job_id:
+            confirm_array(ledger, sub.arrays[0].name, job_id)
+    (failed,) = reduce_cells(ledger, parse_sacct(f"300|FAILED|1:0|00:00:10|n1|{sub.arrays[0].name}\n",
+                                                 {"300": sub.arrays[0].name}))
+    assert (failed.state, failed.attempt, failed.unscheduled_attempts) == ("FAILED", 3, 2)
+    assert choose_resubmit([failed], max_attempts=2)[0] == [failed]
+    assert choose_resubmit([failed], max_attempts=1)[1] == [
+        Refusal("a", "FAILED", "reached the attempt cap (1 of 1)")]
+    # Nor is a LOST attempt itself: it is resubmitted however often sbatch was interrupted.
+    lost = replace(status("a", "LOST", attempt=3, job_id=None), unscheduled_attempts=3)
+    assert choose_resubmit([lost], max_attempts=1) == ([lost], [])
 
 
 def test_choose_resubmit_selected_states():

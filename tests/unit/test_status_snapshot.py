@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from bakery_slurm.cli.common import status_columns, status_rows
+from bakery_slurm.errors import SchedulerError
 from bakery_slurm.evaluation import failure_path
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (
@@ -73,12 +76,37 @@ def test_an_unconfirmed_array_that_squeue_lists_is_recovered_and_never_lost(tmp_
         assert load_ledger(path).submissions[0].arrays[0].job_id == "77"
 
 
-def test_sacct_lag_reads_submitted_then_not_found(tmp_path):
-    runner = Recorder({"sacct": (0, "", "")})
+def test_sacct_lag_reads_submitted_then_a_task_gone_unstarted_is_cancelled(tmp_path):
+    """A pending task cancelled alone with plain scancel (or by an admin) leaves no row in sacct
+    and leaves the queue (SLURM 22.05). With accounting, which has a row for every task that
+    started, that is what a task neither shows means once sacct's lag is past: CANCELLED, which
+    resubmit takes (it used to read NOT_FOUND forever, which resubmit refused)."""
+    runner = Recorder({"sacct": (0, "", ""), "squeue": (0, "", "")})
     path, ledger = ledger_with_one_array(tmp_path, timedelta(seconds=5), "41")
     assert state_of(tmp_path, path, ledger, runner) == "SUBMITTED"
     path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
-    assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    assert {s.cell: s.state for s in snap.statuses} == {CELL: "CANCELLED", OTHER: "CANCELLED"}
+    assert [s.cell for s in choose_resubmit(snap.statuses, max_attempts=3)[0]] == [OTHER, CELL]
+
+
+def test_a_gone_task_whose_attempt_recorded_its_outcome_reads_that_even_with_accounting(tmp_path):
+    """sacct has no row (slurmdbd behind, or its records lost) and the queue forgot the task: its
+    result record says how it ended, and a cell that completed is not run again."""
+    runner = Recorder({"sacct": (0, "", ""), "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(minutes=5))
+    assert state_of(tmp_path, path, ledger, runner) == "COMPLETED"
+
+
+def test_a_queue_that_cannot_be_asked_about_tasks_sacct_lacks_is_an_error_not_a_state(tmp_path):
+    """A task neither sacct nor squeue shows reads as ended: when squeue fails, the tasks sacct
+    has no row for may still be pending or running, so status fails (exit 3) instead."""
+    runner = Recorder({"sacct": (0, "", ""),
+                       "squeue": (1, "", "squeue: error: slurm_load_jobs error: Socket timed out")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    with pytest.raises(SchedulerError, match="Socket timed out"):
+        snapshot(path, ledger, slurm=SlurmBackend(runner))
 
 
 def write_result(tmp_path: Path, status: str, started: datetime, recipe_hash: str = "r") -> None:
@@ -102,14 +130,30 @@ def test_without_accounting_an_older_result_says_nothing_about_this_attempt(tmp_
     runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
     path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
     write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(hours=2))
-    assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
+    assert state_of(tmp_path, path, ledger, runner) == "LOST"
+
+
+def test_without_accounting_a_task_killed_without_a_word_is_lost_and_resubmittable(tmp_path):
+    """A task killed at its time or memory limit leaves its result record "running"; without
+    accounting nothing else remembers it once it leaves the queue (MinJobAge). It used to read
+    NOT_FOUND forever, which resubmit refused; it is LOST, says where it stopped, and counts as
+    an attempt (a scheduler ran it)."""
+    runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    write_running(tmp_path, {"bake": {"status": "done"},
+                             "merge": {"status": "running", "started": "2026-11-28T03:40:00+00:00"}})
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    (status,) = [s for s in snap.statuses if s.cell == CELL]
+    assert (status.state, status.detail) == ("LOST", "stopped in merge (started 2026-11-28T03:40:00+00:00)")
+    assert [s.cell for s in choose_resubmit([status], max_attempts=2)[0]] == [CELL]
+    assert choose_resubmit([status], max_attempts=1)[1][0].reason == "reached the attempt cap (1 of 1)"
 
 
 def test_a_task_cancelled_while_pending_is_cancelled_not_not_found(tmp_path):
     # SLURM 22.05 keeps no accounting row for it; the ledger knows `cancel` cancelled it.
-    runner = Recorder({"sacct": (0, "", "")})
+    runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
     path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
-    assert state_of(tmp_path, path, ledger, runner) == "NOT_FOUND"
+    assert state_of(tmp_path, path, ledger, runner) == "LOST"
     record_cancel(ledger, CELL, ledger.cells[CELL][-1].array, ledger.cells[CELL][-1].index)
     assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
     # Accounting may keep showing the array's pending range, which still covers the task.
@@ -118,7 +162,8 @@ def test_a_task_cancelled_while_pending_is_cancelled_not_not_found(tmp_path):
     assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
     # A row past PENDING wins over the note: the cancel came as the task started.
     name = ledger.submissions[0].arrays[0].name
-    runner = Recorder({"sacct": (0, f"41_0|COMPLETED|0:0|00:01:00|n1|{name}\n", "")})
+    runner = Recorder({"sacct": (0, f"41_0|COMPLETED|0:0|00:01:00|n1|{name}\n", ""),
+                       "squeue": (0, "", "")})
     assert state_of(tmp_path, path, ledger, runner) == "COMPLETED"
 
 
@@ -133,7 +178,8 @@ def write_running(tmp_path: Path, stages: dict, status: str = "running", error: 
 def detail_of(tmp_path: Path, sacct_state: str) -> str | None:
     path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
     name = ledger.submissions[0].arrays[0].name
-    runner = Recorder({"sacct": (0, f"41_0|{sacct_state}|0:0|00:01:00|n1|{name}\n", "")})
+    runner = Recorder({"sacct": (0, f"41_0|{sacct_state}|0:0|00:01:00|n1|{name}\n", ""),
+                       "squeue": (0, "", "")})
     return {s.cell: s.detail for s in snapshot(path, ledger, slurm=SlurmBackend(runner)).statuses}[CELL]
 
 
@@ -198,9 +244,10 @@ def test_without_accounting_a_gone_eval_reads_its_records_of_this_attempt(tmp_pa
                                                           "failure": 2 * minute}) == "FAILED"
     assert eval_state_without_accounting(tmp_path / "d", {"failure": 5 * minute,
                                                           "results": 2 * minute}) == "COMPLETED"
-    # records older than the attempt say nothing about it: it never ran
-    assert eval_state_without_accounting(tmp_path / "e", {"failure": 60 * minute}) == "NOT_FOUND"
-    assert eval_state_without_accounting(tmp_path / "f", {}) == "NOT_FOUND"
+    # records older than the attempt say nothing about it: killed, cancelled or never run,
+    # nothing says which (it used to read NOT_FOUND forever, which resubmit refused)
+    assert eval_state_without_accounting(tmp_path / "e", {"failure": 60 * minute}) == "LOST"
+    assert eval_state_without_accounting(tmp_path / "f", {}) == "LOST"
 
 
 # ---------------------------------------------------------------------------------------------
