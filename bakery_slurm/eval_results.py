@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .evaluation import EvalTarget, expand_eval, results_path, verified_output
+from .evaluation import (EvalTarget, expand_eval, results_path, scored_named_inputs,
+                         verified_output)
 from .matrix import Matrix
 from .report import Row
 from .rootcard import CardEvaluation
@@ -68,7 +69,7 @@ class EvalSource:
         """The results there now, for the root card; None when no target has any."""
         found, _ = read_results(list(self.targets), self.work)
         found = {t.id: found[t.id] for t in self.targets
-                 if t.id in found and same_settings(t, found[t.id])}
+                 if t.id in found and as_configured(t, found[t.id])}
         if not found:
             return None
         return CardEvaluation(
@@ -85,14 +86,13 @@ class EvalSource:
         found, _ = read_results(targets, self.work)
         results = found.get(cell_id)
         return (results if results and scored_checkpoint(results) == content_sha256
-                and same_settings(targets[0], results) else None)
+                and as_configured(targets[0], results) else None)
 
 
 def scores_now(target: EvalTarget, results: dict[str, Any], work: Path) -> bool:
-    """Do `results` score `target` as it is now: its eval settings (results without a `bakery`
-    block are taken as they are), and for a cell the checkpoint verified in the work folder (when
-    there still is one: gc removes a published cell's)?"""
-    if not same_settings(target, results):
+    """Do `results` score `target` as it is now (`as_configured`), and for a cell the checkpoint
+    verified in the work folder (when there still is one: gc removes a published cell's)?"""
+    if not as_configured(target, results):
         return False
     if target.kind != "cell":
         return True
@@ -100,8 +100,10 @@ def scores_now(target: EvalTarget, results: dict[str, Any], work: Path) -> bool:
     return now is None or now == scored_checkpoint(results)
 
 
-def same_settings(target: EvalTarget, results: dict[str, Any]) -> bool:
-    """Were `results` scored with `target`'s eval settings (results without a `bakery` block, not
-    written by run-eval, are taken as they are)?"""
+def as_configured(target: EvalTarget, results: dict[str, Any]) -> bool:
+    """Were `results` scored with `target`'s eval settings and, for a baseline, on the inputs
+    the matrix names for it? Results without a `bakery` block, not written by run-eval, are taken
+    as they are."""
     record = results.get("bakery") or {}
-    return record.get("settings_hash", target.settings_hash) == target.settings_hash
+    return record.get("settings_hash", target.settings_hash) == target.settings_hash and (
+        target.kind != "baseline" or scored_named_inputs(target, record))

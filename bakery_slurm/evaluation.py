@@ -24,6 +24,7 @@ from .matrix import (Cell, Matrix, ModelSource, Resources, _excluded, _fail, exp
                      size_resources, size_variants, sources)
 from .pins import pin_inputs
 from .pipeline import CellPaths
+from .sources import identifies
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,27 @@ def read_eval_record(work: Path, target_id: str) -> dict[str, Any]:
 
 def is_evaluated(target: EvalTarget, record: Mapping[str, Any], final_sha256: str | None) -> bool:
     """Do results with `record` (`read_eval_record`) score `target` as it is now: its settings,
-    and for a cell its verified checkpoint `final_sha256`? A baseline's inputs are identified
-    when its task fetches them, so only its settings are compared here."""
+    and for a cell its verified checkpoint `final_sha256`, for a baseline its inputs as the
+    matrix names them (`scored_named_inputs`)?"""
     if record.get("settings_hash") != target.settings_hash:
         return False
     if target.kind == "baseline":
-        return True
+        return scored_named_inputs(target, record)
     return final_sha256 is not None and (record.get("inputs") or {}).get("final_sha256") == final_sha256
+
+
+def scored_named_inputs(target: EvalTarget, record: Mapping[str, Any]) -> bool:
+    """Did results with `record` score the baseline `target` on the base and adapter the matrix
+    names for it now (`sources.identifies`)? Results of a baseline whose adapter, source or
+    revision was changed since score another model, as a cell's of another recipe do. The
+    content of what they name is compared by the eval task itself, which fetches it. A record
+    that does not say what it scored (not written by run-eval) is taken as it is."""
+    if "inputs" not in record:
+        return True
+    inputs = record["inputs"] if isinstance(record["inputs"], dict) else {}
+    adapter = inputs.get("adapter")
+    scored = {"base": inputs.get("base"), **(adapter if isinstance(adapter, dict) else {})}
+    wanted = target_inputs(target)
+    return scored.keys() == wanted.keys() and all(
+        isinstance(scored[name], dict) and identifies(scored[name], source)
+        for name, source in wanted.items())

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from . import fsutil
 from .errors import BakeryError
@@ -64,11 +64,27 @@ def fetch(source: ModelSource, hash_cache: Path | None = None, offline: bool = F
     """
     if source.repo is not None:
         return _fetch_hub(source, offline, cache_dir)
-    path = Path(source.path) / (source.subfolder or "")
+    path = _local_folder(source)
     if not path.is_dir():
         raise BakeryError(f"model folder {path} does not exist (from {source.describe()})")
     files = _hash_local(path, hash_cache) if hash_cache else manifest(path)
     return LocalModel(path=path, identity={"path": str(path), "sha256": content_hash(files)})
+
+
+def _local_folder(source: ModelSource) -> Path:
+    return Path(source.path) / (source.subfolder or "")
+
+
+def identifies(identity: Mapping[str, Any], source: ModelSource) -> bool:
+    """Is `identity` (a `fetch` result's) that of `source` as the matrix names it: the same repo,
+    subfolder and revision (and the pinned commit, when `source` has one), or the same local
+    folder? A local folder's content is not compared (a cell's recipe names its sources, not
+    their content, either): an eval task compares it when it runs."""
+    if source.repo is not None:
+        named = (identity.get("repo"), identity.get("subfolder"), identity.get("revision"))
+        return (named == (source.repo, source.subfolder, source.revision)
+                and source.commit in (None, identity.get("commit")))
+    return identity.get("path") == str(_local_folder(source))
 
 
 # A file time this far past the record's cannot be a rewrite in the record's timestamp tick (a

@@ -12,6 +12,7 @@ import pytest
 
 from bakery_slurm.cell_status import CellStatus
 from bakery_slurm.errors import ConfigError, StageError
+from bakery_slurm.eval_results import as_configured
 from bakery_slurm.evaluation import (expand_eval, failure_path, is_evaluated, pin_target,
                                      read_eval_failure, results_path)
 from bakery_slurm.ledger import ArrayRecord
@@ -274,6 +275,51 @@ def test_a_baseline_scored_in_another_dtype_is_not_taken_as_evaluated(tmp_path, 
     old, new = baseline("float32"), baseline("bfloat16")
     assert not is_evaluated(new, {"settings_hash": old.settings_hash, "settings": old.settings}, None)
     assert is_evaluated(new, {"settings_hash": new.settings_hash, "settings": new.settings}, None)
+
+
+LORA_BASELINE = '[eval]\ntasks = ["a"]\nbaselines = [{ name = "lora", adapters = ["nob"] }]\n'
+
+
+def baseline_of(write_matrix, text: str):
+    return next(t for t in expand_eval(load_matrix(write_matrix(text))) if t.kind == "baseline")
+
+
+def test_a_baseline_whose_adapter_changed_is_not_taken_as_evaluated(tmp_path, write_matrix,
+                                                                     monkeypatch):
+    """Same baseline name, another model: its adapter moved to another folder, or it attaches
+    another of the matrix's adapters. Its results scored the old model, so submit evaluates it
+    again and report and the cards leave them out, as a cell's of another checkpoint."""
+    for folder in ("base-tiny", "adapter-tiny-std-nob", "adapter-tiny-std-eng", "retrained-tiny-std-nob"):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+        (tmp_path / "models" / folder / "weights.safetensors").write_bytes(folder.encode())
+    before = baseline_of(write_matrix, MINIMAL_MATRIX + LORA_BASELINE)
+    work = tmp_path / "work"
+    monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: {"results": {"a": {"acc,none": 1.0}}})
+    assert run_eval(before, work, device="cpu")["status"] == "done"
+    results = json.loads(results_path(work, before.id).read_text())
+    assert is_evaluated(before, results["bakery"], None) and as_configured(before, results)
+    moved = baseline_of(write_matrix, MINIMAL_MATRIX.replace("adapter-{size}", "retrained-{size}")
+                        + LORA_BASELINE)
+    other = baseline_of(write_matrix, MINIMAL_MATRIX + LORA_BASELINE.replace('["nob"]', '["eng"]'))
+    for changed in (moved, other):
+        assert changed.id == before.id and changed.settings_hash == before.settings_hash
+        assert not is_evaluated(changed, results["bakery"], None)
+        assert not as_configured(changed, results)
+
+
+def test_a_hub_baseline_at_another_revision_or_pinned_commit_is_not_taken_as_evaluated(
+        tmp_path, write_matrix):
+    hub = MINIMAL_MATRIX.replace('path = "models/base-{size}"', 'repo = "org/base-{size}"')
+    target = baseline_of(write_matrix, hub + EVAL_WITH_BASELINE)
+    scored = {"repo": "org/base-tiny", "subfolder": None, "revision": None, "commit": "a" * 40}
+    record = {"settings_hash": target.settings_hash, "inputs": {"base": scored}}
+    assert is_evaluated(target, record, None)
+    assert is_evaluated(pin_target(target, {"base": "a" * 40}), record, None)
+    assert not is_evaluated(pin_target(target, {"base": "b" * 40}), record, None)
+    revised = baseline_of(write_matrix, hub.replace('repo = "org/base-{size}"',
+                                                    'repo = "org/base-{size}"\nrevision = "v2"')
+                          + EVAL_WITH_BASELINE)
+    assert not is_evaluated(revised, record, None)
 
 
 def test_a_cells_settings_leave_the_dtype_to_its_checkpoint(tmp_path, write_matrix):
