@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -42,7 +43,11 @@ class EvalTarget:
     num_fewshot: dict[str, int] = field(hash=False)
     limit: int | float | None
     batch_size: int | str
-    include_path: str | None
+    include_path: str | None   # the task YAMLs' folder, absolute, as resolved here
+    # The same folder as the matrix names it (relative to the matrix folder unless absolute):
+    # what the settings identify it by, so a login node and a container that mount the matrix
+    # folder at other paths agree on what was evaluated.
+    include_identity: str | None
     dtype: str
     resources: Resources
     # Baselines only: the base and the adapter attached to it (name, source), if any.
@@ -54,7 +59,7 @@ class EvalTarget:
         """What, besides the model, decides the scores: a changed one makes a rerun evaluate again."""
         settings = {"tasks": list(self.tasks), "num_fewshot": self.num_fewshot,
                     "limit": self.limit, "batch_size": self.batch_size,
-                    "include_path": self.include_path}
+                    "include_path": self.include_identity}
         # A cell's dtype is in its checkpoint (final_sha256) already; a baseline's is not.
         return {**settings, "dtype": self.dtype} if self.kind == "baseline" else settings
 
@@ -77,6 +82,7 @@ def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTar
         return []
     cells = expand(matrix) if cells is None else cells
     include = str((matrix.root / spec.include_path).resolve()) if spec.include_path else None
+    include_identity = os.path.normpath(spec.include_path) if spec.include_path else None
 
     def target(target_id: str, kind: str, size: str, variant: str, label: str,
                **model: Any) -> EvalTarget | None:
@@ -92,6 +98,7 @@ def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTar
         return EvalTarget(id=target_id, kind=kind, size=size, variant=variant, label=label,
                           tasks=tasks, num_fewshot=per_task, limit=spec.limit,
                           batch_size=spec.batch_size, include_path=include,
+                          include_identity=include_identity,
                           dtype=matrix.spec.dtype,
                           resources=size_resources(matrix, size, eval_=True), **model)
 

@@ -116,6 +116,22 @@ def test_settings_hash_follows_the_settings(tmp_path, write_matrix):
     assert one.settings_hash != two.settings_hash
 
 
+def test_the_settings_name_the_include_folder_as_the_matrix_does_not_where_it_is_mounted(
+        tmp_path, write_matrix):
+    """A login node and a container may mount the matrix folder at other paths (or resolve its
+    symlinks otherwise): the settings, and so whether a target counts as evaluated, must not
+    depend on it. The folder itself is still found where this process sees it."""
+    def target(folder: str, include_path: str):
+        (tmp_path / folder / "tasks").mkdir(parents=True)
+        text = MINIMAL_MATRIX + f'[eval]\ntasks = ["a"]\ninclude_path = "{include_path}"\n'
+        return expand_eval(load_matrix(write_matrix(text, name=f"{folder}/matrix.toml")))[0]
+
+    login, container = target("login", "tasks"), target("container", "./tasks/")
+    assert login.settings_hash == container.settings_hash
+    assert login.settings["include_path"] == "tasks"
+    assert container.include_path == str((tmp_path / "container/tasks").resolve())
+
+
 def test_no_eval_table_means_no_targets(tmp_path, write_matrix):
     assert expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX))) == []
 
