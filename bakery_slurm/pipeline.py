@@ -166,14 +166,15 @@ def run_cell(cell: Cell, work: Path, device: str = "auto", hub_api: Any = None,
     StageError
         A stage failed; the result record names it and the error.
     BakeryError
-        Another process is running this cell right now.
+        Another process is running this cell, or evaluating its output, right now.
     """
     paths = CellPaths(Path(work), cell.id)
     try:
         with fsutil.locked(paths.lock, blocking=False), in_use(paths.work, cell.id):
             return _run(cell, paths, device, hub_api, offline, card)
     except fsutil.LockBusy:
-        raise BakeryError(f"{cell.id}: another task is running this cell ({paths.lock})") from None
+        raise BakeryError(f"{cell.id}: another task is running this cell or evaluating its "
+                          f"output ({paths.lock})") from None
 
 
 @dataclass

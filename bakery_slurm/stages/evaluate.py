@@ -25,9 +25,9 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import BakeryError, StageError
-from ..gc import in_use
 from ..evaluation import (EvalTarget, eval_dir, failure_path, read_eval_record, results_path,
                           verified_output)
+from ..gc import in_use
 from ..pipeline import CellPaths, now
 from .merge import choose_device
 
@@ -39,20 +39,33 @@ def run_eval(target: EvalTarget, work: Path, device: str = "auto",
     """Evaluate `target` (or keep its results when model and settings are unchanged); return a
     summary record (target, status, device, seconds, results path).
 
+    A cell's eval holds the cell's run lock shared while it reads `final`: a run-cell of the
+    same cell (which holds it exclusively) may otherwise merge again and replace that folder
+    under it. Shared, as it only reads; its own eval lock keeps two evals of a target apart.
+
     Raises
     ------
     StageError
         The cell has no verified output, a source is missing, or lm-eval failed.
     BakeryError
-        Another process is evaluating this target right now.
+        Another process is evaluating this target, or running this cell, right now.
     """
     work = Path(work)
     lock = eval_dir(work, target.id) / ".run.lock"
-    try:
-        with fsutil.locked(lock, blocking=False), in_use(work, target.id):
-            return _run(target, work, device, offline, force)
-    except fsutil.LockBusy:
-        raise BakeryError(f"{target.id}: another task is evaluating this target ({lock})") from None
+    cell_lock = CellPaths(work, target.id).lock
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(fsutil.locked(lock, blocking=False))
+        except fsutil.LockBusy:
+            raise BakeryError(f"{target.id}: another task is evaluating this target ({lock})") from None
+        if target.kind == "cell":
+            try:
+                held.enter_context(fsutil.locked(cell_lock, blocking=False, shared=True))
+            except fsutil.LockBusy:
+                raise BakeryError(f"{target.id}: a task is running this cell ({cell_lock}): "
+                                  "evaluate it when that run has ended") from None
+        held.enter_context(in_use(work, target.id))
+        return _run(target, work, device, offline, force)
 
 
 def _run(target: EvalTarget, work: Path, device: str, offline: bool,

@@ -5,13 +5,15 @@ Bad [eval] tables are tested through the CLI in tests/cli/test_eval_config.py.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from bakery_slurm.cell_status import CellStatus
-from bakery_slurm.errors import ConfigError, StageError
+from bakery_slurm.errors import BakeryError, ConfigError, StageError
 from bakery_slurm.eval_results import as_configured
 from bakery_slurm.evaluation import (expand_eval, failure_path, is_evaluated, pin_target,
                                      read_eval_failure, results_path)
@@ -204,6 +206,61 @@ def verified_cell(work: Path, cell_id: str) -> None:
     paths.final.mkdir(parents=True)
     (paths.final / "model.safetensors").write_bytes(b"weights")
     paths.verified.write_text(json.dumps({"final_sha256": write_marker(paths.final, {})["content_sha256"]}))
+
+
+LOCK_IN_ANOTHER_PROCESS = (
+    "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    "mode = fcntl.LOCK_EX if sys.argv[2] == 'exclusive' else fcntl.LOCK_SH; ")
+
+
+def another_process_may_lock(lock: Path, mode: str) -> bool:
+    """Can another process take `lock` now (mode "exclusive" or "shared"), as run-cell or an
+    eval would?"""
+    probe = subprocess.run([sys.executable, "-c", LOCK_IN_ANOTHER_PROCESS + (
+        "fcntl.lockf(fd, mode | fcntl.LOCK_NB)"), str(lock), mode], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_cells_eval_keeps_a_run_cell_of_it_from_replacing_its_output(tmp_path, write_matrix,
+                                                                      monkeypatch):
+    """A hand-run `run-eval` reads `final` while lm-eval runs: a run-cell of the same cell (which
+    holds the cell's run lock exclusively) must not merge again and replace it meanwhile. Evals
+    of the cell take the lock shared."""
+    (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
+    work = tmp_path / "work"
+    verified_cell(work, target.id)
+    cell_lock = CellPaths(work, target.id).lock
+    seen = {}
+
+    def fake_evaluate(*args):
+        seen.update(run_cell=another_process_may_lock(cell_lock, "exclusive"),
+                    reader=another_process_may_lock(cell_lock, "shared"))
+        return {"results": {"a": {"acc,none": 1.0}}}
+
+    monkeypatch.setattr(evaluate, "_simple_evaluate", fake_evaluate)
+    assert run_eval(target, work, device="cpu")["status"] == "done"
+    assert seen == {"run_cell": False, "reader": True}
+    assert another_process_may_lock(cell_lock, "exclusive")  # released when the eval ends
+
+
+def test_a_cells_eval_refuses_while_a_run_cell_of_it_runs(tmp_path, write_matrix, monkeypatch):
+    (target,) = expand_eval(load_matrix(write_matrix(MINIMAL_MATRIX + '[eval]\ntasks = ["a"]\n')))
+    work = tmp_path / "work"
+    verified_cell(work, target.id)
+    monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: pytest.fail("evaluated"))
+    cell_lock = CellPaths(work, target.id).lock
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_IN_ANOTHER_PROCESS + (
+        "fcntl.lockf(fd, mode); print('locked', flush=True); sys.stdin.read()"),
+        str(cell_lock), "exclusive"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(BakeryError, match=r"a task is running this cell .*: evaluate it when "
+                                              r"that run has ended"):
+            run_eval(target, work, device="cpu")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert not results_path(work, target.id).exists()
 
 
 def test_a_successful_eval_removes_the_failure_record(tmp_path, write_matrix, monkeypatch):

@@ -3,6 +3,8 @@
 import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,16 @@ def test_a_filesystem_without_locks_is_named(tmp_path, code):
         with fsutil.locked(tmp_path / "x.lock", lockf=refuse):
             pass
 
+
+def test_shared_locks_coexist_and_keep_an_exclusive_one_out(tmp_path):
+    lock = tmp_path / "x.lock"
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+             "fcntl.lockf(fd, getattr(fcntl, sys.argv[2]) | fcntl.LOCK_NB)")
+
+    def another_process_may(mode: str) -> bool:
+        return subprocess.run([sys.executable, "-c", probe, str(lock), mode],
+                              capture_output=True).returncode == 0
+
+    with fsutil.locked(lock, blocking=False, shared=True):
+        assert another_process_may("LOCK_SH") and not another_process_may("LOCK_EX")
+    assert another_process_may("LOCK_EX")

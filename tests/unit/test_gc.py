@@ -234,7 +234,7 @@ def test_every_task_that_uses_a_cell_holds_it_against_gc(tmp_path, write_matrix,
     monkeypatch.setattr(pipeline, "_run", record)
     monkeypatch.setattr(evaluate, "_run", record)
     pipeline.run_cell(one, work)
-    evaluate.run_eval(SimpleNamespace(id=one.id), work)
+    evaluate.run_eval(SimpleNamespace(id=one.id, kind="cell"), work)
     with contextlib.ExitStack() as held:
         assert login_push._hold(held, pipeline.CellPaths(work, one.id))
         record()
