@@ -18,11 +18,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 from .manifest import intact_marker
-from .matrix import (Cell, Matrix, ModelSource, Resources, _excluded, _fail, expand,
-                     size_resources, size_variants, sources)
+from .matrix import (Cell, EvalBaseline, Matrix, ModelSource, Resources, _excluded, _fail,
+                     expand, size_resources, size_variants, sources)
 from .pins import pin_inputs
 from .pipeline import CellPaths
 from .sources import identifies
@@ -105,23 +105,60 @@ def expand_eval(matrix: Matrix, cells: list[Cell] | None = None) -> list[EvalTar
     targets = [target(cell.id, "cell", cell.size, cell.variant, cell.id.split("__", 1)[1])
                for cell in cells]
     cell_ids = {cell.id for cell in cells}
-    for i, baseline in enumerate(spec.baselines):
-        for size, variant in size_variants(matrix):
-            if (baseline.sizes is not None and size not in baseline.sizes
-                    or baseline.variants is not None and variant not in baseline.variants):
-                continue
-            target_id = f"{size}-{variant}/{baseline.name}"
-            if _excluded(matrix.spec.exclude, size, variant, "", target_id):
-                continue
-            if target_id in cell_ids:
-                raise _fail(matrix, f"eval.baselines.{i}.name", baseline.name,
-                            f"the baseline id {target_id} is a cell id too")
-            base, adapters = sources(matrix, size, variant)
-            adapter = next(((name, source) for name, source in adapters
-                            if name in baseline.adapters), None)
-            targets.append(target(target_id, "baseline", size, variant, baseline.name,
-                                  base=base, adapter=adapter))
+    for i, baseline, size, variant, target_id in _kept_baseline_places(matrix):
+        if target_id in cell_ids:
+            raise _fail(matrix, f"eval.baselines.{i}.name", baseline.name,
+                        f"the baseline id {target_id} is a cell id too")
+        base, adapters = sources(matrix, size, variant)
+        adapter = next(((name, source) for name, source in adapters
+                        if name in baseline.adapters), None)
+        targets.append(target(target_id, "baseline", size, variant, baseline.name,
+                              base=base, adapter=adapter))
     return [t for t in targets if t is not None]
+
+
+class BaselinePlace(NamedTuple):
+    """One [eval] baseline at one (size, variant); `index` is its place in [eval] baselines."""
+
+    index: int
+    baseline: EvalBaseline
+    size: str
+    variant: str
+    id: str
+
+
+def baseline_places(matrix: Matrix) -> list[BaselinePlace]:
+    """Every [eval] baseline at each (size, variant) it names, before `exclude` removes any."""
+    spec = matrix.spec.eval
+    return [BaselinePlace(i, baseline, size, variant, f"{size}-{variant}/{baseline.name}")
+            for i, baseline in enumerate(spec.baselines if spec else [])
+            for size, variant in size_variants(matrix)
+            if (baseline.sizes is None or size in baseline.sizes)
+            and (baseline.variants is None or variant in baseline.variants)]
+
+
+def _kept_baseline_places(matrix: Matrix) -> list[BaselinePlace]:
+    return [place for place in baseline_places(matrix)
+            if not _excluded(matrix.spec.exclude, place.size, place.variant, "", place.id)]
+
+
+def check_only(matrix: Matrix, cells: list[Cell]) -> None:
+    """Refuse an `[eval] only` glob that names no cell (of `cells`: all of the matrix) or
+    baseline: a typo would otherwise run the task nowhere it was meant to, silently.
+
+    Raises
+    ------
+    ConfigError
+        Naming the task's key and the glob.
+    """
+    if matrix.spec.eval is None:
+        return
+    ids = [cell.id for cell in cells] + [place.id for place in _kept_baseline_places(matrix)]
+    for task, globs in matrix.spec.eval.only.items():
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(target_id, glob) for target_id in ids):
+                raise _fail(matrix, f"eval.only.{task}", glob,
+                            "matches no cell or baseline of the matrix")
 
 
 def baseline_carriers(matrix: Matrix, targets: Sequence[EvalTarget]) -> list[Cell]:

@@ -446,10 +446,12 @@ def load_matrix(path: Path | str, check_cells: bool = True) -> Matrix:
     matrix = Matrix(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
     _check(matrix)
     if check_cells:
-        from .evaluation import expand_eval
+        from .evaluation import baseline_places, check_only, expand_eval
 
         cells = expand(matrix)  # ids, templates and sweeps are validated by expanding once
+        check_exclude(matrix, [(p.size, p.variant, p.id) for p in baseline_places(matrix)])
         expand_eval(matrix, cells)
+        check_only(matrix, cells)
     return matrix
 
 
@@ -627,6 +629,16 @@ def _check_param(matrix: Matrix, key: str, method: methods.MethodSpec, name: str
 def expand(matrix: Matrix) -> list[Cell]:
     """Every cell of the matrix, in file order (size, variant, method, sweep point)."""
     spec = matrix.spec
+    cells = [cell for cell in _every_cell(matrix)
+             if not _excluded(spec.exclude, cell.size, cell.variant, cell.method, cell.id)]
+    if not cells:
+        raise _fail(matrix, "exclude", spec.exclude, "the rules remove every cell")
+    return cells
+
+
+def _every_cell(matrix: Matrix) -> list[Cell]:
+    """The cells of the matrix before `exclude` removes any."""
+    spec = matrix.spec
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     for size, size_spec in spec.sizes.items():
@@ -641,16 +653,30 @@ def expand(matrix: Matrix) -> list[Cell]:
                         raise _fail(matrix, where, cell_id,
                                     f"duplicate cell id (also from {seen[cell_id]})")
                     seen[cell_id] = where
-                    if _excluded(spec.exclude, size, variant, method, cell_id):
-                        continue
                     cells.append(Cell(
                         id=cell_id, size=size, variant=variant, method=method,
                         parameters=parameters, base=base, adapters=adapters,
                         push=matrix.push_target, resources=resources, dtype=spec.dtype,
                         merge=spec.merge))
-    if not cells:
-        raise _fail(matrix, "exclude", spec.exclude, "the rules remove every cell")
     return cells
+
+
+def check_exclude(matrix: Matrix, baselines: list[tuple[str, str, str]]) -> None:
+    """Refuse an `exclude` rule that removes nothing, and a size the rules leave with nothing to
+    run: likely typos (a misspelt size, a glob that matches no id), refused as an empty list
+    is. `baselines` are the (size, variant, id) of the [eval] baselines before exclusion: a rule
+    may remove a baseline only, and a size may keep its baselines without any cell."""
+    rules = matrix.spec.exclude
+    places = [(c.size, c.variant, c.method, c.id) for c in _every_cell(matrix)]
+    places += [(size, variant, "", target_id) for size, variant, target_id in baselines]
+    for i, rule in enumerate(rules):
+        if not any(_excluded([rule], *place) for place in places):
+            raise _fail(matrix, f"exclude.{i}", rule, "matches no cell or [eval] baseline of the "
+                        "matrix")
+    for size in matrix.spec.sizes:
+        if all(_excluded(rules, *place) for place in places if place[0] == size):
+            raise _fail(matrix, "exclude", rules, f"the rules remove every cell of size {size}; "
+                        f"leave [sizes.{size}] out of the matrix instead")
 
 
 def size_variants(matrix: Matrix) -> list[tuple[str, str]]:

@@ -30,6 +30,12 @@ BAD_EVAL = [
     pytest.param('[eval]\ntasks = ["a"]\nonly = { a = [] }\n',
                  "eval.only.a: an empty list runs the task nowhere; leave it out of eval.tasks "
                  "instead (got [])", id="only-empty"),
+    pytest.param('[eval]\ntasks = ["a"]\nonly = { a = ["tiny-std/*__ties", "tiny-std/*__tise"] }\n',
+                 "eval.only.a: matches no cell or baseline of the matrix (got 'tiny-std/*__tise')",
+                 id="only-glob-matches-nothing"),
+    pytest.param('[eval]\ntasks = ["a"]\nonly = { a = ["*/base"] }\nbaselines = [{ name = "bsae" }]\n',
+                 "eval.only.a: matches no cell or baseline of the matrix (got '*/base')",
+                 id="only-glob-misses-the-baseline"),
     pytest.param('[eval]\ntasks = ["a"]\ninclude_path = "no-such-folder"\n',
                  "eval.include_path: not a folder", id="include-path-missing"),
     pytest.param('[eval]\ntasks = ["a"]\nbaselines = [{ name = "../x" }]\n',

@@ -302,6 +302,12 @@ BAD_MATRICES = [
     pytest.param('exclude = [{size = "t*"}]\n' + MINIMAL_MATRIX,
                  "exclude: the rules remove every cell (got [{'size': 't*'}])",
                  id="exclude-removes-everything"),
+    pytest.param('exclude = [{size = "tiyn"}]\n' + MINIMAL_MATRIX,
+                 "exclude.0: matches no cell or [eval] baseline of the matrix (got {'size': 'tiyn'})",
+                 id="exclude-rule-matches-nothing"),
+    pytest.param('exclude = [{size = "big"}]\n' + MINIMAL_MATRIX + "[sizes.big]\n",
+                 "exclude: the rules remove every cell of size big; leave [sizes.big] out of the "
+                 "matrix instead (got [{'size': 'big'}])", id="exclude-empties-a-size"),
 ]
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from bakery_slurm import methods
 from bakery_slurm.errors import ConfigError
+from bakery_slurm.evaluation import expand_eval
 from bakery_slurm.matrix import expand, is_safe_subpath, load_matrix, select
 from bakery_slurm.recipe import render_recipe, validate_recipe
 from support import assert_matches_golden
@@ -183,6 +184,16 @@ def test_exclude_rules_with_globs(write_matrix, minimal_matrix):
         "small-std/eng-nob__ties",
         "small-open/eng-nob__ties",
     ]
+
+
+def test_an_exclude_rule_may_remove_only_baselines_and_a_size_keep_only_its_baselines(
+        write_matrix, minimal_matrix):
+    """Neither is a typo: a rule that removes no cell but a baseline removes something, and a
+    size whose cells the rules remove all still evaluates its baselines."""
+    text = ('exclude = [{id = "tiny-*/base"}, {size = "big", method = "ties"}]\n' + minimal_matrix
+            + '[sizes.big]\n[eval]\ntasks = ["a"]\nbaselines = [{ name = "base" }]\n')
+    matrix = load_matrix(write_matrix(text))
+    assert [t.id for t in expand_eval(matrix)] == ["tiny-std/eng-nob__ties", "big-std/base"]
 
 
 def test_per_size_variants_and_methods_restriction(write_matrix, minimal_matrix):
