@@ -185,6 +185,14 @@ class Runtime(_Model):
                                  "',' as the start of another bind (one list item per folder)")
         return v
 
+    @field_validator("python")
+    @classmethod
+    def _python(cls, v: str) -> str:
+        # An empty command would surface only in the task, as an obscure failure to start.
+        if not v.strip():
+            raise ValueError("must name the image's Python: a command on its PATH or a path")
+        return v
+
     @field_validator("pass_env", "require_env")
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ stdout carries results only; logs and progress go to stderr.
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any, Callable, Iterable, Sequence
 
 import click
@@ -16,6 +17,14 @@ def output_options(f: Callable) -> Callable:
     f = click.option("--nl", "fmt", flag_value="nl", help="Print one JSON object per line.")(f)
     f = click.option("--json", "fmt", flag_value="json", help="Print a JSON list.")(f)
     return click.option("--table", "fmt", flag_value="table", default=True, hidden=True)(f)
+
+
+def echo_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
+    """Print `rows` (`format_rows`) on stdout: nothing at all for --nl without rows, so that a
+    script reading lines never reads an empty one."""
+    text = format_rows(rows, columns, fmt)
+    if text:
+        click.echo(text)
 
 
 def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> str:
@@ -30,10 +39,27 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str
 
 def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[_text(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join(lines)
+    return aligned([list(columns), *cells])
+
+
+def aligned(lines: Sequence[Sequence[str]]) -> str:
+    """`lines` of cells as columns two spaces apart, each as wide as its widest cell on screen
+    (`display_width`), without trailing spaces."""
+    widths = [max(display_width(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(pad(v, w) for v, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def display_width(text: str) -> int:
+    """Columns `text` takes in a terminal: wide (W) and fullwidth (F) characters, CJK among them,
+    take two; combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
+
+
+def pad(text: str, width: int) -> str:
+    """`text` with spaces after it up to `width` display columns (str.ljust counts characters)."""
+    return text + " " * (width - display_width(text))
 
 
 def _text(value: Any) -> str:

@@ -28,6 +28,7 @@ from pathlib import PurePath
 from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import ConfigError
+from .output import aligned
 
 
 @dataclass(frozen=True)
@@ -213,12 +214,6 @@ def ranking_tables(ranked: Sequence[dict[str, Any]]) -> list[tuple[str, list[lis
     return tables
 
 
-def text_table(lines: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
-                     for line in lines)
-
-
 def markdown_table(lines: Sequence[Sequence[str]]) -> str:
     out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
     out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
@@ -228,7 +223,7 @@ def markdown_table(lines: Sequence[Sequence[str]]) -> str:
 def render(rows: Sequence[Row], ranked: Sequence[dict[str, Any]], markdown: bool) -> str:
     """The report for a terminal (aligned columns) or as Markdown (the seed card's layout)."""
     columns = pivot(rows)
-    table = markdown_table if markdown else text_table
+    table = markdown_table if markdown else aligned
     heading = (lambda title: f"### {title}\n") if markdown else (lambda title: f"{title}\n")
     parts = [heading("Per-task absolute scores (x 100, ± stderr)") + table(pivot_table(rows, columns))]
     parts += [heading(title) + table(lines) for title, lines in ranking_tables(ranked)]

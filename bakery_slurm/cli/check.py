@@ -9,7 +9,7 @@ import click
 from ..evaluation import baseline_carriers, expand_eval
 from ..executors import resolve_executor
 from ..matrix import select
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..preflight import preflight, raise_problems
 from ..submission import resolve_container
 from .common import selected_cells
@@ -51,5 +51,5 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
         click.echo(f"note: {note}", err=True)
     raise_problems(loaded, report)
     rows = [{"input": key, "commit": commit} for key, commit in sorted(report.pins.items())]
-    click.echo(format_rows(rows, COLUMNS, fmt))
+    echo_rows(rows, COLUMNS, fmt)
     click.echo(f"ok: {len(cells)} cell(s) of {loaded.path} can be submitted", err=True)

@@ -11,7 +11,7 @@ import click
 from .. import fsutil
 from ..ledger import load_ledger
 from ..matrix import expand, load_matrix
-from ..output import format_rows
+from ..output import echo_rows
 from ..pipeline import CellPaths, read_result
 from ..cell_status import COMPLETED
 from ..submission import submit_cells
@@ -68,7 +68,7 @@ def demo(folder: Path) -> None:
             "device": stages.get("merge", {}).get("device"),
             "published": stages.get("push", {}).get("target"),
         })
-    click.echo(format_rows(rows, COLUMNS, "table"))
+    echo_rows(rows, COLUMNS, "table")
     if any(s.state != COMPLETED for s in snap.statuses):
         click.echo(f"some cells failed: bakery-slurm logs CELL --stderr --ledger {ledger_path}",
                    err=True)

@@ -8,7 +8,7 @@ import click
 
 from ..gc import bytes_per_kind, plan_gc, sweep
 from ..ledger import all_arrays, load_ledger
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..resubmit_policy import is_live
 from ..status_snapshot import snapshot
 from .common import ledger_option
@@ -64,7 +64,7 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
             rows.append({"work": str(work), "kind": kind, "paths": n, "bytes": size,
                          "size": _human(size)})
             freed += size
-    click.echo(format_rows(rows, COLUMNS, fmt))
+    echo_rows(rows, COLUMNS, fmt)
     click.echo(f"{'would free' if dry_run else 'freed'} {_human(freed)}", err=True)
 
 

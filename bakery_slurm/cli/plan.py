@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..ledger import latest_attempt, load_ledger
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from .common import LEDGER_NAME, selected_cells
 from . import cli
 
@@ -43,7 +43,7 @@ def plan(matrix: Path, only: str | None, ledger_path: Path | None, fmt: str) -> 
         rows = [{**row, "parameters": _summary(row["parameters"]),
                  "pinned": "; ".join(f"{k}@{v[:12]}" for k, v in row["pins"].items()) or "-"}
                 for row in rows]
-    click.echo(format_rows(rows, COLUMNS, fmt))
+    echo_rows(rows, COLUMNS, fmt)
 
 
 def _summary(parameters: dict) -> str:

@@ -15,7 +15,7 @@ from ..eval_prefetch import child_environment, prefetch_tasks
 from ..evaluation import EvalTarget, expand_eval, target_inputs
 from ..executors import resolve_executor
 from ..matrix import Matrix, ModelSource
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..pins import hub_sources
 from ..preflight import datasets_cache_dir, hub_cache_dir
 from ..sources import hub_patterns, missing_files
@@ -67,7 +67,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
         rows += prefetch_tasks(tasks, targets[0].include_path,
                                child_environment(os.environ, loaded.task_env(container), container),
                                loaded.path)
-    click.echo(format_rows(rows, COLUMNS, fmt))
+    echo_rows(rows, COLUMNS, fmt)
     total = sum(r["bytes"] for r in rows)
     click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB", err=True)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..login_push import push_verified, refresh_cards
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..rootcard import CardContext
 from .common import selected_cells
 from . import cli
@@ -46,7 +46,7 @@ def push(matrix: Path, only: str | None, work: Path | None, dry_run: bool, cards
     publish = refresh_cards if cards else push_verified
     rows = publish(cells, work or loaded.work_dir, loaded.push_target,
                    CardContext.of_matrix(loaded, work), dry_run=dry_run)
-    click.echo(format_rows(rows, COLUMNS, fmt))
+    echo_rows(rows, COLUMNS, fmt)
     done = sum(row["action"].startswith(("published", "would publish")) for row in rows)
     click.echo(f"{'would publish' if dry_run else 'published'} {done} {'card' if cards else 'cell'}"
                f"(s) to {loaded.push_target}", err=True)

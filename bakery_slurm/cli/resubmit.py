@@ -11,7 +11,7 @@ from ..cell_status import CellStatus
 from ..evaluation import baseline_carriers, expand_eval
 from ..ledger import latest_attempt, load_ledger
 from ..matrix import expand, load_matrix
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..resubmit_policy import (TERMINAL_FAILURES, Refusal, choose_eval_resubmit, choose_resubmit,
                                is_live)
 from ..submission import submit_cells
@@ -145,7 +145,7 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
                 action = (f"resubmitted in {request.array.name} job "
                           f"{request.array.job_id or '(dry run)'}{waits}")
             rows.append({"cell": target_id, "stage": stage, "state": state, "action": action})
-    click.echo(format_rows(rows, COLUMNS, fmt))
+    echo_rows(rows, COLUMNS, fmt)
     click.echo(f"{'would resubmit' if dry_run else 'resubmitted'} {submitted} task(s)", err=True)
     if any(r.state in wanted for r in refused_all):
         # A failed cell that cannot run again (attempt cap) is still a failed cell; failed cells

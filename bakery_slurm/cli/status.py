@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..ledger import load_ledger
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..cell_status import UNPUBLISHED, totals
 from ..resubmit_policy import TERMINAL_FAILURES, is_live
 from ..status_snapshot import snapshot
@@ -23,7 +23,8 @@ MIN_WATCH_S = 30  # sacct is the controller's database: do not poll it harder th
 @cli.command()
 @ledger_option
 @click.option("--watch", type=float, metavar="SECONDS",
-              help=f"Refresh every SECONDS (at least {MIN_WATCH_S}) until no cell is pending or running.")
+              help=f"Refresh every SECONDS (at least {MIN_WATCH_S}) until no cell is pending or "
+                   "running (not with --json: --nl prints each refresh's rows as lines).")
 @output_options
 def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
     """Show the state of every cell's latest attempt, from one batched sacct call.
@@ -44,6 +45,11 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         bakery-slurm status --json | jq '.[] | select(.state != "COMPLETED")'
         bakery-slurm status --watch 60
     """
+    if watch is not None and fmt == "json":
+        # Each refresh would print a JSON list of its own: no JSON reader takes several.
+        raise click.UsageError("--watch prints every refresh: with --json that is several JSON "
+                               "documents; use --nl (one object per line, each refresh's rows "
+                               "in turn)")
     if watch is not None and not math.isfinite(watch):
         raise click.BadParameter(f"{watch} is not a number of seconds", param_hint="--watch")
     if watch is not None and watch < MIN_WATCH_S:
@@ -56,7 +62,7 @@ def status(ledger_path: Path, watch: float | None, fmt: str) -> None:
         for note in snap.notes:
             click.echo(f"note: {note}", err=True)
         rows = status_rows(ledger, snap)
-        click.echo(format_rows(rows, status_columns(snap), fmt))
+        echo_rows(rows, status_columns(snap), fmt)
         if fmt == "table":
             click.echo("totals: " + ", ".join(f"{state} {n}" for state, n in
                                                totals(snap.statuses).items()))

@@ -13,7 +13,7 @@ from ..executors import backend, resolve_executor
 from ..ledger import latest_attempt, load_ledger
 from ..login_push import ready_to_publish
 from ..matrix import select
-from ..output import format_rows, output_options
+from ..output import echo_rows, output_options
 from ..pipeline import CellPaths, read_result
 from ..preflight import gate
 from ..resubmit_policy import is_live
@@ -104,7 +104,7 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
              "stage": r.array.stage, "cells": len(r.array.cells), "resources": r.array.resources,
              "after": r.after.job_id if r.after else None, "cell_ids": r.array.cells}
             for r in requests]
-    click.echo(format_rows(rows, ARRAY_COLUMNS, fmt))
+    echo_rows(rows, ARRAY_COLUMNS, fmt)
     if rows:
         click.echo(f"ledger: {ledger_path}", err=True)
 

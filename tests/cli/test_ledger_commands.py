@@ -188,6 +188,27 @@ def test_status_nl_is_one_object_per_line(failed):
     assert [json.loads(line)["cell"] for line in result.stdout.splitlines()] == CELLS
 
 
+def test_nl_without_rows_prints_nothing(tmp_path):
+    """A script reading --nl lines must not read an empty one (a ledger without submissions has
+    no row to show)."""
+    ledger = tmp_path / LEDGER
+    save_ledger(ledger, Ledger())
+    result = invoke("status", "--ledger", ledger, "--nl")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+
+
+def test_status_watch_with_json_is_a_usage_error_pointing_to_nl(failed, monkeypatch):
+    """Every refresh would print a JSON list of its own: several JSON documents, which no JSON
+    reader takes."""
+    _, ledger = failed
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("watched"))
+    result = invoke("status", "--ledger", ledger, "--watch", "60", "--json")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "use --nl" in result.stderr
+
+
 def test_status_on_a_missing_ledger_exits_2_naming_it(tmp_path):
     missing = tmp_path / "nowhere.json"
     result = invoke("status", "--ledger", missing)

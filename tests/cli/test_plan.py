@@ -302,6 +302,9 @@ BAD_MATRICES = [
     pytest.param('exclude = [{size = "t*"}]\n' + MINIMAL_MATRIX,
                  "exclude: the rules remove every cell (got [{'size': 't*'}])",
                  id="exclude-removes-everything"),
+    pytest.param(MINIMAL_MATRIX + '\n[runtime]\npython = ""\n',
+                 "runtime.python: must name the image's Python: a command on its PATH or a path "
+                 "(got '')", id="empty-python"),
     pytest.param('exclude = [{size = "tiyn"}]\n' + MINIMAL_MATRIX,
                  "exclude.0: matches no cell or [eval] baseline of the matrix (got {'size': 'tiyn'})",
                  id="exclude-rule-matches-nothing"),

@@ -8,6 +8,7 @@ import io
 import pytest
 
 from bakery_slurm.errors import ConfigError
+from bakery_slurm.output import display_width
 from bakery_slurm.report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
 
 # The shape of lm-eval 0.4's results table: "<metric>,<filter>" and "<metric>_stderr,<filter>".
@@ -105,6 +106,17 @@ def test_pivot_marks_what_a_row_did_not_run():
             row("4b-std/base", "baseline", "base", a=0.5)]
     assert pivot(rows) == ["a", "pref"]
     assert "\n4b-std/base           50.0 ± 1.0  —\n" in render(rows, [], markdown=False)
+
+
+def test_text_columns_line_up_on_screen_with_wide_characters():
+    """A CJK task name takes two terminal columns per character: padding by len() would push
+    every later column of its line left of the header's."""
+    rows = [row("4b-std/eng-nob__ties", "cell", "ties", **{"理解": 0.6, "b": 0.5}),
+            row("4b-std/base", "baseline", "base", **{"理解": 0.5, "b": 0.4})]
+    header, first, _ = render(rows, [], markdown=False).splitlines()[1:4]
+    assert header == f"{'target':20}  理解{' ' * 6}  b"  # 理解 is 4 columns wide, 2 characters
+    assert first == "4b-std/eng-nob__ties  60.0 ± 1.0  50.0 ± 1.0"
+    assert display_width(header) == display_width(first) - len("50.0 ± 1.0") + 1
 
 
 def test_csv_has_raw_values_and_empty_cells_for_tasks_not_run():

@@ -443,6 +443,14 @@ def test_a_table_cell_is_one_line_whatever_its_value():
         "c     ScannerError: while scanning in x.yaml line 3"
 
 
+def test_table_columns_are_padded_by_display_width():
+    """A wide (CJK) value takes two terminal columns per character: the next column starts at
+    the same screen column on every line."""
+    rows = [{"cell": "c", "detail": "模型失败", "log": "x"}, {"cell": "c", "detail": "ab", "log": "y"}]
+    assert format_rows(rows, ["cell", "detail", "log"], "table").splitlines() == [
+        "cell  detail    log", "c     模型失败  x", "c     ab        y"]
+
+
 def test_a_result_record_that_is_not_an_object_reads_as_none(tmp_path):
     paths = CellPaths(tmp_path / "work", CELL)
     paths.root.mkdir(parents=True)
