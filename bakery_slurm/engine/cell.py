@@ -36,7 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import RepairError
 from ..repair import (checkpoint_tensors, detect_kind, read_config, read_header_and_offset,
@@ -124,8 +124,9 @@ def plan_cell(base: Path, adapters: list[tuple[str, Path]], method: str, needs_b
         specs[out] = (SAFETENSORS_DTYPE[dtype], tuple(where.shape))
     shapes = {name: shape for name, (_, shape) in specs.items()}
     to_module = peft_module_name if kind == "multimodal" else (lambda module: module)
+    modules = model_modules(specs, kind == "multimodal")
     factors = {adapter: (Path(folder) / ADAPTER_WEIGHTS,
-                         read_adapter(folder, shapes, to_output, to_module))
+                         read_adapter(folder, shapes, to_output, to_module, modules))
                for adapter, folder in adapters}
     names = tuple(adapter for adapter, _ in adapters)
     merge_parameters = {key: (dict(value) if isinstance(value, dict) else value)
@@ -155,6 +156,36 @@ def peft_module_name(module: str) -> str:
         if module.startswith(prefix):
             return model_prefix + module[len(prefix):]
     raise Unsupported(f"adapter module {module}: a key layout PEFT does not load into this model")
+
+
+# Hub-layout name prefixes of a multimodal base and the module prefixes of the model PEFT loads.
+HUB_MODULE_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head", "lm_head"),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+)
+
+
+def model_modules(names: Iterable[str], multimodal: bool) -> dict[str, str]:
+    """{module of the model PEFT loads: its weight's output name} for every output name that is a
+    module's `.weight`: the name itself for a text model; for a multimodal one, the inverse of
+    `peft_module_name` and `to_hub_name` (each result checked through them), leaving out names
+    PEFT loads no adapter into."""
+    modules = {}
+    for name in names:
+        if not name.endswith(".weight"):
+            continue
+        module = name[:-len(".weight")]
+        if multimodal:
+            module = next((model + module[len(hub):] for hub, model in HUB_MODULE_PREFIXES
+                           if name.startswith(hub)), "")
+            try:
+                if not module or to_hub_name(peft_module_name(module) + ".weight") != name:
+                    continue
+            except Unsupported:
+                continue
+        modules[module] = name
+    return modules
 
 
 @dataclass

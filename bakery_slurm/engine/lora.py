@@ -10,7 +10,8 @@ Anything else an adapter may carry changes what PEFT does (DoRA's magnitude vect
 modules_to_save, embedding or convolution LoRA, per-module rank or alpha patterns, an init that
 PEFT runs again on load and that replaces the base weight by a residual: PiSSA, OLoRA, ...). PEFT
 also loads only the factors of the modules adapter_config.json selects (`selects`), and ignores
-the rest of the file. `read_adapter` refuses such an adapter with the reason, and the cell falls
+the rest of the file; a selected module without saved factors keeps its init, which is random
+with init_lora_weights = False. `read_adapter` refuses such an adapter with the reason, and the cell falls
 back to PEFT and mergekit (recorded in its result), never to a silently different result.
 """
 
@@ -132,8 +133,8 @@ def selects(config: Mapping[str, Any], module: str) -> bool:
 
 def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
                  base: Mapping[str, tuple[int, ...]], to_base_name: Callable[[str], str],
-                 to_model_module: Callable[[str], str] = lambda module: module
-                 ) -> dict[str, Factors]:
+                 to_model_module: Callable[[str], str] = lambda module: module,
+                 model_modules: Mapping[str, str] | None = None) -> dict[str, Factors]:
     """Map every LoRA pair of an adapter to the base tensor it changes.
 
     Parameters
@@ -146,12 +147,18 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
         The base's {name: shape}, names in the layout `to_base_name` produces.
     to_base_name:
         Maps a module's weight name as PEFT saw it (`model.layers.0.mlp.up_proj.weight`) to the base's.
+    model_modules:
+        {module of the model, as PEFT names it: the base tensor that is its weight}, for the check
+        below; None skips it.
 
     Raises
     ------
     Unsupported
         A key that is not a plain linear LoRA factor, an A without its B, a rank that differs from
-        the config's r, or a target that is not a 2-D base tensor of the product's shape.
+        the config's r, or a target that is not a 2-D base tensor of the product's shape; with
+        init_lora_weights = False, a module the config selects (a 2-D weight) without saved
+        factors: PEFT initialises A and B at random and bakes that noise in (with the other
+        inits B starts at zero, and such a module is baked unchanged).
     """
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
@@ -182,13 +189,18 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
         if target in plan:
             raise Unsupported(f"{module}: a second LoRA pair for {target}")
         plan[target] = Factors(parts["A"], parts["B"], scaling)
+    if config.get("init_lora_weights", True) is False:
+        for module, target in sorted((model_modules or {}).items()):
+            if target not in plan and len(base.get(target, ())) == 2 and selects(config, module):
+                raise Unsupported(f"{module}: selected, but no saved factors (with init_lora_weights"
+                                  f" = False PEFT bakes in its random initialisation)")
     return plan
 
 
 def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
                  to_base_name: Callable[[str], str],
-                 to_model_module: Callable[[str], str] = lambda module: module
-                 ) -> dict[str, Factors]:
+                 to_model_module: Callable[[str], str] = lambda module: module,
+                 model_modules: Mapping[str, str] | None = None) -> dict[str, Factors]:
     """Read an adapter folder's config and file header; return its factors per base tensor.
 
     Raises
@@ -209,7 +221,7 @@ def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
     if reason:
         raise Unsupported(f"{folder}: {reason}")
     shapes = {k: tuple(v["shape"]) for k, v in read_header(weights).items() if k != "__metadata__"}
-    return plan_factors(config, shapes, base, to_base_name, to_model_module)
+    return plan_factors(config, shapes, base, to_base_name, to_model_module, model_modules)
 
 
 def lora_defaults() -> dict[str, Any]:

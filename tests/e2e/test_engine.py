@@ -210,6 +210,8 @@ def run_both(tmp_path: Path, models: Path, write_tiny_matrix, method: str, size:
             path.write_text(f'dtype = "{dtype}"\n' + path.read_text())
         matrix = load_matrix(path)
         cell = next(c for c in expand(matrix) if c.id == cell_id(size, method))
+        # The same random state for both: a PEFT bake may draw from it (init_lora_weights = False).
+        torch.manual_seed(0)
         out[engine] = {"result": run_cell(cell, matrix.work_dir, device="cpu"),
                        "tensors": checkpoint_tensors(tmp_path / engine / "published" / cell.id)}
     return out
@@ -298,6 +300,42 @@ def test_saved_factors_the_config_does_not_select_fall_back(tmp_path, tiny_model
     edit_adapter_configs(models, "multimodal", **settings)
     both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic", "tiny4b")
     assert "does not select" in both["bakery"]["result"]["stages"]["bake"]["engine_fallback_reason"]
+    assert_same_bytes(both)
+
+
+@pytest.mark.parametrize("kind, missing", [
+    ("text", None),
+    ("text", "model.layers.0.self_attn.q_proj"),
+    ("multimodal", None),
+    ("multimodal", "model.vision_tower.encoder.layers.0.self_attn.q_proj"),
+], ids=["text-all-saved", "text-one-missing", "multimodal-all-saved", "multimodal-one-missing"])
+def test_a_randomly_initialised_module_without_saved_factors_falls_back(tmp_path, tiny_models,
+                                                                         write_tiny_matrix, kind,
+                                                                         missing):
+    """With init_lora_weights = False PEFT initialises every LoRA layer it creates at random (A
+    and B), and a module the config selects whose factors the file lacks keeps that noise, which
+    merge_and_unload bakes in. The engine computes such an adapter only when every selected
+    module has its saved factors; otherwise the cell falls back, recorded."""
+    from bakery_slurm.tiny import build_lora_adapter
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    for seed, name in enumerate(("eng", "nob"), start=1):
+        folder = models / "adapters" / kind / name
+        build_lora_adapter(models / "bases" / kind, folder, seed=seed, init_lora_weights=False,
+                           target_modules=["q_proj", "v_proj"])
+        if missing:
+            file = folder / "adapter_model.safetensors"
+            save_file({key: factor for key, factor in load_file(str(file)).items()
+                       if f".{missing}.lora_" not in key}, str(file), metadata={"format": "pt"})
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic",
+                    {"text": "tiny1b", "multimodal": "tiny4b"}[kind])
+    bake = both["bakery"]["result"]["stages"]["bake"]
+    if missing:
+        assert bake["engine"] == "mergekit"
+        assert f"{missing}: selected, but no saved factors" in bake["engine_fallback_reason"]
+    else:
+        assert bake["engine"] == "bakery" and bake["engine_fallback_reason"] is None
     assert_same_bytes(both)
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from bakery_slurm import manifest
 from bakery_slurm.engine import lora
 from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _gpu_free_memory,
-                                      available_memory, default_memory_budget)
+                                      available_memory, default_memory_budget, model_modules)
 from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
                                       installed_lora_defaults, lora_defaults, plan_factors,
                                       unsupported_setting)
@@ -111,6 +111,32 @@ def test_multimodal_adapter_keys_map_to_the_hub_layout():
     plan = plan_factors(PLAIN, {f"{prefix}.lora_A.weight": (4, 6), f"{prefix}.lora_B.weight": (8, 4)},
                         base, to_hub_name)
     assert list(plan) == ["language_model.model.layers.0.mlp.up_proj.weight"]
+
+
+def test_a_random_init_needs_the_factors_of_every_selected_module():
+    """init_lora_weights = False: PEFT initialises A and B at random, so a selected module without
+    saved factors is not left unchanged; with the zero-B inits it is."""
+    base = {**BASE, "model.layers.0.self_attn.k_proj.weight": (8, 6), "model.norm.weight": (6,)}
+    modules = model_modules(base, multimodal=False)
+    config = {**PLAIN, "target_modules": ["q_proj", "k_proj", "norm"]}
+    for init in (True, "gaussian"):
+        plan_factors({**config, "init_lora_weights": init}, {A: (4, 6), B: (8, 4)}, base,
+                     lambda n: n, model_modules=modules)
+    with pytest.raises(Unsupported, match="model.layers.0.self_attn.k_proj: selected, but no saved"):
+        plan_factors({**config, "init_lora_weights": False}, {A: (4, 6), B: (8, 4)}, base,
+                     lambda n: n, model_modules=modules)
+    plan_factors({**config, "target_modules": ["q_proj"], "init_lora_weights": False},
+                 {A: (4, 6), B: (8, 4)}, base, lambda n: n, model_modules=modules)
+
+
+def test_model_modules_invert_the_multimodal_mapping():
+    names = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
+             "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+             "vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias",
+             "multi_modal_projector.mm_input_projection_weight"]
+    assert model_modules(names, multimodal=True) == {
+        "model.language_model.layers.0.self_attn.q_proj": names[0], "lm_head": names[1],
+        "model.vision_tower.encoder.layers.0.mlp.fc1": names[2]}
 
 
 @pytest.mark.parametrize("shapes, named", [
