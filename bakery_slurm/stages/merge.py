@@ -52,6 +52,8 @@ def run_mergekit(config: Any, out: Path, device: str, reason: str | None) -> dic
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    check_architectures(config)
+
     def attempt(dev: str) -> None:
         options = MergeOptions(device=dev, cuda=dev == "cuda", copy_tokenizer=False,
                                write_model_card=False, quiet=True, lazy_unpickle=True,
@@ -59,6 +61,21 @@ def run_mergekit(config: Any, out: Path, device: str, reason: str | None) -> dic
         run_merge(config, str(out), options=options)
 
     return _on_device(attempt, out, device, reason, "mergekit")[1]
+
+
+def check_architectures(config: Any) -> None:
+    """mergekit finds a model's tensors from its config's `architectures` and fails with a bare
+    TypeError on a local model whose config.json names none (transformers loads those by
+    model_type): say so. The bakes always name one; a base that needs it may not."""
+    for model in config.referenced_models():
+        path = Path(model.model.path) / "config.json"
+        try:
+            architectures = json.loads(path.read_text()).get("architectures")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a local folder's readable config: mergekit names the problem
+        if not architectures:
+            raise BakeryError(f"{path} names no architectures: mergekit needs the model's "
+                              f"architecture to merge it")
 
 
 def run_engine(plan: Any, out: Path, device: str, reason: str | None,

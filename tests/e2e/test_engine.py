@@ -359,6 +359,29 @@ def test_adapter_keys_in_a_layout_peft_does_not_load_fall_back(tmp_path, tiny_mo
     assert_same_bytes(both)
 
 
+def test_a_base_config_without_architectures(tmp_path, tiny_models, write_tiny_matrix):
+    """mergekit looks every model of a recipe up by its config's `architectures`, and fails with
+    a bare TypeError on a base whose config names none (transformers loads it by model_type);
+    the bakery engine needs no architecture, and the mergekit engine says what is missing."""
+    from bakery_slurm.errors import StageError
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    config = models / "bases" / "text" / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                  if k != "architectures"}))
+    for engine in ENGINES:
+        matrix = load_matrix(write_tiny_matrix(tmp_path / engine, models=models, methods=("ties",),
+                                               engine=engine))
+        cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "ties"))
+        if engine == "bakery":
+            assert run_cell(cell, matrix.work_dir, device="cpu")["status"] == "done"
+        else:
+            with pytest.raises(StageError, match=r"stage merge failed: .*config.json names no "
+                                                 r"architectures"):
+                run_cell(cell, matrix.work_dir, device="cpu")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_a_cell_dtype_other_than_the_bases_is_merged_by_both_engines(tmp_path, tiny_models,
                                                                     write_tiny_matrix, dtype):
