@@ -149,7 +149,7 @@ def _text_config(tok):
     )
 
 
-def _multimodal_config(tok):
+def _multimodal_config(tok, tie_word_embeddings: bool = True):
     from transformers import Gemma3Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(
@@ -161,8 +161,11 @@ def _multimodal_config(tok):
         patch_size=8,
         vision_use_head=False,
     )
+    text = _text_config(tok)
+    text.tie_word_embeddings = tie_word_embeddings
     return Gemma3Config(
-        text_config=_text_config(tok),
+        text_config=text,
+        tie_word_embeddings=tie_word_embeddings,
         vision_config=vision,
         mm_tokens_per_image=4,
         boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
@@ -249,7 +252,8 @@ def multimodal_name(name: str, layout: str) -> str:
     return "model." + hub if layout == "prefixed" else hub
 
 
-def build_multimodal_base(out_dir: Path, seed: int = 0, layout: str = "hub") -> Path:
+def build_multimodal_base(out_dir: Path, seed: int = 0, layout: str = "hub",
+                          tie_word_embeddings: bool = True) -> Path:
     """Build a random tiny `Gemma3ForConditionalGeneration` (Gemma 3 4B/12B family) with its tokenizer.
 
     Parameters
@@ -261,12 +265,16 @@ def build_multimodal_base(out_dir: Path, seed: int = 0, layout: str = "hub") -> 
     layout : str
         Tensor-name layout on disk, see `multimodal_name`. The default, "hub", is what real bases
         look like: `language_model.model.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`.
+    tie_word_embeddings : bool
+        False gives the model an lm_head of its own (`language_model.lm_head.weight` in the hub
+        layout).
 
     Returns
     -------
     Path
         `out_dir`, holding config.json, generation_config.json, model.safetensors (51 bf16 tensors;
-        no lm_head, it is tied to the embeddings) and the tokenizer files.
+        no lm_head, it is tied to the embeddings, unless `tie_word_embeddings` is False) and the
+        tokenizer files.
     """
     from transformers import Gemma3ForConditionalGeneration
 
@@ -275,7 +283,7 @@ def build_multimodal_base(out_dir: Path, seed: int = 0, layout: str = "hub") -> 
     _build_base(
         out_dir,
         seed,
-        lambda tok: Gemma3ForConditionalGeneration(_multimodal_config(tok)),
+        lambda tok: Gemma3ForConditionalGeneration(_multimodal_config(tok, tie_word_embeddings)),
         rename=lambda name: multimodal_name(name, layout),
     )
     return Path(out_dir)

@@ -150,7 +150,7 @@ PEFT_MODULE_PREFIXES = (
 def peft_module_name(module: str) -> str:
     """A multimodal adapter's module (its key without `base_model.model.` and the factor suffix)
     as the module of the model PEFT loads it into; Unsupported where PEFT would load nothing."""
-    if module in ("lm_head", "language_model.lm_head"):
+    if module == "lm_head":  # not `language_model.lm_head`: PEFT loads that nowhere
         return "lm_head"
     for prefix, model_prefix in PEFT_MODULE_PREFIXES:
         if module.startswith(prefix):

@@ -148,8 +148,10 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     to_base_name:
         Maps a module's weight name as PEFT saw it (`model.layers.0.mlp.up_proj.weight`) to the base's.
     model_modules:
-        {module of the model, as PEFT names it: the base tensor that is its weight}, for the check
-        below; None skips it.
+        {module of the model, as PEFT names it: the base tensor that is its weight}: a factor
+        pair is baked only into a module of the model (a key whose module maps to a base tensor
+        of another module's name is loaded nowhere by PEFT), and, with init_lora_weights = False,
+        see below; None skips both checks.
 
     Raises
     ------
@@ -186,6 +188,9 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
         target = to_base_name(model_module + ".weight")
         if tuple(base.get(target, ())) != (b_shape[0], a_shape[1]):
             raise Unsupported(f"{module}: no base tensor {target} of shape {(b_shape[0], a_shape[1])}")
+        if model_modules is not None and model_modules.get(model_module) != target:
+            raise Unsupported(f"adapter module {module}: a key layout PEFT does not load into this "
+                              f"model (it has no module {model_module})")
         if target in plan:
             raise Unsupported(f"{module}: a second LoRA pair for {target}")
         plan[target] = Factors(parts["A"], parts["B"], scaling)

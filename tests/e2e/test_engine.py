@@ -382,6 +382,39 @@ def test_a_base_config_without_architectures(tmp_path, tiny_models, write_tiny_m
                 run_cell(cell, matrix.work_dir, device="cpu")
 
 
+@pytest.mark.parametrize("layout", [None, "language_model.lm_head", "model.language_model.lm_head",
+                                    "language_model.model.lm_head"])
+def test_lm_head_factors_are_baked_only_where_peft_loads_them(tmp_path, tiny_models,
+                                                              write_tiny_matrix, layout):
+    """On a multimodal base with its own lm_head, PEFT loads lm_head factors saved under the
+    model's module, `lm_head`; under the language model (as a Gemma3ForCausalLM inside it would
+    name them) they are loaded nowhere, although the base's lm_head tensor is named
+    `language_model.lm_head.weight`: the engine must not bake them either."""
+    from bakery_slurm.tiny import build_lora_adapter, build_multimodal_base
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    base = build_multimodal_base(models / "bases" / "multimodal", tie_word_embeddings=False)
+    for seed, name in enumerate(("eng", "nob"), start=1):
+        folder = build_lora_adapter(base, models / "adapters" / "multimodal" / name, seed=seed,
+                                    target_modules=["q_proj", "lm_head"])
+        file = folder / "adapter_model.safetensors"
+        old = "base_model.model.lm_head."
+        save_file({f"base_model.model.{layout}.{key[len(old):]}" if layout and key.startswith(old)
+                   else key: factor for key, factor in load_file(str(file)).items()},
+                  str(file), metadata={"format": "pt"})
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic", "tiny4b")
+    bake = both["bakery"]["result"]["stages"]["bake"]
+    lm_head = "language_model.lm_head.weight"
+    changed = not torch.equal(both["mergekit"]["tensors"][lm_head], checkpoint_tensors(base)[lm_head])
+    if layout:
+        assert bake["engine"] == "mergekit" and f"adapter module {layout}" in bake["engine_fallback_reason"]
+        assert not changed
+    else:
+        assert bake["engine"] == "bakery" and changed
+    assert_same_bytes(both)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_a_cell_dtype_other_than_the_bases_is_merged_by_both_engines(tmp_path, tiny_models,
                                                                     write_tiny_matrix, dtype):
