@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 REGEN_ENV = "BAKERY_REGEN_GOLDEN"
 T = TypeVar("T")
@@ -26,6 +28,47 @@ def wait_for(condition: Callable[[], T], what: str, deadline_s: float = 30.0,
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+_LOCKER = """\
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+mode = fcntl.LOCK_SH if sys.argv[2] == "shared" else fcntl.LOCK_EX
+if sys.argv[3] == "try":
+    try:
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(1)
+else:
+    fcntl.lockf(fd, mode)
+    print("locked", flush=True)
+    sys.stdin.read()  # hold the lock until the test closes our stdin
+"""
+
+
+def may_lock(path: Path, shared: bool = False) -> bool:
+    """Could another process take an `fcntl.lockf` lock on `path` now (exclusive, or shared),
+    without waiting? The lock bakery-slurm's own `fsutil.locked` takes."""
+    mode = "shared" if shared else "exclusive"
+    return subprocess.run([sys.executable, "-c", _LOCKER, str(path), mode, "try"]).returncode == 0
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an `fcntl.lockf` lock on `path` (exclusive, or shared) in another process for the
+    block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", _LOCKER, str(path),
+                               "shared" if shared else "exclusive", "hold"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline()
+        assert line == "locked\n", f"lock holder for {path} did not take the lock (said {line!r})"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def assert_matches_golden(text: str, record: Path, what: str) -> None:

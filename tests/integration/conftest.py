@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from click.testing import CliRunner, Result
 
+import support
 from bakery_slurm.cli import cli
 
 CLUSTER_SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
@@ -211,32 +212,8 @@ def bakery() -> Iterator[Bakery]:
                 CliRunner().invoke(cli, ["cancel", "--ledger", str(ledger)])
 
 
-_HOLDER = """\
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.lockf(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-sys.stdin.read()  # hold the lock until the test closes our stdin
-"""
-
-
-@contextlib.contextmanager
-def _held_lock(path: Path) -> Iterator[None]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        line = holder.stdout.readline()
-        assert line == "locked\n", f"lock holder for {path} did not take the lock (said {line!r})"
-        yield
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def held_lock() -> Callable[[Path], contextlib.AbstractContextManager[None]]:
     """`with held_lock(path):` an exclusive `fcntl.lockf` lock on `path`, held by another process
     (the lock bakery-slurm's own `fsutil.locked` takes), released when the block ends."""
-    return _held_lock
+    return support.held_lock

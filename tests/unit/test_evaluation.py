@@ -5,8 +5,6 @@ Bad [eval] tables are tested through the CLI in tests/cli/test_eval_config.py.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from bakery_slurm.stages import evaluate
 from bakery_slurm.stages.evaluate import _model, run_eval
 from bakery_slurm.status_snapshot import _eval_outcome
 from conftest import MINIMAL_MATRIX
+from support import held_lock, may_lock
 
 EVAL_WITH_BASELINE = '[eval]\ntasks = ["mc"]\nbaselines = [{ name = "base" }]\n'
 TWO_BY_TWO = MINIMAL_MATRIX.replace("[variants.std]\n", "[variants.std]\n[variants.open]\n").replace(
@@ -208,19 +207,6 @@ def verified_cell(work: Path, cell_id: str) -> None:
     paths.verified.write_text(json.dumps({"final_sha256": write_marker(paths.final, {})["content_sha256"]}))
 
 
-LOCK_IN_ANOTHER_PROCESS = (
-    "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-    "mode = fcntl.LOCK_EX if sys.argv[2] == 'exclusive' else fcntl.LOCK_SH; ")
-
-
-def another_process_may_lock(lock: Path, mode: str) -> bool:
-    """Can another process take `lock` now (mode "exclusive" or "shared"), as run-cell or an
-    eval would?"""
-    probe = subprocess.run([sys.executable, "-c", LOCK_IN_ANOTHER_PROCESS + (
-        "fcntl.lockf(fd, mode | fcntl.LOCK_NB)"), str(lock), mode], capture_output=True)
-    return probe.returncode == 0
-
-
 def test_a_cells_eval_keeps_a_run_cell_of_it_from_replacing_its_output(tmp_path, write_matrix,
                                                                       monkeypatch):
     """A hand-run `run-eval` reads `final` while lm-eval runs: a run-cell of the same cell (which
@@ -233,14 +219,13 @@ def test_a_cells_eval_keeps_a_run_cell_of_it_from_replacing_its_output(tmp_path,
     seen = {}
 
     def fake_evaluate(*args):
-        seen.update(run_cell=another_process_may_lock(cell_lock, "exclusive"),
-                    reader=another_process_may_lock(cell_lock, "shared"))
+        seen.update(run_cell=may_lock(cell_lock), reader=may_lock(cell_lock, shared=True))
         return {"results": {"a": {"acc,none": 1.0}}}
 
     monkeypatch.setattr(evaluate, "_simple_evaluate", fake_evaluate)
     assert run_eval(target, work, device="cpu")["status"] == "done"
     assert seen == {"run_cell": False, "reader": True}
-    assert another_process_may_lock(cell_lock, "exclusive")  # released when the eval ends
+    assert may_lock(cell_lock)  # released when the eval ends
 
 
 def test_a_cells_eval_refuses_while_a_run_cell_of_it_runs(tmp_path, write_matrix, monkeypatch):
@@ -249,17 +234,10 @@ def test_a_cells_eval_refuses_while_a_run_cell_of_it_runs(tmp_path, write_matrix
     verified_cell(work, target.id)
     monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: pytest.fail("evaluated"))
     cell_lock = CellPaths(work, target.id).lock
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_IN_ANOTHER_PROCESS + (
-        "fcntl.lockf(fd, mode); print('locked', flush=True); sys.stdin.read()"),
-        str(cell_lock), "exclusive"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with held_lock(cell_lock):
         with pytest.raises(BakeryError, match=r"a task is running this cell .*: evaluate it when "
                                               r"that run has ended"):
             run_eval(target, work, device="cpu")
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     assert not results_path(work, target.id).exists()
 
 

@@ -3,14 +3,13 @@
 import errno
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bakery_slurm import fsutil
 from bakery_slurm.errors import LockError
+from support import may_lock
 
 
 def test_a_staged_folder_appears_complete_with_the_usual_modes(tmp_path):
@@ -109,13 +108,6 @@ def test_a_filesystem_without_locks_is_named(tmp_path, code):
 
 def test_shared_locks_coexist_and_keep_an_exclusive_one_out(tmp_path):
     lock = tmp_path / "x.lock"
-    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-             "fcntl.lockf(fd, getattr(fcntl, sys.argv[2]) | fcntl.LOCK_NB)")
-
-    def another_process_may(mode: str) -> bool:
-        return subprocess.run([sys.executable, "-c", probe, str(lock), mode],
-                              capture_output=True).returncode == 0
-
     with fsutil.locked(lock, blocking=False, shared=True):
-        assert another_process_may("LOCK_SH") and not another_process_may("LOCK_EX")
-    assert another_process_may("LOCK_EX")
+        assert may_lock(lock, shared=True) and not may_lock(lock)
+    assert may_lock(lock)

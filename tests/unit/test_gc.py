@@ -18,6 +18,7 @@ from bakery_slurm.ledger import (Ledger, PlannedArray, all_arrays, confirm_array
                                  save_ledger)
 from bakery_slurm.slurm_commands import TaskState
 from bakery_slurm.status_snapshot import Snapshot
+from support import may_lock
 
 DONE, FAILED, LIVE = "1b-std/eng-nob__ties", "1b-std/eng-nob__linear", "4b-std/eng-nob__ties"
 
@@ -92,24 +93,6 @@ def test_a_pending_or_running_cell_keeps_the_whole_cache(tmp_path):
     assert all(str(r.path).startswith(str(work / "cells" / DONE)) for r in plan)
 
 
-LOCK_PROBE = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-try:
-    fcntl.lockf(fd, (fcntl.LOCK_SH if sys.argv[2] == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-except OSError:
-    print("busy")
-else:
-    print("free")
-"""
-
-
-def probe(lock: Path, mode: str = "exclusive") -> str:
-    """Whether another process could take `lock` now: "busy" or "free"."""
-    return subprocess.run([sys.executable, "-c", LOCK_PROBE, str(lock), mode], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
 def sweep_while_in_use(work: Path, cell_id: str):
     """`sweep(plan_gc(...))` while another process holds `in_use(work, cell_id)`: a task running
     or evaluating that cell, started by hand or from another ledger."""
@@ -163,16 +146,16 @@ def test_gc_holds_what_it_removes_and_never_the_run_lock(tmp_path, monkeypatch):
 
     def delete(path: Path) -> None:
         if path == work / "cells" / DONE / "final":
-            seen["cell gc lock"] = probe(work / "cells" / DONE / ".gc.lock", "shared")
-            seen["run lock"] = probe(work / "cells" / DONE / ".run.lock")
+            seen["cell gc lock"] = may_lock(work / "cells" / DONE / ".gc.lock", shared=True)
+            seen["run lock"] = may_lock(work / "cells" / DONE / ".run.lock")
         if path == work / "cache" / "bakes" / "k-done":
-            seen["work gc lock"] = probe(work / ".gc.lock", "shared")
+            seen["work gc lock"] = may_lock(work / ".gc.lock", shared=True)
         real_delete(path)
 
     real_delete = gc._delete
     monkeypatch.setattr(gc, "_delete", delete)
     removed_now, kept = sweep(plan_gc(work, live_cells=[]))
-    assert seen == {"cell gc lock": "busy", "run lock": "free", "work gc lock": "busy"}
+    assert seen == {"cell gc lock": False, "run lock": True, "work gc lock": False}
     assert kept == [] and not (work / "cells" / DONE / "final").exists()
 
 
@@ -228,7 +211,7 @@ def test_every_task_that_uses_a_cell_holds_it_against_gc(tmp_path, write_matrix,
     seen = []
 
     def record(*args, **kwargs):
-        seen.append((probe(cell_lock), probe(work_lock), probe(cell_lock, "shared")))
+        seen.append((may_lock(cell_lock), may_lock(work_lock), may_lock(cell_lock, shared=True)))
         return {}
 
     monkeypatch.setattr(pipeline, "_run", record)
@@ -239,5 +222,5 @@ def test_every_task_that_uses_a_cell_holds_it_against_gc(tmp_path, write_matrix,
         assert login_push._hold(held, pipeline.CellPaths(work, one.id))
         record()
     # Shared: gc cannot take them, and another task of the work folder still can.
-    assert seen == [("busy", "busy", "free")] * 3
-    assert (probe(cell_lock), probe(work_lock)) == ("free", "free")  # released at the end
+    assert seen == [(False, False, True)] * 3
+    assert may_lock(cell_lock) and may_lock(work_lock)  # released at the end
