@@ -44,11 +44,22 @@ def group_cells(cells: Sequence[Cell], max_array_size: int) -> list[list[Cell]]:
 
 
 def parse_max_array_size(text: str) -> int:
-    """MaxArraySize from `scontrol show config` output."""
+    """The most tasks one array may have, from `scontrol show config` output.
+
+    MaxArraySize bounds the task index (0 .. MaxArraySize - 1, and submitit numbers tasks from
+    0); SchedulerParameters' `max_array_tasks` bounds the number of tasks and may be lower
+    (slurm.conf(5): max_array_tasks=1000 with MaxArraySize=100001). MaxArraySize = 0 disables
+    arrays: then one cell per job, which submitit submits as a plain job.
+    """
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.MULTILINE)
     if match is None:
         raise SchedulerError("scontrol show config printed no MaxArraySize")
-    return int(match.group(1))
+    size = int(match.group(1))
+    params = re.search(r"^SchedulerParameters\s*=(.*)$", text, re.MULTILINE)
+    tasks = re.search(r"(?:^|,)\s*max_array_tasks=(\d+)", params.group(1)) if params else None
+    if tasks is not None:
+        size = min(size, int(tasks.group(1)))
+    return max(size, 1)
 
 
 def dependency(after: ArrayRecord, after_indices: Sequence[int], n_tasks: int) -> str:

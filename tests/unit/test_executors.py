@@ -97,6 +97,29 @@ def test_parse_max_array_size_ignores_lookalike_keys():
     assert parse_max_array_size(text) == 1001
 
 
+@pytest.mark.parametrize("params, expected", [
+    ("bf_max_job_test=1000,max_array_tasks=1000,bf_continue", 1000),  # Sherlock's, say
+    ("max_array_tasks=100000", 40001),  # above MaxArraySize: the index bound is the limit
+    ("(null)", 40001),
+])
+def test_parse_max_array_size_honours_max_array_tasks(params, expected):
+    """slurm.conf(5): "max_array_tasks=1000 and MaxArraySize=100001 would permit a maximum task
+    ID of 100000, but limit the number of tasks in any single job array to 1000". An array cut
+    at MaxArraySize alone was refused by sbatch ("Invalid job array specification")."""
+    text = SCONTROL_CONFIG + f"SchedulerParameters     = {params}\n"
+    assert parse_max_array_size(text) == expected
+
+
+def test_parse_max_array_size_zero_means_one_cell_per_job(cell):
+    """MaxArraySize = 0 disables job arrays (slurm.conf(5)). It used to be returned as 0, and
+    group_cells then died on range()'s zero step; submitit submits a one-task array as a plain
+    job, which such a cluster takes."""
+    size = parse_max_array_size(SCONTROL_CONFIG.replace("= 40001", "= 0"))
+    assert size == 1
+    cells = cells_with(cell, [Resources(partition="accel")] * 3)
+    assert [[c.id for c in g] for g in group_cells(cells, size)] == [["c0"], ["c1"], ["c2"]]
+
+
 @pytest.mark.parametrize("text", ["", "MaxJobCount = 10000\n", "MaxArraySize = (null)\n"])
 def test_parse_max_array_size_missing_raises(text):
     with pytest.raises(SchedulerError, match="no MaxArraySize"):
@@ -349,6 +372,11 @@ def test_max_array_size_from_scontrol():
     runner = Recorder({"scontrol": (0, SCONTROL_CONFIG, "")})
     assert SlurmBackend(runner).max_array_size() == 40001
     assert runner.calls == [["scontrol", "show", "config"]]
+
+
+def test_max_array_size_from_scontrol_with_max_array_tasks():
+    text = SCONTROL_CONFIG + "SchedulerParameters     = max_array_tasks=100,bf_continue\n"
+    assert SlurmBackend(Recorder({"scontrol": (0, text, "")})).max_array_size() == 100
 
 
 def test_max_array_size_without_scontrol_is_a_scheduler_error():
