@@ -63,15 +63,37 @@ def umask() -> int:
     return mask
 
 
+def replacing_umask(path: Path) -> int:
+    """The umask for writing a file or folder that replaces `path`: the process's, loosened to
+    what `path` (if it exists) grants already.
+
+    A file replaced by rename is a new file: under a teammate's umask 077 a group's ledger, result
+    record or root card would become theirs alone, and the rest of the group, its owner included,
+    could no longer read it. Replacing never narrows the access the file had; a new file gets the
+    mode of the umask alone.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return umask()
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        # A file's mode says nothing of x: reading a file is reading and searching a folder.
+        mode |= (mode & 0o444) >> 2
+    return umask() & ~mode & 0o777
+
+
 def atomic_write_bytes(path: Path, data: bytes, executable: bool = False) -> None:
     """Write `data` to `path` via temp file + fsync + rename, with the mode a plain `open` would
-    give (mkstemp's is 0600, which hides the file from the rest of a group-shared folder)."""
+    give (mkstemp's is 0600, which hides the file from the rest of a group-shared folder), and
+    at least the access the file it replaces had (`replacing_umask`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mask = replacing_umask(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600: give the file the mode open() would, so a group can read it.
-        os.fchmod(fd, (0o777 if executable else 0o666) & ~umask())
+        os.fchmod(fd, (0o777 if executable else 0o666) & ~mask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -202,7 +224,7 @@ def _who_may_write(path: Path) -> str:
             "the setgid bit), and the owner can `chmod g+w` the existing files")
 
 
-def usual_modes(folder: Path) -> None:
+def usual_modes(folder: Path, mask: int | None = None) -> None:
     """Give `folder` and everything in it the modes a plain mkdir/open would under the umask.
 
     mkdtemp makes folders 0700 and safetensors writes files 0600: left so, a teammate sharing the
@@ -211,10 +233,11 @@ def usual_modes(folder: Path) -> None:
     place) would change mode there too: both are left as they are. A file that has its mode
     already is not chmod-ed either, which would change its ctime (a hash taken while it was
     written is trusted only while its ctime is unchanged: `manifest.scan`).
+    `mask` is the umask to apply (default: the process's).
     """
-    mask = umask()
+    mask = umask() if mask is None else mask
     uid = os.geteuid()
-    usual_dir_mode(folder)
+    os.chmod(folder, _usual_mode(os.stat(folder), mask))
     for path in folder.rglob("*"):
         st = path.lstat()
         if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
@@ -252,7 +275,9 @@ def staging_dir(final: Path) -> Iterator[Path]:
     try:
         usual_dir_mode(tmp)  # mkdtemp's 0700: a teammate could not remove it after a kill
         yield tmp
-        usual_modes(tmp)
+        # A folder that replaces another keeps at least the access the old one gave: a
+        # teammate's umask 077 must not hide a published cell from the rest of the group.
+        usual_modes(tmp, replacing_umask(final))
         for path in [*tmp.rglob("*"), tmp]:  # a file already synced costs nothing here
             if not path.is_symlink() and (path.is_file() or path.is_dir()):
                 fsync_path(path)

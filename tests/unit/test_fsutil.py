@@ -111,3 +111,27 @@ def test_shared_locks_coexist_and_keep_an_exclusive_one_out(tmp_path):
     with fsutil.locked(lock, blocking=False, shared=True):
         assert may_lock(lock, shared=True) and not may_lock(lock)
     assert may_lock(lock)
+
+
+def test_a_replaced_file_or_folder_keeps_the_access_the_group_had(tmp_path):
+    """A teammate with umask 077 rewrites the group's ledger, a result record, a root card or a
+    published cell: a rename puts a new file in place, which must not become theirs alone."""
+    old = os.umask(0o002)
+    try:
+        ledger, cell = tmp_path / "bakery-ledger.json", tmp_path / "published" / "1b-std" / "c"
+        fsutil.atomic_write_json(ledger, {"a": 1})
+        with fsutil.staging_dir(cell) as tmp:
+            (tmp / "config.json").write_text("{}")
+        os.umask(0o077)
+        fsutil.atomic_write_json(ledger, {"a": 2})
+        with fsutil.staging_dir(cell) as tmp:
+            (tmp / "config.json").write_text("{}")
+        fsutil.atomic_write_json(tmp_path / "new.json", {})  # a new file: the umask alone
+        os.umask(0o022)
+        fsutil.atomic_write_json(ledger, {"a": 3})  # what the umask allows more is kept too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(ledger.stat().st_mode) == 0o664
+    assert stat.S_IMODE(cell.stat().st_mode) == 0o775
+    assert stat.S_IMODE((cell / "config.json").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o600
