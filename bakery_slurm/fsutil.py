@@ -224,6 +224,26 @@ def _who_may_write(path: Path) -> str:
             "the setgid bit), and the owner can `chmod g+w` the existing files")
 
 
+def who_may_access(path: Path) -> str:
+    """Why this user may not read or write `path` (or the folder holding it), and what fixes it:
+    for the message of a command stopped by a teammate's file or folder."""
+    path = Path(path)
+    for place in (path, *path.parents):
+        try:
+            st = place.stat()
+        except PermissionError:
+            continue  # a folder above it may not be searched: name that one
+        except OSError:
+            break
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "file"
+        named = "it is" if place == path else f"the {kind} {place} is"
+        return (f"{named} mode {st.st_mode & 0o7777:o}, owned by uid {st.st_uid} gid "
+                f"{st.st_gid}. For a folder shared by a group, everyone working in it needs umask "
+                "002 (and the folder the setgid bit); the owner can `chmod -R g+rwX` what was "
+                "made without it")
+    return "neither it nor a folder above it can be looked at"
+
+
 def usual_modes(folder: Path, mask: int | None = None) -> None:
     """Give `folder` and everything in it the modes a plain mkdir/open would under the umask.
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from .. import __version__
+from .. import __version__, fsutil
 from ..errors import BakeryError, ConfigError, LedgerError, LockError, SchedulerError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -32,9 +33,16 @@ class BakeryGroup(click.Group):
             _die(e, EXIT_SCHEDULER)
         except BakeryError as e:
             _die(e, EXIT_FAILED)
+        except PermissionError as e:
+            # A teammate's file or folder this user may not read or write (umask 077 or 027 on a
+            # shared project folder): a message naming it, not a traceback, wherever it is met.
+            if e.filename is None:
+                raise
+            _die(f"permission denied on {e.filename} ({e.strerror}): "
+                 f"{fsutil.who_may_access(Path(os.fsdecode(e.filename)))}", EXIT_CONFIG)
 
 
-def _die(error: Exception, code: int) -> None:
+def _die(error: Exception | str, code: int) -> None:
     click.echo(f"Error: {error}", err=True)
     sys.exit(code)
 

@@ -185,3 +185,15 @@ def test_a_teammates_rerun_removes_the_staging_folder_of_a_killed_task(teammate,
     run = as_teammate(teammate, "run-cell", str(matrix_path), paths.cell_id, "--device", "cpu")
     assert run.returncode == 0, run.stderr[-1500:]
     assert list(paths.root.glob(".*.partial")) == []
+
+
+def test_a_log_the_teammate_may_not_read_is_a_clear_message(teammate, bakery, umask_of):
+    umask_of(0o002)
+    ledger = submitted_failed_cell(teammate.shared / "private-log", bakery)
+    [log] = (teammate.shared / "private-log").rglob("0.err")
+    os.chmod(log, 0o600)  # written under the owner's umask 077
+    shown = as_teammate(teammate, "logs", CELL, "--stderr", "--ledger", str(ledger))
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stderr.startswith(f"Error: permission denied on {log} (Permission denied): it "
+                                   "is mode 600"), shown.stderr
+    assert "umask 002" in shown.stderr
