@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -110,7 +111,7 @@ class DirTarget:
 
     def published_records(self) -> dict[str, dict[str, Any]]:
         records = {}
-        for path in sorted(self.root.rglob(RECORD_FILE)) if self.root.is_dir() else []:
+        for path in _record_files(self.root):
             cell_id = path.parent.relative_to(self.root).as_posix()
             if any(part.startswith(".") for part in cell_id.split("/")):
                 continue  # a staging folder
@@ -125,7 +126,9 @@ class DirTarget:
     def root_card(self) -> str | None:
         try:
             return (self.root / ROOT_CARD).read_text()
-        except OSError:
+        except FileNotFoundError:
+            # Only a missing card is no card: one this user may not read (a teammate's umask)
+            # would be rewritten without its notes.
             return None
 
     def publish(self, items: list[Publication], message: str, render_root: RenderRoot) -> str:
@@ -371,10 +374,27 @@ def _parse_record(data: bytes) -> dict[str, Any] | None:
 
 
 def _read_record(record: Path) -> dict[str, Any] | None:
+    """The record at `record`, None where there is none. One that cannot be read raises: taken
+    for unpublished, its cell would vanish from the root card rewritten next."""
     try:
         return _parse_record(record.read_bytes())
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _record_files(root: Path) -> list[Path]:
+    """Every record file under a `dir:` target, sorted. A folder this user may not read raises
+    PermissionError (`Path.rglob` skips it silently, and the root card rewritten next would lose
+    the cells in it: a cell a teammate published under umask 077)."""
+    if not root.is_dir():
+        return []
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    return sorted(Path(folder) / RECORD_FILE
+                  for folder, _, files in os.walk(root, onerror=unreadable)
+                  if RECORD_FILE in files)
 
 
 def make_target(push: PushTarget, api: Any = None) -> Target:

@@ -197,3 +197,28 @@ def test_a_log_the_teammate_may_not_read_is_a_clear_message(teammate, bakery, um
     assert shown.stderr.startswith(f"Error: permission denied on {log} (Permission denied): it "
                                    "is mode 600"), shown.stderr
     assert "umask 002" in shown.stderr
+
+
+def test_a_published_cell_the_teammate_may_not_read_is_never_dropped_from_the_root_card(
+        teammate, umask_of, tiny_models, write_tiny_matrix):
+    """A cell published to a `dir:` target by someone with umask 077: the teammate's card
+    refresh used to read the target without it (rglob skips a folder it may not read) and
+    rewrite the root card without that cell."""
+    umask_of(0o002)
+    models = teammate.shared / "models" / "card"
+    shutil.copytree(tiny_models, models)
+    subprocess.run(["chmod", "-R", "g+rwX,o+rX", str(models)], check=True)
+    matrix_path = write_tiny_matrix(teammate.shared / "proj-card", models=models,
+                                    methods=("linear", "task_arithmetic"))
+    matrix = load_matrix(matrix_path)
+    for cell in expand(matrix):
+        if cell.size == "tiny1b":
+            assert run_cell(cell, matrix.work_dir, device="cpu")["status"] == "done"
+    published = matrix_path.parent / "published"
+    hidden = published / "tiny1b-std" / "eng-nob__linear"
+    os.chmod(hidden, 0o700)
+    card = (published / "README.md").read_bytes()
+    refresh = as_teammate(teammate, "push", str(matrix_path), "--cards")
+    assert refresh.returncode == 2 and "Traceback" not in refresh.stderr, refresh.stderr
+    assert refresh.stderr.startswith(f"Error: permission denied on {hidden} "), refresh.stderr
+    assert (published / "README.md").read_bytes() == card
