@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from . import methods
-from .errors import ConfigError
+from .errors import BakeryError, ConfigError
 from .matrix import Cell
 from .templating import render
 
@@ -47,9 +47,19 @@ def render_recipe(cell: Cell, base_path: str, baked_paths: Mapping[str, str]) ->
 
 
 def validate_recipe(cell_id: str, text: str) -> Any:
-    """Parse and validate with mergekit; return the MergeConfiguration or raise ConfigError."""
-    from mergekit.config import MergeConfiguration
+    """Parse and validate with mergekit; return the MergeConfiguration or raise ConfigError.
+
+    Raises BakeryError, saying what to install, where mergekit cannot be imported: a login node
+    whose venv lacks torch or transformers, which mergekit imports (through peft).
+    """
     from pydantic import ValidationError
+
+    try:
+        from mergekit.config import MergeConfiguration
+    except ImportError as e:
+        raise BakeryError(f"{cell_id}: recipes are validated with mergekit, which cannot be "
+                          f"imported here ({e}): install bakery-slurm with its pinned dependencies "
+                          "(torch, transformers, mergekit) on this node, `make install`") from None
 
     try:
         return MergeConfiguration.model_validate(yaml.load(text, Loader=SAFE_LOADER))

@@ -459,6 +459,19 @@ def test_submit_dry_run_plans_only_the_cells_not_done(project):
     assert not (project / LEDGER).exists()
 
 
+def test_submit_without_mergekit_importable_says_what_to_install(project, monkeypatch):
+    """A login node whose venv lacks torch: mergekit (which submit validates recipes with)
+    cannot be imported. A message, not a traceback; nothing written."""
+    matrix_path = write_project(project)
+    monkeypatch.setitem(sys.modules, "mergekit.config", None)  # import raises ImportError
+    result = invoke("submit", matrix_path, "--executor", "local", "--dry-run")
+    assert result.exit_code == 1 and not isinstance(result.exception, ImportError), result.output
+    assert result.stderr.startswith("Error: tiny-std/eng-nob__ties: recipes are validated with "
+                                    "mergekit, which cannot be imported here ("), result.stderr
+    assert "`make install`" in result.stderr
+    assert not (project / LEDGER).exists()
+
+
 def test_submit_force_plans_completed_cells_too(project):
     matrix_path = write_project(project)
     fake_done(matrix_path, expand(load_matrix(matrix_path)))
