@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from ..errors import BakeryError
 from ..manifest import sha256_file
@@ -31,10 +32,24 @@ MODEL_FILES = {"config.json", "model.safetensors.index.json", "README.md", ".git
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def choose_device(requested: str) -> tuple[str, str | None]:
-    """Return (device, reason it is not what was asked for, or None)."""
+# What SLURM sets in a job it gave GPUs: SLURM_JOB_GPUS in every batch job with GPUs, whatever
+# gres.conf says about CUDA_VISIBLE_DEVICES.
+SLURM_GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+
+
+def slurm_gave_no_gpu(environ: Mapping[str, str]) -> bool:
+    """Is this a SLURM task that was given no GPU? Without a container, or on a node whose GPUs
+    are not fenced off per job, CUDA would still show it a GPU another job is using."""
+    return "SLURM_JOB_ID" in environ and not any(environ.get(n) for n in SLURM_GPU_VARIABLES)
+
+
+def choose_device(requested: str, environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
+    """Return (device, reason it is not what was asked for, or None). `auto` takes CUDA only
+    where a probe allocation works, and never in a SLURM task that asked for no GPU."""
     if requested == "cpu":
         return "cpu", None
+    if requested == "auto" and slurm_gave_no_gpu(environ):
+        return "cpu", "SLURM gave this task no GPU"
     import torch
 
     if not torch.cuda.is_available():

@@ -70,6 +70,17 @@ def test_without_cuda_auto_merges_on_cpu_and_says_why():
         "('cpu', None", "'cpu', 'CUDA is not available'", "'cpu', 'CUDA requested but not available')\n"]
 
 
+def test_a_slurm_task_given_no_gpu_merges_on_cpu_with_auto():
+    """Without a container (or on a node that does not fence GPUs per job) CUDA would show a task
+    that asked for no GPU the GPUs of other jobs; SLURM_JOB_GPUS is set in any job given GPUs."""
+    assert merge_stage.choose_device("auto", {"SLURM_JOB_ID": "7"}) == (
+        "cpu", "SLURM gave this task no GPU")
+    assert merge_stage.slurm_gave_no_gpu({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": ""})
+    assert not merge_stage.slurm_gave_no_gpu({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2"})
+    assert not merge_stage.slurm_gave_no_gpu({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0"})
+    assert not merge_stage.slurm_gave_no_gpu({})  # run by hand or by the local executor
+
+
 def test_only_a_gpu_failure_sends_a_merge_to_the_cpu(tmp_path):
     """An error the CPU would meet as well (a host allocation, a shape) is raised, not retried on
     the CPU with a record blaming CUDA; a CPU retry that fails too names the CUDA failure."""

@@ -512,6 +512,8 @@ def test_tasks_run_inside_the_image_and_need_nothing_of_the_submitting_python(ha
         result = json.loads((happy.root / "work" / "cells" / cell / "result.json").read_text())
         assert result["runtime"]["container"] == str(standin_image)
         assert not result["runtime"]["python"].startswith(sys.prefix)
+        # The tasks asked for no GPU: device auto keeps to the CPU, and says why.
+        assert result["stages"]["merge"]["fallback_reason"] == "SLURM gave this task no GPU"
 
 
 def test_the_standin_hides_the_submitting_venv_and_host_paths(tmp_path, standin_image):
