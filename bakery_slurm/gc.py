@@ -32,7 +32,7 @@ import contextlib
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,29 +94,45 @@ def plan_gc(work: Path, live_cells: Iterable[str]) -> list[Removal]:
     return _with_sizes(planned)
 
 
-def sweep(removals: list[Removal], dry_run: bool = False) -> tuple[list[Removal], list[Removal]]:
+@dataclass
+class Swept:
+    """What `sweep` did with each planned removal."""
+
+    removed: list[Removal] = field(default_factory=list)
+    in_use: list[Removal] = field(default_factory=list)  # kept: a task is using them now
+    failed: list[tuple[Removal, OSError]] = field(default_factory=list)  # partly removed, maybe
+
+
+def sweep(removals: list[Removal], dry_run: bool = False) -> Swept:
     """Delete the planned paths whose guard no task holds, holding it exclusively meanwhile (with
-    dry_run, only try it); return (removed, kept because a task is using them now). A path
-    already gone is fine."""
-    removed, kept = [], []
+    dry_run, only try it). A path already gone is fine; one that cannot be removed (a teammate's
+    folder this user may not write) is reported, not counted as freed."""
+    swept = Swept()
     for guard in dict.fromkeys(r.guard for r in removals):
         group = [r for r in removals if r.guard == guard]
         try:
             with fsutil.locked(guard, blocking=False):
-                for removal in [] if dry_run else group:
-                    _delete(removal.path)
+                for removal in group:
+                    try:
+                        if not dry_run:
+                            _delete(removal.path)
+                    except OSError as e:
+                        swept.failed.append((removal, e))
+                    else:
+                        swept.removed.append(removal)
         except fsutil.LockBusy:
-            kept += group
-        else:
-            removed += group
-    return removed, kept
+            swept.in_use += group
+    return swept
 
 
 def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass  # gone already (a rerun's own cleanup, or another gc)
 
 
 def bytes_per_kind(removals: Iterable[Removal]) -> dict[str, tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ from ..output import echo_rows, output_options
 from ..resubmit_policy import is_live
 from ..status_snapshot import snapshot
 from .common import ledger_option
-from . import cli
+from . import EXIT_FAILED, cli
 
 COLUMNS = ["work", "kind", "paths", "bytes", "size"]
 
@@ -29,7 +30,8 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     cell of that work folder is pending or running (or its eval), only the outputs of published
     cells go: no bakes, base copies or leftovers (states are refreshed first; the scheduler must
     answer). What a task is using now (run-cell, run-eval or push, also one started by hand or
-    from another ledger) is kept. Prints the bytes freed per kind.
+    from another ledger) is kept. Prints the bytes freed per kind; a path it could not remove (a
+    teammate's folder this user may not write) is named and not counted, and gc exits 1.
 
     \b
     Example:
@@ -52,20 +54,26 @@ def gc(ledger_path: Path, dry_run: bool, fmt: str) -> None:
     for status in snap.statuses + cell_evals:
         if is_live(status.state):
             works[snap.arrays[status.array_name].work].add(status.cell)
-    rows, freed = [], 0
+    rows, freed, failed = [], 0, 0
     for work, live in sorted(works.items()):
         if live:
             click.echo(f"{work}: {len(live)} cell(s) pending or running: only outputs of "
                        "published cells are removed", err=True)
-        removals, kept = sweep(plan_gc(work, live), dry_run)
-        if kept:
-            click.echo(f"{work}: {len(kept)} path(s) kept: a task is using them now", err=True)
-        for kind, (n, size) in bytes_per_kind(removals).items():
+        swept = sweep(plan_gc(work, live), dry_run)
+        if swept.in_use:
+            click.echo(f"{work}: {len(swept.in_use)} path(s) kept: a task is using them now",
+                       err=True)
+        for removal, error in swept.failed:
+            click.echo(f"Error: could not remove {removal.path}: {error}", err=True)
+        failed += len(swept.failed)
+        for kind, (n, size) in bytes_per_kind(swept.removed).items():
             rows.append({"work": str(work), "kind": kind, "paths": n, "bytes": size,
                          "size": _human(size)})
             freed += size
     echo_rows(rows, COLUMNS, fmt)
     click.echo(f"{'would free' if dry_run else 'freed'} {_human(freed)}", err=True)
+    if failed:
+        sys.exit(EXIT_FAILED)
 
 
 def _human(size: int) -> str:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from bakery_slurm.cell_status import reduce_cells
 from bakery_slurm.cli import cli
 from bakery_slurm.cli import gc as gc_command
-from bakery_slurm.gc import bytes_per_kind, plan_gc, sweep
+from bakery_slurm.gc import Swept, bytes_per_kind, plan_gc, sweep
 from bakery_slurm.ledger import (Ledger, PlannedArray, all_arrays, confirm_array, record_intent,
                                  save_ledger)
 from bakery_slurm.slurm_commands import TaskState
@@ -64,7 +64,7 @@ def test_published_outputs_unused_bakes_and_leftovers_go(tmp_path):
         "cache/bakes/.k-failed.done.json.x2.tmp", f"cells/{FAILED}/.result.json.x3.tmp"}
     # The failed cell keeps its outputs and its bake; base copies stay until all are published.
     assert bytes_per_kind(plan)["cell outputs"] == (7, 300 + 4 * 2)
-    assert sweep(plan) == (plan, [])
+    assert sweep(plan) == Swept(removed=plan)
     assert (work / "cells" / DONE / "result.json").is_file()
     assert (work / "cache" / "bakes" / "k-failed").is_dir() and (work / "cache" / "bases" / "b1").is_dir()
 
@@ -114,7 +114,8 @@ def test_what_a_task_is_using_now_is_kept(tmp_path):
     cache and the leftovers stay; another published cell's outputs go."""
     work = work_folder(tmp_path)
     root = cell(work, LIVE, "done", [])  # done before, being rerun (--force) right now
-    removed_now, kept = sweep_while_in_use(work, LIVE)
+    swept = sweep_while_in_use(work, LIVE)
+    removed_now, kept = swept.removed, swept.in_use
     assert {r.kind for r in removed_now} == {"cell outputs"}
     assert all(str(r.path).startswith(str(work / "cells" / DONE)) for r in removed_now)
     assert not (work / "cells" / DONE / "final").exists()
@@ -130,7 +131,7 @@ def test_a_published_cell_being_evaluated_now_keeps_its_final_folder(tmp_path):
     """`run-eval` by hand (or from another ledger on the same work folder) reads the cell's
     `final` folder, holding the same locks as a run."""
     work = work_folder(tmp_path)
-    _, kept = sweep_while_in_use(work, DONE)
+    kept = sweep_while_in_use(work, DONE).in_use
     assert f"cells/{DONE}/final" in {str(r.path.relative_to(work)) for r in kept}
     assert (work / "cells" / DONE / "final").is_dir()
 
@@ -154,16 +155,16 @@ def test_gc_holds_what_it_removes_and_never_the_run_lock(tmp_path, monkeypatch):
 
     real_delete = gc._delete
     monkeypatch.setattr(gc, "_delete", delete)
-    removed_now, kept = sweep(plan_gc(work, live_cells=[]))
+    swept = sweep(plan_gc(work, live_cells=[]))
     assert seen == {"cell gc lock": False, "run lock": True, "work gc lock": False}
-    assert kept == [] and not (work / "cells" / DONE / "final").exists()
+    assert swept.in_use == [] and not (work / "cells" / DONE / "final").exists()
 
 
 def test_a_dry_run_removes_nothing_and_reports_what_is_in_use(tmp_path):
     work = work_folder(tmp_path)
     before = sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name)
     plan = plan_gc(work, live_cells=[])
-    assert sweep(plan, dry_run=True) == (plan, [])
+    assert sweep(plan, dry_run=True) == Swept(removed=plan)
     assert sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name) == before
 
 
@@ -224,3 +225,42 @@ def test_every_task_that_uses_a_cell_holds_it_against_gc(tmp_path, write_matrix,
     # Shared: gc cannot take them, and another task of the work folder still can.
     assert seen == [(False, False, True)] * 3
     assert may_lock(cell_lock) and may_lock(work_lock)  # released at the end
+
+
+def test_what_gc_cannot_remove_is_named_not_counted_and_exits_1(tmp_path, monkeypatch):
+    """A teammate's folder this user may not write (made under another umask): gc said it freed
+    the bytes, though every file stayed."""
+    from bakery_slurm import gc
+
+    work = work_folder(tmp_path)
+    stuck = work / "cells" / DONE / "final"
+
+    def delete(path: Path) -> None:
+        if path == stuck:
+            raise PermissionError(13, "Permission denied", str(stuck / "model.safetensors"))
+        real_delete(path)
+
+    real_delete = gc._delete
+    monkeypatch.setattr(gc, "_delete", delete)
+    plan = plan_gc(work, live_cells=[])
+    swept = sweep(plan)
+    assert [(r.path, e.strerror) for r, e in swept.failed] == [(stuck, "Permission denied")]
+    assert stuck not in {r.path for r in swept.removed} and len(swept.removed) == len(plan) - 1
+
+    ledger = Ledger()
+    planned = PlannedArray(executor="slurm", resources={}, cells=[DONE],
+                           folder=str(work / "arrays" / "m"))
+    sub = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"), matrix_sha256="0" * 64,
+                        arrays=[planned], recipe_hashes={DONE: "r"})
+    confirm_array(ledger, sub.arrays[0].name, "51")
+    path = tmp_path / "bakery-ledger.json"
+    save_ledger(path, ledger)
+    snap = Snapshot(statuses=reduce_cells(ledger, {"51_0": TaskState("COMPLETED")}), evals=[],
+                    arrays={a.name: a for a in all_arrays(ledger)}, notes=[])
+    monkeypatch.setattr(gc_command, "snapshot", lambda *a, **k: snap)
+    (work / "cells" / DONE / "final").mkdir(exist_ok=True)  # planned again
+    result = CliRunner().invoke(cli, ["gc", "--ledger", str(path), "--json"])
+    assert result.exit_code == 1
+    assert f"Error: could not remove {stuck}: [Errno 13] Permission denied" in result.stderr
+    outputs = next(r for r in json.loads(result.stdout) if r["kind"] == "cell outputs")
+    assert outputs["bytes"] == 0 and outputs["paths"] == 0  # the rest went in the first sweep
