@@ -89,6 +89,15 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def slurm_task() -> str | None:
+    """The SLURM task this process runs in, as the ledger knows it: `<array job id>_<index>`, or
+    the job id of a plain job (submitit submits a one-task array so); None outside SLURM."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def read_result(paths: CellPaths) -> dict[str, Any] | None:
     """The cell's result record, or None when it has not run (a corrupt one reads as None too)."""
     try:
@@ -119,6 +128,10 @@ class _Run:
             "runtime": {"python": sys.executable,
                         "container": os.environ.get("APPTAINER_CONTAINER")},
             "error": None,
+            # Which task wrote the record: `status` tells this attempt's record from an earlier
+            # one by it, not by comparing this node's clock with the login node's. (A requeued
+            # task runs again under the same id: still the same attempt.)
+            "task": slurm_task(),
         }
         self.save()
 

@@ -237,15 +237,21 @@ def _attempt_result(status: CellStatus,
     """The cell's paths, and its result record if this very attempt wrote it (one written before
     the attempt started may be a --force rerun's)."""
     # Array folders live at <work>/arrays/<name> (submission.py).
-    paths = CellPaths(arrays[status.array_name].work, status.cell)
+    array = arrays[status.array_name]
+    paths = CellPaths(array.work, status.cell)
     result = read_result(paths)
     if not result or result.get("recipe_hash") != status.recipe_hash:
         return paths, None
+    task = result.get("task")
+    if array.executor == "slurm" and task is not None:
+        # The record names the task that wrote it: exact, where the times below compare the
+        # compute node's clock with the login node's (and allow them a minute apart).
+        return paths, result if task in (status.task_id, array.job_id) else None
     try:
         started = datetime.fromisoformat(result["started"])
     except (KeyError, TypeError, ValueError):
         return paths, None
-    if started < arrays[status.array_name].submitted - CLOCK_SKEW:
+    if started < array.submitted - CLOCK_SKEW:
         return paths, None
     return paths, result
 

@@ -1,6 +1,6 @@
 """Faults a real cluster brings (`-m slurm`): cancels before a task starts (`bakery-slurm
 cancel`'s and plain scancel's), sbatch failing after the controller accepted the job, no
-accounting, and held, suspended and special-exit tasks.
+accounting, held, suspended and special-exit tasks, and a running task requeued.
 
 As in test_slurm.py, the tool is driven through its CLI only; the push lock of the `dir:` target,
 held from another process, keeps the first task of an array RUNNING (at push) while the others
@@ -192,3 +192,34 @@ def test_without_accounting_squeue_recovers_and_held_tasks_stay_live(tmp_path, t
         assert f"cancelled {QUEUE[0]} ({task}, was SPECIAL_EXIT)" in cancelled.splitlines()
     rows = bakery.wait_settled(ledger)
     assert {c: r["state"] for c, r in rows.items()} == dict.fromkeys(QUEUE, "CANCELLED")
+
+
+def test_a_task_requeued_while_running_is_the_same_attempt_and_resumes(tmp_path, tiny_models,
+                                                                       bakery, held_lock):
+    """`scontrol requeue` (as SLURM requeues a preempted task, or one on a failed node) kills a
+    running task and runs it again under the same id: one attempt, whose second run resumes
+    from the markers the first left and whose log keeps both runs. The result record names the
+    task, so status reads it as this attempt's whatever the nodes' clocks say."""
+    cell = QUEUE[0]
+    matrix = one_at_a_time(tmp_path, tiny_models)
+    ledger = tmp_path / "bakery-ledger.json"
+    result = tmp_path / "work" / "cells" / cell / "result.json"
+    with held_lock(tmp_path / "published" / ".bakery-push.lock"):
+        bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+        rows = bakery.wait(ledger, lambda rows: (rows[cell]["detail"] or "").startswith("push since"),
+                           f"{cell} to wait at push")
+        task = rows[cell]["task"]
+        assert json.loads(result.read_text())["task"] == task
+        scontrol("requeue", task)
+        bakery.wait(ledger, lambda rows: rows[cell]["state"] == "PENDING", f"{cell} requeued")
+        # SLURM holds a requeued job back (BeginTime, about two minutes): start it now.
+        scontrol("update", f"JobId={task}", "StartTime=now")
+    rows = bakery.wait_settled(ledger)
+    assert {c: (r["state"], r["attempt"]) for c, r in rows.items()} == dict.fromkeys(
+        QUEUE, ("COMPLETED", 1))
+    record = json.loads(result.read_text())
+    assert record["task"] == task and record["status"] == "done"
+    assert {s: record["stages"][s]["status"] for s in ("merge", "verify", "push")} == {
+        "merge": "skipped", "verify": "skipped", "push": "done"}
+    log = bakery.ok("logs", cell, "--stderr", ledger=ledger).stdout
+    assert "DUE TO JOB REQUEUE" in log and log.count(f"{cell}: push started") == 2

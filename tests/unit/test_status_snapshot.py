@@ -109,11 +109,13 @@ def test_a_queue_that_cannot_be_asked_about_tasks_sacct_lacks_is_an_error_not_a_
         snapshot(path, ledger, slurm=SlurmBackend(runner))
 
 
-def write_result(tmp_path: Path, status: str, started: datetime, recipe_hash: str = "r") -> None:
+def write_result(tmp_path: Path, status: str, started: datetime, recipe_hash: str = "r",
+                 task: str | None = None) -> None:
     paths = CellPaths(tmp_path / "work", CELL)
     paths.root.mkdir(parents=True)
     paths.result.write_text(json.dumps({"status": status, "recipe_hash": recipe_hash,
-                                        "started": started.isoformat(timespec="seconds")}))
+                                        "started": started.isoformat(timespec="seconds"),
+                                        "task": task}))
 
 
 def test_without_accounting_a_gone_task_takes_its_state_from_this_attempts_result(tmp_path):
@@ -131,6 +133,27 @@ def test_without_accounting_an_older_result_says_nothing_about_this_attempt(tmp_
     path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
     write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(hours=2))
     assert state_of(tmp_path, path, ledger, runner) == "LOST"
+
+
+def test_a_result_naming_its_task_is_read_by_that_task_whatever_the_clocks_say(tmp_path):
+    """A compute node's clock minutes behind the login node's dates this attempt's record
+    before its array was submitted: it used to be ignored, and a task that recorded its failure
+    read LOST. The record names the task that wrote it (CELL is task 0 of array 41)."""
+    runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    write_result(tmp_path, "failed", datetime.now(timezone.utc) - timedelta(minutes=15), task="41_0")
+    assert state_of(tmp_path, path, ledger, runner) == "FAILED"
+
+
+def test_a_result_written_by_another_task_says_nothing_about_this_attempt(tmp_path):
+    """The previous attempt (task 40_0) completed seconds before this one was submitted, within
+    the clock-skew allowance: this attempt's task, cancelled before it started, used to read as
+    that record's COMPLETED, and resubmit refused it."""
+    runner = Recorder({"sacct": (0, "", ""), "squeue": (0, "", "")})
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    write_result(tmp_path, "done", ledger.submissions[0].arrays[0].submitted - timedelta(seconds=30),
+                 task="40_0")
+    assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
 
 
 def test_without_accounting_a_task_killed_without_a_word_is_lost_and_resubmittable(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bakery_slurm.pipeline import STAGES, STEPS, Flow
+from bakery_slurm.pipeline import STAGES, STEPS, Flow, slurm_task
 
 
 def test_steps_need_only_what_earlier_steps_give():
@@ -22,3 +22,14 @@ def test_steps_need_only_what_earlier_steps_give():
 
 def test_stage_names_are_the_steps_in_order():
     assert STAGES == ("bake", "merge", "strip", "verify", "push")
+
+
+def test_the_result_record_names_the_task_as_the_ledger_does(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_task() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "9")  # a plain job: submitit's one-task array
+    assert slurm_task() == "9"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_task() == "7_3"
