@@ -83,11 +83,33 @@ def replacing_umask(path: Path) -> int:
     return umask() & ~mode & 0o777
 
 
+# What a write fails with when the destination is full or read-only. Such an OSError names no
+# file (a write(2) has none to name): `naming_output` adds the output being written.
+_DESTINATION_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def naming_output(output: Path) -> Iterator[None]:
+    """Note "writing `output`" on a full or read-only disk's error from the block (a stage's
+    error puts the notes in front of the message: `pipeline.describe_error`)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _DESTINATION_ERRORS and e.filename is None:
+            e.add_note(f"writing {output}")
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes, executable: bool = False) -> None:
     """Write `data` to `path` via temp file + fsync + rename, with the mode a plain `open` would
     give (mkstemp's is 0600, which hides the file from the rest of a group-shared folder), and
     at least the access the file it replaces had (`replacing_umask`)."""
     path = Path(path)
+    with naming_output(path):
+        _atomic_write_bytes(path, data, executable)
+
+
+def _atomic_write_bytes(path: Path, data: bytes, executable: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     mask = replacing_umask(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -293,34 +315,35 @@ def staging_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
-        usual_dir_mode(tmp)  # mkdtemp's 0700: a teammate could not remove it after a kill
-        yield tmp
-        # A folder that replaces another keeps at least the access the old one gave: a
-        # teammate's umask 077 must not hide a published cell from the rest of the group.
-        usual_modes(tmp, replacing_umask(final))
-        for path in [*tmp.rglob("*"), tmp]:  # a file already synced costs nothing here
-            if not path.is_symlink() and (path.is_file() or path.is_dir()):
-                fsync_path(path)
-        old = None
-        if final.exists():
-            # Moved aside, not removed in place: `final` is never a half-deleted folder (a
-            # reader's open file on NFS makes a removal fail half-way), only briefly absent.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial",
-                                        dir=final.parent))
+        with naming_output(final):  # also the fsyncs: NFS may report a full disk only there
+            usual_dir_mode(tmp)  # mkdtemp's 0700: a teammate could not remove it after a kill
+            yield tmp
+            # A folder that replaces another keeps at least the access the old one gave: a
+            # teammate's umask 077 must not hide a published cell from the rest of the group.
+            usual_modes(tmp, replacing_umask(final))
+            for path in [*tmp.rglob("*"), tmp]:  # a file already synced costs nothing here
+                if not path.is_symlink() and (path.is_file() or path.is_dir()):
+                    fsync_path(path)
+            old = None
+            if final.exists():
+                # Moved aside, not removed in place: `final` is never a half-deleted folder (a
+                # reader's open file on NFS makes a removal fail half-way), only briefly absent.
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial",
+                                            dir=final.parent))
+                try:
+                    os.replace(final, old)
+                except BaseException:
+                    old.rmdir()
+                    raise
             try:
-                os.replace(final, old)
+                os.replace(tmp, final)
             except BaseException:
-                old.rmdir()
+                if old is not None:
+                    os.replace(old, final)
                 raise
-        try:
-            os.replace(tmp, final)
-        except BaseException:
+            fsync_path(final.parent)
             if old is not None:
-                os.replace(old, final)
-            raise
-        fsync_path(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

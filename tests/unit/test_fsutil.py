@@ -135,3 +135,28 @@ def test_a_replaced_file_or_folder_keeps_the_access_the_group_had(tmp_path):
     assert stat.S_IMODE(cell.stat().st_mode) == 0o775
     assert stat.S_IMODE((cell / "config.json").stat().st_mode) == 0o664
     assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_or_read_only_disk_names_the_output_being_written(tmp_path, monkeypatch, code):
+    """A write's OSError carries no file name: a stage's error read `OSError: [Errno 28] No space
+    left on device`, naming nothing. It names the output now, and nothing is left in place."""
+    from bakery_slurm.pipeline import describe_error
+
+    def full(*args):
+        raise OSError(code, os.strerror(code))
+
+    final = tmp_path / "cells" / "c" / "final"
+    with pytest.raises(OSError) as staged:
+        with fsutil.staging_dir(final) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            full()
+    assert describe_error(staged.value) == f"writing {final}: OSError: [Errno {code}] {os.strerror(code)}"
+    assert list(final.parent.iterdir()) == []
+
+    monkeypatch.setattr(fsutil.os, "fsync", full)
+    record = tmp_path / "verified.json"
+    with pytest.raises(OSError) as written:
+        fsutil.atomic_write_json(record, {"ok": True})
+    assert describe_error(written.value).startswith(f"writing {record}: OSError: [Errno {code}]")
+    assert list(tmp_path.glob("*.json*")) == []
