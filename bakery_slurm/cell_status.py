@@ -68,6 +68,9 @@ class CellStatus:
     unscheduled_attempts
         How many of its attempts no scheduler took (their array has no job id: sbatch failed
         or was interrupted): they ran nothing, so `max_attempts` does not count them.
+    plain_job
+        The latest attempt's SLURM array has one task, which submitit submits as a plain job:
+        SLURM knows it by the job id alone (`executors.slurm_task_id`).
     """
 
     cell: str
@@ -83,11 +86,15 @@ class CellStatus:
     detail: str | None = None
     stage: Stage = "merge"
     unscheduled_attempts: int = 0
+    plain_job: bool = False
 
     @property
     def task_id(self) -> str | None:
-        """``<array_job_id>_<index>`` as SLURM commands take it, None while unconfirmed."""
-        return None if self.array_job_id is None else f"{self.array_job_id}_{self.index}"
+        """``<array_job_id>_<index>`` as SLURM commands take it (the job id alone for a plain
+        job: `scontrol hold 8_0` is an invalid job id there), None while unconfirmed."""
+        if self.array_job_id is None or self.plain_job:
+            return self.array_job_id
+        return f"{self.array_job_id}_{self.index}"
 
 
 def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
@@ -143,6 +150,7 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
                 node=task.node,
                 stage=stage,
                 unscheduled_attempts=sum(arrays[a.array].job_id is None for a in cell_attempts),
+                plain_job=arrays[latest.array].executor == "slurm" and len(arrays[latest.array].cells) == 1,
             )
         )
     return statuses

@@ -139,11 +139,14 @@ def test_reduce_cells_uses_the_latest_attempt_by_cell_not_index():
     by_cell = {s.cell: s for s in reduce_cells(ledger, states)}
     assert list(by_cell) == ["a", "b", "c", "d"]
     assert by_cell["a"] == CellStatus("a", "COMPLETED", 1, names[0], "100", 0, "r0", "0:0", "00:01:00", "n1")
-    assert by_cell["b"] == CellStatus("b", "RUNNING", 2, names[1], "200", 0, "r1", "0:0", "00:00:05", "n3")
-    assert by_cell["b"].task_id == "200_0"
+    assert by_cell["b"] == CellStatus("b", "RUNNING", 2, names[1], "200", 0, "r1", "0:0", "00:00:05", "n3",
+                                      plain_job=True)
+    # Array 200 has one task, which submitit submits as a plain job: SLURM's id is "200" (status
+    # showed "200_0", which scontrol hold, release and requeue refuse).
+    assert (by_cell["a"].task_id, by_cell["b"].task_id) == ("100_0", "200")
     assert by_cell["c"] == CellStatus("c", NOT_FOUND, 1, names[0], "100", 2, "r0")
     assert by_cell["d"] == CellStatus("d", UNCONFIRMED, 1, names[2], None, 0, "r2",
-                                      unscheduled_attempts=1)
+                                      unscheduled_attempts=1, plain_job=True)
     assert by_cell["d"].task_id is None
 
 
