@@ -152,7 +152,11 @@ class _Run:
             self.result["stages"][name] = {"status": "failed", "started": started,
                                            "seconds": seconds, "error": message}
             self.result.update(status="failed", finished=now(), error=f"{name}: {message}")
-            self.save()
+            try:
+                self.save()
+            except OSError as unsaved:  # the disk the stage filled: its error is the one to report
+                log.error("%s: could not record the failure in %s: %s", self.cell.id,
+                          self.paths.result, unsaved)
             # An error we did not raise on purpose keeps its traceback (in the task's stderr).
             log.error("%s: %s failed after %.1f s: %s", self.cell.id, name, seconds, message,
                       exc_info=None if isinstance(e, BakeryError) else e)

@@ -33,3 +33,33 @@ def test_the_result_record_names_the_task_as_the_ledger_does(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert slurm_task() == "7_3"
+
+
+def test_a_stage_error_is_raised_even_when_its_failure_cannot_be_recorded(tmp_path, write_matrix,
+                                                                       monkeypatch):
+    """The disk a stage filled may refuse the failed record too: the stage's own error (naming
+    what it was writing) is the one raised, not the record's."""
+    import errno
+
+    import pytest
+
+    from bakery_slurm import fsutil
+    from bakery_slurm.errors import StageError
+    from bakery_slurm.matrix import expand, load_matrix
+    from bakery_slurm.pipeline import CellPaths, _Run
+    from conftest import MINIMAL_MATRIX
+
+    [cell] = expand(load_matrix(write_matrix(MINIMAL_MATRIX)))
+    run = _Run(cell, CellPaths(tmp_path, cell.id))
+
+    def full_disk():
+        monkeypatch.setattr(fsutil, "atomic_write_json", refuse)
+        error = OSError(errno.ENOSPC, "No space left on device")
+        error.add_note("writing final")
+        raise error
+
+    def refuse(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StageError, match=r"stage merge failed: writing final: OSError: \[Errno 28\]"):
+        run.stage("merge", full_disk)
