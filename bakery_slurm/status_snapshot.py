@@ -129,16 +129,15 @@ def _eval_outcome(status: CellStatus, arrays: dict[str, ArrayRecord]) -> str | N
     """COMPLETED if the eval wrote its results after its attempt was submitted, FAILED if it
     wrote a failure record then (the later of the two when both are), None when neither."""
     array = arrays[status.array_name]
-    outcomes = [(_written_at(record, array), state) for record, state in
+    outcomes = [(_written_at(record, status, array), state) for record, state in
                 ((read_eval_record(array.work, status.cell), COMPLETED),
                  (read_eval_failure(array.work, status.cell), "FAILED"))]
     written = [(when, state) for when, state in outcomes if when is not None]
     return max(written)[1] if written else None
 
 
-def _written_at(record: dict, array: ArrayRecord) -> datetime | None:
-    """When `record` was written ("finished"), if by a task of `array` (not before it was
-    submitted); else None."""
+def _written_at(record: dict, status: CellStatus, array: ArrayRecord) -> datetime | None:
+    """When `record` was written ("finished"), if by the task of `status`'s attempt; else None."""
     try:
         # A results file kept by a later task (same model and settings) says when: `checked`.
         finished = datetime.fromisoformat(record.get("checked") or record["finished"])
@@ -146,7 +145,18 @@ def _written_at(record: dict, array: ArrayRecord) -> datetime | None:
         return None
     if finished.tzinfo is None:  # not ours (we write UTC with its offset): read it as UTC
         finished = finished.replace(tzinfo=timezone.utc)
-    return finished if finished >= array.submitted - CLOCK_SKEW else None
+    return finished if _by_attempt(record, status, array, finished) else None
+
+
+def _by_attempt(record: dict, status: CellStatus, array: ArrayRecord, written: datetime) -> bool:
+    """Was `record`, written (or started) at `written` by the node's clock, written by the task
+    of `status`'s attempt? A record that names its SLURM task (`pipeline.slurm_task`) says so
+    exactly. Others (a local task's, an older version's) count when written after the attempt was
+    submitted, which compares the node's clock with the login node's, a minute apart at most."""
+    task = record.get("task")
+    if array.executor == "slurm" and task is not None:
+        return task in (status.task_id, array.job_id)
+    return written >= array.submitted - CLOCK_SKEW
 
 
 def _why_not_run(status: CellStatus, merge_state: str | None) -> CellStatus:
@@ -164,7 +174,7 @@ def _why_failed(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatu
         return status
     array = arrays[status.array_name]
     failure = read_eval_failure(array.work, status.cell)
-    if _written_at(failure, array) is None:
+    if _written_at(failure, status, array) is None:
         return status
     error = failure.get("error")
     # One line, as every detail: lm-eval's errors (a YAML error, a dataset's) span several.
@@ -242,18 +252,11 @@ def _attempt_result(status: CellStatus,
     result = read_result(paths)
     if not result or result.get("recipe_hash") != status.recipe_hash:
         return paths, None
-    task = result.get("task")
-    if array.executor == "slurm" and task is not None:
-        # The record names the task that wrote it: exact, where the times below compare the
-        # compute node's clock with the login node's (and allow them a minute apart).
-        return paths, result if task in (status.task_id, array.job_id) else None
     try:
         started = datetime.fromisoformat(result["started"])
     except (KeyError, TypeError, ValueError):
         return paths, None
-    if started < array.submitted - CLOCK_SKEW:
-        return paths, None
-    return paths, result
+    return paths, result if _by_attempt(result, status, array, started) else None
 
 
 def _merge_outcome(status: CellStatus, arrays: dict[str, ArrayRecord]) -> str | None:

@@ -28,7 +28,7 @@ from ..errors import BakeryError, StageError
 from ..evaluation import (EvalTarget, eval_dir, failure_path, read_eval_record, results_path,
                           verified_output)
 from ..gc import in_use
-from ..pipeline import CellPaths, now
+from ..pipeline import CellPaths, now, slurm_task
 from .merge import choose_device
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _run(target: EvalTarget, work: Path, device: str, offline: bool,
     except Exception as e:  # a StageError, or writing the results failed (disk full, ...)
         try:
             fsutil.atomic_write_json(failure_path(work, target.id),
-                                     {"error": str(e), "finished": now()})
+                                     {"error": str(e), "finished": now(), "task": slurm_task()})
         except OSError as unwritten:  # the eval's own error is the one to report
             log.warning("%s: could not record the failure: %s", target.id, unwritten)
         raise
@@ -96,7 +96,7 @@ def _evaluate(target: EvalTarget, work: Path, device: str, offline: bool,
             # Say when they were last found current: without accounting, `status` tells by it
             # that this task ran (and succeeded).
             kept = json.loads(out.read_text())
-            kept["bakery"]["checked"] = now()
+            kept["bakery"].update(checked=now(), task=slurm_task())
             fsutil.atomic_write_text(out, json.dumps(kept, indent=2) + "\n")
             return {"target": target.id, "status": "skipped", "device": previous.get("device"),
                     "seconds": round(time.monotonic() - start, 3), "results": str(out)}
@@ -113,7 +113,8 @@ def _evaluate(target: EvalTarget, work: Path, device: str, offline: bool,
     results["bakery"] = {"target": target.id, "kind": target.kind, "inputs": inputs,
                          "settings": target.settings, "settings_hash": target.settings_hash,
                          "device": chosen, "fallback_reason": reason, "seconds": seconds,
-                         "finished": now()}
+                         # Which SLURM task wrote them: how `status` tells this attempt's.
+                         "finished": now(), "task": slurm_task()}
     fsutil.atomic_write_text(out, json.dumps(results, indent=2, default=handle_non_serializable)
                              + "\n")
     log.info("%s: eval done in %.1f s", target.id, seconds)

@@ -235,10 +235,11 @@ def ledger_with_one_eval(tmp_path: Path, target: str) -> tuple[Path, Ledger]:
     return path, ledger
 
 
-def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -> str:
+def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta],
+                                  task: str | None = None) -> str:
     """The state of CELL's eval (its task gone from squeue), with the eval folder holding the
-    given records ("results" and/or "failure"), each written that long ago; the eval array
-    was submitted 10 minutes ago."""
+    given records ("results" and/or "failure"), each written that long ago (by SLURM task
+    `task`, when given); the eval array (job 52, one task) was submitted 10 minutes ago."""
     from bakery_slurm.evaluation import results_path
 
     path, ledger = ledger_with_one_eval(tmp_path, CELL)
@@ -249,8 +250,9 @@ def eval_state_without_accounting(tmp_path: Path, write: dict[str, timedelta]) -
             finished = finished.removesuffix("+00:00")
         target = results_path(work, CELL) if kind == "results" else failure_path(work, CELL)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps({"bakery": {"finished": finished}} if kind == "results"
-                                     else {"error": "lm-eval failed", "finished": finished}))
+        named = {} if task is None else {"task": task}
+        target.write_text(json.dumps({"bakery": {"finished": finished, **named}} if kind == "results"
+                                     else {"error": "lm-eval failed", "finished": finished, **named}))
     runner = Recorder({"sacct": NO_ACCOUNTING, "squeue": (0, "", "")})
     (status,) = snapshot(path, ledger, slurm=SlurmBackend(runner)).evals
     # A failed eval says why; one that did not fail says nothing.
@@ -271,6 +273,15 @@ def test_without_accounting_a_gone_eval_reads_its_records_of_this_attempt(tmp_pa
     # nothing says which (it used to read NOT_FOUND forever, which resubmit refused)
     assert eval_state_without_accounting(tmp_path / "e", {"failure": 60 * minute}) == "LOST"
     assert eval_state_without_accounting(tmp_path / "f", {}) == "LOST"
+
+
+def test_an_eval_record_naming_its_task_is_read_by_that_task_whatever_the_clocks_say(tmp_path):
+    """A node whose clock is behind dates this attempt's records before its array was submitted;
+    one written just before by the previous attempt's task falls within the clock allowance.
+    Both are told apart by the task that wrote them (job 52 here: a one-task array)."""
+    minute = timedelta(minutes=1)
+    assert eval_state_without_accounting(tmp_path / "a", {"failure": 15 * minute}, "52") == "FAILED"
+    assert eval_state_without_accounting(tmp_path / "b", {"results": 10 * minute}, "51") == "LOST"
 
 
 # ---------------------------------------------------------------------------------------------
