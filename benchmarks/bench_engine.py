@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,9 @@ def targets(rows: dict[str, dict[str, tuple[float, int]]], floor: float,
 
 
 def main() -> None:
+    # A kill (a CI timeout) then removes the temporary folder, as Ctrl-C does: both raise
+    # KeyboardInterrupt, whose unwinding stops the children and leaves the `with` blocks.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=26)
     parser.add_argument("--vocab", type=int, default=262_144)

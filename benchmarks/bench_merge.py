@@ -16,6 +16,7 @@ per-tensor sort runs on the device).
 from __future__ import annotations
 
 import argparse
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +68,8 @@ def recipe(method: str, base: Path, models: list[Path]) -> str:
 
 
 def main() -> None:
+    # A kill (a CI timeout) then removes the temporary folder, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)

@@ -10,6 +10,7 @@ and their ratio for a folder of `--gib` GiB in 4 shards, like a sharded checkpoi
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import tempfile
 import time
@@ -28,6 +29,8 @@ def timed(call) -> float:
 
 
 def main() -> None:
+    # A kill (a CI timeout) then removes the temporary folder, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
