@@ -20,8 +20,8 @@ from . import cli
 @ledger_option
 @click.option("--only", metavar="GLOB", help="Only cells whose id matches GLOB (default: all).")
 def cancel(ledger_path: Path, only: str | None) -> None:
-    """Cancel the live (pending or running) tasks of the ledger's cells, their evals and the
-    baselines' evals.
+    """Cancel the live (pending, running, held or suspended) tasks of the ledger's cells, their
+    evals and the baselines' evals.
 
     \b
     Example:

@@ -37,7 +37,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
 
     Run it on the login node: the caches are the tasks' HF_HUB_CACHE or HF_HOME/hub and
     HF_DATASETS_CACHE or HF_HOME/datasets ([runtime] env; in a container <work>/hf-home by
-    default; else this environment's), so twelve tasks do not download the same bases through
+    default; else this environment's), so the tasks do not each download their base through
     the proxy at once, and with [runtime] offline = true the tasks never touch the network. Only
     what a cell reads is fetched (safetensors weights, configs, tokenizer files; no .bin/.pth
     copies, optimizer states or checkpoint-* folders), plus the Hub inputs of the baselines.
