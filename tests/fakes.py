@@ -45,7 +45,10 @@ the real one does: a download at a commit returns that commit's cached file, a d
 silently returns the copy cached when main was last resolved (a stale read), and with nothing
 cached it raises `LocalEntryNotFoundError`. The entry `TRANSFER_FAILURE` on `preupload_lfs_files`
 transfers the first pending file, then fails on the next one with the `RuntimeError` that
-huggingface_hub 2.x wraps failed LFS/Xet transfers in.
+huggingface_hub 2.x wraps failed LFS/Xet transfers in. The Hub's check of README.md metadata
+(`create_commit` posts it to /api/validate-yaml first, hf_api.py `_validate_yaml`) is not
+modelled; script what it raises: `ValueError("Invalid metadata in README.md. ...")` for a refusal,
+`json.JSONDecodeError` for an HTML error page read as its JSON answer.
 
 `before={"create_commit": fn}` calls `fn()` on entering that method (outside the fake's lock),
 so a test can hold several threads at the same point. Every call is recorded in `calls` as

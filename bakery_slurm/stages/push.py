@@ -306,6 +306,15 @@ class HubTarget:
             except (*_transport_errors(), LocalEntryNotFoundError) as e:
                 # a reset or timeout, e.g. through the compute nodes' proxy
                 retryable, why, error = True, type(e).__name__, e
+            except json.JSONDecodeError as e:
+                # An answer that is not JSON: a proxy's or load balancer's HTML error page, where
+                # create_commit reads validate-yaml's answer before looking at its status
+                retryable, why, error = True, "an answer that is not JSON", e
+            except ValueError as e:
+                # huggingface_hub refusing what we sent, e.g. root card metadata the Hub's
+                # validate-yaml rejects (a license it does not know): it would be refused again
+                raise PushError(f"{self.repo_id}: could not {what}: "
+                                f"{' '.join(str(e).split())}") from None
             except (RuntimeError, OSError) as e:
                 if not transfer:
                     raise

@@ -247,6 +247,27 @@ def test_gives_up_after_max_tries(tmp_path, item, sleeps):
     assert len(api.commits) == 1 and len(sleeps) == MAX_TRIES - 1
 
 
+def test_a_gateway_page_instead_of_json_is_retried(tmp_path, item, sleeps):
+    """create_commit first posts README.md to /api/validate-yaml and reads the answer as JSON before
+    its status (hf_api.py `_validate_yaml`): a proxy's or load balancer's HTML 502 page raises
+    json.JSONDecodeError there, not HfHubHTTPError."""
+    page = json.JSONDecodeError("Expecting value", "<html>502 Bad Gateway</html>", 0)
+    target, api = hub(tmp_path, sleeps, create_commit=[page])
+    target.publish([item], "msg", render_root())
+    assert len(api.calls_to("create_commit")) == 2 and len(api.commits) == 2 and len(sleeps) == 1
+
+
+def test_card_metadata_the_hub_refuses_stops_with_a_push_error(tmp_path, item, sleeps):
+    """The Hub's validate-yaml refusal reaches us as ValueError (hf_api.py `_validate_yaml`)."""
+    refusal = ValueError('Invalid metadata in README.md.\n- "license" must be one of [apache-2.0, '
+                         'mit, ...]')
+    target, api = hub(tmp_path, sleeps, create_commit=[refusal])
+    with pytest.raises(PushError, match=r"could not commit: Invalid metadata in README.md\. "
+                                        r'- "license" must be one of'):
+        target.publish([item], "msg", render_root())
+    assert len(api.calls_to("create_commit")) == 1 and sleeps == []
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
 def test_client_errors_are_not_retried(tmp_path, item, sleeps, status):
     target, api = hub(tmp_path, sleeps, create_commit=[status])
