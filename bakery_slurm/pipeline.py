@@ -208,6 +208,8 @@ class Flow:
     result: dict[str, Any]           # the run's result record (push cites the merge's device)
     report_progress: Callable[[dict[str, Any]], None]
     loader: Any                      # stages.verify.ModelLoader, started with the run
+    # time.monotonic() when the run began: the push gives up before the task's time limit
+    started: float = field(default_factory=time.monotonic)
     # bake
     base: Any = None                 # sources.LocalModel
     base_dir: Path | None = None     # the base's folder as the merge reads it (hub layout for mergekit)
@@ -451,7 +453,9 @@ def _push(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
         return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
                 "bytes_read": 0, "bytes_written": 0}
-    target = push_stage.make_target(cell.push, api=flow.hub_api)
+    deadline = (flow.started + cell.resources.time_min * 60
+                - push_stage.TIME_LIMIT_RESERVE_S)
+    target = push_stage.make_target(cell.push, api=flow.hub_api, deadline=deadline)
     item = push_stage.Publication(cell.id, paths.publish, record)
     where = push_stage.publish_cells(target, cell.push, [item], flow.card)[cell.id]
     return {"target": where, "bytes_read": _size(paths.publish),

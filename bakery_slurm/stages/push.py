@@ -17,7 +17,9 @@ The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conf
 re-read, not a re-upload. Failed transfers (huggingface_hub wraps a failed LFS/Xet transfer in a
 `RuntimeError`), 429, 5xx and connection errors are retried with capped exponential backoff and
 full jitter; a 429's `Retry-After` is honoured. A retried upload resumes: the Hub reports content
-it already holds, and only the rest is transferred again.
+it already holds, and only the rest is transferred again. In a task, no wait may run into the
+task's time limit: the push gives up first, with a PushError, so that the cell is left for
+`bakery-slurm push` rather than killed mid-push by SLURM.
 
 The token is whatever huggingface_hub finds in HF_TOKEN or its token file; it is never passed,
 logged or written by us.
@@ -62,6 +64,9 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 120.0
 # A longer Retry-After (the hourly commit limit) is not worth holding a GPU node for.
 MAX_RETRY_AFTER_S = 600.0
+# A task's push gives up this long before the task's time limit, leaving the time to record why
+# (and the time the task spent before its run began: the container, imports, the cell's lock).
+TIME_LIMIT_RESERVE_S = 300.0
 # Far below create_commit's documented limits (25k LFS files, 1 GB of regular files).
 MAX_OPERATIONS_PER_COMMIT = 1000
 
@@ -172,15 +177,21 @@ def _place(src: Path, dst: Path) -> None:
 
 
 class HubTarget:
-    """A Hub model repo. `api` is an `HfApi`; tests pass a documented stand-in (tests/fakes.py)."""
+    """A Hub model repo. `api` is an `HfApi`; tests pass a documented stand-in (tests/fakes.py).
+
+    `deadline` is the `clock()` time by which to have given up rather than wait any longer (a
+    task's time limit, less `TIME_LIMIT_RESERVE_S`); None (the login node) sets none.
+    """
 
     def __init__(self, repo_id: str, private: bool = False, api: Any = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, deadline: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if api is None:
             from huggingface_hub import HfApi
 
             api = HfApi()
         self.repo_id, self.private, self.api, self.sleep = repo_id, private, api, sleep
+        self.deadline, self.clock = deadline, clock
 
     # -- reading, always at one commit ----------------------------------------------------------
 
@@ -270,6 +281,8 @@ class HubTarget:
                     parent_commit=sha), "commit", transfer=True, conflicts=True)
             except _Conflict:
                 delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** conflict))
+                self._give_up_if_past_deadline(
+                    delay, f"could not commit: main moved {conflict} time(s) while committing")
                 log.info("%s: main moved while committing (try %d/%d); reading again in %.1f s",
                          self.repo_id, conflict, MAX_CONFLICTS, delay)
                 self.sleep(delay)
@@ -323,15 +336,24 @@ class HubTarget:
                 # file (FileNotFoundError) would fail again
                 retryable = not isinstance(e, (PermissionError, FileNotFoundError))
                 why, error = "transfer failed", e
+            cause = f" ({error.__cause__})" if error.__cause__ else ""
+            failure = f"could not {what}: {why}: {error}{cause}"
             if not retryable or attempt == MAX_TRIES:
-                cause = f" ({error.__cause__})" if error.__cause__ else ""
-                raise PushError(
-                    f"{self.repo_id}: could not {what}: {why}: {error}{cause}") from None
+                raise PushError(f"{self.repo_id}: {failure}") from None
             delay = max(wait or 0.0,
                         random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)))
+            self._give_up_if_past_deadline(delay, failure)
             log.warning("%s: %s got %s (try %d/%d); retrying in %.1f s",
                         self.repo_id, what, why, attempt, MAX_TRIES, delay)
             self.sleep(delay)
+
+    def _give_up_if_past_deadline(self, delay: float, failure: str) -> None:
+        """Raise PushError (`failure` says what failed) where waiting `delay` s more would run past
+        the deadline: SLURM kills a task at its time limit mid-push, with no record of why, and a
+        cell left so is not one `bakery-slurm push` takes; a failed push is."""
+        if self.deadline is not None and self.clock() + delay > self.deadline:
+            raise PushError(f"{self.repo_id}: {failure}; waiting {delay:.0f} s more would run past "
+                            "the task's time limit: publish later with `bakery-slurm push`")
 
 
 def public_repo_problem(repo_id: str) -> str:
@@ -406,10 +428,12 @@ def _record_files(root: Path) -> list[Path]:
                   if RECORD_FILE in files)
 
 
-def make_target(push: PushTarget, api: Any = None) -> Target:
+def make_target(push: PushTarget, api: Any = None, deadline: float | None = None) -> Target:
+    """The target `push` names; a Hub target gives up waiting on the Hub by `deadline`
+    (a `time.monotonic()` time; None: never)."""
     if push.kind == "dir":
         return DirTarget(Path(push.location))
-    return HubTarget(push.location, private=push.private, api=api)
+    return HubTarget(push.location, private=push.private, api=api, deadline=deadline)
 
 
 def root_renderer(push: PushTarget, context: CardContext | None) -> RenderRoot:

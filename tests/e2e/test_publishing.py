@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fakes import FakeHubApi
+from fakes import FakeHubApi, http_error
 
 from bakery_slurm.cli import cli
 from bakery_slurm.errors import StageError
@@ -121,3 +121,24 @@ def test_a_task_whose_push_failed_is_unpublished_then_completed_by_push(tmp_path
     rows = json.loads(invoke("status", "--ledger", ledger, "--json").output)
     assert [(row["state"], row["exit_code"]) for row in rows] == [("COMPLETED", "1:0")]
     assert (tmp_path / "published" / "tiny1b-std/eng-nob__linear" / "bakery.json").exists()
+
+
+def test_a_task_rate_limited_past_its_time_limit_stops_in_time_and_is_published_later(
+        tmp_path, write_tiny_matrix):
+    """A 429 asking for 10 minutes, in a task with 6 minutes in all: the push gives up at once
+    (no wait into SLURM's kill, which would leave the cell for a resubmit), and the login node
+    publishes it."""
+    path = write_tiny_matrix(tmp_path, push="hub:owner/merges", methods=("ties",))
+    path.write_text(path.read_text() + '[resources]\ntime = "00:06:00"\n')
+    matrix = load_matrix(path)
+    cell = {c.id: c for c in expand(matrix)}["tiny1b-std/eng-nob__ties"]
+    api = FakeHubApi(download_dir=tmp_path / "downloads",
+                     failures={"create_commit": [http_error(429, retry_after=600)]})
+    with pytest.raises(StageError, match=r"HTTP 429.*past the task's time limit.*bakery-slurm push"):
+        run_cell(cell, matrix.work_dir, device="cpu", hub_api=api)
+    assert len(api.calls_to("create_commit")) == 1
+    assert read_result(CellPaths(matrix.work_dir, cell.id))["stages"]["push"]["status"] == "failed"
+
+    rows = push_verified([cell], matrix.work_dir, matrix.push_target,
+                         CardContext.of_matrix(matrix), api=api)
+    assert rows == [{"cell": cell.id, "action": f"published: {api.commits[-1].commit_url}"}]

@@ -219,6 +219,47 @@ def test_a_429_asking_for_longer_than_we_wait_stops_and_says_push_later(tmp_path
     assert sleeps == []
 
 
+class Clock:
+    """A monotonic clock that only the fake sleep moves (no wall clock in these tests)."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_retries_give_up_before_the_deadline_not_at_the_task_time_limit(tmp_path, item):
+    """Five 429s asking for 10 minutes each: 50 minutes of a 1 hour task's time, after which
+    SLURM kills it mid-push (no record of why, and `bakery-slurm push` will not take the cell)."""
+    clock = Clock()
+    api = FakeHubApi(download_dir=tmp_path / "downloads",
+                     failures={"create_commit": [http_error(429, retry_after=600)] * 5})
+    target = HubTarget(REPO, api=api, sleep=clock.sleep, clock=clock, deadline=1000.0)
+    with pytest.raises(PushError, match=r"could not commit: HTTP 429.*waiting \d+ s more would run "
+                                        r"past the task's time limit.*bakery-slurm push"):
+        target.publish([item], "msg", render_root())
+    assert clock.sleeps == [pytest.approx(600, abs=bound(1))] and clock.now <= 1000.0
+    assert len(api.commits) == 1
+
+
+def test_conflicts_give_up_before_the_deadline(tmp_path, item, monkeypatch):
+    monkeypatch.setattr(push.random, "uniform", lambda low, high: high)
+    clock = Clock()
+    api = FakeHubApi(download_dir=tmp_path / "downloads")
+    api.create_repo(REPO)
+    # Another task commits between every read of main and our commit.
+    api.before["create_commit"] = lambda: api.put(REPO, {"other/README.md": b"x"})
+    target = HubTarget(REPO, api=api, sleep=clock.sleep, clock=clock, deadline=60.0)
+    with pytest.raises(PushError, match=r"main moved.*would run past the task's time limit"):
+        target.publish([item], "msg", render_root())
+    assert clock.now <= 60.0 and len(api.calls_to("create_commit")) < push.MAX_CONFLICTS
+
+
 def test_connection_errors_are_retried(tmp_path, item, sleeps):
     target, api = hub(tmp_path, sleeps, create_commit=[httpx2.ConnectError("proxy reset"),
                                                        httpx2.ReadTimeout("slow proxy")])
