@@ -453,13 +453,19 @@ def _push(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
         return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
                 "bytes_read": 0, "bytes_written": 0}
-    deadline = (flow.started + cell.resources.time_min * 60
-                - push_stage.TIME_LIMIT_RESERVE_S)
-    target = push_stage.make_target(cell.push, api=flow.hub_api, deadline=deadline)
+    target = push_stage.make_target(cell.push, api=flow.hub_api, deadline=_push_deadline(flow))
     item = push_stage.Publication(cell.id, paths.publish, record)
     where = push_stage.publish_cells(target, cell.push, [item], flow.card)[cell.id]
     return {"target": where, "bytes_read": _size(paths.publish),
             "bytes_written": _size(paths.publish)}
+
+
+def _push_deadline(flow: Flow) -> float:
+    """When the push must have given up waiting on the Hub: before the task's time limit."""
+    from .stages import push as push_stage
+
+    return (flow.started + flow.cell.resources.time_min * 60
+            - push_stage.TIME_LIMIT_RESERVE_S)
 
 
 def _push_previous(flow: Flow) -> dict[str, Any] | None:
@@ -469,8 +475,8 @@ def _push_previous(flow: Flow) -> dict[str, Any] | None:
 
     if flow.cell.push.defer:
         return None
-    published = push_stage.make_target(flow.cell.push, api=flow.hub_api).published_record(
-        flow.cell.id)
+    published = push_stage.make_target(flow.cell.push, api=flow.hub_api,
+                                       deadline=_push_deadline(flow)).published_record(flow.cell.id)
     if not published:
         return None
     return {"inputs": {"recipe_hash": published.get("recipe_hash"),

@@ -123,22 +123,24 @@ def test_a_task_whose_push_failed_is_unpublished_then_completed_by_push(tmp_path
     assert (tmp_path / "published" / "tiny1b-std/eng-nob__linear" / "bakery.json").exists()
 
 
+# reading what is published (before the folder is prepared), committing
+@pytest.mark.parametrize("call", ["repo_info", "create_commit"])
 def test_a_task_rate_limited_past_its_time_limit_stops_in_time_and_is_published_later(
-        tmp_path, write_tiny_matrix):
-    """A 429 asking for 10 minutes, in a task with 6 minutes in all: the push gives up at once
-    (no wait into SLURM's kill, which would leave the cell for a resubmit), and the login node
-    publishes it."""
+        tmp_path, write_tiny_matrix, call):
+    """A 429 asking for 10 minutes, in a task with 6 minutes in all: the push gives up at once,
+    not waiting into SLURM's kill, and a prepared cell is published from the login node."""
     path = write_tiny_matrix(tmp_path, push="hub:owner/merges", methods=("ties",))
     path.write_text(path.read_text() + '[resources]\ntime = "00:06:00"\n')
     matrix = load_matrix(path)
     cell = {c.id: c for c in expand(matrix)}["tiny1b-std/eng-nob__ties"]
     api = FakeHubApi(download_dir=tmp_path / "downloads",
-                     failures={"create_commit": [http_error(429, retry_after=600)]})
+                     failures={call: [http_error(429, retry_after=600)]})
     with pytest.raises(StageError, match=r"HTTP 429.*past the task's time limit.*bakery-slurm push"):
         run_cell(cell, matrix.work_dir, device="cpu", hub_api=api)
-    assert len(api.calls_to("create_commit")) == 1
+    assert len(api.calls_to(call)) == 1
     assert read_result(CellPaths(matrix.work_dir, cell.id))["stages"]["push"]["status"] == "failed"
 
-    rows = push_verified([cell], matrix.work_dir, matrix.push_target,
-                         CardContext.of_matrix(matrix), api=api)
-    assert rows == [{"cell": cell.id, "action": f"published: {api.commits[-1].commit_url}"}]
+    if call == "create_commit":  # prepared: the login node publishes it
+        rows = push_verified([cell], matrix.work_dir, matrix.push_target,
+                             CardContext.of_matrix(matrix), api=api)
+        assert rows == [{"cell": cell.id, "action": f"published: {api.commits[-1].commit_url}"}]
