@@ -2,8 +2,9 @@
 
 submitit's LocalExecutor starts every task at once, ignores the time limit we ask for, and a job
 rebuilt in a later process cannot tell running from dead (submitit 1.5.4). This one is a detached
-supervisor process per array that runs at most `parallelism` tasks at a time, kills a task at its
-time limit (TIMEOUT), and keeps one state file per task, so `status` in any later process can tell
+supervisor process per array that runs at most `parallelism` tasks at a time, ends a task at its
+time limit (TIMEOUT) or cancel as SLURM does (SIGTERM, SIGKILL `KILL_WAIT_S` later, to every
+process the task started), and keeps one state file per task, so `status` in any later process can tell
 PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT and CANCELLED apart, and reports a task whose process
 (or supervisor) died without a word as NODE_FAIL.
 
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from .slurm_commands import TaskState
 from .task_command import task_environment
 
 POLL_S = 0.2  # how often the supervisor checks its children, deadlines and cancel requests
+# From SIGTERM to SIGKILL, for a cancelled task or one at its time limit: SLURM's default KillWait.
+KILL_WAIT_S = 30
 
 
 def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str],
@@ -44,7 +48,8 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
     folder.mkdir(parents=True, exist_ok=True)
     fsutil.atomic_write_json(folder / "array.json", {
         "job_id": job_id, "argvs": argvs, "pass_env": pass_env, "container": container,
-        "parallelism": parallelism, "time_limit_s": time_min * 60, "after": after})
+        "parallelism": parallelism, "time_limit_s": time_min * 60, "kill_wait_s": KILL_WAIT_S,
+        "after": after})
     for index in range(len(argvs)):
         _write_state(folder, index, "PENDING")
     with open(folder / "supervisor.log", "ab") as log:
@@ -108,13 +113,25 @@ def log_paths(folder: Path, index: int) -> tuple[Path, Path]:
 # The supervisor (runs detached: python -m bakery_slurm.local FOLDER)
 
 
+@dataclass
+class _Running:
+    """A started task: its process, when its time limit is reached (monotonic seconds), and
+    the last signal the supervisor sent it, SIGKILL following SIGTERM `kill_wait_s` later."""
+
+    process: subprocess.Popen
+    deadline: float
+    timed_out: bool = False
+    sent: int | None = None
+    kill_at: float | None = None
+
+
 def supervise(folder: Path) -> None:
     spec = json.loads((folder / "array.json").read_text())
     pending = list(range(len(spec["argvs"])))
-    running: dict[int, tuple[subprocess.Popen, float]] = {}
+    running: dict[int, _Running] = {}
     env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
     after = spec.get("after")
-    stopping: set[int] = set()
+    kill_wait_s = spec.get("kill_wait_s", KILL_WAIT_S)
     while pending or running:
         for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:
             pending.remove(index)
@@ -132,25 +149,49 @@ def supervise(folder: Path) -> None:
                 continue
             process = _start(folder, index, spec["argvs"][index], env, spec["job_id"])
             if process is not None:
-                running[index] = (process, time.monotonic() + spec["time_limit_s"])
-        for index, (process, deadline) in list(running.items()):
-            if (process.poll() is None and index not in stopping
-                    and (folder / f"{index}.cancel").exists()):
-                # A cancel that came while the task was being started, or from another host.
-                stopping.add(index)
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            if process.poll() is None and time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                _finish(folder, index, "TIMEOUT", "0:9")
+                running[index] = _Running(process, time.monotonic() + spec["time_limit_s"])
+        for index, task in list(running.items()):
+            now = time.monotonic()
+            if _exited(task.process):
+                # Its leftover processes end with it, as SLURM ends a task's cgroup; killed while
+                # the task is unreaped, so its id still names only its own group.
+                _signal_group(task.process, signal.SIGKILL)
+                returncode = task.process.wait()
+                if task.timed_out:
+                    _finish(folder, index, "TIMEOUT", f"0:{task.sent}")
+                else:
+                    _finish(folder, index, *_outcome(folder, index, returncode))
                 del running[index]
-            elif process.returncode is not None:
-                _finish(folder, index, *_outcome(folder, index, process.returncode))
-                del running[index]
+            elif task.kill_at is not None:
+                if now > task.kill_at and task.sent != signal.SIGKILL:
+                    task.sent = _signal_group(task.process, signal.SIGKILL)
+            else:
+                cancelled = (folder / f"{index}.cancel").exists()
+                if cancelled or now > task.deadline:
+                    # As scancel and SLURM's time limit: SIGTERM (run-cell ends through
+                    # `finally`), SIGKILL KillWait later for a task that does not end (hung in
+                    # native code, its Python handler never runs). `cancel` signalled it already
+                    # on this host; this is for a cancel from another host, or one that came
+                    # while the task was being started.
+                    task.timed_out = not cancelled
+                    task.sent = _signal_group(task.process, signal.SIGTERM)
+                    task.kill_at = now + kill_wait_s
         time.sleep(POLL_S)
+
+
+def _exited(process: subprocess.Popen) -> bool:
+    """Has the task's process exited? Asked without reaping it (`Popen.poll` would)."""
+    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> int:
+    """Send `signum` to the task's process group (its own session: the task and its children);
+    return it."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+    return signum
 
 
 def _dependency_state(task: dict[str, Any],

@@ -45,12 +45,13 @@ def state_is(folder: Path, index: int, state: str) -> bool:
     return local.read_states(folder, JOB).get(f"{JOB}_{index}", TaskState("?")).state == state
 
 
-def write_array(folder: Path, argvs: list[list[str]], parallelism: int, time_limit_s: float) -> None:
+def write_array(folder: Path, argvs: list[list[str]], parallelism: int, time_limit_s: float,
+                kill_wait_s: float = local.KILL_WAIT_S) -> None:
     """What `local.submit` writes, with a time limit in seconds (the API takes minutes)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "array.json").write_text(json.dumps({
         "job_id": JOB, "argvs": argvs, "pass_env": [], "container": "none",
-        "parallelism": parallelism, "time_limit_s": time_limit_s}))
+        "parallelism": parallelism, "time_limit_s": time_limit_s, "kill_wait_s": kill_wait_s}))
 
 
 def pid_alive(pid: int) -> bool:
@@ -136,7 +137,7 @@ def test_time_limit_ends_the_task_as_timeout(folder, tmp_path):
     local.supervise(folder)  # returns only once the task that never ends by itself is killed
     states = local.read_states(folder, JOB)
     assert states[f"{JOB}_0"].state == "TIMEOUT"
-    assert states[f"{JOB}_0"].exit_code == "0:9"
+    assert states[f"{JOB}_0"].exit_code == "0:15"  # the SIGTERM ended it
     assert states[f"{JOB}_1"].state == "COMPLETED"
     assert not pid_alive(int(marker.read_text()))  # the process group was killed
 
@@ -310,3 +311,62 @@ def test_a_cancel_that_comes_while_the_supervisor_starts_the_task_stops_it(folde
     local.supervise(folder)
     assert states_of(folder) == {f"{JOB}_0": "CANCELLED"}
     assert not ran.exists()
+
+
+def start_supervisor(folder: Path) -> None:
+    """Run the supervisor of an array written by `write_array`, detached as `local.submit` runs
+    it, its pid recorded where the fixture's teardown finds it."""
+    import subprocess
+    process = subprocess.Popen([PY, "-m", "bakery_slurm.local", str(folder)],
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    (folder / "supervisor.json").write_text(json.dumps({"pid": process.pid,
+                                                        "host": local.socket.gethostname()}))
+
+
+def term_ignoring_sleeper(marker: Path) -> list[str]:
+    """A hung task: SIGTERM does not end it (run-cell handles SIGTERM in Python, which a task
+    stuck in native code never runs)."""
+    return ["sh", "-c", f'trap "" TERM; echo $$ > "{marker}"; while :; do sleep 0.05; done']
+
+
+def test_a_cancelled_task_that_ignores_sigterm_is_killed_after_the_kill_wait(folder, tmp_path):
+    """As scancel: SIGTERM, then SIGKILL `kill_wait_s` later; the task ends CANCELLED, not
+    RUNNING until its time limit."""
+    marker = tmp_path / "0.pid"
+    write_array(folder, [term_ignoring_sleeper(marker)], parallelism=1, time_limit_s=3600,
+                kill_wait_s=0.5)
+    local._write_state(folder, 0, "PENDING")
+    start_supervisor(folder)
+    wait_for(lambda: marker.exists() and marker.read_text().strip() and state_is(folder, 0, "RUNNING"),
+             "the task to run")
+    local.cancel(folder, [0])
+    states = wait_for(lambda: all_done(folder, 1), "the cancelled task to end", deadline_s=10)
+    assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("CANCELLED", "0:9")
+    assert not pid_alive(int(marker.read_text()))
+
+
+def test_the_time_limit_sends_sigterm_first_then_sigkill(folder, tmp_path):
+    """As SLURM at a time limit: SIGTERM (run-cell ends through `finally`, removing its private
+    cache), SIGKILL `kill_wait_s` later for a task that does not end."""
+    polite, hung = tmp_path / "polite", tmp_path / "1.pid"
+    write_array(folder, [["sh", "-c", f'trap "echo term > {polite}; exit 143" TERM; '
+                                      'while :; do sleep 0.05; done'],
+                         term_ignoring_sleeper(hung)],
+                parallelism=2, time_limit_s=1, kill_wait_s=0.5)
+    local.supervise(folder)
+    states = local.read_states(folder, JOB)
+    assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("TIMEOUT", "0:15")
+    assert polite.read_text() == "term\n"
+    assert (states[f"{JOB}_1"].state, states[f"{JOB}_1"].exit_code) == ("TIMEOUT", "0:9")
+    assert not pid_alive(int(hung.read_text()))
+
+
+def test_processes_a_task_leaves_behind_end_with_it(folder, tmp_path):
+    """SLURM ends every process of a task's cgroup when the task ends: a child the task started
+    (the verify loader of a run-cell killed by the OOM killer) does not outlive it."""
+    child = tmp_path / "child.pid"
+    write_array(folder, [["sh", "-c", f'sleep 60 & echo $! > "{child}"; exit 3']],
+                parallelism=1, time_limit_s=60)
+    local.supervise(folder)
+    assert states_of(folder) == {f"{JOB}_0": "FAILED"}
+    wait_for(lambda: not pid_alive(int(child.read_text())), "the task's child to end")
