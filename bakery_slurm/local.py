@@ -58,7 +58,8 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
                                    start_new_session=True)
     try:
         fsutil.atomic_write_json(folder / "supervisor.json",
-                                 {"pid": process.pid, "host": socket.gethostname()})
+                                 {"pid": process.pid, "host": socket.gethostname(),
+                                  "identity": _process_identity(process.pid)})
     except OSError:
         # Without its pid no status could tell it runs: stop it while it is still starting
         # Python, so that a submit failing with OSError started nothing (`Backend.submit`).
@@ -226,7 +227,8 @@ def _start(folder: Path, index: int, argv: list[str], env: dict[str, str],
             stderr.write(f"cannot start {argv[0]}: {e}\n".encode())
             _write_state(folder, index, "FAILED", exit_code="127:0", started=_now(), ended=_now())
             return None
-    _write_state(folder, index, "RUNNING", pid=process.pid, started=_now())
+    _write_state(folder, index, "RUNNING", pid=process.pid,
+                 identity=_process_identity(process.pid), started=_now())
     return process
 
 
@@ -259,7 +261,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _alive(record: dict[str, Any] | None) -> bool:
-    """Is the process in `record` ({"pid", "host"}) still running? Only answerable on its host."""
+    """Is the process in `record` ({"pid", "host", "identity"}) still running? Only answerable
+    on its host."""
     if not record or "pid" not in record:
         return False
     if record.get("host") != socket.gethostname():
@@ -270,11 +273,28 @@ def _alive(record: dict[str, Any] | None) -> bool:
         return False
     except PermissionError:
         return True
+    # The pid may be another process's now (this one ended, or the machine rebooted since).
+    identity = _process_identity(record["pid"])
+    if record.get("identity") and identity and identity != record["identity"]:
+        return False
     # A zombie (exited, not yet reaped by its parent) is dead for our purposes.
     try:
         return Path(f"/proc/{record['pid']}/stat").read_text().split()[2] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _process_identity(pid: int) -> str | None:
+    """What tells process `pid` apart from any later process given its pid: the boot's id and
+    the process's start time since boot (/proc/PID/stat's field 22). None where /proc does not
+    say (not Linux, or the process is gone): the pid alone is taken then."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        # The command name (field 2, in parentheses) may hold spaces: count from its end.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"
+    except (OSError, IndexError):
+        return None
 
 
 def _now() -> str:

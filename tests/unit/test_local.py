@@ -370,3 +370,36 @@ def test_processes_a_task_leaves_behind_end_with_it(folder, tmp_path):
     local.supervise(folder)
     assert states_of(folder) == {f"{JOB}_0": "FAILED"}
     wait_for(lambda: not pid_alive(int(child.read_text())), "the task's child to end")
+
+
+def test_a_pid_taken_by_another_process_after_a_reboot_is_not_the_task(folder, tmp_path):
+    """The machine rebooted while the array ran: its supervisor's and task's pids now belong to
+    other processes. Their start (boot id, start time) tells them apart: the tasks are
+    NODE_FAIL (resubmit takes them), not live forever, and cancel signals no stranger."""
+    import subprocess
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / "stranger.pid").write_text(str(stranger.pid))  # the fixture kills it too
+        before_reboot = {"pid": stranger.pid, "host": local.socket.gethostname(),
+                         "identity": "a-boot-before:1234"}
+        folder.mkdir()
+        (folder / "supervisor.json").write_text(json.dumps(before_reboot))
+        (folder / "0.state.json").write_text(json.dumps({**before_reboot, "state": "RUNNING"}))
+        (folder / "1.state.json").write_text(json.dumps({"state": "PENDING"}))
+        assert states_of(folder) == {f"{JOB}_0": "NODE_FAIL", f"{JOB}_1": "NODE_FAIL"}
+        local.cancel(folder, [0])
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_live_processes_are_recorded_with_their_identity(folder, tmp_path):
+    marker = tmp_path / "0.pid"
+    local.submit(folder, JOB, [sleeper(marker)], [], "none", parallelism=1, time_min=1)
+    wait_for(lambda: state_is(folder, 0, "RUNNING"), "the task to run")
+    for record in ("supervisor.json", "0.state.json"):
+        recorded = json.loads((folder / record).read_text())
+        assert recorded["identity"] == local._process_identity(recorded["pid"])
+    local.cancel(folder, [0])
+    wait_for(lambda: all_done(folder, 1), "the task to end")
