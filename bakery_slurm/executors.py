@@ -358,7 +358,14 @@ class LocalBackend:
 
     @staticmethod
     def recover(names: Sequence[str], starttime: str) -> dict[str, list[str]]:
-        return {}  # a local submit records its id before it returns; nothing to find
+        return {}  # no scheduler knows a local array by name: `started` finds it by its folder
+
+    @staticmethod
+    def started(arrays: Sequence[ArrayRecord]) -> dict[str, str]:
+        """Job ids of the unconfirmed `arrays` whose supervisor was started: a submit
+        interrupted (Ctrl-C) before the ledger recorded the id leaves it running all the same."""
+        found = {a.name: local.started_job_id(Path(a.folder)) for a in arrays}
+        return {name: job_id for name, job_id in found.items() if job_id}
 
     @staticmethod
     def find_by_name(name: str) -> str | None:

@@ -60,13 +60,21 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
         fsutil.atomic_write_json(folder / "supervisor.json",
                                  {"pid": process.pid, "host": socket.gethostname(),
                                   "identity": _process_identity(process.pid)})
-    except OSError:
+    except BaseException:
         # Without its pid no status could tell it runs: stop it while it is still starting
-        # Python, so that a submit failing with OSError started nothing (`Backend.submit`).
+        # Python, so that a submit failing with OSError (or interrupted) started nothing
+        # (`Backend.submit`, `started_job_id`).
         process.kill()
         process.wait()
         raise
     return job_id
+
+
+def started_job_id(folder: Path) -> str | None:
+    """The job id of the array in `folder` if its supervisor was started (its pid recorded),
+    whether or not the submit that started it lived to record the id in the ledger."""
+    spec = _read_json(folder / "array.json")
+    return spec["job_id"] if spec and (folder / "supervisor.json").exists() else None
 
 
 def read_states(folder: Path, job_id: str) -> dict[str, TaskState]:

@@ -226,20 +226,26 @@ def _settle_unknown(status: CellStatus, fresh: bool) -> CellStatus:
 
 
 def _recover(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend) -> list[str]:
-    """Confirm unconfirmed SLURM arrays that sacct knows by name; return notes."""
-    names = [a.name for a in all_arrays(ledger) if a.executor == "slurm" and a.job_id is None]
+    """Confirm unconfirmed arrays that were started after all: SLURM arrays that sacct knows by
+    name, local arrays whose folder records a started supervisor (a submit interrupted between
+    starting it and recording its job id); return notes."""
+    unconfirmed = [a for a in all_arrays(ledger) if a.job_id is None]
+    found = {name: (job_id, "from its folder") for name, job_id in
+             LocalBackend.started([a for a in unconfirmed if a.executor == "local"]).items()}
+    names = [a.name for a in unconfirmed if a.executor == "slurm"]
     starttime = sacct_starttime(ledger)
-    if not names or starttime is None:
-        return []
-    found = {name: ids[-1] for name, ids in slurm.recover(names, starttime).items() if ids}
+    if names and starttime is not None:
+        found.update({name: (ids[-1], "by its job name")
+                      for name, ids in slurm.recover(names, starttime).items() if ids})
     if not found:
         return []
     with update_ledger(ledger_path) as fresh:
-        for name, job_id in found.items():
+        for name, (job_id, _) in found.items():
             confirm_array(fresh, name, job_id)
-    for name, job_id in found.items():
+    for name, (job_id, _) in found.items():
         confirm_array(ledger, name, job_id)
-    return [f"recovered job id {job_id} of array {name} by its job name" for name, job_id in found.items()]
+    return [f"recovered job id {job_id} of array {name} {how}"
+            for name, (job_id, how) in found.items()]
 
 
 def _attempt_result(status: CellStatus,

@@ -490,3 +490,57 @@ def test_a_result_record_that_is_not_an_object_reads_as_none(tmp_path):
     paths.root.mkdir(parents=True)
     paths.result.write_text("[1]")
     assert read_result(paths) is None
+
+
+def test_a_local_array_whose_submit_was_interrupted_is_found_running_not_lost(tmp_path,
+                                                                               monkeypatch):
+    """Ctrl-C in `submit --executor local` just after the array's supervisor started, before the
+    ledger recorded its job id: the detached supervisor runs the task all the same. Minutes
+    later status finds the array by its folder and shows the task RUNNING, not LOST (which
+    resubmit would run a second time)."""
+    import os
+    import signal
+
+    from bakery_slurm import local, status_snapshot, submission
+    from bakery_slurm.executors import LocalBackend
+    from bakery_slurm.ledger import load_ledger
+    from bakery_slurm.matrix import expand, load_matrix
+    from conftest import MINIMAL_MATRIX
+    from support import wait_for
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(minutes=3)
+
+    matrix_path = tmp_path / "matrix.toml"
+    matrix_path.write_text(MINIMAL_MATRIX + '\n[runtime]\ncontainer = "none"\n')
+    ledger_path = tmp_path / "bakery-ledger.json"
+    monkeypatch.setattr(submission, "task_argv", lambda *args, **kwargs: ["sleep", "60"])
+    real_submit = LocalBackend.submit
+
+    def interrupted(request):
+        real_submit(request)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalBackend, "submit", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        submission.submit_cells(ledger_path, load_matrix(matrix_path),
+                                expand(load_matrix(matrix_path)), "local")
+    folder = Path(load_ledger(ledger_path).submissions[0].arrays[0].folder)
+    job_id = json.loads((folder / "array.json").read_text())["job_id"]
+    try:
+        wait_for(lambda: local.read_states(folder, job_id)[f"{job_id}_0"].state == "RUNNING",
+                 "the task to run")
+        monkeypatch.setattr(status_snapshot, "datetime", Later)
+        snap = snapshot(ledger_path, load_ledger(ledger_path))
+        assert [(s.state, s.array_job_id) for s in snap.statuses] == [("RUNNING", job_id)]
+        assert load_ledger(ledger_path).submissions[0].arrays[0].job_id == job_id
+    finally:
+        for record in (folder / "0.state.json", folder / "supervisor.json"):
+            pid = json.loads(record.read_text()).get("pid")
+            if pid is not None:  # the task first (its own group), then its supervisor
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
