@@ -42,6 +42,8 @@ from .sacct import sacct_starttime
 
 log = logging.getLogger(__name__)
 
+# How the local executor reports a task whose process (and supervisor) died unrecorded.
+NODE_FAIL = "NODE_FAIL"
 # sacct shows a new array only after a few seconds: until then its tasks are SUBMITTED, not lost.
 SUBMITTED = "SUBMITTED"
 SACCT_LAG = timedelta(minutes=2)
@@ -119,8 +121,14 @@ def _settle_gone(status: CellStatus, arrays: dict[str, ArrayRecord],
                  outcome: Callable[[CellStatus, dict[str, ArrayRecord]], str | None],
                  accounting: bool) -> CellStatus:
     """A NOT_FOUND SLURM task's `_gone_state`, its records read only then. (A local task has
-    state files until its array folder is removed: it stays NOT_FOUND.)"""
-    if status.state != NOT_FOUND or arrays[status.array_name].executor != "slurm":
+    state files until its array folder is removed: it stays NOT_FOUND.) A local NODE_FAIL task
+    ended as its attempt's record says, if it says: its supervisor died (SIGKILL, the OOM
+    killer) while it ran, and the task, in a session of its own, ran on to an end that no one
+    recorded."""
+    executor = arrays[status.array_name].executor
+    if status.state == NODE_FAIL and executor == "local":
+        return replace(status, state=outcome(status, arrays) or NODE_FAIL)
+    if status.state != NOT_FOUND or executor != "slurm":
         return status
     return replace(status, state=_gone_state(outcome(status, arrays), accounting))
 

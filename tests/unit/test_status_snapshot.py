@@ -27,9 +27,10 @@ OTHER = "1b-std/eng-nob__linear"
 NO_ACCOUNTING = (1, "", "sacct: error: Slurm accounting storage is disabled")
 
 
-def ledger_with_one_array(tmp_path: Path, age: timedelta, job_id: str | None) -> tuple[Path, Ledger]:
+def ledger_with_one_array(tmp_path: Path, age: timedelta, job_id: str | None,
+                          executor: str = "slurm") -> tuple[Path, Ledger]:
     ledger = Ledger()
-    planned = PlannedArray(executor="slurm", resources={}, cells=[CELL, OTHER],
+    planned = PlannedArray(executor=executor, resources={}, cells=[CELL, OTHER],
                            folder=str(tmp_path / "work" / "arrays" / "a"))
     submission = record_intent(ledger, matrix_path=str(tmp_path / "matrix.toml"),
                                matrix_sha256="0" * 64, arrays=[planned],
@@ -544,3 +545,25 @@ def test_a_local_array_whose_submit_was_interrupted_is_found_running_not_lost(tm
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_a_local_task_that_outlived_its_supervisor_reads_as_its_record_says(tmp_path):
+    """The supervisor was killed (SIGKILL, the OOM killer) while a task ran: the task ran on to
+    its end, which no one recorded. It is COMPLETED as its result record says, not NODE_FAIL
+    (which resubmit would run again); a task that recorded nothing stays NODE_FAIL."""
+    import socket
+    import subprocess
+    import sys
+
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "local-ab-0",
+                                         executor="local")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a pid no process has now: the task's
+    folder = Path(ledger.submissions[0].arrays[0].folder)
+    folder.mkdir(parents=True)
+    (folder / "0.state.json").write_text(json.dumps(
+        {"state": "RUNNING", "pid": ended.pid, "host": socket.gethostname()}))
+    (folder / "1.state.json").write_text(json.dumps({"state": "PENDING"}))
+    write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(minutes=5))
+    snap = snapshot(path, ledger, slurm=SlurmBackend(Recorder()))
+    assert {s.cell: s.state for s in snap.statuses} == {CELL: "COMPLETED", OTHER: "NODE_FAIL"}
