@@ -161,11 +161,11 @@ def supervise(folder: Path) -> None:
                 running[index] = _Running(process, time.monotonic() + spec["time_limit_s"])
         for index, task in list(running.items()):
             now = time.monotonic()
-            if _exited(task.process):
-                # Its leftover processes end with it, as SLURM ends a task's cgroup; killed while
-                # the task is unreaped, so its id still names only its own group.
+            returncode = task.process.poll()
+            if returncode is not None:
+                # Its leftover processes end with it, as SLURM ends a task's cgroup. No new
+                # process gets the group's id while the group has members.
                 _signal_group(task.process, signal.SIGKILL)
-                returncode = task.process.wait()
                 if task.timed_out:
                     _finish(folder, index, "TIMEOUT", f"0:{task.sent}")
                 else:
@@ -186,11 +186,6 @@ def supervise(folder: Path) -> None:
                     task.sent = _signal_group(task.process, signal.SIGTERM)
                     task.kill_at = now + kill_wait_s
         time.sleep(POLL_S)
-
-
-def _exited(process: subprocess.Popen) -> bool:
-    """Has the task's process exited? Asked without reaping it (`Popen.poll` would)."""
-    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> int:
