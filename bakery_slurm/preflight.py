@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
-from .eval_prefetch import child_environment
+from .eval_prefetch import CACHE_VARIABLES, child_environment
 from .matrix import Cell, Matrix, ModelSource
 from .pins import COMMIT, cell_inputs, hub_sources
 
@@ -39,10 +40,25 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def hub_cache_dir(matrix: Matrix, container: str) -> Path | None:
-    """The Hub cache the tasks use: HF_HUB_CACHE or HF_HOME/hub of their environment; None
-    means huggingface_hub's default (this environment's)."""
-    return _task_cache(_tasks_environment(matrix, container), "HF_HUB_CACHE", "hub")
+def hub_cache_dir(matrix: Matrix, container: str) -> Path:
+    """The Hub cache the tasks use, as huggingface_hub finds it in their environment
+    (`huggingface_hub.constants`): HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE, else
+    HF_HOME/hub, HF_HOME defaulting to XDG_CACHE_HOME/huggingface, then ~/.cache/huggingface;
+    `~` and `$NAME` expanded, as it does."""
+    env = _tasks_environment(matrix, container)
+    xdg = env.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = env.get("HF_HOME", os.path.join(xdg, "huggingface"))
+    cache = env.get("HF_HUB_CACHE",
+                    env.get("HUGGINGFACE_HUB_CACHE", os.path.join(_expanded(home, env), "hub")))
+    return Path(_expanded(cache, env))
+
+
+def _expanded(value: str, env: Mapping[str, str]) -> str:
+    """`value` with `~` (the tasks' home is this user's) and `$NAME`/`${NAME}` expanded as in a
+    process with environment `env`, not this one (os.path.expandvars's); unknown names stay."""
+    return re.sub(r"\$(\w+|\{([^}]*)\})",
+                  lambda m: env.get(m.group(2) or m.group(1), m.group(0)),
+                  os.path.expanduser(value))
 
 
 def datasets_cache_dir(matrix: Matrix, container: str) -> Path | None:
@@ -66,14 +82,12 @@ def _task_cache(env: Mapping[str, str], variable: str, under_home: str) -> Path 
     return None
 
 
-def cached_repo(source: ModelSource, cache_dir: Path | None) -> Path:
-    """The source's repo folder in the Hub cache (`cache_dir`, or huggingface_hub's default)."""
-    from huggingface_hub import constants
-
-    return Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{source.repo.replace('/', '--')}"
+def cached_repo(source: ModelSource, cache_dir: Path) -> Path:
+    """The source's repo folder in the Hub cache `cache_dir`."""
+    return cache_dir / f"models--{source.repo.replace('/', '--')}"
 
 
-def cached_commit(source: ModelSource, cache_dir: Path | None) -> str | None:
+def cached_commit(source: ModelSource, cache_dir: Path) -> str | None:
     """The commit the Hub cache holds for the source's revision (a ref written by a download, as
     `prefetch` does), or None."""
     revision = source.revision or "main"
@@ -238,7 +252,7 @@ def _check_visible_in_container(matrix: Matrix, cells: Sequence[Cell], report: R
             roots.append(Path(source).expanduser().resolve())
     roots += [matrix.root.resolve(), matrix.work_dir.resolve()]
     needed = [(f"runtime.env.{name}", value) for name, value in matrix.task_env("apptainer").items()
-              if name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")]
+              if name in CACHE_VARIABLES]
     if matrix.spec.eval is not None and matrix.spec.eval.include_path:
         needed.append(("eval.include_path", str(matrix.root / matrix.spec.eval.include_path)))
     needed += [(f"{_kind(name)}.path", str(Path(source.path) / (source.subfolder or "")))
@@ -310,17 +324,16 @@ def _pin_from_cache(matrix: Matrix, cells: Sequence[Cell], container: str,
     from .sources import missing_files
 
     cache = hub_cache_dir(matrix, container)
-    where = cache or "(default)"
     for key, source in hub_sources(list(cells)).items():
         commit = known.get(key) or cached_commit(source, cache)
-        missing = None if commit or not required else f"{source.key} is not in the Hub cache {where}"
+        missing = None if commit or not required else f"{source.key} is not in the Hub cache {cache}"
         if commit and required:
             # A ref (or a commit revision) is not the input: prefetch writes refs/<revision>
             # before any file, and may have fetched other subfolders of the repo only.
             folder = cached_repo(source, cache) / "snapshots" / commit / (source.subfolder or "")
             lacking = missing_files(folder) if folder.is_dir() else [str(folder)]
             if lacking:
-                missing = (f"{source.key} at {commit[:12]} is not in the Hub cache {where} "
+                missing = (f"{source.key} at {commit[:12]} is not in the Hub cache {cache} "
                            f"(lacks {', '.join(lacking)})")
         if missing:
             kind, name = _where(cells, source)

@@ -35,7 +35,8 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
     """Download every Hub base and adapter of MATRIX, and the datasets of its [eval] tasks, into
     the caches its tasks read.
 
-    Run it on the login node: the caches are the tasks' HF_HUB_CACHE or HF_HOME/hub and
+    Run it on the login node: the caches are the tasks' (HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE or
+    HF_HOME/hub, as huggingface_hub reads them) and
     HF_DATASETS_CACHE or HF_HOME/datasets ([runtime] env; in a container <work>/hf-home by
     default; else this environment's), so the tasks do not each download their base through
     the proxy at once, and with [runtime] offline = true the tasks never touch the network. Only
@@ -80,7 +81,7 @@ def _baseline_sources(targets: list[EvalTarget]) -> dict[str, ModelSource]:
 
 
 def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
-                     cache: Path | None) -> list[dict]:
+                     cache: Path) -> list[dict]:
     """Download each Hub source into `cache`; one row per source (commit, files, bytes)."""
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -88,7 +89,7 @@ def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
     rows = []
     for key, source in sources.items():
         allow, ignore = hub_patterns(source.subfolder)
-        click.echo(f"fetching {key} into {cache or 'the default Hub cache'}", err=True)
+        click.echo(f"fetching {key} into {cache}", err=True)
         try:
             snapshot = Path(api.snapshot_download(source.repo, revision=source.revision,
                                                   cache_dir=cache, allow_patterns=allow,

@@ -555,3 +555,57 @@ def test_check_refuses_a_gated_base_the_token_cannot_read(hub2, write_matrix):
     assert result.exit_code == 2, result.output
     assert ("base.repo: acme/base-1b is gated and this token has no access (input 'base'; accept "
             "its terms on the Hub)") in problems(result)
+
+
+# huggingface_hub reads its cache from HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE, else
+# HF_HOME/hub (HF_HOME itself defaulting to XDG_CACHE_HOME/huggingface), with `~` expanded: each
+# spelling a site may use names the cache the tasks read, which prefetch must fill and an offline
+# submit must find.
+@pytest.mark.parametrize("runtime_env, login_env", [
+    ({"HUGGINGFACE_HUB_CACHE": "{tmp}/legacy-hub"}, {}),
+    ({"XDG_CACHE_HOME": "{tmp}/xdg"}, {}),
+    ({"HF_HOME": "~/hf-home"}, {}),
+    ({"HF_HOME": "$PROJECT/hf-home"}, {"PROJECT": "{tmp}/project"}),
+    ({"HF_HOME": "{tmp}/hf-home"}, {"HUGGINGFACE_HUB_CACHE": "{tmp}/login-legacy-hub"}),
+])
+def test_every_spelling_of_the_hub_cache_is_the_one_prefetch_fills_and_submit_reads(
+        hub2, write_matrix, tmp_path, monkeypatch, runtime_env, login_env):
+    from bakery_slurm.matrix import load_matrix
+
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in login_env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    env = ", ".join(f'{name} = "{value.format(tmp=tmp_path)}"' for name, value in runtime_env.items())
+    matrix = write_matrix(TWO_SIZES.replace("[sizes.2b]\n", "")
+                          + f"offline = true\nenv = {{ {env} }}\n")
+    loaded = load_matrix(matrix)
+    task_env = {**os.environ, **loaded.task_env("none")}
+    task_cache = resolved_in(task_env, "huggingface_hub.constants.HF_HUB_CACHE",
+                             "huggingface_hub.constants")
+    assert str(preflight.hub_cache_dir(loaded, "none")) == task_cache
+    prefetched = invoke("prefetch", matrix)
+    assert prefetched.exit_code == 0, prefetched.output
+    assert (Path(task_cache) / "models--acme--base-1b" / "refs" / "main").is_file()
+    dry = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert f"--pin base={hub2.head('acme/base-1b')}" in dry.stdout
+
+
+def test_a_legacy_hub_cache_variable_in_a_container_is_the_cache_prefetch_fills(
+        hub2, write_matrix, tmp_path):
+    """In a container [runtime] env alone sets the cache: its HUGGINGFACE_HUB_CACHE wins over the
+    HF_HOME (<work>/hf-home) bakery-slurm adds there."""
+    from bakery_slurm.eval_prefetch import child_environment
+    from bakery_slurm.matrix import load_matrix
+
+    image = tmp_path / "bakery.sif"
+    image.write_text("an image")
+    matrix = write_matrix(TWO_SIZES.replace('container = "none"', f'container = "apptainer"\n'
+                                            f'image = "{image}"\n'
+                                            f'env = {{ HUGGINGFACE_HUB_CACHE = "{tmp_path}/hub" }}'))
+    loaded = load_matrix(matrix)
+    task_env = child_environment(os.environ, loaded.task_env("apptainer"), "apptainer")
+    assert str(preflight.hub_cache_dir(loaded, "apptainer")) == resolved_in(
+        task_env, "huggingface_hub.constants.HF_HUB_CACHE", "huggingface_hub.constants")
