@@ -147,8 +147,9 @@ def _fetch_hub(source: ModelSource, offline: bool, cache_dir: Path | None) -> Lo
 def missing_files(folder: Path) -> list[str]:
     """Files a model or adapter folder names but lacks: the shards its safetensors index lists,
     else its single weights file. A cached snapshot can be partial (an interrupted download, a
-    prefetch of other files): offline, that must fail here, not deep inside a load."""
-    names = {p.name for p in folder.iterdir()}
+    prefetch of other files): offline, that must fail here, not deep inside a load. A snapshot's
+    files are links into the cache's blobs/: one whose blob is gone (a purge by age) is missing."""
+    names = {p.name for p in folder.iterdir() if p.exists()}
     if "adapter_config.json" in names:
         wanted = {"adapter_model.safetensors"}
     elif "config.json" in names:

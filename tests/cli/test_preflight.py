@@ -609,3 +609,20 @@ def test_a_legacy_hub_cache_variable_in_a_container_is_the_cache_prefetch_fills(
     task_env = child_environment(os.environ, loaded.task_env("apptainer"), "apptainer")
     assert str(preflight.hub_cache_dir(loaded, "apptainer")) == resolved_in(
         task_env, "huggingface_hub.constants.HF_HUB_CACHE", "huggingface_hub.constants")
+
+
+# In huggingface_hub's cache a snapshot's files are links into blobs/. A work area purged by age
+# (or a blob removed by hand) leaves the link behind, dangling: the file is not in the cache.
+def test_offline_submit_refuses_a_cached_file_whose_blob_is_gone(hub, write_matrix, tmp_path):
+    hf_home = tmp_path / "hf-home"
+    matrix = write_matrix(HUB_MATRIX + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n')
+    assert invoke("prefetch", matrix).exit_code == 0
+    weights = (hf_home / "hub" / "models--acme--adapters" / "snapshots" / hub.adapters
+               / "1b-std" / "nob" / "adapter_model.safetensors")
+    weights.unlink()
+    weights.symlink_to("../../../../blobs/purged")
+    result = invoke("submit", matrix, "--executor", "local", "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert any(p.startswith(f"adapter.repo: hub:acme/adapters/1b-std/nob at {hub.adapters[:12]} "
+                            "is not in the Hub cache") and "lacks adapter_model.safetensors" in p
+               for p in problems(result)), problems(result)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from fakes import FakeHubApi
 
 from bakery_slurm import manifest, sources
+from bakery_slurm.errors import BakeryError
 from bakery_slurm.matrix import ModelSource
 from bakery_slurm.sources import fetch, hub_patterns
 from bakery_slurm.stages.push import base_card
@@ -164,3 +166,19 @@ def test_a_hub_source_fetches_its_own_folder_not_its_subfolders(subfolder):
     allow, ignore = hub_patterns(subfolder)
     assert sorted(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore)) == \
         sorted([f"{at}config.json", f"{at}model.safetensors", f"{at}tokenizer.json", "README.md"])
+
+
+def test_an_offline_fetch_names_a_cached_file_whose_blob_is_gone(tmp_path):
+    """A snapshot's file is a link into blobs/: with the blob purged, the file is missing."""
+    api = FakeHubApi(download_dir=tmp_path / "downloads")
+    api.seed("org/base", {"config.json": b"{}", "model.safetensors": b"\0" * 8})
+    cache = tmp_path / "hf-home" / "hub"
+    allow, ignore = hub_patterns(None)
+    snapshot = Path(api.snapshot_download("org/base", revision=None, cache_dir=cache,
+                                          allow_patterns=allow, ignore_patterns=ignore))
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to("../../blobs/purged")
+    with pytest.raises(BakeryError, match=f"{snapshot / 'model.safetensors'} is not in the Hub "
+                                          "cache and the runtime is offline"):
+        fetch(ModelSource(repo="org/base", path=None, subfolder=None, revision=None),
+              offline=True, cache_dir=cache)
