@@ -35,6 +35,7 @@ silently), and takes HfApi's own `CommitOperationAdd` and `CommitOperationDelete
   `filter_repo_objects` keeps into the cache layout huggingface_hub reads offline
   (`models--<owner>--<name>/snapshots/<commit>/...`, plus `refs/<revision>` unless the revision
   is a commit), as plain files rather than links into `blobs/`; returns the snapshot folder.
+  A repo in `gated` raises `GatedRepoError` (403), as the real download of its files does.
 
 Failures are scripted per method: `failures={"create_commit": [412, 503]}` makes the next two
 calls raise a real `huggingface_hub.errors.HfHubHTTPError` whose `response.status_code` is 412,
@@ -213,6 +214,9 @@ class FakeHubApi:
                           ignore_patterns: list[str] | None = None) -> str:
         self._enter("snapshot_download", repo_id=repo_id, revision=revision, cache_dir=cache_dir,
                     allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        if repo_id in self.gated:
+            raise http_error(403, f"{HUB}/{repo_id}/resolve/{revision or 'main'}/config.json",
+                             cls=GatedRepoError)
         with self._lock:
             commit = self._resolve(repo_id, revision)
             files = dict(self._snapshots[commit])

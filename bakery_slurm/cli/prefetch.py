@@ -83,7 +83,8 @@ def _baseline_sources(targets: list[EvalTarget]) -> dict[str, ModelSource]:
 def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
                      cache: Path) -> list[dict]:
     """Download each Hub source into `cache`; one row per source (commit, files, bytes)."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     api = preflight.hub_api()
     rows = []
@@ -94,6 +95,11 @@ def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
             snapshot = Path(api.snapshot_download(source.repo, revision=source.revision,
                                                   cache_dir=cache, allow_patterns=allow,
                                                   ignore_patterns=ignore))
+        except GatedRepoError:
+            # A RepositoryNotFoundError too, but the repo is there: its terms are not accepted.
+            raise ConfigError(f"{loaded.path}: {key}: {source.repo} is gated and this token has "
+                              f"no access (accept its terms on the Hub, then run prefetch "
+                              f"again)") from None
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
             raise ConfigError(f"{loaded.path}: {key}: not on the Hub ({e})") from None
         except Exception as e:  # the network: httpx's errors, timeouts, a refused proxy

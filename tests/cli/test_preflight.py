@@ -626,3 +626,13 @@ def test_offline_submit_refuses_a_cached_file_whose_blob_is_gone(hub, write_matr
     assert any(p.startswith(f"adapter.repo: hub:acme/adapters/1b-std/nob at {hub.adapters[:12]} "
                             "is not in the Hub cache") and "lacks adapter_model.safetensors" in p
                for p in problems(result)), problems(result)
+
+
+def test_prefetch_names_a_gated_repo_as_gated_not_as_missing(hub, write_matrix, tmp_path):
+    hub.gated = {"acme/base-1b"}
+    matrix = write_matrix(HUB_MATRIX + f'env = {{ HF_HOME = "{tmp_path}/hf-home" }}\n')
+    result = invoke("prefetch", matrix)
+    assert result.exit_code == 2, result.output
+    assert ("hub:acme/base-1b: acme/base-1b is gated and this token has no access (accept its "
+            "terms on the Hub, then run prefetch again)") in result.stderr
+    assert "not on the Hub" not in result.stderr
