@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from . import fsutil
 from .errors import BakeryError
-from .manifest import content_hash, manifest, scan, without_signatures
+from .manifest import content_hash, scan
 from .matrix import ModelSource
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,13 @@ def fetch(source: ModelSource, hash_cache: Path | None = None, offline: bool = F
     path = _local_folder(source)
     if not path.is_dir():
         raise BakeryError(f"model folder {path} does not exist (from {source.describe()})")
-    files = _hash_local(path, hash_cache) if hash_cache else manifest(path)
+    files = _hash_local(path, hash_cache) if hash_cache else scan(path)
+    changed = [name for name, info in files.items() if info["signature"] is None]
+    if changed:
+        # Its hash is of bytes the file never held at once, and the bake would read others.
+        raise BakeryError(f"{path / changed[0]} changed while it was hashed (still being "
+                          f"written?): run the cell again once it is complete "
+                          f"(from {source.describe()})")
     return LocalModel(path=path, identity={"path": str(path), "sha256": content_hash(files)})
 
 
@@ -93,7 +99,7 @@ RACY_WINDOW_NS = 300 * 10**9
 
 
 def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
-    """`manifest(path)`, reading only files changed since the hashes kept in `hash_cache`."""
+    """`scan(path)`, reading only files changed since the hashes kept in `hash_cache`."""
     record = Path(hash_cache) / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
     try:
         written = record.stat().st_mtime_ns
@@ -110,7 +116,7 @@ def _hash_local(path: Path, hash_cache: Path) -> dict[str, dict[str, Any]]:
     if files != known:
         with fsutil.locked(record.with_suffix(".lock")):
             fsutil.atomic_write_json(record, {"path": str(path.resolve()), "files": files})
-    return without_signatures(files)
+    return files
 
 
 def _fetch_hub(source: ModelSource, offline: bool, cache_dir: Path | None) -> LocalModel:

@@ -182,3 +182,23 @@ def test_an_offline_fetch_names_a_cached_file_whose_blob_is_gone(tmp_path):
                                           "cache and the runtime is offline"):
         fetch(ModelSource(repo="org/base", path=None, subfolder=None, revision=None),
               offline=True, cache_dir=cache)
+
+
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_a_local_source_written_while_it_is_hashed_is_refused_naming_the_file(
+        model, tmp_path, monkeypatch, with_cache):
+    """A trainer still saving the adapter: the hash would be of bytes that never were the file
+    (and the bake would read others). The cell must fail naming it, not bake under that identity."""
+    real = manifest.sha256_file
+    weights = model / "adapter_model.safetensors"
+
+    def hashed_while_written(path):
+        digest = real(path)
+        if path == weights:
+            with open(weights, "ab") as f:
+                f.write(b"the rest of the epoch")
+        return digest
+
+    monkeypatch.setattr(manifest, "sha256_file", hashed_while_written)
+    with pytest.raises(BakeryError, match=f"{weights} changed while it was hashed"):
+        fetch(local(model), hash_cache=tmp_path / "hashes" if with_cache else None)
