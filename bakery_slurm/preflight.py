@@ -244,13 +244,18 @@ DEFAULT_BINDS = ("~", "/tmp", "/var/tmp")
 def _check_visible_in_container(matrix: Matrix, cells: Sequence[Cell], report: Report) -> None:
     """A task sees only the bound folders: every folder it reads or writes outside the image
     (local inputs, the Hub and datasets caches of [runtime] env, eval tasks) must be under one."""
-    # Every path is read at the path the matrix names, and a bind SRC:DST shows SRC only at DST.
+    # Every path is read at the path the matrix names (a local input's resolved), and a bind
+    # SRC:DST shows SRC only at DST. The container finds a path from its mount points, at the
+    # paths written, so the path itself must be under one; its symlinks are then followed there,
+    # so where they lead must be bound too.
     roots = []
     for bind in [*matrix.runtime.binds, *DEFAULT_BINDS]:
         source, _, rest = bind.partition(":")
         if rest.partition(":")[0] in ("", source):
-            roots.append(Path(source).expanduser().resolve())
-    roots += [matrix.root.resolve(), matrix.work_dir.resolve()]
+            roots.append(Path(source).expanduser())
+    roots += [matrix.root, matrix.work_dir]
+    written = [Path(os.path.normpath(root.absolute())) for root in roots]
+    resolved = [root.resolve() for root in roots]
     needed = [(f"runtime.env.{name}", value) for name, value in matrix.task_env("apptainer").items()
               if name in CACHE_VARIABLES]
     if matrix.spec.eval is not None and matrix.spec.eval.include_path:
@@ -259,12 +264,17 @@ def _check_visible_in_container(matrix: Matrix, cells: Sequence[Cell], report: R
                for cell in cells for name, source in cell_inputs(cell).items()
                if source.path is not None]
     for key, value in dict.fromkeys(needed):
-        path = Path(value).expanduser().resolve()
-        if not any(path == root or path.is_relative_to(root) for root in roots):
+        path = Path(value).expanduser()
+        if not (_under(Path(os.path.normpath(path.absolute())), written)
+                and _under(path.resolve(), resolved)):
             report.problems.append(
                 f"{key}: {value} is under none of the folders a task's container sees (the matrix "
                 f"and work folders, [runtime] binds, ~ and /tmp): add a folder above it to "
                 f"runtime.binds")
+
+
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
 def _resolve_hub_sources(matrix: Matrix, cells: Sequence[Cell], api: Any,

@@ -636,3 +636,29 @@ def test_prefetch_names_a_gated_repo_as_gated_not_as_missing(hub, write_matrix, 
     assert ("hub:acme/base-1b: acme/base-1b is gated and this token has no access (accept its "
             "terms on the Hub, then run prefetch again)") in result.stderr
     assert "not on the Hub" not in result.stderr
+
+
+def test_a_local_input_reached_through_a_bound_symlink_is_named(hub, tmp_path, monkeypatch):
+    """A bind shows its folder at the path written (a symlink there is not resolved), but the
+    matrix reads a local input at its resolved path: /cluster/projects/x -> /lustre/x bound,
+    a base under it is read at /lustre/x/..., which the container does not have."""
+    monkeypatch.setattr(preflight, "DEFAULT_BINDS", ())  # tmp_path is under /tmp
+    (tmp_path / "lustre" / "base-1b").mkdir(parents=True)
+    (tmp_path / "lustre" / "base-1b" / "config.json").write_text("{}")
+    (tmp_path / "projects").symlink_to(tmp_path / "lustre")
+    (tmp_path / "matrix").mkdir()
+    image = tmp_path / "matrix" / "bakery.sif"
+    image.write_text("an image")
+    text = (HUB_MATRIX.replace('repo = "acme/base-{size}"',
+                               f'path = "{tmp_path}/projects/base-{{size}}"')
+            .replace('container = "none"', f'container = "apptainer"\nimage = "{image}"\n'
+                     f'binds = ["{tmp_path}/projects"]'))
+    (tmp_path / "matrix" / "matrix.toml").write_text(text)
+    result = invoke("check", tmp_path / "matrix" / "matrix.toml", "--executor", "slurm")
+    assert (f"base.path: {tmp_path}/lustre/base-1b is under none of the folders a task's "
+            "container sees (the matrix and work folders, [runtime] binds, ~ and /tmp): add a "
+            "folder above it to runtime.binds") in problems(result), result.output
+    bound = text.replace(f'binds = ["{tmp_path}/projects"]', f'binds = ["{tmp_path}/lustre"]')
+    (tmp_path / "matrix" / "matrix.toml").write_text(bound)
+    result = invoke("check", tmp_path / "matrix" / "matrix.toml", "--executor", "slurm")
+    assert not [p for p in problems(result) if "under none of the folders" in p], result.output
