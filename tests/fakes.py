@@ -12,6 +12,12 @@ silently), and takes HfApi's own `CommitOperationAdd` and `CommitOperationDelete
   `revision` (default: the head of main) points to and whose `private` is the repo's visibility
   (`create_repo`'s or `seed`'s `private`, public by default, as on the Hub); an unknown revision raises `RevisionNotFoundError`.
 - ``list_repo_files(repo_id, *, revision=None, repo_type=None)``: every path at that commit.
+- ``list_repo_tree(repo_id, *, recursive=False, revision=None, repo_type=None)``: the files and
+  folders at that commit (the top level only unless `recursive`), as huggingface_hub's `RepoFile`
+  (`blob_id`: git's blob id of the content, as the Hub's; `lfs` None, see below) and `RepoFolder`
+  (a `tree_id` that changes with what is below it, not git's). A generator, like HfApi's, which
+  fetches its pages as it is iterated: the call is recorded, and a scripted failure raised, when
+  the first entry is asked for.
 - ``preupload_lfs_files(repo_id, *, additions, repo_type=None)``: transfers the content of every
   addition not yet `_is_uploaded` into the repo's content store, skipping content the store holds
   already (the server answers "already present" for those, which is how a rerun resumes), then
@@ -66,10 +72,10 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, RepoFile, RepoFolder
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -195,6 +201,23 @@ class FakeHubApi:
         self._enter("list_repo_files", repo_id=repo_id, revision=revision, repo_type=repo_type)
         with self._lock:
             return sorted(self._snapshots[self._resolve(repo_id, revision)])
+
+    def list_repo_tree(self, repo_id: str, *, recursive: bool = False, revision: str | None = None,
+                       repo_type: str | None = None) -> Iterator[RepoFile | RepoFolder]:
+        self._enter("list_repo_tree", repo_id=repo_id, recursive=recursive, revision=revision,
+                    repo_type=repo_type)
+        with self._lock:
+            files = dict(self._snapshots[self._resolve(repo_id, revision)])
+        folders = {name.rsplit("/", depth)[0] for name in files
+                   for depth in range(1, name.count("/") + 1)}
+        for folder in sorted(folders):
+            if recursive or "/" not in folder:
+                below = sorted((n, _blob_id(d)) for n, d in files.items()
+                               if n.startswith(f"{folder}/"))
+                yield RepoFolder(path=folder, oid=hashlib.sha1(repr(below).encode()).hexdigest())
+        for name, data in sorted(files.items()):
+            if recursive or "/" not in name:
+                yield RepoFile(path=name, size=len(data), oid=_blob_id(data))
 
     def auth_check(self, repo_id: str, *, repo_type: str | None = None,
                    write: bool = False) -> None:
@@ -364,6 +387,11 @@ class FakeHubApi:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_bytes(data)
         return root
+
+
+def _blob_id(data: bytes) -> str:
+    """Git's object id of a file holding `data`, which the Hub reports as its `blob_id`."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _content(op: CommitOperationAdd) -> bytes:

@@ -13,6 +13,13 @@ A `dir:` target does the same under a lock. Reads are pinned to the head commit:
 of `main` falls back silently to the copy cached earlier on a connection error, which would make a
 stale record or card look current; a file cached for a commit can only be that commit's.
 
+Each read lists the files at the commit with their git blob ids (`list_repo_tree`, one request per
+1,000 files) and downloads only the records and card whose blob id this target has not read yet.
+A blob id names its content, so what is kept by blob id is exactly the file at that commit, and a
+conflict costs the files committed meanwhile, not every cell's record again: 100 tasks re-reading
+100 records per conflict would spend the account's requests (about 1,000 per 5 minutes, then 429)
+and make each try slow, so that more tasks collide and the conflict cap runs out.
+
 The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a
 re-read, not a re-upload. Failed transfers (huggingface_hub wraps a failed LFS/Xet transfer in a
 `RuntimeError`), 429, 5xx and connection errors are retried with capped exponential backoff and
@@ -192,11 +199,14 @@ class HubTarget:
             api = HfApi()
         self.repo_id, self.private, self.api, self.sleep = repo_id, private, api, sleep
         self.deadline, self.clock = deadline, clock
+        self._blobs: dict[str, bytes] = {}  # git blob id -> the content it names, as downloaded
 
     # -- reading, always at one commit ----------------------------------------------------------
 
-    def head(self) -> tuple[str, list[str]] | None:
-        """(commit at the head of main, its files), or None when the repo does not exist."""
+    def head(self) -> tuple[str, dict[str, str]] | None:
+        """(commit at the head of main, {path: git blob id} of its files), or None when the repo
+        does not exist."""
+        from huggingface_hub import RepoFile
         from huggingface_hub.errors import RepositoryNotFoundError
 
         def info() -> str | None:
@@ -208,24 +218,33 @@ class HubTarget:
         sha = self._retry(info, "read the head commit")
         if sha is None:
             return None
-        files = self._retry(lambda: self.api.list_repo_files(self.repo_id, revision=sha),
-                            "list the repo's files")
-        return sha, list(files)
+        # list_repo_tree fetches its pages as it is iterated: iterated inside the retried call, so
+        # that a failed page is retried too
+        files = self._retry(lambda: {
+            entry.path: entry.blob_id
+            for entry in self.api.list_repo_tree(self.repo_id, recursive=True, revision=sha)
+            if isinstance(entry, RepoFile)}, "list the repo's files")
+        return sha, files
 
-    def read(self, sha: str, name: str) -> bytes:
-        local = self._retry(lambda: self.api.hf_hub_download(self.repo_id, name, revision=sha),
-                            f"read {name}")
-        return Path(local).read_bytes()
+    def read(self, sha: str, name: str, blob_id: str) -> bytes:
+        """File `name` at commit `sha`, whose blob id there is `blob_id`: downloaded only the first
+        time this target meets that blob id."""
+        if blob_id not in self._blobs:
+            local = self._retry(lambda: self.api.hf_hub_download(self.repo_id, name, revision=sha),
+                                f"read {name}")
+            self._blobs[blob_id] = Path(local).read_bytes()
+        return self._blobs[blob_id]
 
-    def records_at(self, sha: str, files: list[str], cells: list[str] | None = None
+    def records_at(self, sha: str, files: Mapping[str, str], cells: list[str] | None = None
                    ) -> dict[str, dict[str, Any]]:
-        """The records published at commit `sha` (only `cells`' when given)."""
+        """The records published at commit `sha`, whose files are `files` (path -> blob id; only
+        `cells`' records when given)."""
         suffix = f"/{RECORD_FILE}"
         records = {}
-        for name in files:
+        for name, blob_id in files.items():
             cell_id = name[:-len(suffix)]
             if name.endswith(suffix) and (cells is None or cell_id in cells):
-                record = _parse_record(self.read(sha, name))
+                record = _parse_record(self.read(sha, name, blob_id))
                 if record is not None:
                     records[cell_id] = record
         return records
@@ -242,7 +261,8 @@ class HubTarget:
         state = self.head()
         if state is None or ROOT_CARD not in state[1]:
             return None
-        return self.read(state[0], ROOT_CARD).decode()
+        sha, files = state
+        return self.read(sha, ROOT_CARD, files[ROOT_CARD]).decode()
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -269,7 +289,8 @@ class HubTarget:
             records = self.records_at(sha, files)
             _check_unchanged(self.repo_id, items, records)
             records.update({item.cell_id: item.record for item in items})
-            previous = self.read(sha, ROOT_CARD).decode() if ROOT_CARD in files else None
+            previous = (self.read(sha, ROOT_CARD, files[ROOT_CARD]).decode()
+                        if ROOT_CARD in files else None)
             card = CommitOperationAdd(ROOT_CARD, render_root(records, previous).encode())
             # The cells' folders end up holding exactly this upload: a re-push with fewer or
             # renamed shards leaves none of the old ones behind.

@@ -154,12 +154,14 @@ def test_retryable_status_is_retried_then_succeeds(tmp_path, item, sleeps, statu
 
 
 def test_mixed_failures_on_every_call_then_one_commit(tmp_path, item, sleeps):
-    target, api = hub(tmp_path, sleeps, create_repo=[503], repo_info=[502],
+    # list_repo_tree fails as it is iterated (HfApi's fetches its pages so): retried all the same
+    target, api = hub(tmp_path, sleeps, create_repo=[503], repo_info=[502], list_repo_tree=[503],
                       preupload_lfs_files=[429], create_commit=[503, 500])
     target.publish([item], "msg", render_root())
     assert len(api.calls_to("create_repo")) == 2 and len(api.calls_to("create_commit")) == 3
+    assert len(api.calls_to("list_repo_tree")) == 2
     assert [c.message for c in api.commits] == ["initial commit", "msg"]
-    assert len(sleeps) == 5
+    assert len(sleeps) == 6
     assert all(call["exist_ok"] is True for call in api.calls_to("create_repo"))
 
 
@@ -406,6 +408,39 @@ def test_concurrent_pushes_of_n_cells_end_with_all_n_in_the_card(tmp_path, n):
     assert len(cells_in(card)) == len({i.split("/")[0] for i in ids})
     assert f"Total: {n} merged checkpoint" in card
     assert all(f"{i}/{RECORD_FILE}" in api.repos[REPO] for i in ids)
+
+
+def test_a_conflict_downloads_only_the_records_committed_meanwhile(tmp_path, item, sleeps):
+    """Each try lists the repo once with blob ids and downloads only what changed since the last
+    read: 100 tasks re-reading 100 records per conflict would spend the account's requests (about
+    1,000 per 5 minutes). The card is still rendered from exactly the records at the commit."""
+    published = {f"1b-v{i}/eng-nob__ties": record(f"1b-v{i}/eng-nob__ties") for i in range(10)}
+    target, api = hub(tmp_path, sleeps)
+    api.seed(REPO, {**{f"{cell}/{RECORD_FILE}": json.dumps(rec).encode()
+                       for cell, rec in published.items()}, "README.md": b"card"})
+    # Other tasks commit between our read and our commit twice: a new cell, then a cell again.
+    added, changed = "1b-v10/eng-nob__ties", {**published["1b-v3/eng-nob__ties"], "device": "cuda"}
+    theirs = [{f"{added}/{RECORD_FILE}": json.dumps(record(added)).encode(),
+               "README.md": b"card with v10"},
+              {f"1b-v3/eng-nob__ties/{RECORD_FILE}": json.dumps(changed).encode(),
+               "README.md": b"card with v3 on cuda"}]
+    api.before["create_commit"] = lambda: theirs and api.put(REPO, theirs.pop(0))
+    rendered: list[dict] = []
+
+    def render(records: dict, previous: str | None) -> str:
+        rendered.append(records)
+        return render_root()(records, previous)
+
+    target.publish([item], "us", render)
+    downloads = [call["filename"] for call in api.calls_to("hf_hub_download")]
+    assert downloads == sorted(f"{cell}/{RECORD_FILE}" for cell in published) + ["README.md"] + [
+        f"{added}/{RECORD_FILE}", "README.md",  # the cell another task added
+        f"1b-v3/eng-nob__ties/{RECORD_FILE}", "README.md"]  # the cell another task pushed again
+    # three tries, each reading the head and listing the repo once
+    assert len(sleeps) == 2 and len(api.calls_to("create_commit")) == 3
+    assert len(api.calls_to("repo_info")) == len(api.calls_to("list_repo_tree")) == 3
+    assert rendered[-1] == {**published, added: record(added), "1b-v3/eng-nob__ties": changed,
+                            CELL: item.record}
 
 
 def test_the_notes_section_survives_every_commit(tmp_path, item, sleeps):
