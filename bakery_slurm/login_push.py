@@ -122,7 +122,7 @@ def push_verified(cells: list[Cell], work: Path, push: PushTarget, context: Card
         for item in there:
             _mark_published(CellPaths(work, item.cell_id), {
                 "status": "skipped", "target": f"{push}/{item.cell_id}", "seconds": 0,
-                "reason": "the target holds this recipe hash and these inputs already",
+                "reason": push_stage.ALREADY_PUBLISHED,
                 "pushed_by": PUSHED_BY})
             rows.append({"cell": item.cell_id, "action": "already at the target"})
         for item in todo:

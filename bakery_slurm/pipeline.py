@@ -2,10 +2,12 @@
 
 The stages are the `Step`s of STEPS, in order; each declares the fields of `Flow` it needs and
 gives, the inputs its output depends on, and how it finds what it recorded last time, so one rule
-decides every skip. With the bakery engine (the default) "bake" only fetches and plans, "merge"
-writes the final checkpoint in one pass from the base and the LoRA factors, and "strip" has
-nothing to do; with `[merge] engine = "mergekit"` (or an adapter the engine cannot compute
-exactly) PEFT bakes each adapter, mergekit merges the bakes and strip repairs the names.
+decides every skip, push's excepted: push asks the target whether it holds the cell already only
+after preparing the cell's publish folder, so that a failed read leaves the cell publishable.
+With the bakery engine (the default) "bake" only fetches and plans, "merge" writes the final
+checkpoint in one pass from the base and the LoRA factors, and "strip" has nothing to do; with
+`[merge] engine = "mergekit"` (or an adapter the engine cannot compute exactly) PEFT bakes each
+adapter, mergekit merges the bakes and strip repairs the names.
 
 Every stage writes its output atomically and records what it produced; a rerun reuses an output
 whose marker is intact and whose recorded inputs are the current ones, so a task killed at any
@@ -431,9 +433,9 @@ def _verify_previous(flow: Flow) -> dict[str, Any] | None:
 
 
 def _push_inputs(flow: Flow) -> dict[str, Any]:
-    """What a published cell must match to be skipped: its recipe hash, which names sources, and
-    the inputs they resolved to (a retrained adapter at the same path, or a new commit of an
-    unpinned repo, keeps the recipe hash), as published: repo ids and commits, content hashes."""
+    """What the cell is published as, recorded with the stage: its recipe hash, which names
+    sources, and the inputs they resolved to, as published (repo ids and commits, content hashes).
+    The same pair in the target's record skips the push (`push.is_published`)."""
     from .stages import push as push_stage
 
     return {"recipe_hash": flow.cell.recipe_hash, "sources": push_stage.public_inputs(flow.sources)}
@@ -447,13 +449,20 @@ def _push(flow: Flow, inputs: dict[str, Any]) -> dict[str, Any]:
     card_dir = flow.base.path
     if cell.base.repo is not None and cell.base.subfolder:
         card_dir = card_dir.parents[len(Path(cell.base.subfolder).parts) - 1]
+    # The publish folder first, before the target is asked anything: whatever fails from here on
+    # (the Hub unreachable, a rate limit past the task's time limit) leaves a cell that
+    # `bakery-slurm push` publishes, as the PushError says; it publishes prepared folders only.
     record = push_stage.prepare(cell, paths.final, paths.publish, flow.sources, card_dir,
                                 flow.result["stages"]["merge"], flow.result["versions"],
                                 flow.card.evals if flow.card else None)
     if cell.push.defer:  # GPU nodes never wait on uploads: `bakery-slurm push` publishes
         return {"status": "deferred", "target": f"{cell.push}/{cell.id}",
                 "bytes_read": 0, "bytes_written": 0}
+    # One target for both: the publish's first read finds the record read here already.
     target = push_stage.make_target(cell.push, api=flow.hub_api, deadline=_push_deadline(flow))
+    if push_stage.is_published(record, target.published_record(cell.id)):
+        return {"status": "skipped", "reason": push_stage.ALREADY_PUBLISHED,
+                "target": f"{cell.push}/{cell.id}", "bytes_read": 0, "bytes_written": 0}
     item = push_stage.Publication(cell.id, paths.publish, record)
     where = push_stage.publish_cells(target, cell.push, [item], flow.card)[cell.id]
     return {"target": where, "bytes_read": _size(paths.publish),
@@ -466,21 +475,6 @@ def _push_deadline(flow: Flow) -> float:
 
     return (flow.started + flow.cell.resources.time_min * 60
             - push_stage.TIME_LIMIT_RESERVE_S)
-
-
-def _push_previous(flow: Flow) -> dict[str, Any] | None:
-    """The target's record of this cell (none asked for when the push is deferred: the node
-    may have no route to the target)."""
-    from .stages import push as push_stage
-
-    if flow.cell.push.defer:
-        return None
-    published = push_stage.make_target(flow.cell.push, api=flow.hub_api,
-                                       deadline=_push_deadline(flow)).published_record(flow.cell.id)
-    if not published:
-        return None
-    return {"inputs": {"recipe_hash": published.get("recipe_hash"),
-                       "sources": published.get("inputs")}}
 
 
 STEPS = (
@@ -497,11 +491,9 @@ STEPS = (
     Step("verify", needs=("final_sha", "base_dir", "base_tensors", "loader"), gives=(),
          run=_verify, inputs=lambda flow: {"final": flow.final_sha}, previous=_verify_previous,
          resume=lambda flow, record: {k: v for k, v in record.items() if k != "inputs"}),
-    Step("push", needs=("base", "sources"), gives=(), run=_push, inputs=_push_inputs,
-         previous=_push_previous,
-         resume=lambda flow, record: {
-             "reason": "the target holds this recipe hash and these inputs already",
-             "target": f"{flow.cell.push}/{flow.cell.id}"}),
+    # No `previous`: whether the target holds the cell already is asked inside `_push`, after
+    # the publish folder is prepared (see there).
+    Step("push", needs=("base", "sources"), gives=(), run=_push, inputs=_push_inputs),
 )
 STAGES = tuple(step.name for step in STEPS)
 

@@ -538,6 +538,9 @@ def prepared(out: Path) -> dict[str, Any] | None:
     return _read_record(Path(out) / RECORD_FILE)
 
 
+ALREADY_PUBLISHED = "the target holds this recipe hash and these inputs already"
+
+
 def is_published(record: Mapping[str, Any], published: Mapping[str, Any] | None) -> bool:
     """The target holds this recipe hash and these inputs already. (The recipe hash names
     sources, not their content: a retrained adapter at the same path, or a new commit of an
