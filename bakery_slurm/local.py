@@ -8,16 +8,26 @@ process the task started), and keeps one state file per task, so `status` in any
 PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT and CANCELLED apart, and reports a task whose process
 (or supervisor) died without a word as NODE_FAIL.
 
+Across arrays, at most `MachineSlots.count` local tasks of this user run on this machine at once
+(`BAKERY_LOCAL_MAX_TASKS`, default the CPUs this process may use): two submits, a merge array and
+its eval array, or several resource groups would otherwise each run `parallelism` tasks, and a
+laptop runs out of memory. A slot is a lock file under a per-user, per-host folder
+(`BAKERY_LOCAL_SLOTS_DIR`, default ~/.cache/bakery-slurm/local-slots/HOST), locked (fcntl,
+non-blocking) by the supervisor for as long as one of its tasks runs; the kernel frees it when
+the supervisor dies, however it dies. A task takes a slot only once it may start: a task waiting
+for another task holds none, so an eval never keeps its merge from starting.
+
 A task may wait for a task of another local array (an eval for its cell's merge, as SLURM's
 `aftercorr`/`afterok`): it starts once that one is COMPLETED, and is CANCELLED, with the reason in
 its stderr log, once that one ended otherwise (as SLURM's `--kill-on-invalid-dep=yes`).
 
 Layout of an array folder: array.json (what to run), supervisor.json (its pid), and per task i:
-i.state.json, i.out, i.err, and i.cancel when a cancel was requested.
+i.state.json, i.out, i.err, and i.cancel when a cancel was requested. Slot folder: slot-<n>.lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -28,15 +38,49 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from . import fsutil
+from .errors import SchedulerError
 from .slurm_commands import TaskState
 from .task_command import task_environment
 
 POLL_S = 0.2  # how often the supervisor checks its children, deadlines and cancel requests
 # From SIGTERM to SIGKILL, for a cancelled task or one at its time limit: SLURM's default KillWait.
 KILL_WAIT_S = 30
+MAX_TASKS_ENV = "BAKERY_LOCAL_MAX_TASKS"  # the machine-wide cap on running local tasks
+SLOTS_DIR_ENV = "BAKERY_LOCAL_SLOTS_DIR"  # where its slots are kept
+
+
+@dataclass(frozen=True)
+class MachineSlots:
+    """The machine-wide cap: at most `count` local tasks run at once, one per lock file
+    slot-<n>.lock in `folder`, whatever array they belong to."""
+
+    folder: Path
+    count: int
+
+
+def machine_slots(env: Mapping[str, str], cpus: int, host: str, home: Path) -> MachineSlots:
+    """The slots every local array of this user on this host shares, as `env` sets them.
+
+    The folder is per host: a home folder shared by several login nodes (NFS) must not make one
+    node's tasks count against another's."""
+    value = env.get(MAX_TASKS_ENV, "").strip()
+    if value and not (value.isdigit() and int(value) >= 1):
+        raise SchedulerError(f"{MAX_TASKS_ENV} must be a whole number of at least 1 (the most "
+                             f"local tasks that run at once on this machine), got {value!r}")
+    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else home / ".cache"
+    folder = (Path(env[SLOTS_DIR_ENV]) if env.get(SLOTS_DIR_ENV)
+              else cache / "bakery-slurm" / "local-slots" / host)
+    return MachineSlots(folder.expanduser().absolute(), int(value) if value else cpus)
+
+
+def this_machine_slots() -> MachineSlots:
+    """`machine_slots` of this process's environment, CPUs (those it may use), host and home."""
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
+    return machine_slots(os.environ, cpus, socket.gethostname(), Path.home())
 
 
 def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str],
@@ -44,12 +88,15 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
            after: list[dict[str, Any]] | None = None) -> str:
     """Write the array description and start its supervisor, detached; return `job_id`.
 
-    `after`, per task: the task it waits for, {"folder", "job_id", "index"} of a local array."""
+    `after`, per task: the task it waits for, {"folder", "job_id", "index"} of a local array.
+    The machine's slots are resolved here, from this environment, and recorded: an invalid
+    `BAKERY_LOCAL_MAX_TASKS` (SchedulerError) starts nothing."""
+    slots = this_machine_slots()
     folder.mkdir(parents=True, exist_ok=True)
     fsutil.atomic_write_json(folder / "array.json", {
         "job_id": job_id, "argvs": argvs, "pass_env": pass_env, "container": container,
         "parallelism": parallelism, "time_limit_s": time_min * 60, "kill_wait_s": KILL_WAIT_S,
-        "after": after})
+        "after": after, "slots": {"folder": str(slots.folder), "count": slots.count}})
     for index in range(len(argvs)):
         _write_state(folder, index, "PENDING")
     with open(folder / "supervisor.log", "ab") as log:
@@ -124,14 +171,52 @@ def log_paths(folder: Path, index: int) -> tuple[Path, Path]:
 
 @dataclass
 class _Running:
-    """A started task: its process, when its time limit is reached (monotonic seconds), and
-    the last signal the supervisor sent it, SIGKILL following SIGTERM `kill_wait_s` later."""
+    """A started task: its process, the machine slot it holds (its number and the locked file),
+    when its time limit is reached (monotonic seconds), and the last signal the supervisor sent
+    it, SIGKILL following SIGTERM `kill_wait_s` later."""
 
     process: subprocess.Popen
+    slot: tuple[int, int]
     deadline: float
     timed_out: bool = False
     sent: int | None = None
     kill_at: float | None = None
+
+
+def next_starts(pending: Sequence[int], free: int,
+                waited: Mapping[int, str]) -> tuple[list[int], dict[int, str]]:
+    """What a supervisor round does with its pending tasks (pure).
+
+    `waited` is the state of the task each pending one waits for (COMPLETED for one that waits
+    for nothing); `free` is how many more of the array's own tasks may run. Returns the tasks to
+    start, in order, at most `free` (each still needs a machine slot), and {index: state} of the
+    tasks to cancel because the task they wait for ended otherwise. A task whose waited-for task
+    is PENDING or RUNNING is in neither: it waits, holding no slot that the task it waits for may
+    need."""
+    ready = [i for i in pending if waited[i] == "COMPLETED"]
+    never = {i: waited[i] for i in pending if waited[i] not in ("PENDING", "RUNNING", "COMPLETED")}
+    return ready[:max(free, 0)], never
+
+
+def take_slot(slots: MachineSlots, held: set[int]) -> tuple[int, int] | None:
+    """Lock a free slot of the machine: (its number, the open file holding the lock), or None
+    when every slot is taken. Closing the file frees it; so does the kernel when this process
+    dies.
+
+    `held` are the slots this process holds already: fcntl locks never conflict within one
+    process, and closing another descriptor of a held slot's file would free it."""
+    slots.folder.mkdir(parents=True, exist_ok=True)
+    for number in range(slots.count):
+        if number in held:
+            continue
+        fd = os.open(slots.folder / f"slot-{number}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return number, fd
+    return None
 
 
 def supervise(folder: Path) -> None:
@@ -141,24 +226,28 @@ def supervise(folder: Path) -> None:
     env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
     after = spec.get("after")
     kill_wait_s = spec.get("kill_wait_s", KILL_WAIT_S)
+    slots = MachineSlots(Path(spec["slots"]["folder"]), spec["slots"]["count"])
     while pending or running:
         for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:
             pending.remove(index)
             _write_state(folder, index, "CANCELLED", exit_code="0:15")
         waited_states: dict[tuple[str, str], dict[str, TaskState]] = {}  # read once per round
-        for index in list(pending):
-            if len(running) >= spec["parallelism"]:
-                break
-            waited = _dependency_state(after[index], waited_states) if after else "COMPLETED"
-            if waited in ("PENDING", "RUNNING"):
-                continue
+        waited = {i: _dependency_state(after[i], waited_states) if after else "COMPLETED"
+                  for i in pending}
+        starts, never = next_starts(pending, spec["parallelism"] - len(running), waited)
+        for index, state in never.items():
             pending.remove(index)
-            if waited != "COMPLETED":
-                _never_satisfied(folder, index, after[index], waited)
-                continue
+            _never_satisfied(folder, index, after[index], state)
+        for index in starts:
+            slot = take_slot(slots, {task.slot[0] for task in running.values()})
+            if slot is None:
+                break  # the machine runs as many local tasks as it may: wait for one to end
+            pending.remove(index)
             process = _start(folder, index, spec["argvs"][index], env, spec["job_id"])
-            if process is not None:
-                running[index] = _Running(process, time.monotonic() + spec["time_limit_s"])
+            if process is None:
+                os.close(slot[1])
+                continue
+            running[index] = _Running(process, slot, time.monotonic() + spec["time_limit_s"])
         for index, task in list(running.items()):
             now = time.monotonic()
             returncode = task.process.poll()
@@ -170,6 +259,7 @@ def supervise(folder: Path) -> None:
                     _finish(folder, index, "TIMEOUT", f"0:{task.sent}")
                 else:
                     _finish(folder, index, *_outcome(folder, index, returncode))
+                os.close(task.slot[1])
                 del running[index]
             elif task.kill_at is not None:
                 if now > task.kill_at and task.sent != signal.SIGKILL:

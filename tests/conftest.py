@@ -71,6 +71,18 @@ def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _local_slots(tmp_path_factory: pytest.TempPathFactory):
+    """The local executor's machine-wide slots in this session's temporary folder, capped at 4:
+    test runs of other checkouts on this machine take none of this run's slots (nor it theirs),
+    and no test depends on this machine's CPU count. Session-scoped, so that module-scoped
+    fixtures that submit (a demo run) get it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BAKERY_LOCAL_SLOTS_DIR", str(tmp_path_factory.getbasetemp() / "local-slots"))
+        patch.setenv("BAKERY_LOCAL_MAX_TASKS", "4")
+        yield
+
+
 TINY_METHODS = {
     "linear": {"weight": 0.5},
     "task_arithmetic": {"weight": 0.5},

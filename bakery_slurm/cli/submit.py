@@ -70,23 +70,14 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
     for cell in cells:
         validate_recipe(cell.id, recipes[cell.id])
     kind = resolve_executor(executor)
-    ledger = load_ledger(ledger_path) if ledger_path.exists() else None
-    snap = (snapshot(ledger_path, ledger, recover=not dry_run)
-            if ledger and (ledger.cells or ledger.evals) else None)
+    ledger, snap = ledger_and_snapshot(ledger_path, recover=not dry_run)
     targets = [] if no_eval else select(expand_eval(loaded, cells), only)
-    cells, skipped, seen = _skip_done_or_live(cells, ledger, snap, loaded.work_dir, force)
+    cells, skipped, seen = skip_done_or_live(cells, ledger, snap, loaded.work_dir, force)
     evals, live, eval_skips, seen_evals = _evals_to_submit(
         targets, {c.id for c in cells}, ledger, snap, loaded.work_dir, kind, force)
     for target_id, reason in skipped + eval_skips:
         click.echo(f"skip {target_id}: {reason}", err=True)
-
-    def unchanged(fresh):
-        # Another submit may have taken some of these since we looked: under the ledger lock,
-        # keep only those whose latest attempt is still the one we judged.
-        return ([c for c in cells if latest_attempt(fresh, c.id) == seen.get(c.id)],
-                [t for t in evals
-                 if latest_attempt(fresh, t.id, stage="eval") == seen_evals.get(t.id)])
-
+    unchanged = still_as_judged(cells, seen, evals, seen_evals)
     checked = cells + [c for c in baseline_carriers(loaded, evals) if c not in cells]
     pins = gate(loaded, checked, kind, run_checks=not no_preflight) if checked or evals else {}
     requests = (submit_cells(ledger_path, loaded, cells, kind, evals=evals, live=live, pins=pins,
@@ -109,8 +100,18 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
         click.echo(f"ledger: {ledger_path}", err=True)
 
 
-def _skip_done_or_live(cells, ledger, snap, work: Path, force: bool):
-    """Split off cells already completed with their recipe, or with a live attempt.
+def ledger_and_snapshot(ledger_path: Path, recover: bool = True):
+    """The ledger (None where there is none yet) and the state of its cells (None without any),
+    which `skip_done_or_live` judges cells on."""
+    ledger = load_ledger(ledger_path) if ledger_path.exists() else None
+    snap = (snapshot(ledger_path, ledger, recover=recover)
+            if ledger and (ledger.cells or ledger.evals) else None)
+    return ledger, snap
+
+
+def skip_done_or_live(cells, ledger, snap, work: Path, force: bool):
+    """Split off cells already completed with their recipe, or with a live attempt (`demo`
+    skips by these rules too).
 
     Returns the cells to submit, (cell id, reason) for the others, and the latest attempt of
     each cell as judged here.
@@ -134,6 +135,18 @@ def _skip_done_or_live(cells, ledger, snap, work: Path, force: bool):
         else:
             keep.append(cell)
     return keep, skipped, seen
+
+
+def still_as_judged(cells, seen, evals=(), seen_evals=None):
+    """The `submit_cells` guard for cells and eval targets judged on `seen` and `seen_evals`
+    (their latest attempts then): another submit may have taken some of them since, so under
+    the ledger lock only those whose latest attempt is still the one judged are kept."""
+    def unchanged(fresh):
+        return ([c for c in cells if latest_attempt(fresh, c.id) == seen.get(c.id)],
+                [t for t in evals
+                 if latest_attempt(fresh, t.id, stage="eval") == (seen_evals or {}).get(t.id)])
+
+    return unchanged
 
 
 def _evals_to_submit(targets, merging: set[str], ledger, snap, work: Path, executor: str,

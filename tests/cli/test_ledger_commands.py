@@ -577,7 +577,7 @@ def test_a_submit_overtaken_after_judging_its_cells_submits_none_of_them(project
     from bakery_slurm.cli import submit as submit_command
 
     matrix_path = write_project(project)
-    judge = submit_command._skip_done_or_live
+    judge = submit_command.skip_done_or_live
 
     def judged_then_overtaken(*args, **kwargs):
         verdict = judge(*args, **kwargs)
@@ -585,7 +585,7 @@ def test_a_submit_overtaken_after_judging_its_cells_submits_none_of_them(project
         submission.submit_cells(project / LEDGER, matrix, expand(matrix), "local")
         return verdict
 
-    monkeypatch.setattr(submit_command, "_skip_done_or_live", judged_then_overtaken)
+    monkeypatch.setattr(submit_command, "skip_done_or_live", judged_then_overtaken)
     result = invoke("submit", matrix_path, "--executor", "local")
     assert result.exit_code == 0, result.output
     ledger = load_ledger(project / LEDGER)

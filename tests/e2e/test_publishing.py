@@ -14,6 +14,7 @@ from fakes import FakeHubApi, http_error
 
 from bakery_slurm.cli import cli
 from bakery_slurm.errors import StageError
+from bakery_slurm.ledger import load_ledger
 from bakery_slurm.login_push import push_verified
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths, read_result, run_cell
@@ -39,10 +40,18 @@ def normalised(card: str, folder: Path) -> str:
     return head + "## Tool versions\n\n<versions>\n"
 
 
-def test_the_demo_publishes_a_root_card_with_its_table(tmp_path):
-    folder = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory) -> Path:
+    """The folder of one whole demo run, shared by the tests that read it or run the demo again
+    there (it is the slow part)."""
+    folder = tmp_path_factory.mktemp("demo-run") / "demo"
     result = invoke("demo", folder)
     assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_the_demo_publishes_a_root_card_with_its_table(demo_folder):
+    folder = demo_folder
     card = (folder / "published" / "README.md").read_text()
     assert_matches_golden(normalised(card, folder), GOLDEN / "demo_root_card.md",
                           "root card of the demo")
@@ -52,6 +61,27 @@ def test_the_demo_publishes_a_root_card_with_its_table(tmp_path):
         assert (folder / "published" / cell / "README.md").read_text().split("---\n")[1] == meta
     # `card` renders what the last push wrote.
     assert invoke("card", folder / "matrix.toml").output == card
+
+
+def test_the_demo_run_again_in_its_folder_submits_no_cell_twice(demo_folder, monkeypatch):
+    """Every cell is published already: a second run skips each as `submit` does, starts no
+    array and prints the first run's results."""
+    from bakery_slurm.executors import LocalBackend
+
+    def no_array(request):
+        raise AssertionError(f"the demo run again started array {request.array.name}")
+
+    monkeypatch.setattr(LocalBackend, "submit", staticmethod(no_array))
+    result = invoke("demo", demo_folder)
+    assert result.exit_code == 0, result.output
+    cells = sorted(load_ledger(demo_folder / "bakery-ledger.json").cells)
+    assert len(cells) == 6
+    assert sorted(line for line in result.stderr.splitlines() if line.startswith("skip ")) == [
+        f"skip {cell}: already completed and published with this recipe (use --force)"
+        for cell in cells]
+    assert all(len(attempts) == 1 for attempts in
+               load_ledger(demo_folder / "bakery-ledger.json").cells.values())
+    assert result.stdout.count("COMPLETED") == 6
 
 
 def test_deferred_cells_are_published_from_the_login_node(tmp_path, write_tiny_matrix):

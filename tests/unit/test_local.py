@@ -1,5 +1,5 @@
 """The embedded local executor for real, with tiny commands instead of bakery cells: the
-parallelism cap, the time limit, exit codes, cancel, dead tasks, state keys and logs.
+parallelism cap, the machine-wide cap across arrays, the time limit, exit codes, cancel, dead tasks, state keys and logs.
 
 Conditions are awaited by polling with a bounded deadline; the tasks' own sleeps only keep them
 busy, they never synchronise the test.
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from bakery_slurm import local
+from bakery_slurm.errors import SchedulerError
 from bakery_slurm.slurm_commands import TaskState
-from support import wait_for
+from support import may_lock, wait_for
 
 JOB = "local-0123abcd-0"
 PY = sys.executable
@@ -49,9 +50,11 @@ def write_array(folder: Path, argvs: list[list[str]], parallelism: int, time_lim
                 kill_wait_s: float = local.KILL_WAIT_S) -> None:
     """What `local.submit` writes, with a time limit in seconds (the API takes minutes)."""
     folder.mkdir(parents=True, exist_ok=True)
+    slots = local.this_machine_slots()
     (folder / "array.json").write_text(json.dumps({
         "job_id": JOB, "argvs": argvs, "pass_env": [], "container": "none",
-        "parallelism": parallelism, "time_limit_s": time_limit_s, "kill_wait_s": kill_wait_s}))
+        "parallelism": parallelism, "time_limit_s": time_limit_s, "kill_wait_s": kill_wait_s,
+        "slots": {"folder": str(slots.folder), "count": slots.count}}))
 
 
 def pid_alive(pid: int) -> bool:
@@ -68,12 +71,12 @@ def sleeper(marker: Path, seconds: float = 60) -> list[str]:
 
 @pytest.fixture
 def folder(tmp_path):
-    """The array folder; on teardown every process this test started there is killed, by pid
-    (only processes whose command line names this test's tmp_path)."""
+    """The array folder; on teardown every process this test started in any array folder under
+    tmp_path is killed, by pid (only processes whose command line names this test's tmp_path)."""
     path = tmp_path / "array"
     yield path
     pids = []
-    for record in [path / "supervisor.json", *path.glob("*.state.json")]:
+    for record in [*tmp_path.glob("*/supervisor.json"), *tmp_path.glob("*/*.state.json")]:
         try:
             pids.append(json.loads(record.read_text())["pid"])
         except (OSError, ValueError, KeyError):
@@ -403,3 +406,105 @@ def test_live_processes_are_recorded_with_their_identity(folder, tmp_path):
         assert recorded["identity"] == local._process_identity(recorded["pid"])
     local.cancel(folder, [0])
     wait_for(lambda: all_done(folder, 1), "the task to end")
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine-wide cap across arrays
+
+
+def max_overlap(log: Path) -> int:
+    """The most tasks running at once, from the `<ns> start|end <i>` lines the tasks wrote."""
+    events = sorted((int(t), kind == "start") for t, kind, _ in
+                    (line.split() for line in log.read_text().splitlines()))
+    running, most = 0, 0
+    for _, is_start in events:  # at equal times an end sorts before a start
+        running += 1 if is_start else -1
+        most = max(most, running)
+    return most
+
+
+def test_the_machine_cap_holds_across_arrays(folder, tmp_path, monkeypatch):
+    """Two arrays of 2 tasks, each allowed 2 at once, on a machine capped at 2 local tasks: never
+    more than 2 run, though each supervisor alone would run 4 between them."""
+    monkeypatch.setenv(local.MAX_TASKS_ENV, "2")
+    log, go = tmp_path / "intervals.log", tmp_path / "go"
+    script = ("import os, sys, time\n"
+              "def rec(kind):\n"
+              "    with open(sys.argv[1], 'a') as f:\n"
+              "        f.write(f'{time.time_ns()} {kind} {sys.argv[2]}\\n')\n"
+              "rec('start')\n"
+              f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+              "rec('end')\n")
+    second = tmp_path / "second"
+    for array, job in ((folder, JOB), (second, "local-0123abcd-1")):
+        local.submit(array, job, [[PY, "-c", script, str(log), f"{job}_{i}"] for i in range(2)],
+                     [], "none", parallelism=2, time_min=1)
+    wait_for(lambda: log.exists() and log.read_text().count(" start ") == 2, "two tasks to start")
+    go.touch()
+    wait_for(lambda: all_done(folder, 2), "the first array to finish")
+    wait_for(lambda: all(s.state == "COMPLETED" for s in
+                         local.read_states(second, "local-0123abcd-1").values()),
+             "the second array to finish")
+    assert log.read_text().count(" end ") == 4
+    assert max_overlap(log) == 2
+
+
+def test_a_killed_supervisor_frees_its_machine_slot(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv(local.MAX_TASKS_ENV, "1")
+    marker = tmp_path / "0.pid"
+    local.submit(folder, JOB, [sleeper(marker)], [], "none", parallelism=1, time_min=1)
+    wait_for(lambda: state_is(folder, 0, "RUNNING"), "the task to run")
+    slot = local.this_machine_slots().folder / "slot-0.lock"
+    assert not may_lock(slot)
+    os.kill(json.loads((folder / "supervisor.json").read_text())["pid"], signal.SIGKILL)
+    wait_for(lambda: may_lock(slot), "the kernel to free the dead supervisor's slot")
+
+
+def test_a_task_waiting_for_another_array_holds_no_slot(folder, tmp_path, monkeypatch):
+    """One slot on the machine; the eval array is started first and waits for the merge array:
+    were it to hold the slot while it waits, the merge would never start (a deadlock)."""
+    monkeypatch.setenv(local.MAX_TASKS_ENV, "1")
+    merge, evals, eval_job = tmp_path / "merge", folder, "local-0123abcd-1"
+    local.submit(evals, eval_job, [[PY, "-c", "pass"]], [], "none", parallelism=1, time_min=1,
+                 after=[{"folder": str(merge), "job_id": JOB, "index": 0}])
+    local.submit(merge, JOB, [[PY, "-c", "pass"]], [], "none", parallelism=1, time_min=1)
+    wait_for(lambda: local.read_states(evals, eval_job)[f"{eval_job}_0"].state == "COMPLETED",
+             "the eval to run after its merge")
+
+
+def test_slots_are_taken_one_per_task_and_freed_on_close(tmp_path):
+    slots = local.MachineSlots(tmp_path / "slots", 2)
+    first = local.take_slot(slots, set())
+    second = local.take_slot(slots, {first[0]})
+    try:
+        assert (first[0], second[0]) == (0, 1)
+        assert local.take_slot(slots, {0, 1}) is None
+        assert not may_lock(slots.folder / "slot-0.lock")  # another supervisor cannot take it
+    finally:
+        os.close(first[1])
+        os.close(second[1])
+    assert may_lock(slots.folder / "slot-0.lock")
+
+
+def test_next_starts_starts_ready_tasks_up_to_the_free_count_and_cancels_broken_waits():
+    waited = {0: "PENDING", 1: "COMPLETED", 2: "FAILED", 3: "COMPLETED", 4: "RUNNING",
+              5: "COMPLETED"}
+    assert local.next_starts(list(waited), 2, waited) == ([1, 3], {2: "FAILED"})
+    # A full array still cancels the tasks whose dependency will never be satisfied.
+    assert local.next_starts(list(waited), 0, waited) == ([], {2: "FAILED"})
+    # Waiting tasks are never started, whatever is free: they hold no slot.
+    assert local.next_starts([0, 4], 5, waited) == ([], {})
+
+
+def test_machine_slots_default_to_the_cpus_in_a_per_host_cache_folder(tmp_path):
+    home = tmp_path / "home"
+    assert local.machine_slots({}, 8, "laptop", home) == local.MachineSlots(
+        home / ".cache/bakery-slurm/local-slots/laptop", 8)
+    assert local.machine_slots({"XDG_CACHE_HOME": str(tmp_path / "c"), local.MAX_TASKS_ENV: "3"},
+                               8, "node1", home) == local.MachineSlots(
+        tmp_path / "c/bakery-slurm/local-slots/node1", 3)
+    assert local.machine_slots({local.SLOTS_DIR_ENV: str(tmp_path / "s")}, 2, "x", home).folder \
+        == tmp_path / "s"
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SchedulerError, match=local.MAX_TASKS_ENV):
+            local.machine_slots({local.MAX_TASKS_ENV: bad}, 8, "laptop", home)
