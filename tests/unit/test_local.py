@@ -1,5 +1,6 @@
 """The embedded local executor for real, with tiny commands instead of bakery cells: the
-parallelism cap, the machine-wide cap across arrays, the time limit, exit codes, cancel, dead tasks, state keys and logs.
+parallelism cap, the machine-wide cap across arrays, the time limit, exit codes, cancel, dead
+tasks, state keys and logs.
 
 Conditions are awaited by polling with a bounded deadline; the tasks' own sleeps only keep them
 busy, they never synchronise the test.
