@@ -43,14 +43,28 @@ class Report:
 def hub_cache_dir(matrix: Matrix, container: str) -> Path:
     """The Hub cache the tasks use, as huggingface_hub finds it in their environment
     (`huggingface_hub.constants`): HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE, else
-    HF_HOME/hub, HF_HOME defaulting to XDG_CACHE_HOME/huggingface, then ~/.cache/huggingface;
-    `~` and `$NAME` expanded, as it does."""
+    HF_HOME/hub (`_hf_home`); `~` and `$NAME` expanded, as it does."""
     env = _tasks_environment(matrix, container)
-    xdg = env.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
-    home = env.get("HF_HOME", os.path.join(xdg, "huggingface"))
     cache = env.get("HF_HUB_CACHE",
-                    env.get("HUGGINGFACE_HUB_CACHE", os.path.join(_expanded(home, env), "hub")))
+                    env.get("HUGGINGFACE_HUB_CACHE",
+                            os.path.join(_expanded(_hf_home(env), env), "hub")))
     return Path(_expanded(cache, env))
+
+
+def datasets_cache_dir(matrix: Matrix, container: str) -> Path:
+    """The datasets cache the eval tasks use, as `datasets` finds it in their environment
+    (`datasets.config`): HF_DATASETS_CACHE, else HF_HOME/datasets (`_hf_home`); `~` expanded (its
+    builders expand it), `$NAME` not: unlike huggingface_hub, `datasets` never expands those."""
+    env = _tasks_environment(matrix, container)
+    return Path(os.path.expanduser(env.get("HF_DATASETS_CACHE",
+                                           os.path.join(_hf_home(env), "datasets"))))
+
+
+def _hf_home(env: Mapping[str, str]) -> str:
+    """HF_HOME in `env`, unexpanded, defaulting as huggingface_hub and `datasets` both default it:
+    XDG_CACHE_HOME/huggingface, XDG_CACHE_HOME itself defaulting to ~/.cache."""
+    return env.get("HF_HOME", os.path.join(env.get("XDG_CACHE_HOME", os.path.join("~", ".cache")),
+                                           "huggingface"))
 
 
 def _expanded(value: str, env: Mapping[str, str]) -> str:
@@ -61,25 +75,11 @@ def _expanded(value: str, env: Mapping[str, str]) -> str:
                   os.path.expanduser(value))
 
 
-def datasets_cache_dir(matrix: Matrix, container: str) -> Path | None:
-    """The datasets cache the eval tasks use: HF_DATASETS_CACHE or HF_HOME/datasets of their
-    environment; None means the `datasets` default (this environment's)."""
-    return _task_cache(_tasks_environment(matrix, container), "HF_DATASETS_CACHE", "datasets")
-
-
 def _tasks_environment(matrix: Matrix, container: str) -> dict[str, str]:
     """The caches' variables as a task sees them (`child_environment`): without a container this
     environment's under [runtime] env (an HF_HUB_CACHE set here beats the HF_HOME of [runtime]
     env); in one (--cleanenv), [runtime] env's only."""
     return child_environment(os.environ, matrix.task_env(container), container)
-
-
-def _task_cache(env: Mapping[str, str], variable: str, under_home: str) -> Path | None:
-    if variable in env:
-        return Path(env[variable])
-    if "HF_HOME" in env:
-        return Path(env["HF_HOME"]) / under_home
-    return None
 
 
 def cached_repo(source: ModelSource, cache_dir: Path) -> Path:

@@ -63,7 +63,7 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
                             hub_cache_dir(loaded, container))
     if targets:
         cache = datasets_cache_dir(loaded, container)
-        click.echo(f"loading eval tasks into {cache or 'the default datasets cache'}", err=True)
+        click.echo(f"loading eval tasks into {cache}", err=True)
         tasks = list(dict.fromkeys(task for t in targets for task in t.tasks))
         rows += prefetch_tasks(tasks, targets[0].include_path,
                                child_environment(os.environ, loaded.task_env(container), container),

@@ -611,6 +611,34 @@ def test_a_legacy_hub_cache_variable_in_a_container_is_the_cache_prefetch_fills(
         task_env, "huggingface_hub.constants.HF_HUB_CACHE", "huggingface_hub.constants")
 
 
+# `datasets` reads its cache from HF_DATASETS_CACHE, else HF_HOME/datasets, HF_HOME defaulting to
+# XDG_CACHE_HOME/huggingface as huggingface_hub's does, and its builders expand `~` (never
+# `$NAME`): the cache prefetch loads the eval datasets into, and an offline submit looks in, is
+# the one an eval task reads, for each spelling.
+@pytest.mark.parametrize("runtime_env, login_env", [
+    ({}, {}),
+    ({"XDG_CACHE_HOME": "{tmp}/xdg"}, {}),
+    ({"HF_HOME": "~/hf-home"}, {}),
+    ({"HF_DATASETS_CACHE": "~/datasets"}, {}),
+    ({"HF_HOME": "$PROJECT/hf-home"}, {"PROJECT": "{tmp}/project"}),
+    ({"HF_HOME": "{tmp}/hf-home"}, {"HF_DATASETS_CACHE": "{tmp}/login-datasets"}),
+])
+def test_every_spelling_of_the_datasets_cache_is_the_one_an_eval_task_reads(
+        write_matrix, tmp_path, monkeypatch, runtime_env, login_env):
+    from bakery_slurm.matrix import load_matrix
+
+    for name in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in login_env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    env = ", ".join(f'{name} = "{value.format(tmp=tmp_path)}"' for name, value in runtime_env.items())
+    loaded = load_matrix(write_matrix(HUB_MATRIX + f"env = {{ {env} }}\n"))
+    task_env = {**os.environ, **loaded.task_env("none")}
+    assert str(preflight.datasets_cache_dir(loaded, "none")) == resolved_in(
+        task_env, "os.path.expanduser(datasets.config.HF_DATASETS_CACHE)", "os, datasets.config")
+
+
 # In huggingface_hub's cache a snapshot's files are links into blobs/. A work area purged by age
 # (or a blob removed by hand) leaves the link behind, dangling: the file is not in the cache.
 def test_offline_submit_refuses_a_cached_file_whose_blob_is_gone(hub, write_matrix, tmp_path):
