@@ -18,12 +18,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import ConfigError
-from .eval_prefetch import CACHE_VARIABLES, child_environment
+from .eval_prefetch import CACHE_VARIABLES, child_environment, is_prefetched, reads_local_files
 from .matrix import Cell, Matrix, ModelSource
 from .pins import COMMIT, cell_inputs, hub_sources
+
+if TYPE_CHECKING:
+    from .evaluation import EvalTarget
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +105,10 @@ def cached_commit(source: ModelSource, cache_dir: Path) -> str | None:
 
 def preflight(matrix: Matrix, cells: Sequence[Cell], executor: str, *, container: str,
               known_pins: Mapping[str, str] | None = None, api: Any = None,
-              environ: Mapping[str, str] | None = None) -> Report:
-    """Every problem the cells would meet before running, and their inputs' commits.
+              environ: Mapping[str, str] | None = None,
+              evals: Sequence[EvalTarget] = ()) -> Report:
+    """Every problem the cells (and the eval targets `evals`) would meet before running, and
+    their inputs' commits.
 
     Parameters
     ----------
@@ -119,6 +124,8 @@ def preflight(matrix: Matrix, cells: Sequence[Cell], executor: str, *, container
     report = Report()
     _check_runtime(matrix, executor, container, environ, report)
     _check_local_sources(matrix, cells, report)
+    if matrix.spec.runtime.offline and evals:
+        _check_eval_datasets(matrix, evals, container, report)
     if container == "apptainer":
         _check_visible_in_container(matrix, cells, report)
     sources = hub_sources(list(cells))
@@ -143,13 +150,16 @@ def hub_api() -> Any:
 
 
 def gate(matrix: Matrix, cells: Sequence[Cell], executor: str, *, run_checks: bool,
-         known_pins: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What `submit` and `resubmit` do before any sbatch: preflight (unless `run_checks` is
-    False), notes logged, problems raised as one ConfigError; returns the pins."""
+         known_pins: Mapping[str, str] | None = None,
+         evals: Sequence[EvalTarget] = ()) -> dict[str, str]:
+    """What `submit` and `resubmit` do before any sbatch: preflight of the cells and the eval
+    targets `evals` (unless `run_checks` is False), notes logged, problems raised as one
+    ConfigError; returns the pins."""
     from .submission import resolve_container
 
     container = resolve_container(matrix, executor)  # no image at all is a config error first
-    report = (preflight(matrix, cells, executor, container=container, known_pins=known_pins)
+    report = (preflight(matrix, cells, executor, container=container, known_pins=known_pins,
+                        evals=evals)
               if run_checks else pins_without_hub(matrix, cells, container, known_pins))
     for note in report.notes:
         log.warning("%s", note)
@@ -219,6 +229,22 @@ def _check_runtime(matrix: Matrix, executor: str, container: str, environ: Mappi
         if not environ.get(name):
             report.problems.append(f"runtime.require_env: {name} is not set in this environment, "
                                    f"and the tasks need it (got {list(runtime.require_env)!r})")
+
+
+def _check_eval_datasets(matrix: Matrix, evals: Sequence[EvalTarget], container: str,
+                         report: Report) -> None:
+    """Offline, an eval task reads its dataset from the datasets cache only, and one that is not
+    there fails the task after its wait in the queue: each task's must have been prefetched into
+    the cache the tasks read, unless its data are local files (no download needed)."""
+    cache = datasets_cache_dir(matrix, container)
+    # Every target reads the same include_path.
+    include_path, include_identity = evals[0].include_path, evals[0].include_identity
+    for task in dict.fromkeys(task for target in evals for task in target.tasks):
+        if not (is_prefetched(cache, task, include_identity)
+                or reads_local_files(task, include_path)):
+            report.problems.append(f"eval.tasks: the dataset of eval task {task!r} is not in the "
+                                   f"datasets cache {cache} and runtime.offline is true: run "
+                                   f"`bakery-slurm prefetch {matrix.path}` first")
 
 
 def _check_local_sources(matrix: Matrix, cells: Sequence[Cell], report: Report) -> None:

@@ -30,7 +30,8 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
     Checks the image file (readable) and apptainer where the runtime needs them; every local
     input folder; every Hub base and adapter, the [eval] baselines' too (repo, revision,
     subfolder: resolved to the commit a submit now would pin, or read from the Hub cache when
-    the runtime is offline); that the
+    the runtime is offline); when it is, that prefetch loaded the dataset of each [eval] task
+    into the datasets cache (a task reading local data files needs none); that the
     Hub token may write to (or create) the push repo; and that the variables in
     [runtime] require_env are set. Prints each Hub input with its commit; exits 2 naming every
     problem with its matrix key and value.
@@ -43,10 +44,11 @@ def check(matrix: Path, only: str | None, executor: str, fmt: str) -> None:
     loaded, cells = selected_cells(matrix, only, or_baselines=True)
     kind = resolve_executor(executor)
     # The [eval] baselines' inputs too (a baseline at a size and variant without cells reads a
-    # base no cell does), as submit checks them.
-    baselines = [t for t in select(expand_eval(loaded, cells), only) if t.kind == "baseline"]
-    checked = cells + [c for c in baseline_carriers(loaded, baselines) if c not in cells]
-    report = preflight(loaded, checked, kind, container=resolve_container(loaded, kind))
+    # base no cell does), and offline the eval tasks' datasets, as submit checks them.
+    targets = select(expand_eval(loaded, cells), only)
+    checked = cells + [c for c in baseline_carriers(loaded, targets) if c not in cells]
+    report = preflight(loaded, checked, kind, container=resolve_container(loaded, kind),
+                       evals=targets)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     raise_problems(loaded, report)

@@ -67,7 +67,8 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
         tasks = list(dict.fromkeys(task for t in targets for task in t.tasks))
         rows += prefetch_tasks(tasks, targets[0].include_path,
                                child_environment(os.environ, loaded.task_env(container), container),
-                               loaded.path)
+                               loaded.path, cache=cache,
+                               include_identity=targets[0].include_identity)
     echo_rows(rows, COLUMNS, fmt)
     total = sum(r["bytes"] for r in rows)
     click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB", err=True)

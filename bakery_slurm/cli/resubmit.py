@@ -127,7 +127,7 @@ def resubmit(ledger_path: Path, states: tuple[str, ...], only: str | None, dry_r
         evals = [targets[s.cell] for s in evals_to_run] + [targets[c] for c in rechained]
         checked = chosen + [c for c in baseline_carriers(matrix, evals) if c not in chosen]
         pins = gate(matrix, checked, executor, run_checks=not no_preflight,
-                    known_pins=dict(known_pins)) if checked or evals else {}
+                    known_pins=dict(known_pins), evals=evals) if checked or evals else {}
         requests = submit_cells(ledger_path, matrix, chosen, executor, evals=evals, pins=pins,
                                 dry_run=dry_run, guard=None if dry_run else still_failed
                                 ) if chosen or evals else []

@@ -79,7 +79,8 @@ def submit(matrix: Path, only: str | None, executor: str, dry_run: bool, force: 
         click.echo(f"skip {target_id}: {reason}", err=True)
     unchanged = still_as_judged(cells, seen, evals, seen_evals)
     checked = cells + [c for c in baseline_carriers(loaded, evals) if c not in cells]
-    pins = gate(loaded, checked, kind, run_checks=not no_preflight) if checked or evals else {}
+    pins = (gate(loaded, checked, kind, run_checks=not no_preflight, evals=evals)
+            if checked or evals else {})
     requests = (submit_cells(ledger_path, loaded, cells, kind, evals=evals, live=live, pins=pins,
                             dry_run=dry_run, force_evals=force, guard=unchanged)
                 if cells or evals else [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from fakes import FakeHubApi
 from support import settled, wait_for
 
 CELL = "1b-std/eng-nob__ties"
+TASKS = Path(__file__).resolve().parents[1] / "eval_tasks"
 
 HUB_MATRIX = """\
 name = "hub"
@@ -517,7 +519,7 @@ def test_prefetch_loads_eval_datasets_into_the_cache_a_container_task_reads(
                           + '[eval]\ntasks = ["tiny_mc"]\n')
     seen = {}
 
-    def fake_prefetch_tasks(tasks, include_path, env, path):
+    def fake_prefetch_tasks(tasks, include_path, env, path, **where):
         seen["env"] = dict(env)
         return []
 
@@ -637,6 +639,45 @@ def test_every_spelling_of_the_datasets_cache_is_the_one_an_eval_task_reads(
     task_env = {**os.environ, **loaded.task_env("none")}
     assert str(preflight.datasets_cache_dir(loaded, "none")) == resolved_in(
         task_env, "os.path.expanduser(datasets.config.HF_DATASETS_CACHE)", "os, datasets.config")
+
+
+# Offline, an eval task reads its dataset from the datasets cache only: a task whose dataset is
+# on the Hub and was not prefetched is refused before any sbatch (it would fail on the node after
+# its wait in the queue), without lm-eval; a task whose data are local files needs no download.
+def test_offline_check_and_submit_refuse_an_eval_dataset_prefetch_did_not_load(
+        hub, write_matrix, tmp_path, monkeypatch):
+    hf_home, include = tmp_path / "hf-home", tmp_path / "eval-tasks"
+    shutil.copytree(TASKS, include)
+    (include / "local_mc.yaml").write_text("include: tiny_mc.yaml\ntask: local_mc\n")
+    (include / "hub_mc.yaml").write_text("include: tiny_mc.yaml\ntask: hub_mc\n"
+                                         "dataset_path: acme/hub-mc\n")
+    text = HUB_MATRIX + f'offline = true\nenv = {{ HF_HOME = "{hf_home}" }}\n'
+    assert invoke("prefetch", write_matrix(text)).exit_code == 0  # the Hub inputs (no [eval])
+    matrix = write_matrix(text + f'[eval]\ntasks = ["tiny_mc", "local_mc", "hub_mc"]\n'
+                                 f'include_path = "{include}"\n')
+    cache = hf_home / "datasets"
+    refused = [f"eval.tasks: the dataset of eval task 'hub_mc' is not in the datasets cache "
+               f"{cache} and runtime.offline is true: run `bakery-slurm prefetch {matrix}` first"]
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # the check needs no lm-eval
+    before = sorted(tmp_path.rglob("*"))
+    for command in (["check", matrix], ["submit", matrix, "--executor", "local"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert problems(result) == refused
+    assert sorted(tmp_path.rglob("*")) == before
+    no_checks = invoke("submit", matrix, "--executor", "local", "--dry-run", "--no-preflight")
+    assert no_checks.exit_code == 0, no_checks.output
+    # What prefetch records once lm-eval has loaded hub_mc, whose dataset it prepared:
+    from bakery_slurm.eval_prefetch import record_prefetched
+
+    prepared = cache / "acme___hub-mc" / "default" / "hub_mc-validation.arrow"
+    prepared.parent.mkdir(parents=True)
+    prepared.write_bytes(b"arrow")
+    record_prefetched(cache, "hub_mc", str(include), [str(prepared)])
+    checked = invoke("check", matrix)
+    assert checked.exit_code == 0, checked.output
+    prepared.unlink()  # a purge by age
+    assert problems(invoke("check", matrix)) == refused
 
 
 # In huggingface_hub's cache a snapshot's files are links into blobs/. A work area purged by age

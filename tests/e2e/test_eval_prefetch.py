@@ -10,13 +10,17 @@ What offline cannot show here: the local task's data files are JSON lines beside
 `datasets` prepares without the network, so an eval of it works offline with or without prefetch.
 A task whose dataset is on the Hub is what fails offline when it was not prefetched; no test
 reaches the Hub, so that failure is shown with a Hub dataset that is in no cache
-(`bakery-test/absent`), for `run-eval` and for `prefetch` itself.
+(`bakery-test/absent`), for `run-eval` and for `prefetch` itself. The check before sbatch (an
+offline `check` wants each task prefetched, unless its YAML shows local data files) is shown with
+a task whose `dataset_path` is a folder: `datasets` loads it offline, but only lm-eval could tell
+it from a Hub dataset, so check wants it prefetched like one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +139,36 @@ def test_prefetch_names_the_task_whose_dataset_it_cannot_load(tmp_path, write_ti
             "'bakery-test/absent' on the Hub (OfflineModeIsEnabled)): run prefetch again when the "
             "Hub is reachable") in result.stderr
     assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def folder_task(tmp_path_factory):
+    """An include folder with `folder_mc`: tiny_mc's questions in a folder of data files named as
+    its `dataset_path`, which `datasets` loads without the network, but which check cannot tell
+    from a Hub dataset without lm-eval: it must be prefetched, like one."""
+    folder = tmp_path_factory.mktemp("folder-task")
+    (folder / "tiny_mc_data").mkdir()
+    for split in ("train", "validation"):
+        shutil.copy(TASKS / f"tiny_mc.{split}.jsonl", folder / "tiny_mc_data" / f"{split}.jsonl")
+    shutil.copy(TASKS / "tiny_mc.yaml", folder)
+    (folder / "folder_mc.yaml").write_text("include: tiny_mc.yaml\ntask: folder_mc\n"
+                                           "dataset_path: tiny_mc_data\ndataset_kwargs: null\n")
+    return folder
+
+
+def test_an_offline_check_passes_once_prefetch_loaded_the_eval_tasks_dataset(
+        tmp_path, write_tiny_matrix, folder_task):
+    matrix = offline_matrix(write_tiny_matrix, tmp_path, folder_task, "folder_mc")
+    before = invoke("check", matrix.path)
+    assert before.exit_code == 2, before.output
+    assert (f"eval.tasks: the dataset of eval task 'folder_mc' is not in the datasets cache "
+            f"{matrix.hf_home / 'datasets'} and runtime.offline is true: run `bakery-slurm "
+            f"prefetch {matrix.path}` first") in before.stderr
+    prefetched = invoke("prefetch", matrix.path, "--json")
+    assert prefetched.exit_code == 0, prefetched.output
+    assert [row["input"] for row in json.loads(prefetched.stdout)] == ["eval:folder_mc"]
+    after = invoke("check", matrix.path)
+    assert after.exit_code == 0, after.output
 
 
 def test_prefetch_refuses_a_task_lm_eval_does_not_know(tmp_path, write_tiny_matrix):
