@@ -54,6 +54,19 @@ def age_ledger(ledger: Path, minutes: int = 10) -> None:
     ledger.write_text(json.dumps(data))
 
 
+def resubmit_the_cancelled_one(bakery, ledger: Path) -> None:
+    """`resubmit` sends exactly QUEUE[1], CANCELLED, again."""
+    again = json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout)
+    assert [(r["cell"], r["state"]) for r in again if r["action"].startswith("resubmitted in ")] == \
+        [(QUEUE[1], "CANCELLED")], again
+
+
+def assert_all_complete_after_one_resubmit(bakery, ledger: Path) -> None:
+    rows = bakery.wait_settled(ledger)
+    assert {c: (r["state"], r["attempt"]) for c, r in rows.items()} == {
+        QUEUE[0]: ("COMPLETED", 1), QUEUE[1]: ("COMPLETED", 2), QUEUE[2]: ("COMPLETED", 1)}
+
+
 def test_a_cell_cancelled_while_pending_is_cancelled_and_resubmitted(tmp_path, tiny_models, bakery,
                                                                       held_lock):
     matrix = one_at_a_time(tmp_path, tiny_models)
@@ -72,12 +85,8 @@ def test_a_cell_cancelled_while_pending_is_cancelled_and_resubmitted(tmp_path, t
         rows = bakery.wait(ledger, lambda rows: rows[QUEUE[1]]["state"] not in ("PENDING", "SUBMITTED"),
                            f"{QUEUE[1]} to leave PENDING")
         assert rows[QUEUE[1]]["state"] == "CANCELLED"
-        again = json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout)
-        assert [(r["cell"], r["state"]) for r in again if r["action"].startswith("resubmitted in ")] == \
-            [(QUEUE[1], "CANCELLED")], again
-    rows = bakery.wait_settled(ledger)
-    assert {c: (r["state"], r["attempt"]) for c, r in rows.items()} == {
-        QUEUE[0]: ("COMPLETED", 1), QUEUE[1]: ("COMPLETED", 2), QUEUE[2]: ("COMPLETED", 1)}
+        resubmit_the_cancelled_one(bakery, ledger)
+    assert_all_complete_after_one_resubmit(bakery, ledger)
 
 
 def test_a_task_scancelled_while_pending_outside_the_tool_is_cancelled_and_resubmitted(
@@ -98,12 +107,8 @@ def test_a_task_scancelled_while_pending_outside_the_tool_is_cancelled_and_resub
         rows = bakery.wait(ledger, lambda rows: rows[QUEUE[1]]["state"] != "PENDING",
                            f"{QUEUE[1]} to leave PENDING")
         assert (rows[QUEUE[1]]["state"], rows[QUEUE[2]]["state"]) == ("CANCELLED", "PENDING")
-        again = json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout)
-        assert [(r["cell"], r["state"]) for r in again if r["action"].startswith("resubmitted in ")] == \
-            [(QUEUE[1], "CANCELLED")], again
-    rows = bakery.wait_settled(ledger)
-    assert {c: (r["state"], r["attempt"]) for c, r in rows.items()} == {
-        QUEUE[0]: ("COMPLETED", 1), QUEUE[1]: ("COMPLETED", 2), QUEUE[2]: ("COMPLETED", 1)}
+        resubmit_the_cancelled_one(bakery, ledger)
+    assert_all_complete_after_one_resubmit(bakery, ledger)
 
 
 def test_sbatch_failing_after_the_controller_accepted_the_array_records_it(tmp_path, bakery,

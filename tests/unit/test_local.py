@@ -104,32 +104,43 @@ def folder(tmp_path):
 # Tests
 
 
+def interval_recorder(go: Path) -> str:
+    """A task (`python -c SCRIPT LOG NAME`) that appends `<ns> start NAME` to LOG, waits until
+    `go` exists, then appends `<ns> end NAME`."""
+    return ("import os, sys, time\n"
+            "def rec(kind):\n"
+            "    with open(sys.argv[1], 'a') as f:\n"
+            "        f.write(f'{time.time_ns()} {kind} {sys.argv[2]}\\n')\n"
+            "rec('start')\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+            "rec('end')\n")
+
+
+def max_overlap(log: Path) -> int:
+    """The most tasks running at once, from the `<ns> start|end <i>` lines the tasks wrote."""
+    events = sorted((int(t), kind == "start") for t, kind, _ in
+                    (line.split() for line in log.read_text().splitlines()))
+    running, most = 0, 0
+    for _, is_start in events:  # at equal times an end sorts before a start
+        running += 1 if is_start else -1
+        most = max(most, running)
+    return most
+
+
 def test_parallelism_cap_is_honoured(folder, tmp_path):
     """4 tasks, at most 2 at once: the intervals each task records never overlap by more than 2
     (and do overlap by 2, so the tasks did run in parallel)."""
     log, go = tmp_path / "intervals.log", tmp_path / "go"
     # Each task ends once `go` exists: the first two are both running before any may end.
-    script = ("import os, sys, time\n"
-              "def rec(kind):\n"
-              "    with open(sys.argv[1], 'a') as f:\n"
-              "        f.write(f'{time.time_ns()} {kind} {sys.argv[2]}\\n')\n"
-              "rec('start')\n"
-              f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
-              "rec('end')\n")
+    script = interval_recorder(go)
     argvs = [[PY, "-c", script, str(log), str(i)] for i in range(4)]
     local.submit(folder, JOB, argvs, [], "none", parallelism=2, time_min=1)
     wait_for(lambda: log.exists() and log.read_text().count(" start ") == 2, "two tasks to start")
     go.touch()
     states = wait_for(lambda: all_done(folder, 4), "4 tasks to finish")
     assert {k: s.state for k, s in states.items()} == {f"{JOB}_{i}": "COMPLETED" for i in range(4)}
-    events = sorted((int(t), kind == "start") for t, kind, _ in
-                    (line.split() for line in log.read_text().splitlines()))
-    assert len(events) == 8
-    running, most = 0, 0
-    for _, is_start in events:  # at equal times an end sorts before a start
-        running += 1 if is_start else -1
-        most = max(most, running)
-    assert most == 2
+    assert log.read_text().count(" end ") == 4
+    assert max_overlap(log) == 2
 
 
 def test_time_limit_ends_the_task_as_timeout(folder, tmp_path):
@@ -413,29 +424,12 @@ def test_live_processes_are_recorded_with_their_identity(folder, tmp_path):
 # The machine-wide cap across arrays
 
 
-def max_overlap(log: Path) -> int:
-    """The most tasks running at once, from the `<ns> start|end <i>` lines the tasks wrote."""
-    events = sorted((int(t), kind == "start") for t, kind, _ in
-                    (line.split() for line in log.read_text().splitlines()))
-    running, most = 0, 0
-    for _, is_start in events:  # at equal times an end sorts before a start
-        running += 1 if is_start else -1
-        most = max(most, running)
-    return most
-
-
 def test_the_machine_cap_holds_across_arrays(folder, tmp_path, monkeypatch):
     """Two arrays of 2 tasks, each allowed 2 at once, on a machine capped at 2 local tasks: never
     more than 2 run, though each supervisor alone would run 4 between them."""
     monkeypatch.setenv(local.MAX_TASKS_ENV, "2")
     log, go = tmp_path / "intervals.log", tmp_path / "go"
-    script = ("import os, sys, time\n"
-              "def rec(kind):\n"
-              "    with open(sys.argv[1], 'a') as f:\n"
-              "        f.write(f'{time.time_ns()} {kind} {sys.argv[2]}\\n')\n"
-              "rec('start')\n"
-              f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
-              "rec('end')\n")
+    script = interval_recorder(go)
     second = tmp_path / "second"
     for array, job in ((folder, JOB), (second, "local-0123abcd-1")):
         local.submit(array, job, [[PY, "-c", script, str(log), f"{job}_{i}"] for i in range(2)],
