@@ -7,7 +7,8 @@ baseline's row at the cell's size and variant, else its only row at the cell's s
 4B ranking against its one 4b-std baseline). A cell's delta is the mean, over the columns both
 rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1];
 a metric lm-eval marks lower-is-better (perplexity, say) counts as (baseline - cell), so a
-positive delta is always an improvement.
+positive delta is always an improvement. A group with an aggregate (mmlu) counts by it alone:
+its subtasks are in the pivot, not in the delta.
 Per method, the delta is given per variant and as the mean over the variants; methods are
 ranked per size, best first.
 
@@ -43,13 +44,16 @@ class Row:
     values: dict[str, tuple[float, float | None]]
     # Columns whose metric lm-eval marks lower-is-better.
     lower_is_better: frozenset[str] = frozenset()
+    # Columns of the subtasks of a group whose aggregate is a column too: shown, not ranked.
+    aggregated: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, target: Any, results: dict[str, Any]) -> "Row":
         """The row of an eval target (`evaluation.EvalTarget`) with its lm-eval results JSON."""
         return cls(id=target.id, kind=target.kind, size=target.size, variant=target.variant,
                    label=target.label, values=metrics(results),
-                   lower_is_better=lower_is_better(results))
+                   lower_is_better=lower_is_better(results),
+                   aggregated=aggregated_columns(results))
 
 
 def _scores(results: dict[str, Any]) -> Iterator[tuple[str, str, str, float, float | None]]:
@@ -66,8 +70,12 @@ def _scores(results: dict[str, Any]) -> Iterator[tuple[str, str, str, float, flo
 
 def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
     """{column: (value, stderr or None)} of every numeric metric in lm-eval's `results` table."""
-    return {f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]"): (value, stderr)
+    return {_column(task, metric, filt): (value, stderr)
             for task, metric, filt, value, stderr in _scores(results)}
+
+
+def _column(task: str, metric: str, filt: str) -> str:
+    return f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]")
 
 
 # A Hub dataset id (`owner/name`) or a `datasets` builder (`json`), as opposed to a folder.
@@ -112,8 +120,26 @@ def lower_is_better(results: dict[str, Any]) -> frozenset[str]:
     """The columns of `metrics(results)` whose metric lm-eval's `higher_is_better` marks false."""
     lower = {(task, metric) for task, flags in (results.get("higher_is_better") or {}).items()
              for metric, higher in flags.items() if higher is False}
-    return frozenset(column for column in metrics(results)
-                     if tuple(column.split("[", 1)[0].split("/", 1)) in lower)
+    return frozenset(_column(task, metric, filt) for task, metric, filt, *_ in _scores(results)
+                     if (task, metric) in lower)
+
+
+def aggregated_columns(results: dict[str, Any]) -> frozenset[str]:
+    """The columns of `metrics(results)` of every task and subgroup below a group that has an
+    aggregate of its own (lm-eval's `group_subtasks`, followed down). lm-eval lists the group's
+    aggregate and each of its subtasks alike in `results`: ranked all, one mmlu would weigh 58
+    times as much as a plain task, and count its own scores twice."""
+    subtasks = results.get("group_subtasks") or {}
+    scored = {task for task, *_ in _scores(results)}
+    below: set[str] = set()
+    pending = [task for group in subtasks if group in scored for task in subtasks[group]]
+    while pending:
+        task = pending.pop()
+        if task not in below:
+            below.add(task)
+            pending += subtasks.get(task) or []
+    return frozenset(_column(task, metric, filt) for task, metric, filt, *_ in _scores(results)
+                     if task in below)
 
 
 def _number(value: Any) -> bool:
@@ -147,7 +173,8 @@ def ranking(rows: Sequence[Row], baseline: str,
     pending = set(without_results)
     for cell in (r for r in rows if r.kind == "cell"):
         ref = None if (cell.size, cell.variant) in pending else _reference(cell, refs)
-        shared = [c for c in cell.values if c in ref.values] if ref else []
+        shared = [c for c in cell.values if c in ref.values
+                  and c not in cell.aggregated and c not in ref.aggregated] if ref else []
         if not shared:
             continue
         delta = sum((cell.values[c][0] - ref.values[c][0]) * (-1 if c in cell.lower_is_better else 1)

@@ -140,3 +140,70 @@ def test_lower_is_better_metrics_count_with_their_sign_flipped():
     (ties,) = ranking(rows, "base")
     # ppl fell by 5 points (better: +5), acc rose by 5 points (+5)
     assert ties["variants"]["std"] == pytest.approx(5.0)
+
+
+class Target:
+    """The fields of an eval target that `Row.of` reads."""
+
+    def __init__(self, target_id: str, kind: str, label: str):
+        self.id, self.kind, self.label = target_id, kind, label
+        self.size, self.variant = target_id.split("/")[0].split("-")
+
+
+def mmlu_results(stem: float, subtasks: tuple[float, float], belebele: float,
+                 belebele_shots: int = 5) -> dict:
+    """lm-eval 0.4.13's results JSON for a group with an aggregate (global_mmlu_full_en_stem:
+    `aggregate_metric_list` acc, weighted by size) over two subtasks, and a plain task: the
+    group's aggregate and every subtask are entries of `results` alike."""
+    physics, biology = subtasks
+    return {
+        "results": {
+            "global_mmlu_full_en_stem": {"alias": "global_mmlu_full_en_stem",
+                                         "name": "global_mmlu_full_en_stem", "sample_len": 200,
+                                         "acc,none": stem, "acc_stderr,none": 0.03},
+            "global_mmlu_full_en_stem_college_physics": {
+                "alias": " - college_physics", "name": "global_mmlu_full_en_stem_college_physics",
+                "sample_len": 100, "acc,none": physics, "acc_stderr,none": 0.05},
+            "global_mmlu_full_en_stem_high_school_biology": {
+                "alias": " - high_school_biology",
+                "name": "global_mmlu_full_en_stem_high_school_biology",
+                "sample_len": 100, "acc,none": biology, "acc_stderr,none": 0.05},
+            "norbelebele_p0": {"alias": "norbelebele_p0", "name": "norbelebele_p0",
+                               "sample_len": 900, "acc,none": belebele, "acc_stderr,none": 0.015},
+        },
+        "groups": {"global_mmlu_full_en_stem": {"alias": "global_mmlu_full_en_stem",
+                                                "acc,none": stem, "acc_stderr,none": 0.03}},
+        "group_subtasks": {"global_mmlu_full_en_stem": [
+            "global_mmlu_full_en_stem_college_physics",
+            "global_mmlu_full_en_stem_high_school_biology"]},
+        "versions": {"global_mmlu_full_en_stem": 0.0,
+                     "global_mmlu_full_en_stem_college_physics": 0.0,
+                     "global_mmlu_full_en_stem_high_school_biology": 0.0, "norbelebele_p0": 1.0},
+        "n-shot": {"global_mmlu_full_en_stem": 0, "global_mmlu_full_en_stem_college_physics": 0,
+                   "global_mmlu_full_en_stem_high_school_biology": 0,
+                   "norbelebele_p0": belebele_shots},
+        "higher_is_better": {"global_mmlu_full_en_stem": {"acc": True},
+                             "global_mmlu_full_en_stem_college_physics": {"acc": True},
+                             "global_mmlu_full_en_stem_high_school_biology": {"acc": True},
+                             "norbelebele_p0": {"acc": True}},
+        "n-samples": {"global_mmlu_full_en_stem_college_physics": {"original": 100, "effective": 100},
+                      "global_mmlu_full_en_stem_high_school_biology": {"original": 100,
+                                                                      "effective": 100},
+                      "norbelebele_p0": {"original": 900, "effective": 900}},
+    }
+
+
+def test_a_group_counts_once_in_the_ranking_by_its_aggregate_not_by_each_subtask():
+    """Two tasks were asked for, a group and a plain task: each weighs the same in the delta.
+    Counting the subtasks as well would weigh the group three times (and mmlu's 57 subtasks
+    would outweigh every other task 58 to 1)."""
+    rows = [Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"),
+                   mmlu_results(0.60, (0.55, 0.65), belebele=0.70)),
+            Row.of(Target("4b-std/base", "baseline", "base"),
+                   mmlu_results(0.50, (0.45, 0.55), belebele=0.80))]
+    (ties,) = ranking(rows, "base")
+    # (+10 for the group's acc, -10 for norbelebele's) / 2
+    assert ties["variants"]["std"] == pytest.approx(0.0)
+    assert ties["metrics"] == {"std": 2}
+    # the pivot still shows every subtask
+    assert "global_mmlu_full_en_stem_college_physics/acc" in pivot(rows)
