@@ -8,7 +8,8 @@ baseline's row at the cell's size and variant, else its only row at the cell's s
 rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1];
 a metric lm-eval marks lower-is-better (perplexity, say) counts as (baseline - cell), so a
 positive delta is always an improvement. A group with an aggregate (mmlu) counts by it alone:
-its subtasks are in the pivot, not in the delta.
+its subtasks are in the pivot, not in the delta. A column whose task the two rows scored
+otherwise (n-shot, task version, samples: `setups`) is left out, and named (`not_compared`).
 Per method, the delta is given per variant and as the mean over the variants; methods are
 ranked per size, best first.
 
@@ -24,9 +25,9 @@ import csv
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ConfigError
 from .output import aligned
@@ -46,6 +47,8 @@ class Row:
     lower_is_better: frozenset[str] = frozenset()
     # Columns of the subtasks of a group whose aggregate is a column too: shown, not ranked.
     aggregated: frozenset[str] = frozenset()
+    # How each column's task was scored (`setups`): rows compare a column only where it agrees.
+    setups: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, target: Any, results: dict[str, Any]) -> "Row":
@@ -53,7 +56,7 @@ class Row:
         return cls(id=target.id, kind=target.kind, size=target.size, variant=target.variant,
                    label=target.label, values=metrics(results),
                    lower_is_better=lower_is_better(results),
-                   aggregated=aggregated_columns(results))
+                   aggregated=aggregated_columns(results), setups=setups(results))
 
 
 def _scores(results: dict[str, Any]) -> Iterator[tuple[str, str, str, float, float | None]]:
@@ -142,6 +145,25 @@ def aggregated_columns(results: dict[str, Any]) -> frozenset[str]:
                      if task in below)
 
 
+def setups(results: dict[str, Any]) -> dict[str, Any]:
+    """{column of `metrics(results)`: how its task was scored}: lm-eval's n-shot, task version
+    and number of samples scored, and for a group those of each of its subtasks. The eval
+    settings do not pin them all: a task YAML in `include_path` edited between two evals, or
+    another lm-eval, scores a task otherwise under the same settings."""
+    shots, versions = results.get("n-shot") or {}, results.get("versions") or {}
+    samples, subtasks = results.get("n-samples") or {}, results.get("group_subtasks") or {}
+
+    def setup(task: str, seen: frozenset[str]) -> tuple:
+        counted = samples.get(task)
+        return (shots.get(task), versions.get(task),
+                counted.get("effective") if isinstance(counted, dict) else None,
+                tuple(setup(child, seen | {task}) for child in subtasks.get(task) or []
+                      if child not in seen))
+
+    return {_column(task, metric, filt): setup(task, frozenset())
+            for task, metric, filt, *_ in _scores(results)}
+
+
 def _number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
@@ -164,17 +186,9 @@ def ranking(rows: Sequence[Row], baseline: str,
     ConfigError
         `baseline` names no baseline row.
     """
-    refs = [r for r in rows if r.kind == "baseline" and baseline in (r.id, r.label)]
-    if not refs:
-        known = sorted({r.label for r in rows if r.kind == "baseline"})
-        raise ConfigError(f"--baseline {baseline}: no results for such a baseline "
-                          f"(baselines with results: {', '.join(known) or 'none'})")
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    pending = set(without_results)
-    for cell in (r for r in rows if r.kind == "cell"):
-        ref = None if (cell.size, cell.variant) in pending else _reference(cell, refs)
-        shared = [c for c in cell.values if c in ref.values
-                  and c not in cell.aggregated and c not in ref.aggregated] if ref else []
+    for cell, ref in _compared(rows, baseline, without_results):
+        shared = [c for c in _shared(cell, ref) if cell.setups.get(c) == ref.setups.get(c)]
         if not shared:
             continue
         delta = sum((cell.values[c][0] - ref.values[c][0]) * (-1 if c in cell.lower_is_better else 1)
@@ -193,6 +207,41 @@ def ranking(rows: Sequence[Row], baseline: str,
         entries.sort(key=lambda e: -e["mean"])
         ranked += [{"rank": i, **entry} for i, entry in enumerate(entries, 1)]
     return ranked
+
+
+def not_compared(rows: Sequence[Row], baseline: str,
+                 without_results: Iterable[tuple[str, str]] = ()) -> dict[str, list[str]]:
+    """{cell id: the columns it shares with its reference row (as `ranking` picks it) but whose
+    task was scored otherwise there (`setups`)}: left out of its delta, to be said so."""
+    return {cell.id: columns for cell, ref in _compared(rows, baseline, without_results)
+            if (columns := [c for c in _shared(cell, ref)
+                            if cell.setups.get(c) != ref.setups.get(c)])}
+
+
+def _compared(rows: Sequence[Row], baseline: str,
+              without_results: Iterable[tuple[str, str]]) -> list[tuple[Row, Row]]:
+    """(cell, its reference row) of every cell `ranking` compares with `baseline`.
+
+    Raises
+    ------
+    ConfigError
+        `baseline` names no baseline row.
+    """
+    refs = [r for r in rows if r.kind == "baseline" and baseline in (r.id, r.label)]
+    if not refs:
+        known = sorted({r.label for r in rows if r.kind == "baseline"})
+        raise ConfigError(f"--baseline {baseline}: no results for such a baseline "
+                          f"(baselines with results: {', '.join(known) or 'none'})")
+    pending = set(without_results)
+    pairs = [(cell, None if (cell.size, cell.variant) in pending else _reference(cell, refs))
+             for cell in rows if cell.kind == "cell"]
+    return [(cell, ref) for cell, ref in pairs if ref is not None]
+
+
+def _shared(cell: Row, ref: Row) -> list[str]:
+    """The columns both rows have, but a subtask's of a group whose aggregate counts."""
+    return [c for c in cell.values
+            if c in ref.values and c not in cell.aggregated and c not in ref.aggregated]
 
 
 def _reference(cell: Row, refs: Sequence[Row]) -> Row | None:
@@ -247,13 +296,19 @@ def markdown_table(lines: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def render(rows: Sequence[Row], ranked: Sequence[dict[str, Any]], markdown: bool) -> str:
-    """The report for a terminal (aligned columns) or as Markdown (the seed card's layout)."""
+def render(rows: Sequence[Row], ranked: Sequence[dict[str, Any]], markdown: bool,
+           not_compared: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The report for a terminal (aligned columns) or as Markdown (the seed card's layout), and
+    the columns left out of cells' deltas (`not_compared`)."""
     columns = pivot(rows)
     table = markdown_table if markdown else aligned
     heading = (lambda title: f"### {title}\n") if markdown else (lambda title: f"{title}\n")
     parts = [heading("Per-task absolute scores (x 100, ± stderr)") + table(pivot_table(rows, columns))]
     parts += [heading(title) + table(lines) for title, lines in ranking_tables(ranked)]
+    if not_compared:
+        parts.append("Not compared with the baseline (scored with another n-shot, task version "
+                     "or number of samples): " + "; ".join(
+                         f"{cell}: {', '.join(columns)}" for cell, columns in not_compared.items()))
     return "\n\n".join(parts) + "\n"
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from .report import Row, ranking, render as render_report
+from .report import Row, not_compared, ranking, render as render_report
 from .templating import render
 
 if TYPE_CHECKING:
@@ -99,9 +99,11 @@ def evaluation_section(evaluation: CardEvaluation, records: Mapping[str, Mapping
     if not rows:
         return ""
     baselines = {name for row in rows if row.kind == "baseline" for name in (row.id, row.label)}
-    ranked = (ranking(rows, evaluation.baseline, evaluation.without_results)
-              if evaluation.baseline in baselines else [])
-    return render_report(rows, ranked, markdown=True)
+    if evaluation.baseline not in baselines:
+        return render_report(rows, [], markdown=True)
+    return render_report(rows, ranking(rows, evaluation.baseline, evaluation.without_results),
+                         markdown=True, not_compared=not_compared(rows, evaluation.baseline,
+                                                                  evaluation.without_results))
 
 
 def front_matter(card: str) -> dict[str, Any]:

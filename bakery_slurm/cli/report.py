@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..eval_results import read_results, scores_now
 from ..evaluation import expand_eval
 from ..matrix import load_matrix
-from ..report import Row, pivot, ranking, render, to_csv
+from ..report import Row, not_compared, pivot, ranking, render, to_csv
 from . import cli
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,12 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
     pending = {(t.size, t.variant) for t in targets
                if t.kind == "baseline" and chosen in (t.id, t.label) and t.id not in found}
     ranked = ranking(rows, chosen, pending) if chosen and rows else []
+    unmatched = not_compared(rows, chosen, pending) if chosen and rows else {}
     columns = pivot(rows)
     if csv_path:
         fsutil.atomic_write_text(csv_path, to_csv(rows, columns))
     if markdown_path:
-        fsutil.atomic_write_text(markdown_path, render(rows, ranked, markdown=True))
+        fsutil.atomic_write_text(markdown_path, render(rows, ranked, markdown=True, not_compared=unmatched))
     if as_json:
         click.echo(json.dumps({
             "columns": columns,
@@ -81,6 +82,7 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
                       "label": r.label,
                       "values": {c: {"value": v, "stderr": e} for c, (v, e) in r.values.items()}}
                      for r in rows],
-            "baseline": chosen, "ranking": ranked, "missing": missing}, indent=2))
+            "baseline": chosen, "ranking": ranked, "not_compared": unmatched,
+            "missing": missing}, indent=2))
     else:
-        click.echo(render(rows, ranked, markdown=False), nl=False)
+        click.echo(render(rows, ranked, markdown=False, not_compared=unmatched), nl=False)

@@ -8,11 +8,11 @@ import re
 import pytest
 import yaml
 from conftest import MINIMAL_MATRIX
-from test_report import ROWS
+from test_report import ROWS, Target, mmlu_results
 from test_rootcard import CONTEXT, REPO, record, seed_records
 
 from bakery_slurm.matrix import expand, load_matrix
-from bakery_slurm.report import model_index
+from bakery_slurm.report import Row, model_index
 from bakery_slurm.rootcard import (
     EVAL_END,
     EVAL_START,
@@ -162,3 +162,15 @@ def test_the_notes_survive_and_a_renderer_without_results_keeps_the_section():
 def test_no_results_anywhere_no_section():
     card = render_root_card(seed_records(), CONTEXT, REPO)
     assert "## Evaluation" not in card and EVAL_START not in card
+
+
+def test_the_root_card_names_what_its_ranking_did_not_compare():
+    rows = (Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"),
+                   mmlu_results(0.60, (0.55, 0.65), belebele=0.90)),
+            Row.of(Target("4b-std/lora-nob", "baseline", "lora-nob"),
+                   mmlu_results(0.50, (0.45, 0.55), belebele=0.40, belebele_shots=0)))
+    shown = section(render_root_card(seed_records(), CONTEXT, REPO, evaluation=CardEvaluation(
+        rows=rows, baseline="lora-nob", scored={"4b-std/eng-nob__ties": "1" * 64})))
+    assert "| 1 | ties | +10.00 pp | +10.00 |" in shown
+    assert "Not compared with the baseline (scored with another n-shot, task version or number " \
+           "of samples): 4b-std/eng-nob__ties: norbelebele_p0/acc" in shown

@@ -9,7 +9,8 @@ import pytest
 
 from bakery_slurm.errors import ConfigError
 from bakery_slurm.output import display_width
-from bakery_slurm.report import Row, lower_is_better, metrics, pivot, ranking, render, to_csv
+from bakery_slurm.report import (Row, lower_is_better, metrics, not_compared, pivot, ranking, render,
+                                  to_csv)
 
 # The shape of lm-eval 0.4's results table: "<metric>,<filter>" and "<metric>_stderr,<filter>".
 RESULTS = {
@@ -207,3 +208,29 @@ def test_a_group_counts_once_in_the_ranking_by_its_aggregate_not_by_each_subtask
     assert ties["metrics"] == {"std": 2}
     # the pivot still shows every subtask
     assert "global_mmlu_full_en_stem_college_physics/acc" in pivot(rows)
+
+
+def test_a_task_scored_with_another_n_shot_than_the_baseline_is_not_compared_but_named():
+    """The cell's norbelebele ran 5-shot, the baseline's 0-shot (its YAML was edited between the
+    two evals, which leaves both as configured): its delta says nothing of the merge."""
+    rows = [Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"),
+                   mmlu_results(0.60, (0.55, 0.65), belebele=0.90)),
+            Row.of(Target("4b-std/base", "baseline", "base"),
+                   mmlu_results(0.50, (0.45, 0.55), belebele=0.40, belebele_shots=0))]
+    (ties,) = ranking(rows, "base")
+    assert ties["variants"]["std"] == pytest.approx(10.0)  # the group's acc alone
+    assert not_compared(rows, "base") == {"4b-std/eng-nob__ties": ["norbelebele_p0/acc"]}
+    text = render(rows, [ties], markdown=True, not_compared=not_compared(rows, "base"))
+    assert ("Not compared with the baseline (scored with another n-shot, task version or number "
+            "of samples): 4b-std/eng-nob__ties: norbelebele_p0/acc") in text
+
+
+def test_a_subtask_scored_otherwise_keeps_its_group_from_being_compared():
+    cell = mmlu_results(0.60, (0.55, 0.65), belebele=0.70)
+    cell["n-shot"]["global_mmlu_full_en_stem_college_physics"] = 5
+    rows = [Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"), cell),
+            Row.of(Target("4b-std/base", "baseline", "base"),
+                   mmlu_results(0.50, (0.45, 0.55), belebele=0.80))]
+    assert not_compared(rows, "base") == {"4b-std/eng-nob__ties": ["global_mmlu_full_en_stem/acc"]}
+    (ties,) = ranking(rows, "base")
+    assert ties["variants"]["std"] == pytest.approx(-10.0)
