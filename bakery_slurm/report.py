@@ -5,8 +5,9 @@ being `<task>/<metric>` (plus `[<filter>]` for a filter other than lm-eval's `no
 lays out one row per cell and baseline; `ranking` compares each cell with a named baseline: the
 baseline's row at the cell's size and variant, else its only row at the cell's size (the seed's
 4B ranking against its one 4b-std baseline). A cell's delta is the mean, over the columns both
-rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1];
-a metric lm-eval marks lower-is-better (perplexity, say) counts as (baseline - cell), so a
+rows have, of (cell - baseline) x 100: points, for lm-eval's accuracy-like metrics in [0, 1]
+(`fractions`: other metrics are shown as they are and not compared);
+a metric lm-eval marks lower-is-better (brier_score, say) counts as (baseline - cell), so a
 positive delta is always an improvement. A group with an aggregate (mmlu) counts by it alone:
 its subtasks are in the pivot, not in the delta. A column whose task the two rows scored
 otherwise (n-shot, task version, samples: `setups`) is left out, and named (`not_compared`).
@@ -49,6 +50,8 @@ class Row:
     aggregated: frozenset[str] = frozenset()
     # How each column's task was scored (`setups`): rows compare a column only where it agrees.
     setups: dict[str, Any] = field(default_factory=dict)
+    # Columns of a metric of NOT_FRACTIONS.
+    not_fractions: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, target: Any, results: dict[str, Any]) -> "Row":
@@ -56,7 +59,8 @@ class Row:
         return cls(id=target.id, kind=target.kind, size=target.size, variant=target.variant,
                    label=target.label, values=metrics(results),
                    lower_is_better=lower_is_better(results),
-                   aggregated=aggregated_columns(results), setups=setups(results))
+                   aggregated=aggregated_columns(results), setups=setups(results),
+                   not_fractions=not_fraction_columns(results))
 
 
 def _scores(results: dict[str, Any]) -> Iterator[tuple[str, str, str, float, float | None]]:
@@ -164,6 +168,28 @@ def setups(results: dict[str, Any]) -> dict[str, Any]:
             for task, metric, filt, *_ in _scores(results)}
 
 
+# lm-eval's metrics that are no fraction in [0, 1], whatever values a run gives: perplexities
+# and bits per byte (unbounded), log-likelihood, sacrebleu's bleu, chrf and ter (0 to 100).
+NOT_FRACTIONS = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                           "likelihood", "bleu", "chrf", "chrf++", "ter"})
+
+
+def not_fraction_columns(results: dict[str, Any]) -> frozenset[str]:
+    """The columns of `metrics(results)` of a metric of NOT_FRACTIONS."""
+    return frozenset(_column(task, metric, filt) for task, metric, filt, *_ in _scores(results)
+                     if metric in NOT_FRACTIONS)
+
+
+def fractions(rows: Sequence[Row]) -> frozenset[str]:
+    """The columns shown and compared in points (x 100): every value `rows` have there lies in
+    [0, 1], and the metric is not one of NOT_FRACTIONS. A difference in points of any other
+    metric (a perplexity 5 lower is no 500 points) would outweigh every accuracy in a delta."""
+    return frozenset(column for column in pivot(rows)
+                     if not any(column in row.not_fractions for row in rows)
+                     and all(0 <= row.values[column][0] <= 1
+                             for row in rows if column in row.values))
+
+
 def _number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
@@ -187,8 +213,10 @@ def ranking(rows: Sequence[Row], baseline: str,
         `baseline` names no baseline row.
     """
     groups: dict[tuple[str, str], dict[str, Any]] = {}
+    points = fractions(rows)
     for cell, ref in _compared(rows, baseline, without_results):
-        shared = [c for c in _shared(cell, ref) if cell.setups.get(c) == ref.setups.get(c)]
+        shared = [c for c in _shared(cell, ref)
+                  if c in points and cell.setups.get(c) == ref.setups.get(c)]
         if not shared:
             continue
         delta = sum((cell.values[c][0] - ref.values[c][0]) * (-1 if c in cell.lower_is_better else 1)
@@ -256,12 +284,20 @@ def _reference(cell: Row, refs: Sequence[Row]) -> Row | None:
 # Rendering
 
 
-def score(value: tuple[float, float | None] | None) -> str:
-    """`48.1 ± 1.2` (x 100), or `—` for a metric that row did not run."""
+def score(value: tuple[float, float | None] | None, fraction: bool = True) -> str:
+    """`48.1 ± 1.2` (a fraction, x 100), `20.31 ± 0.5` (another metric, as it is), or `—` for a
+    metric that row did not run."""
     if value is None:
         return "—"
     v, err = value
-    return f"{v * 100:.1f}" + (f" ± {err * 100:.1f}" if err is not None else "")
+    if fraction:
+        return f"{v * 100:.1f}" + (f" ± {err * 100:.1f}" if err is not None else "")
+    return f"{v:.4g}" + (f" ± {err:.2g}" if err is not None else "")
+
+
+def heading(column: str, fraction: bool) -> str:
+    """A pivot column's heading: its name, marked `(as is)` when it is not x 100."""
+    return column if fraction else f"{column} (as is)"
 
 
 def signed(delta: float) -> str:
@@ -270,8 +306,18 @@ def signed(delta: float) -> str:
 
 def pivot_table(rows: Sequence[Row], columns: Sequence[str]) -> list[list[str]]:
     """Header and one line per row: the target, then each column's score."""
-    return [["target", *columns]] + [[row.id, *(score(row.values.get(c)) for c in columns)]
-                                     for row in rows]
+    points = fractions(rows)
+    return [["target", *(heading(c, c in points) for c in columns)]] + [
+        [row.id, *(score(row.values.get(c), c in points) for c in columns)] for row in rows]
+
+
+def results_table(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(column heading, score) of every metric of one results JSON, as the pivot shows them (a
+    cell card's table)."""
+    alone = Row(id="", kind="cell", size="", variant="", label="", values=metrics(results),
+                not_fractions=not_fraction_columns(results))
+    header, line = pivot_table([alone], pivot([alone]))
+    return list(zip(header[1:], line[1:]))
 
 
 def ranking_tables(ranked: Sequence[dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:

@@ -51,7 +51,7 @@ import yaml
 from .. import fsutil
 from ..errors import PushError
 from ..matrix import Cell, PushTarget
-from ..report import metrics, model_index, score
+from ..report import model_index, results_table
 from ..rootcard import TAGS, CardContext, card_metadata, front_matter, reference, render_root_card
 from ..templating import render
 from .merge import WEIGHT_SUFFIXES
@@ -599,8 +599,7 @@ def render_card(cell: Cell, recipe: str, record: Mapping[str, Any],
                   versions=record["versions"],
                   model_index=yaml.safe_dump({"model-index": index}, sort_keys=False,
                                              allow_unicode=True) if index else "",
-                  scores=[(column, score(value)) for column, value in
-                          metrics(dict(results)).items()] if index else [],
+                  scores=results_table(dict(results)) if index else [],
                   lm_eval_version=(results or {}).get("lm_eval_version"),
                   n_shot=(results or {}).get("n-shot") or {})
 

@@ -174,3 +174,11 @@ def test_the_root_card_names_what_its_ranking_did_not_compare():
     assert "| 1 | ties | +10.00 pp | +10.00 |" in shown
     assert "Not compared with the baseline (scored with another n-shot, task version or number " \
            "of samples): 4b-std/eng-nob__ties: norbelebele_p0/acc" in shown
+
+
+def test_a_cell_card_shows_a_perplexity_as_it_is(cell):
+    results = {**RESULTS, "results": {**RESULTS["results"], "wikitext": {
+        "alias": "wikitext", "word_perplexity,none": 20.31, "word_perplexity_stderr,none": "N/A"}}}
+    card = cell_card(cell, record("tiny", "std", "ties"), results)
+    assert "| wikitext/word_perplexity (as is) | 20.31 |" in card
+    assert "| norbelebele_p0/acc | 69.9 ± 1.5 |" in card

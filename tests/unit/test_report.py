@@ -234,3 +234,28 @@ def test_a_subtask_scored_otherwise_keeps_its_group_from_being_compared():
     assert not_compared(rows, "base") == {"4b-std/eng-nob__ties": ["global_mmlu_full_en_stem/acc"]}
     (ties,) = ranking(rows, "base")
     assert ties["variants"]["std"] == pytest.approx(-10.0)
+
+
+def wikitext_results(word_perplexity: float, acc: float) -> dict:
+    """lm-eval's wikitext (word_perplexity, bits_per_byte: lower is better, not fractions) and
+    an accuracy task."""
+    return {"results": {"wikitext": {"alias": "wikitext", "word_perplexity,none": word_perplexity,
+                                     "word_perplexity_stderr,none": "N/A",
+                                     "bits_per_byte,none": 0.8, "bits_per_byte_stderr,none": "N/A"},
+                        "norbelebele_p0": {"alias": "norbelebele_p0", "acc,none": acc,
+                                           "acc_stderr,none": 0.015}},
+            "higher_is_better": {"wikitext": {"word_perplexity": False, "bits_per_byte": False},
+                                 "norbelebele_p0": {"acc": True}}}
+
+
+def test_metrics_that_are_not_fractions_are_shown_as_they_are_and_left_out_of_the_delta():
+    """A perplexity 5 lower is no 500 points: in the delta it would outweigh every accuracy."""
+    rows = [Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"), wikitext_results(20.0, 0.70)),
+            Row.of(Target("4b-std/base", "baseline", "base"), wikitext_results(25.0, 0.72))]
+    (ties,) = ranking(rows, "base")
+    assert ties["variants"]["std"] == pytest.approx(-2.0)  # norbelebele's acc alone
+    assert ties["metrics"] == {"std": 1}
+    text = render(rows, [ties], markdown=True)
+    assert ("| target | wikitext/word_perplexity (as is) | wikitext/bits_per_byte (as is) "
+            "| norbelebele_p0/acc |") in text
+    assert "| 4b-std/eng-nob__ties | 20 | 0.8 | 70.0 ± 1.5 |" in text
