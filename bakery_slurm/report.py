@@ -15,7 +15,8 @@ Per method, the delta is given per variant and as the mean over the variants; me
 ranked per size, best first.
 
 `model_index(name, results)` is the same results JSON as the Hub's `model-index` metadata, for
-the cell cards.
+the cell cards: the tasks whose data is a Hub dataset (`hub_dataset`). A score lm-eval's `limit`
+cut to part of its task's documents (`partial_tasks`) says so wherever it is shown.
 
 Imports nothing heavy: `report` runs on a login node.
 """
@@ -27,7 +28,6 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePath
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ConfigError
@@ -52,6 +52,8 @@ class Row:
     setups: dict[str, Any] = field(default_factory=dict)
     # Columns of a metric of NOT_FRACTIONS.
     not_fractions: frozenset[str] = frozenset()
+    # Columns scored on part of their task's documents: (documents scored, documents it has).
+    partial: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, target: Any, results: dict[str, Any]) -> "Row":
@@ -60,7 +62,7 @@ class Row:
                    label=target.label, values=metrics(results),
                    lower_is_better=lower_is_better(results),
                    aggregated=aggregated_columns(results), setups=setups(results),
-                   not_fractions=not_fraction_columns(results))
+                   not_fractions=not_fraction_columns(results), partial=partial_columns(results))
 
 
 def _scores(results: dict[str, Any]) -> Iterator[tuple[str, str, str, float, float | None]]:
@@ -81,46 +83,120 @@ def metrics(results: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
             for task, metric, filt, value, stderr in _scores(results)}
 
 
+def _tasks(results: dict[str, Any]) -> list[str]:
+    """The tasks with a numeric metric, in lm-eval's order."""
+    return list(dict.fromkeys(task for task, *_ in _scores(results)))
+
+
 def _column(task: str, metric: str, filt: str) -> str:
     return f"{task}/{metric}" + ("" if filt == "none" else f"[{filt}]")
 
 
-# A Hub dataset id (`owner/name`) or a `datasets` builder (`json`), as opposed to a folder.
-DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# A Hub dataset id: `owner/name`. A bare name is a `datasets` builder reading files of the
+# cluster (`json`, `csv`) or a legacy name, and a folder is a path: no Hub page is theirs.
+HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_index(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The Hub's `model-index` for lm-eval's results JSON: one result per task (type
-    text-generation; its dataset as the task's config names it, with split and few-shot count),
-    each metric with lm-eval's value. Empty when the results have no numeric metric.
+    """The Hub's `model-index` for lm-eval's results JSON: one result per task whose data is a
+    Hub dataset (type text-generation; the dataset as `hub_dataset` names it, with the few-shot
+    count), each metric with lm-eval's value, its name marked where lm-eval scored part of the
+    task's documents (`partial_tasks`). Empty when no such task has a numeric metric.
 
-    A task reading a local dataset folder is named by the folder's last name, never its path."""
-    configs, shots = results.get("configs") or {}, results.get("n-shot") or {}
+    The Hub requires `dataset.type` and links it to the dataset's page: a task read from
+    elsewhere has no truthful entry, and is left out (the card's table shows it)."""
+    shots, partial = results.get("n-shot") or {}, partial_tasks(results)
+    datasets = {task: hub_dataset(task, results) for task in _tasks(results)}
     by_task: dict[str, dict[str, Any]] = {}
     for task, metric, filt, value, _ in _scores(results):
+        if datasets[task] is None:
+            continue
         entry = by_task.get(task)
         if entry is None:
-            entry = by_task[task] = {"task": {"type": "text-generation"},
-                                     "dataset": _dataset(task, configs.get(task) or {},
-                                                         shots.get(task)),
+            dataset = {"name": task, **datasets[task]}
+            if isinstance(shots.get(task), int):
+                dataset["args"] = {"num_few_shot": shots[task]}
+            entry = by_task[task] = {"task": {"type": "text-generation"}, "dataset": dataset,
                                      "metrics": []}
+        label = metric if filt == "none" else f"{metric} [{filt}]"
         entry["metrics"].append({"type": metric, "value": value,
-                                 "name": metric if filt == "none" else f"{metric} [{filt}]"})
+                                 "name": label + partial_note(partial.get(task))})
     return [{"name": name, "results": list(by_task.values())}] if by_task else []
 
 
-def _dataset(task: str, config: dict[str, Any], shots: Any) -> dict[str, Any]:
-    path = str(config.get("dataset_path") or task)
-    dataset: dict[str, Any] = {"name": task,
-                               "type": path if DATASET_ID.match(path) else PurePath(path).name}
-    if config.get("dataset_name"):
-        dataset["config"] = config["dataset_name"]
-    split = config.get("test_split") or config.get("validation_split")
-    if split:
-        dataset["split"] = split
-    if isinstance(shots, int):
-        dataset["args"] = {"num_few_shot": shots}
-    return dataset
+def hub_dataset(task: str, results: dict[str, Any]) -> dict[str, str] | None:
+    """The Hub dataset lm-eval's `task` read: {type: its `owner/name`, config and split where
+    it names them}; for a group, what all its subtasks share (lm-eval's `configs` hold only
+    the subtasks). None where some of the task's data is no Hub dataset (a `datasets` builder
+    over files, a folder, a `custom_dataset`), or its subtasks read different ones."""
+    configs = results.get("configs") or {}
+    read = [configs[t] for t in {task} | _below(task, results.get("group_subtasks") or {})
+            if t in configs]
+    if not read or not all(_on_hub(config) for config in read):
+        return None
+    found = [{"type": config["dataset_path"], "config": config.get("dataset_name"),
+              "split": config.get("test_split") or config.get("validation_split")}
+             for config in read]
+    return {key: value for key, value in found[0].items()
+            if value and all(each[key] == value for each in found)}
+
+
+def _on_hub(config: dict[str, Any]) -> bool:
+    """Does lm-eval load this task config's data from the Hub dataset its `dataset_path` names?"""
+    path = config.get("dataset_path")
+    return (isinstance(path, str) and bool(HUB_DATASET_ID.match(path))
+            and not config.get("custom_dataset"))
+
+
+def tasks_off_hub(results: dict[str, Any]) -> list[str]:
+    """The scored tasks `model_index` leaves out: their data is no Hub dataset."""
+    return [task for task in _tasks(results) if hub_dataset(task, results) is None]
+
+
+def _below(task: str, subtasks: Mapping[str, Sequence[str]]) -> set[str]:
+    """Every task and subgroup below `task` in lm-eval's `group_subtasks`, followed down."""
+    below: set[str] = set()
+    pending = list(subtasks.get(task) or [])
+    while pending:
+        child = pending.pop()
+        if child not in below:
+            below.add(child)
+            pending += subtasks.get(child) or []
+    return below
+
+
+def partial_tasks(results: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{task: (documents scored, documents it has)} of every scored task lm-eval ran on part of
+    its documents (`limit`: its `n-samples` effective below original), a group by the sum over
+    its subtasks. Such a score is no score on the task: a card or report shows it marked."""
+    samples, subtasks = results.get("n-samples") or {}, results.get("group_subtasks") or {}
+    partial: dict[str, tuple[int, int]] = {}
+    for task in _tasks(results):
+        counts = [samples[t] for t in {task} | _below(task, subtasks)
+                  if isinstance(samples.get(t), dict)
+                  and _number(samples[t].get("effective")) and _number(samples[t].get("original"))]
+        effective = sum(int(count["effective"]) for count in counts)
+        original = sum(int(count["original"]) for count in counts)
+        if effective < original:
+            partial[task] = (effective, original)
+    return partial
+
+
+def partial_columns(results: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{column of `metrics(results)`: (documents scored, documents it has)} of the columns of a
+    task of `partial_tasks`."""
+    partial = partial_tasks(results)
+    return {_column(task, metric, filt): partial[task]
+            for task, metric, filt, *_ in _scores(results) if task in partial}
+
+
+def partial_note(documents: tuple[int, int] | None) -> str:
+    """` (on 100 of 900 documents)` after a score of part of its task's documents, else empty."""
+    return "" if documents is None else f" (on {documents[0]} of {documents[1]} documents)"
+
+
+PARTIAL_LEGEND = ("A score marked (on n of N documents) was scored on part of its task's "
+                  "documents (lm-eval's limit): it is no score on the whole task.")
 
 
 def lower_is_better(results: dict[str, Any]) -> frozenset[str]:
@@ -138,13 +214,7 @@ def aggregated_columns(results: dict[str, Any]) -> frozenset[str]:
     times as much as a plain task, and count its own scores twice."""
     subtasks = results.get("group_subtasks") or {}
     scored = {task for task, *_ in _scores(results)}
-    below: set[str] = set()
-    pending = [task for group in subtasks if group in scored for task in subtasks[group]]
-    while pending:
-        task = pending.pop()
-        if task not in below:
-            below.add(task)
-            pending += subtasks.get(task) or []
+    below = set().union(*(_below(group, subtasks) for group in subtasks if group in scored))
     return frozenset(_column(task, metric, filt) for task, metric, filt, *_ in _scores(results)
                      if task in below)
 
@@ -284,15 +354,18 @@ def _reference(cell: Row, refs: Sequence[Row]) -> Row | None:
 # Rendering
 
 
-def score(value: tuple[float, float | None] | None, fraction: bool = True) -> str:
+def score(value: tuple[float, float | None] | None, fraction: bool = True,
+          documents: tuple[int, int] | None = None) -> str:
     """`48.1 ± 1.2` (a fraction, x 100), `20.31 ± 0.5` (another metric, as it is), or `—` for a
-    metric that row did not run."""
+    metric that row did not run; `(on 100 of 900 documents)` after a partial score."""
     if value is None:
         return "—"
     v, err = value
     if fraction:
-        return f"{v * 100:.1f}" + (f" ± {err * 100:.1f}" if err is not None else "")
-    return f"{v:.4g}" + (f" ± {err:.2g}" if err is not None else "")
+        shown = f"{v * 100:.1f}" + (f" ± {err * 100:.1f}" if err is not None else "")
+    else:
+        shown = f"{v:.4g}" + (f" ± {err:.2g}" if err is not None else "")
+    return shown + partial_note(documents)
 
 
 def heading(column: str, fraction: bool) -> str:
@@ -308,14 +381,15 @@ def pivot_table(rows: Sequence[Row], columns: Sequence[str]) -> list[list[str]]:
     """Header and one line per row: the target, then each column's score."""
     points = fractions(rows)
     return [["target", *(heading(c, c in points) for c in columns)]] + [
-        [row.id, *(score(row.values.get(c), c in points) for c in columns)] for row in rows]
+        [row.id, *(score(row.values.get(c), c in points, row.partial.get(c)) for c in columns)]
+        for row in rows]
 
 
 def results_table(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(column heading, score) of every metric of one results JSON, as the pivot shows them (a
     cell card's table)."""
     alone = Row(id="", kind="cell", size="", variant="", label="", values=metrics(results),
-                not_fractions=not_fraction_columns(results))
+                not_fractions=not_fraction_columns(results), partial=partial_columns(results))
     header, line = pivot_table([alone], pivot([alone]))
     return list(zip(header[1:], line[1:]))
 
@@ -344,12 +418,15 @@ def markdown_table(lines: Sequence[Sequence[str]]) -> str:
 
 def render(rows: Sequence[Row], ranked: Sequence[dict[str, Any]], markdown: bool,
            not_compared: Mapping[str, Sequence[str]] | None = None) -> str:
-    """The report for a terminal (aligned columns) or as Markdown (the seed card's layout), and
-    the columns left out of cells' deltas (`not_compared`)."""
+    """The report for a terminal (aligned columns) or as Markdown (the seed card's layout), what
+    a score of part of a task's documents is, and the columns left out of cells' deltas
+    (`not_compared`)."""
     columns = pivot(rows)
     table = markdown_table if markdown else aligned
     heading = (lambda title: f"### {title}\n") if markdown else (lambda title: f"{title}\n")
     parts = [heading("Per-task absolute scores (x 100, ± stderr)") + table(pivot_table(rows, columns))]
+    if any(row.partial for row in rows):
+        parts.append(PARTIAL_LEGEND)
     parts += [heading(title) + table(lines) for title, lines in ranking_tables(ranked)]
     if not_compared:
         parts.append("Not compared with the baseline (scored with another n-shot, task version "

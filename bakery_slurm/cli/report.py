@@ -80,7 +80,9 @@ def report(matrix: Path, baseline: str | None, work: Path | None, csv_path: Path
             "columns": columns,
             "rows": [{"target": r.id, "kind": r.kind, "size": r.size, "variant": r.variant,
                       "label": r.label,
-                      "values": {c: {"value": v, "stderr": e} for c, (v, e) in r.values.items()}}
+                      "values": {c: {"value": v, "stderr": e} for c, (v, e) in r.values.items()},
+                      "partial": {c: {"effective": n, "original": of}
+                                  for c, (n, of) in r.partial.items()}}
                      for r in rows],
             "baseline": chosen, "ranking": ranked, "not_compared": unmatched,
             "missing": missing}, indent=2))

@@ -51,7 +51,7 @@ import yaml
 from .. import fsutil
 from ..errors import PushError
 from ..matrix import Cell, PushTarget
-from ..report import model_index, results_table
+from ..report import PARTIAL_LEGEND, model_index, partial_tasks, results_table, tasks_off_hub
 from ..rootcard import TAGS, CardContext, card_metadata, front_matter, reference, render_root_card
 from ..templating import render
 from .merge import WEIGHT_SUFFIXES
@@ -591,7 +591,8 @@ def render_card(cell: Cell, recipe: str, record: Mapping[str, Any],
     inputs = [("base", reference(record["inputs"]["base"]))] + [
         (f"adapter {name}", reference(identity))
         for name, identity in record["inputs"]["adapters"].items()]
-    index = model_index(cell.id, dict(results)) if results else []
+    results = dict(results or {})
+    index = model_index(cell.id, results)
     return render("model_card.md.j2", cell=cell, recipe=recipe, metadata=card_metadata([record]),
                   tags=TAGS, repo=cell.push.location, adapter_names=record["adapters"],
                   inputs=inputs, output_sha256=record["output"]["content_sha256"],
@@ -599,9 +600,10 @@ def render_card(cell: Cell, recipe: str, record: Mapping[str, Any],
                   versions=record["versions"],
                   model_index=yaml.safe_dump({"model-index": index}, sort_keys=False,
                                              allow_unicode=True) if index else "",
-                  scores=results_table(dict(results)) if index else [],
-                  lm_eval_version=(results or {}).get("lm_eval_version"),
-                  n_shot=(results or {}).get("n-shot") or {})
+                  scores=results_table(results), off_hub=tasks_off_hub(results),
+                  partial_legend=PARTIAL_LEGEND if partial_tasks(results) else "",
+                  lm_eval_version=results.get("lm_eval_version"),
+                  n_shot=results.get("n-shot") or {})
 
 
 def build_publish_folder(final: Path, out: Path, card: str, recipe: str,

@@ -12,7 +12,7 @@ from test_report import ROWS, Target, mmlu_results
 from test_rootcard import CONTEXT, REPO, record, seed_records
 
 from bakery_slurm.matrix import expand, load_matrix
-from bakery_slurm.report import Row, model_index
+from bakery_slurm.report import Row, model_index, tasks_off_hub
 from bakery_slurm.rootcard import (
     EVAL_END,
     EVAL_START,
@@ -46,17 +46,14 @@ RESULTS = {
 NAME = "tiny-std/eng-nob__ties"
 
 
-def test_model_index_is_the_hubs_format_one_result_per_task():
+def test_model_index_is_the_hubs_format_one_result_per_task_on_a_hub_dataset():
+    # hh_rlhf_no read a folder of the cluster: the Hub requires `dataset.type` and links it to
+    # hf.co/datasets/<type>, which no name of that folder is.
     assert model_index(NAME, RESULTS) == [{"name": NAME, "results": [
         {"task": {"type": "text-generation"},
          "dataset": {"name": "norbelebele_p0", "type": "facebook/belebele", "config": "nob_Latn",
                      "split": "test", "args": {"num_few_shot": 5}},
          "metrics": [{"type": "acc", "value": 0.699, "name": "acc"}]},
-        {"task": {"type": "text-generation"},
-         # a folder is named by its last name: the cluster's paths are not published
-         "dataset": {"name": "hh_rlhf_no", "type": "hh_rlhf_no", "split": "validation",
-                     "args": {"num_few_shot": 0}},
-         "metrics": [{"type": "exact_match", "value": 0.2, "name": "exact_match [strict-match]"}]},
     ]}]
     assert model_index(NAME, {"results": {}}) == []
 
@@ -64,12 +61,76 @@ def test_model_index_is_the_hubs_format_one_result_per_task():
 def test_huggingface_hub_reads_the_model_index_back():
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
-    name, results = model_index_to_eval_results(model_index(NAME, RESULTS))
+    name, results = model_index_to_eval_results(model_index(NAME, GROUPS))
     assert name == NAME
-    assert [(r.task_type, r.dataset_type, r.dataset_config, r.metric_type, r.metric_value)
+    assert [(r.dataset_name, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_value)
             for r in results] == [
-        ("text-generation", "facebook/belebele", "nob_Latn", "acc", 0.699),
-        ("text-generation", "hh_rlhf_no", None, "exact_match", 0.2)]
+        ("global_mmlu_full_en_stem", "CohereForAI/Global-MMLU", "en", "test", 0.6),
+        ("global_mmlu_full_en_stem_college_physics", "CohereForAI/Global-MMLU", "en", "test", 0.55),
+        ("global_mmlu_full_en_stem_high_school_biology", "CohereForAI/Global-MMLU", "en", "test",
+         0.65),
+        ("norbelebele_p0", "facebook/belebele", "nob_Latn", "test", 0.699)]
+
+
+# lm-eval 0.4.13's results JSON, cut to what the cards read, for two groups with an aggregate:
+# global_mmlu_full_en_stem, whose subtasks read one Hub dataset, and a suite of the user's
+# (include_path) over a Hub dataset and a `json` builder over a file of the cluster. A group has
+# no entry in `configs`: only its subtasks do.
+GROUPS = {
+    "results": {
+        "global_mmlu_full_en_stem": {"alias": "global_mmlu_full_en_stem", "acc,none": 0.6,
+                                     "acc_stderr,none": 0.03},
+        "global_mmlu_full_en_stem_college_physics": {"alias": " - college_physics",
+                                                     "acc,none": 0.55, "acc_stderr,none": 0.05},
+        "global_mmlu_full_en_stem_high_school_biology": {"alias": " - high_school_biology",
+                                                         "acc,none": 0.65, "acc_stderr,none": 0.05},
+        "nor_suite": {"alias": "nor_suite", "acc,none": 0.5, "acc_stderr,none": 0.02},
+        "norbelebele_p0": {"alias": " - norbelebele_p0", "acc,none": 0.699,
+                           "acc_stderr,none": 0.015},
+        "hh_rlhf_no": {"alias": " - hh_rlhf_no", "acc,none": 0.3, "acc_stderr,none": 0.02},
+    },
+    "groups": {"global_mmlu_full_en_stem": {"alias": "global_mmlu_full_en_stem", "acc,none": 0.6,
+                                            "acc_stderr,none": 0.03},
+               "nor_suite": {"alias": "nor_suite", "acc,none": 0.5, "acc_stderr,none": 0.02}},
+    "group_subtasks": {"global_mmlu_full_en_stem": ["global_mmlu_full_en_stem_college_physics",
+                                                    "global_mmlu_full_en_stem_high_school_biology"],
+                       "nor_suite": ["norbelebele_p0", "hh_rlhf_no"]},
+    "configs": {
+        "global_mmlu_full_en_stem_college_physics": {
+            "task": "global_mmlu_full_en_stem_college_physics", "tag": "global_mmlu_full_en_stem",
+            "dataset_path": "CohereForAI/Global-MMLU", "dataset_name": "en",
+            "test_split": "test", "fewshot_split": "dev"},
+        "global_mmlu_full_en_stem_high_school_biology": {
+            "task": "global_mmlu_full_en_stem_high_school_biology",
+            "tag": "global_mmlu_full_en_stem", "dataset_path": "CohereForAI/Global-MMLU",
+            "dataset_name": "en", "test_split": "test", "fewshot_split": "dev"},
+        "norbelebele_p0": {"task": "norbelebele_p0", "dataset_path": "facebook/belebele",
+                           "dataset_name": "nob_Latn", "test_split": "test"},
+        "hh_rlhf_no": {"task": "hh_rlhf_no", "dataset_path": "json",
+                       "dataset_kwargs": {"data_files": {
+                           "test": "/cluster/projects/nn1234k/eval-tasks/hh_rlhf_no.jsonl"}},
+                       "test_split": "test"},
+    },
+    "n-shot": {"global_mmlu_full_en_stem": 0, "global_mmlu_full_en_stem_college_physics": 0,
+               "global_mmlu_full_en_stem_high_school_biology": 0, "nor_suite": 0,
+               "norbelebele_p0": 0, "hh_rlhf_no": 0},
+    "lm_eval_version": "0.4.13",
+}
+
+
+def test_a_group_is_named_by_the_hub_dataset_of_its_subtasks_or_left_out():
+    """A group is no dataset: `dataset.type` named after it links to a page that does not
+    exist. global_mmlu's subtasks all read CohereForAI/Global-MMLU (en, test); nor_suite's read a
+    Hub dataset and a file of the cluster, which no one dataset id names."""
+    entries = {entry["dataset"]["name"]: entry["dataset"]
+               for entry in model_index(NAME, GROUPS)[0]["results"]}
+    assert entries["global_mmlu_full_en_stem"] == {
+        "name": "global_mmlu_full_en_stem", "type": "CohereForAI/Global-MMLU", "config": "en",
+        "split": "test", "args": {"num_few_shot": 0}}
+    # the json builder's task is no Hub dataset either; its Hub-read sibling stays
+    assert "nor_suite" not in entries and "hh_rlhf_no" not in entries
+    assert entries["norbelebele_p0"]["type"] == "facebook/belebele"
+    assert tasks_off_hub(GROUPS) == ["nor_suite", "hh_rlhf_no"]
 
 
 @pytest.fixture
@@ -92,6 +153,33 @@ def test_a_cell_card_with_results_carries_model_index_and_a_table(cell):
     assert "| norbelebele_p0/acc | 69.9 ± 1.5 |" in card
     assert "| hh_rlhf_no/exact_match[strict-match] | 20.0 |" in card
     assert "/cluster" not in card
+
+
+def test_a_cell_card_names_the_tasks_its_model_index_leaves_out(cell):
+    from huggingface_hub import ModelCard
+
+    card = cell_card(cell, record("tiny", "std", "ties"), GROUPS)
+    assert ("Not in the `model-index`, whose entries name a Hub dataset: nor_suite, hh_rlhf_no "
+            "(data\nread from elsewhere).") in card
+    assert "| hh_rlhf_no/acc | 30.0 ± 2.0 |" in card and "/cluster" not in card
+    parsed = ModelCard(card).data.eval_results  # as the Hub's clients read the metadata
+    assert {r.dataset_type for r in parsed} == {"CohereForAI/Global-MMLU", "facebook/belebele"}
+
+
+def test_scores_of_part_of_a_tasks_documents_say_so_in_the_card_and_model_index(cell):
+    """lm-eval's `limit` scores the first 100 of norbelebele's 900 documents: no score on the
+    task, though the card would show it as one."""
+    limited = {**RESULTS, "n-samples": {"norbelebele_p0": {"original": 900, "effective": 100},
+                                        "hh_rlhf_no": {"original": 500, "effective": 500}},
+               "config": {**RESULTS["config"], "limit": 100}}
+    card = cell_card(cell, record("tiny", "std", "ties"), limited)
+    assert "| norbelebele_p0/acc | 69.9 ± 1.5 (on 100 of 900 documents) |" in card
+    assert "| hh_rlhf_no/exact_match[strict-match] | 20.0 |" in card
+    assert "scored on part of its task's documents (lm-eval's limit)" in card
+    (entry,) = front(card)["model-index"][0]["results"]
+    assert entry["metrics"] == [{"type": "acc", "value": 0.699,
+                                 "name": "acc (on 100 of 900 documents)"}]
+    assert "documents" not in cell_card(cell, record("tiny", "std", "ties"), RESULTS)
 
 
 def test_a_cell_card_without_results_has_neither(cell):

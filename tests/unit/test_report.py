@@ -259,3 +259,21 @@ def test_metrics_that_are_not_fractions_are_shown_as_they_are_and_left_out_of_th
     assert ("| target | wikitext/word_perplexity (as is) | wikitext/bits_per_byte (as is) "
             "| norbelebele_p0/acc |") in text
     assert "| 4b-std/eng-nob__ties | 20 | 0.8 | 70.0 ± 1.5 |" in text
+
+
+def test_a_score_of_part_of_a_tasks_documents_is_marked_in_the_report():
+    """lm-eval's `limit` (50 of each subtask's 100 documents): the group's score is one on 100 of
+    its 200 documents, and says so; the full norbelebele is shown as it is."""
+    results = mmlu_results(0.60, (0.55, 0.65), belebele=0.70)
+    for subtask in results["group_subtasks"]["global_mmlu_full_en_stem"]:
+        results["n-samples"][subtask] = {"original": 100, "effective": 50}
+    row = Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"), results)
+    assert row.partial["global_mmlu_full_en_stem/acc"] == (100, 200)
+    assert "norbelebele_p0/acc" not in row.partial
+    text = render([row], [], markdown=True)
+    assert ("| 4b-std/eng-nob__ties | 60.0 ± 3.0 (on 100 of 200 documents) "
+            "| 55.0 ± 5.0 (on 50 of 100 documents) | 65.0 ± 5.0 (on 50 of 100 documents) "
+            "| 70.0 ± 1.5 |") in text
+    assert "was scored on part of its task's documents (lm-eval's limit)" in text
+    assert "documents" not in render([Row.of(Target("4b-std/eng-nob__ties", "cell", "ties"),
+                                             mmlu_results(0.60, (0.55, 0.65), 0.70))], [], True)
