@@ -106,26 +106,22 @@ def atomic_write_bytes(path: Path, data: bytes, executable: bool = False) -> Non
     at least the access the file it replaces had (`replacing_umask`)."""
     path = Path(path)
     with naming_output(path):
-        _atomic_write_bytes(path, data, executable)
-
-
-def _atomic_write_bytes(path: Path, data: bytes, executable: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mask = replacing_umask(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600: give the file the mode open() would, so a group can read it.
-        os.fchmod(fd, (0o777 if executable else 0o666) & ~mask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mask = replacing_umask(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            # mkstemp creates 0600: give the file the mode open() would, so a group can read it.
+            os.fchmod(fd, (0o777 if executable else 0o666) & ~mask)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str, executable: bool = False) -> None:
@@ -166,7 +162,7 @@ def locked(lock_path: Path, blocking: bool = True, shared: bool = False,
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError as e:
         raise LockError(f"cannot open the lock file {lock_path} for writing ({e.strerror}): "
-                        f"{_who_may_write(lock_path)}") from None
+                        f"{who_may_access(lock_path)}") from None
     try:
         try:
             mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -235,17 +231,6 @@ def is_held(path: Path) -> bool:
     return False
 
 
-def _who_may_write(path: Path) -> str:
-    """Why a teammate cannot write `path`, and what fixes it."""
-    try:
-        st = path.stat()
-    except OSError:
-        return "its folder is not writable by you"
-    return (f"it is mode {st.st_mode & 0o777:o}, owned by uid {st.st_uid} gid {st.st_gid}. For a "
-            "folder shared by a group, everyone working in it needs umask 002 (and the folder "
-            "the setgid bit), and the owner can `chmod g+w` the existing files")
-
-
 def who_may_access(path: Path) -> str:
     """Why this user may not read or write `path` (or the folder holding it), and what fixes it:
     for the message of a command stopped by a teammate's file or folder."""
@@ -253,8 +238,10 @@ def who_may_access(path: Path) -> str:
     for place in (path, *path.parents):
         try:
             st = place.stat()
-        except PermissionError:
-            continue  # a folder above it may not be searched: name that one
+        except (PermissionError, FileNotFoundError):
+            # A folder above it may not be searched, or it could not be created there (a write's
+            # temporary file): name that folder.
+            continue
         except OSError:
             break
         kind = "folder" if stat.S_ISDIR(st.st_mode) else "file"
@@ -279,7 +266,7 @@ def usual_modes(folder: Path, mask: int | None = None) -> None:
     """
     mask = umask() if mask is None else mask
     uid = os.geteuid()
-    os.chmod(folder, _usual_mode(os.stat(folder), mask))
+    usual_dir_mode(folder, mask)
     for path in folder.rglob("*"):
         st = path.lstat()
         if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
@@ -288,9 +275,10 @@ def usual_modes(folder: Path, mask: int | None = None) -> None:
             os.chmod(path, _usual_mode(st, mask))
 
 
-def usual_dir_mode(folder: Path) -> None:
-    """Give a folder (mkdtemp's are 0700) the mode mkdir gives under the umask."""
-    os.chmod(folder, _usual_mode(os.stat(folder), umask()))
+def usual_dir_mode(folder: Path, mask: int | None = None) -> None:
+    """Give a folder (mkdtemp's are 0700) the mode mkdir gives under `mask` (default: the
+    process's umask)."""
+    os.chmod(folder, _usual_mode(os.stat(folder), umask() if mask is None else mask))
 
 
 def _usual_mode(st: os.stat_result, mask: int) -> int:

@@ -160,3 +160,14 @@ def test_a_full_or_read_only_disk_names_the_output_being_written(tmp_path, monke
         fsutil.atomic_write_json(record, {"ok": True})
     assert describe_error(written.value).startswith(f"writing {record}: OSError: [Errno {code}]")
     assert list(tmp_path.glob("*.json*")) == []
+
+
+def test_a_file_that_could_not_be_created_is_explained_by_its_folder(tmp_path):
+    """A write into a folder this user may not write fails on a file that does not exist yet
+    (mkstemp's temporary name): the explanation names the folder, its mode and owner."""
+    folder = tmp_path / "teammates"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    st = folder.stat()
+    assert fsutil.who_may_access(folder / ".ledger.json.x1y2.tmp").startswith(
+        f"the folder {folder} is mode 755, owned by uid {st.st_uid} gid {st.st_gid}.")
