@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import yaml
 
+from . import fsutil
 from .errors import BakeryError, ConfigError
 
 
@@ -71,10 +72,8 @@ def record_prefetched(cache: Path, task: str, include_identity: str | None,
                       files: Sequence[str]) -> None:
     """Record in `cache` that prefetch loaded `task`, which prepared its dataset as `files`
     (absolute) there."""
-    marker = marker_path(cache, task, include_identity)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"task": task, "include_path": include_identity,
-                                  "files": list(files)}, indent=2))
+    fsutil.atomic_write_json(marker_path(cache, task, include_identity),
+                             {"task": task, "include_path": include_identity, "files": list(files)})
 
 
 def is_prefetched(cache: Path, task: str, include_identity: str | None) -> bool:

@@ -147,12 +147,13 @@ def read_states(folder: Path, job_id: str) -> dict[str, TaskState]:
 
 
 def cancel(folder: Path, indices: list[int]) -> None:
-    """Ask the supervisor to cancel tasks; a running task's process group is killed now."""
+    """Ask the supervisor to cancel tasks; a running task's process group gets SIGTERM now (its
+    supervisor sends SIGKILL `kill_wait_s` later if it has not ended)."""
     for index in indices:
         fsutil.atomic_write_text(folder / f"{index}.cancel", "")
         record = _read_json(folder / f"{index}.state.json") or {}
         # Only a process of this host can be signalled here; elsewhere its supervisor sees the
-        # cancel file and kills it.
+        # cancel file and signals it.
         if (record.get("state") == "RUNNING" and record.get("host") == socket.gethostname()
                 and _alive(record)):
             try:
@@ -225,7 +226,7 @@ def supervise(folder: Path) -> None:
     running: dict[int, _Running] = {}
     env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
     after = spec.get("after")
-    kill_wait_s = spec.get("kill_wait_s", KILL_WAIT_S)
+    kill_wait_s = spec["kill_wait_s"]
     slots = MachineSlots(Path(spec["slots"]["folder"]), spec["slots"]["count"])
     while pending or running:
         for index in [i for i in pending if (folder / f"{i}.cancel").exists()]:

@@ -421,17 +421,17 @@ def render(rows: Sequence[Row], ranked: Sequence[dict[str, Any]], markdown: bool
     """The report for a terminal (aligned columns) or as Markdown (the seed card's layout), what
     a score of part of a task's documents is, and the columns left out of cells' deltas
     (`not_compared`)."""
-    columns = pivot(rows)
     table = markdown_table if markdown else aligned
-    heading = (lambda title: f"### {title}\n") if markdown else (lambda title: f"{title}\n")
-    parts = [heading("Per-task absolute scores (x 100, ± stderr)") + table(pivot_table(rows, columns))]
+    title_line = (lambda title: f"### {title}\n") if markdown else (lambda title: f"{title}\n")
+    parts = [title_line("Per-task absolute scores (x 100, ± stderr)")
+             + table(pivot_table(rows, pivot(rows)))]
     if any(row.partial for row in rows):
         parts.append(PARTIAL_LEGEND)
-    parts += [heading(title) + table(lines) for title, lines in ranking_tables(ranked)]
+    parts += [title_line(title) + table(lines) for title, lines in ranking_tables(ranked)]
     if not_compared:
         parts.append("Not compared with the baseline (scored with another n-shot, task version "
                      "or number of samples): " + "; ".join(
-                         f"{cell}: {', '.join(columns)}" for cell, columns in not_compared.items()))
+                         f"{cell}: {', '.join(left_out)}" for cell, left_out in not_compared.items()))
     return "\n\n".join(parts) + "\n"
 
 

@@ -2,7 +2,8 @@
 
 One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
 accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
-(a crash between sbatch and the ledger write): sacct finds them by their unique job name. A task
+(a crash between sbatch and the ledger write): sacct finds them by their unique job name, and a
+local array's folder shows whether its supervisor was started. A task
 that neither sacct nor squeue shows has ended: its state is read from its own records
 (`_gone_state`).
 Eval attempts (`Ledger.evals`) are reduced the same way, from the same sacct call.
@@ -158,12 +159,12 @@ def _written_at(record: dict, status: CellStatus, array: ArrayRecord) -> datetim
 
 def _by_attempt(record: dict, status: CellStatus, array: ArrayRecord, written: datetime) -> bool:
     """Was `record`, written (or started) at `written` by the node's clock, written by the task
-    of `status`'s attempt? A record that names its SLURM task (`pipeline.slurm_task`) says so
-    exactly. Others (a local task's, an older version's) count when written after the attempt was
+    of `status`'s attempt? A record that names its SLURM task (`pipeline.slurm_task`: the job id
+    alone for a plain job, as `CellStatus.task_id`) says so exactly. Others (a local task's, an older version's) count when written after the attempt was
     submitted, which compares the node's clock with the login node's, a minute apart at most."""
     task = record.get("task")
     if array.executor == "slurm" and task is not None:
-        return task in (status.task_id, array.job_id)
+        return task == status.task_id
     return written >= array.submitted - CLOCK_SKEW
 
 

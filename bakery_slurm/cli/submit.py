@@ -142,10 +142,12 @@ def still_as_judged(cells, seen, evals=(), seen_evals=None):
     """The `submit_cells` guard for cells and eval targets judged on `seen` and `seen_evals`
     (their latest attempts then): another submit may have taken some of them since, so under
     the ledger lock only those whose latest attempt is still the one judged are kept."""
+    seen_evals = seen_evals or {}
+
     def unchanged(fresh):
         return ([c for c in cells if latest_attempt(fresh, c.id) == seen.get(c.id)],
                 [t for t in evals
-                 if latest_attempt(fresh, t.id, stage="eval") == (seen_evals or {}).get(t.id)])
+                 if latest_attempt(fresh, t.id, stage="eval") == seen_evals.get(t.id)])
 
     return unchanged
 
