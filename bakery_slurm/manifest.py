@@ -123,13 +123,10 @@ class PrefixHasher:
 
 def manifest(folder: Path, known: Mapping[str, Mapping[str, Any]] | None = None
              ) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "sha256"}} for every regular file under `folder` (see `scan`)."""
-    return without_signatures(scan(folder, known))
-
-
-def without_signatures(files: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A `scan` as a `manifest`: the stat signatures describe this machine, not the content."""
-    return {name: {"size": info["size"], "sha256": info["sha256"]} for name, info in files.items()}
+    """{relative path: {"size", "sha256"}} for every regular file under `folder` (see `scan`),
+    without `scan`'s stat signatures, which describe this machine, not the content."""
+    return {name: {"size": info["size"], "sha256": info["sha256"]}
+            for name, info in scan(folder, known).items()}
 
 
 def stat_signature(st: os.stat_result) -> list[int]:

@@ -160,7 +160,7 @@ def test_gc_holds_what_it_removes_and_never_the_run_lock(tmp_path, monkeypatch):
     assert swept.in_use == [] and not (work / "cells" / DONE / "final").exists()
 
 
-def test_a_dry_run_removes_nothing_and_reports_what_is_in_use(tmp_path):
+def test_a_dry_run_removes_nothing_and_counts_what_it_would(tmp_path):
     work = work_folder(tmp_path)
     before = sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name)
     plan = plan_gc(work, live_cells=[])
