@@ -2,7 +2,8 @@
 
 A cell is ready to publish when its latest run verified it and prepared its publish folder
 (`cells/<id>/publish`, with `bakery.json`) for the cell's current recipe, but did not publish it:
-its push failed (the Hub refused, a rate limit outlasted the retries), or `[push] defer = true`
+its push failed (the Hub refused or could not be reached, a rate limit outlasted the retries or
+would have outlasted the task's time limit), or `[push] defer = true`
 made the task stop after verify so that GPU nodes never wait on uploads. Publishing here commits
 many cells at once (the Hub allows a repo about 128 commits an hour), never reruns a stage, and
 records the push in each cell's result record, so `status` reads COMPLETED afterwards.

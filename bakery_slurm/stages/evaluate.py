@@ -5,9 +5,10 @@ verify checked; the push need not have happened); a baseline on its base, with i
 attached unmerged through lm-eval's `peft=` model argument. lm-eval runs through its Python API
 (`simple_evaluate`, model `hf`). Its results JSON (lm-eval's version, each task's version,
 n-shot, configs, results) is written atomically to `cells/<id>/eval/results.json` with a `bakery`
-block added: the target, the model's identity, the eval settings, the device. A rerun with the
-same model and settings keeps it and evaluates nothing. A failed eval writes
-`cells/<id>/eval/failed.json` (the error, when), which the next successful one removes.
+block added: the target, the model's identity, the eval settings, the device, and the SLURM task
+that wrote it (`status` reads a record as an attempt's by it). A rerun with the same model and
+settings keeps it and evaluates nothing. A failed eval writes `cells/<id>/eval/failed.json` (the
+error, when, the task), which the next successful one removes.
 
 Task YAMLs from `[eval] include_path` often name their data files relatively; `datasets` reads
 such paths from the working directory, so lm-eval runs with the include folder as working
