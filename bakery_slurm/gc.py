@@ -105,11 +105,15 @@ class Swept:
 
 def sweep(removals: list[Removal], dry_run: bool = False) -> Swept:
     """Delete the planned paths whose guard no task holds, holding it exclusively meanwhile (with
-    dry_run, only try it). A path already gone is fine; one that cannot be removed (a teammate's
-    folder this user may not write) is reported, not counted as freed."""
+    dry_run, only try it, and write nothing: a guard that does not exist was never taken). A path
+    already gone is fine; one that cannot be removed (a teammate's folder this user may not
+    write) is reported, not counted as freed."""
     swept = Swept()
     for guard in dict.fromkeys(r.guard for r in removals):
         group = [r for r in removals if r.guard == guard]
+        if dry_run and not guard.exists():
+            swept.removed += group
+            continue
         try:
             with fsutil.locked(guard, blocking=False):
                 for removal in group:

@@ -160,12 +160,14 @@ def test_gc_holds_what_it_removes_and_never_the_run_lock(tmp_path, monkeypatch):
     assert swept.in_use == [] and not (work / "cells" / DONE / "final").exists()
 
 
-def test_a_dry_run_removes_nothing_and_counts_what_it_would(tmp_path):
+def test_a_dry_run_removes_nothing_writes_nothing_and_counts_what_it_would(tmp_path):
     work = work_folder(tmp_path)
-    before = sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name)
+    before = sorted(work.rglob("*"))
     plan = plan_gc(work, live_cells=[])
     assert sweep(plan, dry_run=True) == Swept(removed=plan)
-    assert sorted(p for p in work.rglob("*") if ".gc.lock" not in p.name) == before
+    assert sorted(work.rglob("*")) == before  # not even a lock file
+    (work / "cells" / DONE / ".gc.lock").touch()  # a task of DONE ran here once
+    assert sweep(plan, dry_run=True) == Swept(removed=plan)
 
 
 def test_gc_keeps_the_final_folder_of_a_cell_whose_ledger_eval_is_pending_without_a_merge_attempt(
