@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .ledger import Ledger, Stage, all_arrays, stage_attempts
+from .ledger import Ledger, Stage, all_arrays, stage_attempts, task_id
 from .slurm_commands import TaskState
 
 UNCONFIRMED = "UNCONFIRMED"
@@ -69,8 +69,8 @@ class CellStatus:
         How many of its attempts no scheduler took (their array has no job id: sbatch failed
         or was interrupted): they ran nothing, so `max_attempts` does not count them.
     plain_job
-        The latest attempt's SLURM array has one task, which submitit submits as a plain job:
-        SLURM knows it by the job id alone (`executors.slurm_task_id`).
+        The latest attempt's array is a plain job (`ArrayRecord.plain_job`): SLURM knows its
+        task by the job id alone.
     """
 
     cell: str
@@ -90,11 +90,8 @@ class CellStatus:
 
     @property
     def task_id(self) -> str | None:
-        """``<array_job_id>_<index>`` as SLURM commands take it (the job id alone for a plain
-        job: `scontrol hold 8_0` is an invalid job id there), None while unconfirmed."""
-        if self.array_job_id is None or self.plain_job:
-            return self.array_job_id
-        return f"{self.array_job_id}_{self.index}"
+        """The latest attempt's task as SLURM commands take it (`ledger.task_id`)."""
+        return task_id(self.array_job_id, self.index, self.plain_job)
 
 
 def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
@@ -150,7 +147,7 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
                 node=task.node,
                 stage=stage,
                 unscheduled_attempts=sum(arrays[a.array].job_id is None for a in cell_attempts),
-                plain_job=arrays[latest.array].executor == "slurm" and len(arrays[latest.array].cells) == 1,
+                plain_job=arrays[latest.array].plain_job,
             )
         )
     return statuses

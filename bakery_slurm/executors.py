@@ -294,7 +294,7 @@ class SlurmBackend:
         SchedulerError
             scancel failed otherwise: no task is known to be cancelled.
         """
-        ids = {slurm_task_id(a, i): (a.name, i) for a, i in tasks}
+        ids = {a.task_id(i): (a.name, i) for a, i in tasks}
         if not ids:
             return
         command = ["scancel", *ids]
@@ -314,14 +314,8 @@ class SlurmBackend:
     def log_paths(array: ArrayRecord, index: int) -> tuple[Path, Path]:
         """submitit's log files of one task (`JobPaths(folder, "<job>_<i>", 0).stdout/.stderr`),
         spelled out: `status` asks for 10,000 of them and JobPaths costs ~0.1 ms each."""
-        stem = f"{array.folder}/{slurm_task_id(array, index)}_0_log"
+        stem = f"{array.folder}/{array.task_id(index)}_0_log"
         return Path(stem + ".out"), Path(stem + ".err")
-
-
-def slurm_task_id(array: ArrayRecord, index: int) -> str:
-    """One task's SLURM id: `<job>_<index>`, or the job id alone for a one-task array (submitted
-    as a plain job)."""
-    return array.job_id if len(array.cells) == 1 else f"{array.job_id}_{index}"
 
 
 class LocalBackend:

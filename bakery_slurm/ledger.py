@@ -94,6 +94,12 @@ class PlannedArray(_Model):
         """The work folder whose `cells/` its tasks write: `folder` is `<work>/arrays/<name>`."""
         return Path(self.folder).parent.parent
 
+    @property
+    def plain_job(self) -> bool:
+        """A one-task SLURM array, which submitit submits as a plain job: SLURM knows its task by
+        the job id alone (see `task_id`)."""
+        return self.executor == "slurm" and len(self.cells) == 1
+
     @field_validator("cells")
     @classmethod
     def _cells_unique(cls, cells: list[str]) -> list[str]:
@@ -134,6 +140,18 @@ class ArrayRecord(PlannedArray):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     job_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]+$")
     submitted: AwareDatetime
+
+    def task_id(self, index: int) -> str | None:
+        """Task `index` as the scheduler's commands take it (see `task_id`)."""
+        return task_id(self.job_id, index, self.plain_job)
+
+
+def task_id(job_id: str | None, index: int, plain_job: bool) -> str | None:
+    """``<job_id>_<index>``, the job id alone for a plain job (`scontrol hold 8_0` is an invalid job
+    id there), None while the job id is unconfirmed."""
+    if job_id is None or plain_job:
+        return job_id
+    return f"{job_id}_{index}"
 
 
 class Submission(_Model):
