@@ -5,11 +5,12 @@ adapted linear layer on CPU: the adapter's A and B are fp32 (PEFT upcasts bf16/f
 when it loads them, and an fp32 file stays fp32), `delta = (B @ A) * scaling` in fp32 with
 `scaling = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA), and `weight += delta` in place on
 the base weight in the model's dtype: one rounding. `baked_tensor` does exactly these operations.
+Each module's r and lora_alpha are the config's, or those of its `rank_pattern` / `alpha_pattern`
+entry (`module_scaling`); a setting the file lacks is LoraConfig's default, as PEFT reads it.
 
 Anything else an adapter may carry changes what PEFT does (DoRA's magnitude vectors, lora_bias,
-modules_to_save, embedding or convolution LoRA, per-module rank or alpha patterns, an init that
-PEFT runs again on load and that replaces the base weight by a residual: PiSSA, OLoRA, ...). PEFT
-also loads only the factors of the modules adapter_config.json selects (`selects`), and ignores
+modules_to_save, embedding or convolution LoRA, an init that PEFT runs again on load and that
+replaces the base weight by a residual: PiSSA, OLoRA, ...). PEFT also loads only the factors of the modules adapter_config.json selects (`selects`), and ignores
 the rest of the file; a selected module without saved factors keeps its init, which is random
 with init_lora_weights = False. `read_adapter` refuses such an adapter with the reason, and the cell falls
 back to PEFT and mergekit (recorded in its result), never to a silently different result.
@@ -39,8 +40,9 @@ NEUTRAL_KEYS = frozenset({
 })
 # Keys the engine reads itself: the scaling, and the module selection (PEFT creates LoRA layers
 # only for the modules it selects and ignores saved factors of any other; see `selects`).
-HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
-                          "layers_to_transform", "layers_pattern", "init_lora_weights"})
+HANDLED_KEYS = frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+                          "target_modules", "exclude_modules", "layers_to_transform",
+                          "layers_pattern", "init_lora_weights"})
 # init_lora_weights values whose init PEFT's from_pretrained runs again without touching the base
 # weight (pissa, olora, corda, loftq, orthogonal, ... replace it by a residual).
 PLAIN_INITS = (True, False, "gaussian", "eva")
@@ -64,12 +66,14 @@ class Factors:
 
 
 def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> str | None:
-    """The first adapter_config.json setting that would make PEFT do more than plain LoRA, or None.
+    """The first adapter_config.json setting that would make PEFT do more than plain LoRA (or
+    fail), or None.
 
     Parameters
     ----------
     config:
-        The adapter's adapter_config.json.
+        The adapter's adapter_config.json, with PEFT's defaults for the settings it lacks (r and
+        lora_alpha must be positive integer and number, the rank and alpha patterns usable).
     defaults:
         PEFT's `LoraConfig()` defaults, as JSON values: any other key must hold its default (or be
         absent), so a setting a newer PEFT adds is refused until someone checks what it does.
@@ -82,6 +86,9 @@ def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) 
         return f"init_lora_weights = {init!r} (PEFT re-initialises the base weight on load)"
     if not isinstance(config.get("target_modules"), (str, list)):
         return f"target_modules = {config.get('target_modules')!r} (PEFT picks the model type's defaults)"
+    reason = _unusable_rank_or_alpha(config)
+    if reason:
+        return reason
     for key in sorted(config):
         if key in NEUTRAL_KEYS or key in HANDLED_KEYS:
             continue
@@ -93,6 +100,71 @@ def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) 
         if value != defaults[key] and not (value in (None, {}, []) and defaults[key] in (None, {}, [])):
             return f"{key} = {value!r} (PEFT default {defaults[key]!r})"
     return None
+
+
+def _unusable_rank_or_alpha(config: Mapping[str, Any]) -> str | None:
+    """The first r, lora_alpha, rank_pattern or alpha_pattern setting PEFT may fail on, or None.
+
+    PEFT calls `.keys()` on each pattern (a JSON null included), matches every key as a regex,
+    and builds a layer of a rank that must be a positive integer. A value in a pattern entry no
+    module matches is never used by PEFT: refusing it too only costs the fallback's time.
+    """
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key, {}), dict):
+            return f"{key} = {config[key]!r} is not a mapping (PEFT fails on it)"
+        for pattern in config.get(key, {}):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                return f"{key} key {pattern!r} is not a regular expression ({e}; PEFT fails on it)"
+    ranks = {"r": config.get("r"),
+             **{f"rank_pattern[{k!r}]": v for k, v in config.get("rank_pattern", {}).items()}}
+    alphas = {"lora_alpha": config.get("lora_alpha"),
+              **{f"alpha_pattern[{k!r}]": v for k, v in config.get("alpha_pattern", {}).items()}}
+    for name, r in ranks.items():
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            return f"{name} = {r!r} is not a positive integer (a LoRA rank)"
+    for name, alpha in alphas.items():
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            return f"{name} = {alpha!r} is not a number"
+    return None
+
+
+def pattern_key(patterns: Mapping[str, Any], module: str) -> str:
+    """The key of a rank_pattern or alpha_pattern whose value PEFT gives `module`, or `module`.
+
+    The first key (in the file's order) that, as a regex, matches the end of the module's name
+    from its start or from just after a dot: `q_proj`, `layers.0.self_attn.q_proj`,
+    `model.layers.0.self_attn.q_proj`, `layers\\.[01]\\..*` all match
+    `model.layers.0.self_attn.q_proj`; `proj` does not. This mirrors peft 0.21.2's
+    `peft.utils.other.get_pattern_key` (a unit test holds it to that function), which importing
+    would cost seconds per cell (peft imports transformers).
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+def module_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """The rank PEFT gives `module`'s LoRA layer, and the scaling merge_and_unload applies.
+
+    As peft 0.21.2's `LoraModel._create_and_replace` and `LoraLayer.update_layer`: r and
+    lora_alpha of the module's `pattern_key` entry in rank_pattern / alpha_pattern (each looked
+    up alone), else the config's; `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+
+    Parameters
+    ----------
+    config:
+        adapter_config.json (already checked by `unsupported_setting`), with PEFT's defaults for
+        the settings it lacks.
+    module:
+        The module's name in the model, as PEFT sees it (`model.layers.0.self_attn.q_proj`).
+    """
+    ranks, alphas = config.get("rank_pattern", {}), config.get("alpha_pattern", {})
+    r = ranks.get(pattern_key(ranks, module), config["r"])
+    alpha = alphas.get(pattern_key(alphas, module), config["lora_alpha"])
+    return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def selects(config: Mapping[str, Any], module: str) -> bool:
@@ -140,7 +212,8 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     Parameters
     ----------
     config:
-        adapter_config.json (already checked by `unsupported_setting`).
+        adapter_config.json (already checked by `unsupported_setting`), with PEFT's defaults for
+        the settings it lacks.
     shapes:
         The adapter file's {key: shape}.
     base:
@@ -156,16 +229,13 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     Raises
     ------
     Unsupported
-        A key that is not a plain linear LoRA factor, an A without its B, a rank that differs from
-        the config's r, or a target that is not a 2-D base tensor of the product's shape; with
+        A key that is not a plain linear LoRA factor, an A without its B, a rank other than the
+        one the config gives the module (PEFT refuses such factors: a size mismatch), or a target
+        that is not a 2-D base tensor of the product's shape; with
         init_lora_weights = False, a module the config selects (a 2-D weight) without saved
         factors: PEFT initialises A and B at random and bakes that noise in (with the other
         inits B starts at zero, and such a module is baked unchanged).
     """
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-        raise Unsupported(f"adapter_config.json has r = {r!r}, lora_alpha = {alpha!r}")
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     modules: dict[str, dict[str, str]] = {}
     for key in shapes:
         for suffix, part in ((A_SUFFIX, "A"), (B_SUFFIX, "B")):
@@ -178,13 +248,14 @@ def plan_factors(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     for module, parts in sorted(modules.items()):
         if set(parts) != {"A", "B"}:
             raise Unsupported(f"{module}: lora_A and lora_B must both be present")
-        a_shape, b_shape = tuple(shapes[parts["A"]]), tuple(shapes[parts["B"]])
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
-            raise Unsupported(f"{module}: factor shapes {a_shape} and {b_shape} are not rank-{r} linear")
         model_module = to_model_module(module)
         if not selects(config, model_module):
             raise Unsupported(f"{module}: saved, but adapter_config.json does not select "
                               f"{model_module} (PEFT would not load it)")
+        r, scaling = module_scaling(config, model_module)
+        a_shape, b_shape = tuple(shapes[parts["A"]]), tuple(shapes[parts["B"]])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
+            raise Unsupported(f"{module}: factor shapes {a_shape} and {b_shape} are not rank-{r} linear")
         target = to_base_name(model_module + ".weight")
         if tuple(base.get(target, ())) != (b_shape[0], a_shape[1]):
             raise Unsupported(f"{module}: no base tensor {target} of shape {(b_shape[0], a_shape[1])}")
@@ -222,7 +293,10 @@ def read_adapter(folder: Path, base: Mapping[str, tuple[int, ...]],
     weights = Path(folder) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise Unsupported(f"{folder}: no {ADAPTER_WEIGHTS}")
-    reason = unsupported_setting(config, lora_defaults())
+    # PEFT's from_pretrained builds a LoraConfig from the file: a setting it lacks is the default.
+    defaults = lora_defaults()
+    config = {**defaults, **config}
+    reason = unsupported_setting(config, defaults)
     if reason:
         raise Unsupported(f"{folder}: {reason}")
     shapes = {k: tuple(v["shape"]) for k, v in read_header(weights).items() if k != "__metadata__"}

@@ -339,6 +339,74 @@ def test_a_randomly_initialised_module_without_saved_factors_falls_back(tmp_path
     assert_same_bytes(both)
 
 
+# Keys of each form PEFT matches (`get_pattern_key`: the key, as a regex, ends the module's name
+# from its start or after a dot): a plain suffix, layer-indexed paths (on the multimodal model
+# also the vision tower's layer 0), full module paths of either model, regexes, and a key that
+# matches nothing (PEFT warns and ignores it).
+RANK_PATTERN = {"layers.0.self_attn.q_proj": 2, r"layers\.1\.mlp\.(up|down)_proj": 8,
+                "no_such_module": 16}
+ALPHA_PATTERN = {"model.layers.1.self_attn.v_proj": 3, "model.language_model.layers.1.self_attn.v_proj": 3,
+                 "gate_proj": 32, r".*\.0\.mlp\..*": 5}
+
+
+@pytest.mark.parametrize("kind, rslora", [("text", False), ("text", True), ("multimodal", False)],
+                         ids=["text", "text-rslora", "multimodal"])
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_and_alpha_patterns_are_computed_exactly(tmp_path, tiny_models, write_tiny_matrix,
+                                                      method, kind, rslora):
+    """PEFT gives each module the r and lora_alpha of the first rank_pattern / alpha_pattern key
+    that matches its name; the engine computes the same per-module scaling, without falling back."""
+    from bakery_slurm.tiny import build_lora_adapter
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    for seed, name in enumerate(("eng", "nob"), start=1):
+        folder = build_lora_adapter(models / "bases" / kind, models / "adapters" / kind / name,
+                                    seed=seed, rank_pattern=RANK_PATTERN,
+                                    alpha_pattern=ALPHA_PATTERN, use_rslora=rslora)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert (config["rank_pattern"], config["alpha_pattern"]) == (RANK_PATTERN, ALPHA_PATTERN)
+    both = run_both(tmp_path, models, write_tiny_matrix, method,
+                    {"text": "tiny1b", "multimodal": "tiny4b"}[kind])
+    bake = both["bakery"]["result"]["stages"]["bake"]
+    assert bake["engine"] == "bakery" and bake["engine_fallback_reason"] is None
+    assert bake["status"] == "skipped"
+    assert_same_bytes(both)
+
+
+@pytest.mark.parametrize("missing", [("r",), ("lora_alpha",), ("r", "lora_alpha")])
+def test_a_config_without_r_or_lora_alpha_is_computed_with_pefts_defaults(
+        tmp_path, tiny_models, write_tiny_matrix, missing):
+    """PEFT reads a missing r or lora_alpha as LoraConfig's default (8 and 8); so does the engine,
+    here on adapters of rank 8 and alpha 32 whose rank pattern gives q_proj rank 2."""
+    models = adapters_with(tmp_path, tiny_models, r=8, lora_alpha=32, rank_pattern={"q_proj": 2})
+    for name in ("eng", "nob"):
+        path = models / "adapters" / "text" / name / "adapter_config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in missing}))
+    both = run_both(tmp_path, models, write_tiny_matrix, "task_arithmetic")
+    bake = both["bakery"]["result"]["stages"]["bake"]
+    assert bake["engine"] == "bakery" and bake["engine_fallback_reason"] is None
+    assert_same_bytes(both)
+
+
+def test_a_pattern_rank_other_than_the_saved_factors_fails_as_peft_does(tmp_path, tiny_models,
+                                                                       write_tiny_matrix):
+    """PEFT builds the layer with the pattern's rank and refuses factors of another (a size
+    mismatch): the engine falls back, and the cell fails with PEFT's error, as the reference does."""
+    from bakery_slurm.errors import StageError
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    edit_adapter_configs(models, "text", rank_pattern={"q_proj": 3})
+    for engine in ENGINES:
+        matrix = load_matrix(write_tiny_matrix(tmp_path / engine, models=models,
+                                               methods=("linear",), engine=engine))
+        cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "linear"))
+        with pytest.raises(StageError, match="size mismatch"):
+            run_cell(cell, matrix.work_dir, device="cpu")
+
+
 @pytest.mark.parametrize("old, new", [
     ("base_model.model.model.language_model.", "base_model.model.language_model."),
     ("base_model.model.model.vision_tower.", "base_model.model.vision_tower."),

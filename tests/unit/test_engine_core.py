@@ -11,15 +11,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bakery_slurm import manifest
 from bakery_slurm.engine import lora
 from bakery_slurm.engine.cell import (MEMORY_PER_WORKER, MIN_MEMORY_BUDGET, _gpu_free_memory,
                                       available_memory, default_memory_budget, model_modules)
-from bakery_slurm.engine.lora import (LORA_DEFAULTS, Unsupported, baked_tensor,
-                                      installed_lora_defaults, lora_defaults, plan_factors,
-                                      unsupported_setting)
+from bakery_slurm.engine.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DEFAULTS, Unsupported,
+                                      baked_tensor, installed_lora_defaults, lora_defaults,
+                                      pattern_key, plan_factors, read_adapter, unsupported_setting)
 from bakery_slurm.engine.shards import ShardWriter, plan_shards, shard_name
 from bakery_slurm.fsutil import staging_dir
 from bakery_slurm.manifest import scan, write_marker
@@ -72,8 +72,18 @@ def test_a_plain_lora_config_is_supported(defaults):
     ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "bias"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"alpha_pattern": {"q_proj": 16}}, "alpha_pattern"),
+    # PEFT fails on these (`None.keys()`, `re.error`): the fallback then fails as PEFT does.
+    ({"rank_pattern": None}, "rank_pattern"),
+    ({"alpha_pattern": [16]}, "alpha_pattern"),
+    ({"alpha_pattern": {"q_proj(": 16}}, "q_proj("),
+    # Ranks PEFT cannot build a layer of, alphas that are no number.
+    ({"rank_pattern": {"q_proj": "2"}}, "rank_pattern['q_proj'] = '2'"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] = 0"),
+    ({"rank_pattern": {"q_proj": True}}, "rank_pattern['q_proj'] = True"),
+    ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern['q_proj'] = None"),
+    ({"r": 2.0}, "r = 2.0"),
+    ({"r": None}, "r = None"),
+    ({"lora_alpha": "8"}, "lora_alpha = '8'"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"trainable_token_indices": [3]}, "trainable_token_indices"),
     ({"peft_type": "LOHA"}, "LOHA"),
@@ -368,3 +378,70 @@ def test_module_selection_is_pefts(selection):
     for module in MODULES:
         found = check_target_module_exists(config, module)
         assert lora.selects(selection, module) == bool(found and not isinstance(found, _ExcludedModule)), module
+
+
+@pytest.mark.parametrize("patterns", [
+    {"q_proj": 2},
+    {"model.layers.1.self_attn.q_proj": 2},
+    {"layers.1.self_attn.q_proj": 2, "mlp.up_proj": 3},
+    {r"layers\.[01]\.mlp\..*_proj": 2},
+    {"^model.layers.0.self_attn.q_proj": 2, "^lm_head": 3},
+    {"language_model.*up_proj": 2, "fc.": 3},
+    {"proj": 2, "_proj": 3, "layers.0": 4},
+    {"q_proj": 2, "layers.0.self_attn.q_proj": 3, "layers.0.self_attn.q_proj$": 4},
+    {"no_such_module": 2},
+], ids=["suffix", "full-path", "layer-indexed", "regex", "anchored", "regex-and-dot",
+        "partial-names", "first-wins", "unmatched"])
+def test_pattern_keys_match_as_pefts(patterns):
+    """`lora.pattern_key` against PEFT's own `get_pattern_key` (the oracle), for every module."""
+    from peft.utils.other import get_pattern_key
+
+    for module in MODULES:
+        assert pattern_key(patterns, module) == get_pattern_key(patterns.keys(), module), module
+
+
+PATTERNED = {**PLAIN, "target_modules": ["q_proj", "k_proj"],
+             "rank_pattern": {"layers.0.self_attn.q_proj": 2, "nothing_matches_this": 16},
+             "alpha_pattern": {r"model\.layers\.\d+\.self_attn\.k_proj": 3}}
+K_BASE = {**BASE, "model.layers.0.self_attn.k_proj.weight": (8, 6)}
+K_A, K_B = A.replace("q_proj", "k_proj"), B.replace("q_proj", "k_proj")
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_each_module_gets_the_rank_and_alpha_its_patterns_give(rslora):
+    """PEFT's `_create_and_replace`: a module's r and lora_alpha come from the first
+    rank_pattern / alpha_pattern key matching its name, else from r and lora_alpha; the scaling is
+    alpha / r (alpha / sqrt(r) with rsLoRA). A key matching no module changes nothing."""
+    config = {**PATTERNED, "use_rslora": rslora}
+    plan = plan_factors(config, {A: (2, 6), B: (8, 2), K_A: (4, 6), K_B: (8, 4)}, K_BASE, lambda n: n)
+    scale = (lambda alpha, r: alpha / r ** 0.5) if rslora else (lambda alpha, r: alpha / r)
+    assert {name: f.scaling for name, f in plan.items()} == {
+        "model.layers.0.self_attn.q_proj.weight": scale(8, 2),
+        "model.layers.0.self_attn.k_proj.weight": scale(3, 4)}
+
+
+def test_factors_of_another_rank_than_the_pattern_gives_are_refused():
+    """PEFT creates the layer with the pattern's rank and refuses the saved factors (a size
+    mismatch): the fallback fails as PEFT does."""
+    with pytest.raises(Unsupported, match="q_proj: factor shapes .* are not rank-2"):
+        plan_factors(PATTERNED, {A: (4, 6), B: (8, 4), K_A: (4, 6), K_B: (8, 4)}, K_BASE, lambda n: n)
+
+
+def write_adapter(folder, config: dict, factors: dict[str, tuple[int, ...]]):
+    folder.mkdir()
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config))
+    save_file({key: torch.zeros(shape) for key, shape in factors.items()}, str(folder / ADAPTER_WEIGHTS))
+    return folder
+
+
+@pytest.mark.parametrize("missing, rank, scaling", [
+    (("r",), 8, 8 / 8),
+    (("lora_alpha",), 4, 8 / 4),
+    (("r", "lora_alpha"), 8, 8 / 8),
+])
+def test_a_config_without_r_or_lora_alpha_gets_pefts_defaults(tmp_path, missing, rank, scaling):
+    """PEFT's from_pretrained builds a LoraConfig from the file: a missing key is its default."""
+    config = {key: value for key, value in {**PLAIN, "lora_alpha": 8}.items() if key not in missing}
+    folder = write_adapter(tmp_path / "adapter", config, {A: (rank, 6), B: (8, rank)})
+    plan = read_adapter(folder, BASE, lambda n: n)
+    assert plan["model.layers.0.self_attn.q_proj.weight"].scaling == scaling
