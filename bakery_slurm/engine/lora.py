@@ -86,7 +86,7 @@ def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) 
         return f"init_lora_weights = {init!r} (PEFT re-initialises the base weight on load)"
     if not isinstance(config.get("target_modules"), (str, list)):
         return f"target_modules = {config.get('target_modules')!r} (PEFT picks the model type's defaults)"
-    reason = _unusable_rank_or_alpha(config)
+    reason = _refused_selection(config) or _unusable_rank_or_alpha(config)
     if reason:
         return reason
     for key in sorted(config):
@@ -99,6 +99,19 @@ def unsupported_setting(config: Mapping[str, Any], defaults: Mapping[str, Any]) 
             return f"{key} = {value!r} (a setting this engine does not know)"
         if value != defaults[key] and not (value in (None, {}, []) and defaults[key] in (None, {}, [])):
             return f"{key} = {value!r} (PEFT default {defaults[key]!r})"
+    return None
+
+
+def _refused_selection(config: Mapping[str, Any]) -> str | None:
+    """The first module selection setting LoraConfig refuses (peft 0.21.2's `__post_init__`), or
+    None: `selects` would compute a selection for an adapter PEFT does not load at all."""
+    if isinstance(config.get("target_modules"), str):
+        for key in ("layers_to_transform", "layers_pattern"):
+            if config.get(key) is not None:
+                return f"{key} = {config[key]!r} with a regex target_modules (PEFT refuses it)"
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        return (f"layers_pattern = {config['layers_pattern']!r} without layers_to_transform "
+                f"(PEFT refuses it)")
     return None
 
 

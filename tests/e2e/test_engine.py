@@ -12,6 +12,7 @@ be copied through). Adapters the engine cannot compute exactly fall back, record
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -390,20 +391,29 @@ def test_a_config_without_r_or_lora_alpha_is_computed_with_pefts_defaults(
     assert_same_bytes(both)
 
 
-def test_a_pattern_rank_other_than_the_saved_factors_fails_as_peft_does(tmp_path, tiny_models,
-                                                                       write_tiny_matrix):
-    """PEFT builds the layer with the pattern's rank and refuses factors of another (a size
-    mismatch): the engine falls back, and the cell fails with PEFT's error, as the reference does."""
+@pytest.mark.parametrize("settings, error", [
+    ({"rank_pattern": {"q_proj": 3}}, "size mismatch"),
+    ({"rank_pattern": None}, "'NoneType' object has no attribute 'keys'"),
+    ({"target_modules": r".*\.(q|k|v|o|gate|up|down)_proj", "layers_to_transform": [0]},
+     "`layers_to_transform` cannot be used when `target_modules` is a str"),
+    ({"layers_pattern": "layers"}, "`layers_to_transform` must also be specified"),
+], ids=["pattern-rank-not-the-factors", "null-rank-pattern", "regex-target-with-layers",
+        "layers-pattern-alone"])
+def test_adapters_peft_cannot_load_fail_as_peft_does(tmp_path, tiny_models, write_tiny_matrix,
+                                                     settings, error):
+    """PEFT refuses these adapters (a layer built with the pattern's rank refuses factors of
+    another, LoraConfig refuses the selection, a null pattern breaks it): the engine falls back,
+    and the cell fails with PEFT's error, as the reference does."""
     from bakery_slurm.errors import StageError
 
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
-    edit_adapter_configs(models, "text", rank_pattern={"q_proj": 3})
+    edit_adapter_configs(models, "text", **settings)
     for engine in ENGINES:
         matrix = load_matrix(write_tiny_matrix(tmp_path / engine, models=models,
                                                methods=("linear",), engine=engine))
         cell = next(c for c in expand(matrix) if c.id == cell_id("tiny1b", "linear"))
-        with pytest.raises(StageError, match="size mismatch"):
+        with pytest.raises(StageError, match=re.escape(error)):
             run_cell(cell, matrix.work_dir, device="cpu")
 
 

@@ -97,6 +97,24 @@ def test_settings_that_change_the_merge_are_refused_by_name(defaults, change, na
     assert reason is not None and named in reason
 
 
+@pytest.mark.parametrize("change, named", [
+    ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "layers_to_transform = [0]"),
+    ({"target_modules": ".*q_proj", "layers_to_transform": []}, "layers_to_transform = []"),
+    ({"target_modules": ".*q_proj", "layers_pattern": "layers"}, "layers_pattern = 'layers'"),
+    ({"layers_pattern": ["layers"]}, "layers_pattern = ['layers']"),
+])
+def test_module_selections_peft_refuses_are_refused(defaults, change, named):
+    """LoraConfig refuses these selections, so PEFT loads no such adapter: the engine must not
+    merge one either (the fallback then fails as PEFT does)."""
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError):
+        LoraConfig(**{key: value for key, value in {**PLAIN, **change}.items()
+                      if key not in ("peft_type", "runtime_config")})
+    reason = unsupported_setting({**PLAIN, **change}, defaults)
+    assert reason is not None and named in reason
+
+
 def test_an_unknown_setting_left_at_nothing_is_fine(defaults):
     assert unsupported_setting({**PLAIN, "some_future_setting": None}, defaults) is None
 
