@@ -10,10 +10,12 @@ entry (`module_scaling`); a setting the file lacks is LoraConfig's default, as P
 
 Anything else an adapter may carry changes what PEFT does (DoRA's magnitude vectors, lora_bias,
 modules_to_save, embedding or convolution LoRA, an init that PEFT runs again on load and that
-replaces the base weight by a residual: PiSSA, OLoRA, ...). PEFT also loads only the factors of the modules adapter_config.json selects (`selects`), and ignores
-the rest of the file; a selected module without saved factors keeps its init, which is random
-with init_lora_weights = False. `read_adapter` refuses such an adapter with the reason, and the cell falls
-back to PEFT and mergekit (recorded in its result), never to a silently different result.
+replaces the base weight by a residual: PiSSA, OLoRA, ...). PEFT also loads only the factors of
+the modules adapter_config.json selects (`selects`), and ignores the rest of the file; a selected
+module without saved factors keeps its init, which is random with init_lora_weights = False.
+`read_adapter` refuses such an adapter with the reason, and the cell falls back to PEFT and
+mergekit (recorded in its result), never to a silently different result; so it does an adapter
+PEFT refuses to load, and the cell then fails with PEFT's error.
 """
 
 from __future__ import annotations

@@ -346,7 +346,8 @@ def test_a_randomly_initialised_module_without_saved_factors_falls_back(tmp_path
 # matches nothing (PEFT warns and ignores it).
 RANK_PATTERN = {"layers.0.self_attn.q_proj": 2, r"layers\.1\.mlp\.(up|down)_proj": 8,
                 "no_such_module": 16}
-ALPHA_PATTERN = {"model.layers.1.self_attn.v_proj": 3, "model.language_model.layers.1.self_attn.v_proj": 3,
+ALPHA_PATTERN = {"model.layers.1.self_attn.v_proj": 3,
+                 "model.language_model.layers.1.self_attn.v_proj": 3,
                  "gate_proj": 32, r".*\.0\.mlp\..*": 5}
 
 
