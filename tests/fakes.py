@@ -14,7 +14,8 @@ silently), and takes HfApi's own `CommitOperationAdd` and `CommitOperationDelete
 - ``list_repo_files(repo_id, *, revision=None, repo_type=None)``: every path at that commit.
 - ``list_repo_tree(repo_id, *, recursive=False, revision=None, repo_type=None)``: the files and
   folders at that commit (the top level only unless `recursive`), as huggingface_hub's `RepoFile`
-  (`blob_id`: git's blob id of the content, as the Hub's; `lfs` None, see below) and `RepoFolder`
+  (`blob_id`: git's blob id of what git holds, as the Hub's: the content, or for a
+  `*.safetensors` file, kept in LFS, its LFS pointer, with the content's sha256 in `lfs`) and `RepoFolder`
   (a `tree_id` that changes with what is below it, not git's). A generator, like HfApi's, which
   fetches its pages as it is iterated: the call is recorded, and a scripted failure raised, when
   the first entry is asked for.
@@ -27,6 +28,8 @@ silently), and takes HfApi's own `CommitOperationAdd` and `CommitOperationDelete
   `parent_commit` it fails with HTTP 412 when main has moved on since that commit (optimistic
   concurrency, as the Hub does); it refuses an addition already committed (`ValueError`, as
   HfApi does). Returns an object with `commit_url` and `oid`, like HfApi's `CommitInfo`.
+  The scripted entry `ANSWER_LOST` applies the commit, then raises `httpx2.ReadTimeout` with
+  the additions left uncommitted, as HfApi does when the connection drops before the answer.
 - ``hf_hub_download(repo_id, filename, *, subfolder=None, repo_type=None, revision=None)``:
   writes the file as of `revision` (default main) under `download_dir` and returns its path,
   keeping a local cache like the Hub's (files by commit, plus the commit main last resolved to).
@@ -61,8 +64,10 @@ modelled; script what it raises: `ValueError("Invalid metadata in README.md. ...
 so a test can hold several threads at the same point. Every call is recorded in `calls` as
 (method, arguments) and every commit in `commits`. The fake is thread-safe.
 
-Not modelled: branches other than main, pull requests, the LFS/regular split (every file goes
-through the content store), rate limits other than scripted ones, tokens (HfApi finds its own;
+`endpoint` is the Hub's address, as `HfApi.endpoint`.
+
+Not modelled: branches other than main, pull requests, the LFS/regular split of uploads (every
+file goes through the content store; only the tree listing tells LFS files apart), rate limits other than scripted ones, tokens (HfApi finds its own;
 HubTarget never passes one, so the fake accepts none).
 """
 
@@ -88,6 +93,9 @@ from huggingface_hub.utils import filter_repo_objects
 
 HUB = "https://huggingface.co"
 TRANSFER_FAILURE = "transfer failure"
+ANSWER_LOST = "answer lost"
+# Paths the Hub keeps in LFS here (the `.gitattributes` a new repo starts with).
+LFS_SUFFIX = ".safetensors"
 
 
 def http_error(status: int, url: str = f"{HUB}/api/models/owner/name/commit/main",
@@ -128,6 +136,7 @@ class FakeHubApi:
     """See the module docstring. `repos` maps repo id -> {path in repo: bytes} at main's head."""
 
     download_dir: Path
+    endpoint: str = HUB
     failures: dict[str, list[Any]] = field(default_factory=dict)
     before: dict[str, Callable[[], None]] = field(default_factory=dict)
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
@@ -162,7 +171,7 @@ class FakeHubApi:
             return None
         if method == "hf_hub_download" and isinstance(failure, httpx2.TransportError):
             return failure
-        if failure == TRANSFER_FAILURE:
+        if failure in (TRANSFER_FAILURE, ANSWER_LOST):
             return failure
         raise failure if isinstance(failure, BaseException) else http_error(failure)
 
@@ -217,7 +226,7 @@ class FakeHubApi:
                 yield RepoFolder(path=folder, oid=hashlib.sha1(repr(below).encode()).hexdigest())
         for name, data in sorted(files.items()):
             if recursive or "/" not in name:
-                yield RepoFile(path=name, size=len(data), oid=_blob_id(data))
+                yield _repo_file(name, data)
 
     def auth_check(self, repo_id: str, *, repo_type: str | None = None,
                    write: bool = False) -> None:
@@ -265,7 +274,7 @@ class FakeHubApi:
     def create_commit(self, repo_id: str, operations: Iterable[Any], *, commit_message: str,
                       parent_commit: str | None = None, repo_type: str | None = None) -> FakeCommit:
         operations = list(operations)
-        self._enter("create_commit", repo_id=repo_id,
+        scripted = self._enter("create_commit", repo_id=repo_id,
                     operations=[(type(op).__name__, op.path_in_repo) for op in operations],
                     commit_message=commit_message, parent_commit=parent_commit,
                     repo_type=repo_type)
@@ -280,6 +289,9 @@ class FakeHubApi:
             added = {op.path_in_repo: _content(op) for op in additions}
             deleted = [op for op in operations if isinstance(op, CommitOperationDelete)]
             commit = self._commit(repo_id, self._heads[repo_id], commit_message, added, deleted)
+        if scripted == ANSWER_LOST:
+            # committed, but the answer never arrived: HfApi leaves the additions uncommitted
+            raise httpx2.ReadTimeout("the answer to the commit was lost (scripted by tests/fakes.py)")
         for op in additions:
             op._is_committed = True
         return commit
@@ -392,6 +404,17 @@ class FakeHubApi:
 def _blob_id(data: bytes) -> str:
     """Git's object id of a file holding `data`, which the Hub reports as its `blob_id`."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _repo_file(name: str, data: bytes) -> RepoFile:
+    """The tree entry the Hub lists for `data` at `name`: a file kept in LFS is in git as its
+    pointer, whose blob id the Hub reports, with the content's sha256 under `lfs`."""
+    if not name.endswith(LFS_SUFFIX):
+        return RepoFile(path=name, size=len(data), oid=_blob_id(data))
+    sha256 = hashlib.sha256(data).hexdigest()
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
+    return RepoFile(path=name, size=len(data), oid=_blob_id(pointer.encode()),
+                    lfs={"size": len(data), "oid": sha256, "pointerSize": len(pointer)})
 
 
 def _content(op: CommitOperationAdd) -> bytes:

@@ -21,7 +21,9 @@ conflict costs the files committed meanwhile, not every cell's record again: 100
 and make each try slow, so that more tasks collide and the conflict cap runs out.
 
 The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a
-re-read, not a re-upload. Failed transfers (huggingface_hub wraps a failed LFS/Xet transfer in a
+re-read, not a re-upload. A commit whose answer was lost (a reset or timeout after the Hub took
+it) is retried, meets a moved main, and reads again: main then holds exactly what we meant to
+commit (each file by its blob id, and the root card), so nothing is committed twice. Failed transfers (huggingface_hub wraps a failed LFS/Xet transfer in a
 `RuntimeError`), 429, 5xx and connection errors are retried with capped exponential backoff and
 full jitter; a 429's `Retry-After` is honoured. A retried upload resumes: the Hub reports content
 it already holds, and only the rest is transferred again. In a task, no wait may run into the
@@ -34,6 +36,7 @@ logged or written by us.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -76,6 +79,9 @@ MAX_RETRY_AFTER_S = 600.0
 TIME_LIMIT_RESERVE_S = 300.0
 # Far below create_commit's documented limits (25k LFS files, 1 GB of regular files).
 MAX_OPERATIONS_PER_COMMIT = 1000
+# The Hub keeps a larger file in LFS (git holds its pointer), whatever `.gitattributes` says.
+MAX_REGULAR_FILE = 10 * 1024 * 1024
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n"
 
 # Renders the root card from every published record (cell id -> record) and the card it replaces.
 RenderRoot = Callable[[dict[str, dict[str, Any]], "str | None"], str]
@@ -280,6 +286,9 @@ class HubTarget:
         self._retry(lambda: self.api.preupload_lfs_files(self.repo_id, additions=additions),
                     "upload", transfer=True)
         uploaded = {op.path_in_repo for op in additions}
+        # the checkpoint's files were hashed when verified: their LFS pointers cost no read
+        hashed = {f"{item.cell_id}/{name}": info["sha256"]
+                  for item in items for name, info in item.record["output"]["files"].items()}
         prefixes = tuple(f"{item.cell_id}/" for item in items if item.replace)
         for conflict in range(1, MAX_CONFLICTS + 1):
             state = self.head()
@@ -291,14 +300,21 @@ class HubTarget:
             records.update({item.cell_id: item.record for item in items})
             previous = (self.read(sha, ROOT_CARD, files[ROOT_CARD]).decode()
                         if ROOT_CARD in files else None)
-            card = CommitOperationAdd(ROOT_CARD, render_root(records, previous).encode())
+            card = render_root(records, previous)
             # The cells' folders end up holding exactly this upload: a re-push with fewer or
             # renamed shards leaves none of the old ones behind.
             stale = [CommitOperationDelete(name) for name in files
                      if name.startswith(prefixes) and name not in uploaded]
+            if not stale and card == previous and _holds(files, additions, hashed):
+                # Our earlier try landed though its answer was lost, or another push published
+                # exactly this: a commit now would change nothing and spend the commit budget.
+                log.info("%s: main holds these files already (commit %s): nothing to commit",
+                         self.repo_id, sha)
+                return f"{self.api.endpoint}/{self.repo_id}/commit/{sha}"
             try:
                 commit = self._retry(lambda: self.api.create_commit(
-                    self.repo_id, [*additions, card, *stale], commit_message=message,
+                    self.repo_id, [*additions, CommitOperationAdd(ROOT_CARD, card.encode()), *stale],
+                    commit_message=message,
                     parent_commit=sha), "commit", transfer=True, conflicts=True)
             except _Conflict:
                 delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** conflict))
@@ -392,6 +408,35 @@ def _check_unchanged(where: str, items: list[Publication], records: Mapping[str,
     if moved:
         raise PushError(f"{where}: {', '.join(moved)} changed since the card was rendered (published "
                         "again meanwhile); run `bakery-slurm push --cards` again")
+
+
+def _holds(files: Mapping[str, str], additions: list[Any], hashed: Mapping[str, str]) -> bool:
+    """Whether a commit whose files are `files` (path -> git blob id) holds every addition's
+    content at its path; `hashed` gives the sha256 of files hashed already."""
+    return (all(op.path_in_repo in files for op in additions)
+            and all(files[op.path_in_repo] in hub_blob_ids(Path(op.path_or_fileobj),
+                                                           hashed.get(op.path_in_repo))
+                    for op in additions))
+
+
+def hub_blob_ids(path: Path, sha256: str | None = None) -> set[str]:
+    """The git blob ids the Hub may list for the content of `path`: that of the content (a
+    regular file, only up to MAX_REGULAR_FILE) and that of its LFS pointer."""
+    from ..manifest import sha256_file
+
+    size = path.stat().st_size
+    ids = set()
+    if size <= MAX_REGULAR_FILE:
+        data = path.read_bytes()
+        ids.add(git_blob_id(data))
+        sha256 = sha256 or hashlib.sha256(data).hexdigest()
+    pointer = LFS_POINTER.format(sha256=sha256 or sha256_file(path), size=size)
+    return ids | {git_blob_id(pointer.encode())}
+
+
+def git_blob_id(data: bytes) -> str:
+    """git's object id of a file holding `data` (what the Hub lists as a file's blob id)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _retry_after(response: Any) -> float | None:

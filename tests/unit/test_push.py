@@ -5,6 +5,7 @@ whole cell pushed to a fake Hub repo."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -14,7 +15,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from fakes import TRANSFER_FAILURE, FakeHubApi, http_error
+from fakes import ANSWER_LOST, TRANSFER_FAILURE, FakeHubApi, http_error
 from huggingface_hub.errors import HfHubHTTPError
 
 from bakery_slurm.errors import PushError
@@ -370,6 +371,36 @@ def test_a_commit_that_loses_a_race_reads_again_and_keeps_both_cells(tmp_path, s
     card = api.repos[REPO]["README.md"].decode()
     assert cells_in(card) == ["| 1b | std | linear |", "| 4b | std | ties |"]
     assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["hashed-here", "hashed-when-verified"])
+def test_a_commit_whose_answer_was_lost_is_not_committed_again(tmp_path, sleeps, hashed):
+    """The Hub took the commit, the connection dropped before its answer: the retry meets a
+    moved main, reads it, finds there exactly what it meant to commit (the weights by their LFS
+    pointer, the rest by content, and the card) and returns that commit."""
+    item = publish_folder(tmp_path)
+    if hashed:
+        weights = item.folder / "model.safetensors"
+        item.record["output"]["files"] = {"model.safetensors": {
+            "size": 64, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}}
+    target, api = hub(tmp_path, sleeps, create_commit=[ANSWER_LOST])
+    url = target.publish([item], "us", render_root())
+    assert [c.message for c in api.commits] == ["initial commit", "us"]
+    assert url == api.commits[-1].commit_url
+    assert len(api.calls_to("create_commit")) == 2  # the lost one, and the retry refused with 412
+
+
+def test_a_push_finding_other_content_at_its_paths_commits_its_own(tmp_path, sleeps):
+    """Main holding the cell's paths is not enough: another push of the cell with other
+    weights landed meanwhile, and ours goes over it."""
+    ours = publish_folder(tmp_path / "ours", weights=b"\1" * 64)
+    theirs = publish_folder(tmp_path / "theirs", weights=b"\2" * 64)
+    target, api = hub(tmp_path, sleeps)
+    api.before["create_commit"] = lambda: (api.before.pop("create_commit"),
+                                           HubTarget(REPO, api=api).publish([theirs], "them", render_root()))
+    target.publish([ours], "us", render_root())
+    assert [c.message for c in api.commits] == ["initial commit", "them", "us"]
+    assert api.repos[REPO][f"{CELL}/model.safetensors"] == b"\1" * 64
 
 
 @pytest.mark.parametrize("n", [2, 6])
