@@ -86,16 +86,17 @@ def push_verified(cells: list[Cell], work: Path, push: PushTarget, context: Card
                   api: Any = None, dry_run: bool = False) -> list[dict[str, Any]]:
     """Publish every ready cell of `cells` to `push`; one row per cell (cell, action).
 
-    Each cell's lock is held from the check until its result record says published, so a task
-    running the cell meanwhile is never raced (that cell is reported as running instead).
+    Each cell's locks (`_hold`) are held from the check until its result record says published,
+    so a task running the cell, or another push, is never raced (the cell is reported as busy).
     Raises PushError when the target refuses (the cells stay ready for the next try).
     """
     rows, items = [], []
     with contextlib.ExitStack() as held:
         for cell in cells:
             paths = CellPaths(work, cell.id)
-            if not dry_run and not _hold(held, paths):
-                rows.append({"cell": cell.id, "action": "skipped: a task is running it"})
+            busy = None if dry_run else _hold(held, paths)
+            if busy:
+                rows.append({"cell": cell.id, "action": f"skipped: {busy}"})
                 continue
             final = intact_marker(paths.final) if paths.final.is_dir() else None
             verdict = judge(cell, read_result(paths), push_stage.prepared(paths.publish),
@@ -155,8 +156,9 @@ def refresh_cards(cells: list[Cell], work: Path, push: PushTarget, context: Card
                 why = "not published" if record is None else "published with another recipe"
                 rows.append({"cell": cell.id, "action": f"skipped: {why}"})
                 continue
-            if not dry_run and not _hold(held, CellPaths(work, cell.id)):
-                rows.append({"cell": cell.id, "action": "skipped: a task is running it"})
+            busy = None if dry_run else _hold(held, CellPaths(work, cell.id))
+            if busy:
+                rows.append({"cell": cell.id, "action": f"skipped: {busy}"})
                 continue
             results = (context.evals.cell_results(cell.id, record["output"]["content_sha256"])
                        if context.evals else None)
@@ -171,17 +173,25 @@ def refresh_cards(cells: list[Cell], work: Path, push: PushTarget, context: Card
     return rows + [{"cell": cell, "action": f"{done}: {what}"} for cell, what in cards.items()]
 
 
-def _hold(held: contextlib.ExitStack, paths: CellPaths) -> bool:
-    """Take the cell's lock for the rest of `held` (a cell never run here has none to take);
-    False when a task holds it."""
+def _hold(held: contextlib.ExitStack, paths: CellPaths) -> str | None:
+    """Take the cell's locks for the rest of `held` (a cell never run here has none to take), or
+    say why not. The run lock is taken shared: a task running the cell holds it exclusively, and
+    an eval of the cell holds it shared, as it only reads `final`, as a push does, so a push goes
+    on beside an eval. Two pushes of a cell are kept apart by its push lock."""
     if not paths.root.is_dir():
-        return True
-    try:
-        held.enter_context(fsutil.locked(paths.lock, blocking=False))
-    except fsutil.LockBusy:
-        return False
-    held.enter_context(in_use(paths.work, paths.cell_id))
-    return True
+        return None
+    with contextlib.ExitStack() as taking:
+        try:
+            taking.enter_context(fsutil.locked(paths.lock, blocking=False, shared=True))
+        except fsutil.LockBusy:
+            return "a task is running it"
+        try:
+            taking.enter_context(fsutil.locked(paths.push_lock, blocking=False))
+        except fsutil.LockBusy:
+            return "another push is publishing it"
+        taking.enter_context(in_use(paths.work, paths.cell_id))
+        held.enter_context(taking.pop_all())
+    return None
 
 
 def _mark_published(paths: CellPaths, stage: dict[str, Any]) -> None:

@@ -81,6 +81,11 @@ class CellPaths:
         return self.root / ".run.lock"
 
     @property
+    def push_lock(self) -> Path:
+        """Held by a login node's push of the cell (`login_push`), which holds `lock` shared."""
+        return self.root / ".push.lock"
+
+    @property
     def cache(self) -> Path:
         """Shared by every cell: bakes/ and bases/ are content-addressed; hashes/ keeps the file
         hashes of local sources (`sources.fetch`)."""

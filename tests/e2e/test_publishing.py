@@ -19,7 +19,7 @@ from bakery_slurm.login_push import push_verified
 from bakery_slurm.matrix import expand, load_matrix
 from bakery_slurm.pipeline import CellPaths, read_result, run_cell
 from bakery_slurm.rootcard import CardContext
-from support import assert_matches_golden, settled, wait_for
+from support import assert_matches_golden, held_lock, settled, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -103,9 +103,21 @@ def test_deferred_cells_are_published_from_the_login_node(tmp_path, write_tiny_m
     assert again.exit_code == 0 and "verified, not published" in again.output
 
     assert "would publish" in invoke("push", path, "--dry-run").output
+    # One cell being run again (its run lock, exclusive), the other being evaluated (shared):
+    # the first waits for the next push, the second is published beside its eval.
+    matrix = load_matrix(path)
+    running, evaluated = (CellPaths(matrix.work_dir, cell.id) for cell in expand(matrix))
+    with held_lock(running.lock), held_lock(evaluated.lock, shared=True):
+        busy = json.loads(invoke("push", path, "--json").stdout)
+        with held_lock(evaluated.push_lock):
+            assert json.loads(invoke("push", path, "--json").stdout) == [
+                {"cell": running.cell_id, "action": "skipped: a task is running it"},
+                {"cell": evaluated.cell_id, "action": "skipped: another push is publishing it"}]
+    assert busy[0] == {"cell": running.cell_id, "action": "skipped: a task is running it"}
+    assert busy[1]["cell"] == evaluated.cell_id and busy[1]["action"].startswith("published: ")
     pushed = invoke("push", path)
     assert pushed.exit_code == 0, pushed.output
-    assert pushed.output.count("published: ") == 2
+    assert pushed.output.count("published: ") == 1
     rows = json.loads(invoke("status", "--ledger", ledger, "--json").output)
     assert {row["state"] for row in rows} == {"COMPLETED"}
     card = (tmp_path / "published" / "README.md").read_text()

@@ -222,7 +222,7 @@ def test_every_task_that_uses_a_cell_holds_it_against_gc(tmp_path, write_matrix,
     pipeline.run_cell(one, work)
     evaluate.run_eval(SimpleNamespace(id=one.id, kind="cell"), work)
     with contextlib.ExitStack() as held:
-        assert login_push._hold(held, pipeline.CellPaths(work, one.id))
+        assert login_push._hold(held, pipeline.CellPaths(work, one.id)) is None
         record()
     # Shared: gc cannot take them, and another task of the work folder still can.
     assert seen == [(False, False, True)] * 3
