@@ -9,7 +9,7 @@ another folder (a Hub cache blob), are never chmod-ed.
 Locks are POSIX record locks (`fcntl.lockf`), which NFS (via NLM) and Lustre (mounted with `flock`)
 honour across nodes, unlike `flock(2)` on older NFS clients. Lustre mounted `noflock` refuses them
 (ENOSYS): `locked` says so instead of failing obscurely. Lustre mounted `localflock` grants them
-per node only, which no program can detect: use such a mount from one node at a time.
+per node only, silently: preflight refuses a work folder there for SLURM (`mounts`).
 """
 
 from __future__ import annotations

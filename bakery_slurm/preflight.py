@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from .errors import ConfigError
 from .eval_prefetch import CACHE_VARIABLES, child_environment, is_prefetched, reads_local_files
 from .matrix import Cell, Matrix, ModelSource
+from .mounts import NODE_LOCAL_LOCKS, node_local_lock_mount
 from .pins import COMMIT, cell_inputs, hub_sources
 
 if TYPE_CHECKING:
@@ -123,6 +124,8 @@ def preflight(matrix: Matrix, cells: Sequence[Cell], executor: str, *, container
     environ = os.environ if environ is None else environ
     report = Report()
     _check_runtime(matrix, executor, container, environ, report)
+    if executor == "slurm":
+        _check_locks_across_nodes(matrix, report)
     _check_local_sources(matrix, cells, report)
     if matrix.spec.runtime.offline and evals:
         _check_eval_datasets(matrix, evals, container, report)
@@ -229,6 +232,19 @@ def _check_runtime(matrix: Matrix, executor: str, container: str, environ: Mappi
         if not environ.get(name):
             report.problems.append(f"runtime.require_env: {name} is not set in this environment, "
                                    f"and the tasks need it (got {list(runtime.require_env)!r})")
+
+
+def _check_locks_across_nodes(matrix: Matrix, report: Report) -> None:
+    """Tasks on several nodes keep apart through locks in the work folder: refuse one whose
+    mount grants locks per node (Lustre `localflock`), where they would not."""
+    mount = node_local_lock_mount(matrix.work_dir)
+    if mount is not None:
+        report.problems.append(
+            f"paths.work: {matrix.work_dir} is on {mount.point}, a {mount.fstype} mount with "
+            f"`{NODE_LOCAL_LOCKS}`, whose locks hold on one node only: tasks on two nodes could "
+            "run one cell or fill one cache entry at once. Put the work folder on a mount with "
+            "`flock` (or NFS), or submit with --executor local on one node "
+            f"(got {matrix.spec.paths.work!r})")
 
 
 def _check_eval_datasets(matrix: Matrix, evals: Sequence[EvalTarget], container: str,

@@ -223,6 +223,29 @@ def test_a_relative_image_and_bind_are_read_from_the_matrix_folder(hub, write_ma
     assert not [p for p in problems(result) if p.startswith("runtime.")], result.stderr
 
 
+def test_a_work_folder_whose_locks_hold_on_one_node_only_is_refused_for_slurm(
+        hub, write_matrix, tmp_path, monkeypatch):
+    """Lustre mounted `localflock` grants POSIX locks per node without an error: tasks on two
+    nodes would both hold a cell's run lock. Its mount options say so."""
+    from bakery_slurm import mounts
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("22 1 0:21 / / rw - ext4 /dev/vda1 rw\n"
+                         f"30 22 0:40 / {tmp_path} rw - lustre 10.1.1.1@o2ib:/fs rw,localflock\n")
+    monkeypatch.setattr(mounts, "MOUNTINFO", mountinfo)
+    matrix = write_matrix(HUB_MATRIX)
+    result = invoke("check", matrix, "--executor", "slurm")
+    assert result.exit_code == 2
+    [problem] = [p for p in problems(result) if p.startswith("paths.work")]
+    assert f"is on {tmp_path}, a lustre mount with `localflock`, whose locks hold on one node" in problem
+    # one node: the local executor's tasks share its locks
+    assert not [p for p in problems(invoke("check", matrix, "--executor", "local"))
+                if p.startswith("paths.work")]
+    mountinfo.write_text(mountinfo.read_text().replace("localflock", "flock"))
+    assert not [p for p in problems(invoke("check", matrix, "--executor", "slurm"))
+                if p.startswith("paths.work")]
+
+
 def test_require_env_must_name_passed_variables(write_matrix):
     matrix = write_matrix(HUB_MATRIX + 'require_env = ["MY_PROXY"]\n')
     result = invoke("plan", matrix)
