@@ -12,10 +12,12 @@ Across arrays, at most `MachineSlots.count` local tasks of this user run on this
 (`BAKERY_LOCAL_MAX_TASKS`, default the CPUs this process may use): two submits, a merge array and
 its eval array, or several resource groups would otherwise each run `parallelism` tasks, and a
 laptop runs out of memory. A slot is a lock file under a per-user, per-host folder
-(`BAKERY_LOCAL_SLOTS_DIR`, default ~/.cache/bakery-slurm/local-slots/HOST), locked (fcntl,
-non-blocking) by the supervisor for as long as one of its tasks runs; the kernel frees it when
-the supervisor dies, however it dies. A task takes a slot only once it may start: a task waiting
-for another task holds none, so an eval never keeps its merge from starting.
+(`BAKERY_LOCAL_SLOTS_DIR`, default ~/.cache/bakery-slurm/local-slots/HOST), locked (flock,
+non-blocking) on a descriptor that the supervisor and its task share: the slot stays taken for as
+long as either lives, so a task that runs on after its supervisor was killed still counts, and
+the kernel frees it once both have ended, however they end. A task takes a slot only once it may
+start: a task waiting for another task holds none, so an eval never keeps its merge from
+starting.
 
 A task may wait for a task of another local array (an eval for its cell's merge, as SLURM's
 `aftercorr`/`afterok`): it starts once that one is COMPLETED, and is CANCELLED, with the reason in
@@ -199,20 +201,19 @@ def next_starts(pending: Sequence[int], free: int,
     return ready[:max(free, 0)], never
 
 
-def take_slot(slots: MachineSlots, held: set[int]) -> tuple[int, int] | None:
+def take_slot(slots: MachineSlots) -> tuple[int, int] | None:
     """Lock a free slot of the machine: (its number, the open file holding the lock), or None
-    when every slot is taken. Closing the file frees it; so does the kernel when this process
-    dies.
+    when every slot is taken.
 
-    `held` are the slots this process holds already: fcntl locks never conflict within one
-    process, and closing another descriptor of a held slot's file would free it."""
+    flock, not lockf: an flock belongs to the open file, which the task inherits (`_start`), so
+    it holds until the supervisor and the task have both closed it (ended); a lockf lock belongs
+    to the process alone, and a killed supervisor would free the slot of a task still running.
+    An flock also conflicts with the slots this process holds on other descriptors already."""
     slots.folder.mkdir(parents=True, exist_ok=True)
     for number in range(slots.count):
-        if number in held:
-            continue
         fd = os.open(slots.folder / f"slot-{number}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             continue
@@ -240,11 +241,11 @@ def supervise(folder: Path) -> None:
             pending.remove(index)
             _never_satisfied(folder, index, after[index], state)
         for index in starts:
-            slot = take_slot(slots, {task.slot[0] for task in running.values()})
+            slot = take_slot(slots)
             if slot is None:
                 break  # the machine runs as many local tasks as it may: wait for one to end
             pending.remove(index)
-            process = _start(folder, index, spec["argvs"][index], env, spec["job_id"])
+            process = _start(folder, index, spec["argvs"][index], env, spec["job_id"], slot[1])
             if process is None:
                 os.close(slot[1])
                 continue
@@ -307,16 +308,18 @@ def _never_satisfied(folder: Path, index: int, task: dict[str, Any], state: str)
     _write_state(folder, index, "CANCELLED", exit_code="0:0")
 
 
-def _start(folder: Path, index: int, argv: list[str], env: dict[str, str],
-           job_id: str) -> subprocess.Popen | None:
-    """Start task `index`; a command that cannot start (e.g. no `apptainer` here) fails the task
-    with the reason in its stderr log, as a shell would (exit 127), and returns None."""
+def _start(folder: Path, index: int, argv: list[str], env: dict[str, str], job_id: str,
+           slot_fd: int) -> subprocess.Popen | None:
+    """Start task `index`, holding the machine slot locked on `slot_fd` too (`take_slot`); a
+    command that cannot start (e.g. no `apptainer` here) fails the task with the reason in its
+    stderr log, as a shell would (exit 127), and returns None."""
     out, err = log_paths(folder, index)
     task_env = {**env, "BAKERY_LOCAL_JOB_ID": f"{job_id}_{index}"}
     with open(out, "ab") as stdout, open(err, "ab") as stderr:
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                                       stderr=stderr, env=task_env, start_new_session=True)
+                                       stderr=stderr, env=task_env, start_new_session=True,
+                                       pass_fds=(slot_fd,))
         except OSError as e:
             stderr.write(f"cannot start {argv[0]}: {e}\n".encode())
             _write_state(folder, index, "FAILED", exit_code="127:0", started=_now(), ended=_now())

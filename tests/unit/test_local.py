@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bakery_slurm import local
+from bakery_slurm import fsutil, local
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.slurm_commands import TaskState
-from support import may_lock, wait_for
+from support import wait_for
 
 JOB = "local-0123abcd-0"
 PY = sys.executable
@@ -444,15 +444,27 @@ def test_the_machine_cap_holds_across_arrays(folder, tmp_path, monkeypatch):
     assert max_overlap(log) == 2
 
 
-def test_a_killed_supervisor_frees_its_machine_slot(folder, tmp_path, monkeypatch):
+def test_a_task_that_outlives_its_killed_supervisor_keeps_its_machine_slot(folder, tmp_path,
+                                                                         monkeypatch):
+    """The supervisor is SIGKILLed while its task runs on (in a session of its own): the slot
+    stays taken until the task ends too, so no other array starts a task beyond the cap. While
+    it runs the task reads RUNNING; the kernel frees the slot once both have ended."""
     monkeypatch.setenv(local.MAX_TASKS_ENV, "1")
     marker = tmp_path / "0.pid"
     local.submit(folder, JOB, [sleeper(marker)], [], "none", parallelism=1, time_min=1)
     wait_for(lambda: state_is(folder, 0, "RUNNING"), "the task to run")
-    slot = local.this_machine_slots().folder / "slot-0.lock"
-    assert not may_lock(slot)
-    os.kill(json.loads((folder / "supervisor.json").read_text())["pid"], signal.SIGKILL)
-    wait_for(lambda: may_lock(slot), "the kernel to free the dead supervisor's slot")
+    slots = local.this_machine_slots()
+    supervisor = json.loads((folder / "supervisor.json").read_text())["pid"]
+    task = json.loads((folder / "0.state.json").read_text())["pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(supervisor), "the supervisor to die")
+    assert pid_alive(task) and state_is(folder, 0, "RUNNING")
+    assert local.take_slot(slots) is None  # another supervisor finds the machine full
+    os.kill(task, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(task), "the task to die")
+    taken = wait_for(lambda: local.take_slot(slots), "the slot to be free once both ended")
+    os.close(taken[1])
+    assert states_of(folder) == {f"{JOB}_0": "NODE_FAIL"}
 
 
 def test_a_task_waiting_for_another_array_holds_no_slot(folder, tmp_path, monkeypatch):
@@ -469,16 +481,16 @@ def test_a_task_waiting_for_another_array_holds_no_slot(folder, tmp_path, monkey
 
 def test_slots_are_taken_one_per_task_and_freed_on_close(tmp_path):
     slots = local.MachineSlots(tmp_path / "slots", 2)
-    first = local.take_slot(slots, set())
-    second = local.take_slot(slots, {first[0]})
+    first = local.take_slot(slots)
+    second = local.take_slot(slots)  # the same process: a slot it holds is not free to it
     try:
         assert (first[0], second[0]) == (0, 1)
-        assert local.take_slot(slots, {0, 1}) is None
-        assert not may_lock(slots.folder / "slot-0.lock")  # another supervisor cannot take it
+        assert local.take_slot(slots) is None
+        assert fsutil.is_held(slots.folder / "slot-0.lock")  # another supervisor cannot take it
     finally:
         os.close(first[1])
         os.close(second[1])
-    assert may_lock(slots.folder / "slot-0.lock")
+    assert not fsutil.is_held(slots.folder / "slot-0.lock")
 
 
 def test_next_starts_starts_ready_tasks_up_to_the_free_count_and_cancels_broken_waits():
