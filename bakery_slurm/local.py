@@ -260,7 +260,10 @@ def supervise(folder: Path) -> None:
                 if task.timed_out:
                     _finish(folder, index, "TIMEOUT", f"0:{task.sent}")
                 else:
-                    _finish(folder, index, *_outcome(folder, index, returncode))
+                    state, exit_code = _outcome(folder, index, returncode)
+                    if state == "FAILED" and returncode < 0:
+                        _say(folder, index, f"bakery-slurm: {killed_by(-returncode)}")
+                    _finish(folder, index, state, exit_code)
                 os.close(task.slot[1])
                 del running[index]
             elif task.kill_at is not None:
@@ -302,10 +305,31 @@ def _dependency_state(task: dict[str, Any],
 
 
 def _never_satisfied(folder: Path, index: int, task: dict[str, Any], state: str) -> None:
-    with open(log_paths(folder, index)[1], "a") as stderr:
-        stderr.write(f"cancelled: the task it waits for, {task['job_id']}_{task['index']}, "
-                     f"ended {state} (dependency never satisfied)\n")
+    _say(folder, index, f"cancelled: the task it waits for, {task['job_id']}_{task['index']}, "
+                        f"ended {state} (dependency never satisfied)")
     _write_state(folder, index, "CANCELLED", exit_code="0:0")
+
+
+def _say(folder: Path, index: int, line: str) -> None:
+    """Append the executor's word on task `index` to its stderr log, as slurmstepd does."""
+    with open(log_paths(folder, index)[1], "a") as stderr:
+        stderr.write(line + "\n")
+
+
+def killed_by(signum: int) -> str:
+    """Why a task that neither its time limit nor a cancel ended died of signal `signum`.
+
+    SLURM calls a task the OOM killer ended OUT_OF_MEMORY; here a SIGKILL from the OOM killer
+    cannot be told from one sent by hand: the kernel counts OOM kills per cgroup (memory.events),
+    not per process, and every local task shares its user's cgroup (on cgroup v1, or without the
+    memory controller, nothing counts them). So both causes are named, and the state is FAILED."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"killed by signal {signum}"
+    if signum == signal.SIGKILL:
+        name += ": out of memory, or killed by hand"
+    return f"killed by signal {signum} ({name})"
 
 
 def _start(folder: Path, index: int, argv: list[str], env: dict[str, str], job_id: str,

@@ -183,6 +183,16 @@ def test_exit_codes(folder):
     assert (states[f"{JOB}_0"].state, states[f"{JOB}_0"].exit_code) == ("FAILED", "3:0")
     assert (states[f"{JOB}_1"].state, states[f"{JOB}_1"].exit_code) == ("COMPLETED", "0:0")
     assert (states[f"{JOB}_2"].state, states[f"{JOB}_2"].exit_code) == ("FAILED", "0:9")
+    # The OOM killer's SIGKILL cannot be told from a `kill -9`: the log names both.
+    assert local.log_paths(folder, 2)[1].read_text().splitlines()[-1] == (
+        "bakery-slurm: killed by signal 9 (SIGKILL: out of memory, or killed by hand)")
+    assert not local.log_paths(folder, 0)[1].read_text()  # an exit code needs no word
+
+
+def test_a_task_killed_by_a_signal_is_said_so_by_name():
+    assert local.killed_by(9) == "killed by signal 9 (SIGKILL: out of memory, or killed by hand)"
+    assert local.killed_by(11) == "killed by signal 11 (SIGSEGV)"
+    assert local.killed_by(200) == "killed by signal 200"  # no such signal here: no name
 
 
 def test_state_keys_and_logs(folder):
