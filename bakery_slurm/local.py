@@ -23,12 +23,14 @@ A task may wait for a task of another local array (an eval for its cell's merge,
 `aftercorr`/`afterok`): it starts once that one is COMPLETED, and is CANCELLED, with the reason in
 its stderr log, once that one ended otherwise (as SLURM's `--kill-on-invalid-dep=yes`).
 
-Layout of an array folder: array.json (what to run), supervisor.json (its pid), and per task i:
-i.state.json, i.out, i.err, and i.cancel when a cancel was requested. Slot folder: slot-<n>.lock.
+Layout of an array folder: array.json (what to run), supervisor.json (its pid), supervisor.log
+(its own errors), and per task i: i.state.json, i.out, i.err, and i.cancel when a cancel was
+requested. Slot folder: slot-<n>.lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -40,7 +42,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import fsutil
 from .errors import SchedulerError
@@ -222,9 +224,28 @@ def take_slot(slots: MachineSlots) -> tuple[int, int] | None:
 
 
 def supervise(folder: Path) -> None:
+    """Run the array in `folder` to its end.
+
+    A supervisor that cannot go on (a state file it cannot write: the disk is full) ends every
+    task it started before it fails, its traceback in supervisor.log: a task it no longer
+    watches, perhaps not even recorded as started, could be neither cancelled nor told apart
+    from the attempt a resubmit starts. Ended, each reads NODE_FAIL, which is then true."""
     spec = json.loads((folder / "array.json").read_text())
-    pending = list(range(len(spec["argvs"])))
     running: dict[int, _Running] = {}
+    try:
+        _run(folder, spec, running)
+    except BaseException:
+        _end_all(running.values(), spec["kill_wait_s"])
+        with contextlib.suppress(OSError):  # the log may be on the full disk too
+            print(f"bakery-slurm: the supervisor of {folder} failed; it ended its "
+                  f"{len(running)} running tasks", file=sys.stderr, flush=True)
+        raise
+
+
+def _run(folder: Path, spec: dict[str, Any], running: dict[int, _Running]) -> None:
+    """The supervisor's rounds, until every task has ended; `running` holds the tasks started
+    and not yet recorded as ended."""
+    pending = list(range(len(spec["argvs"])))
     env = task_environment(dict(os.environ), spec["pass_env"], spec["container"])
     after = spec.get("after")
     kill_wait_s = spec["kill_wait_s"]
@@ -250,6 +271,9 @@ def supervise(folder: Path) -> None:
                 os.close(slot[1])
                 continue
             running[index] = _Running(process, slot, time.monotonic() + spec["time_limit_s"])
+            # Recorded only once `running` holds it: should the write fail, `supervise` ends it.
+            _write_state(folder, index, "RUNNING", pid=process.pid,
+                         identity=_process_identity(process.pid), started=_now())
         for index, task in list(running.items()):
             now = time.monotonic()
             returncode = task.process.poll()
@@ -281,6 +305,23 @@ def supervise(folder: Path) -> None:
                     task.sent = _signal_group(task.process, signal.SIGTERM)
                     task.kill_at = now + kill_wait_s
         time.sleep(POLL_S)
+
+
+def _end_all(tasks: Iterable[_Running], kill_wait_s: float) -> None:
+    """End the tasks still running as a cancel does (SIGTERM, then SIGKILL `kill_wait_s` later),
+    wait for them, and free their machine slots."""
+    tasks = list(tasks)
+    live = [task.process for task in tasks if task.process.returncode is None]
+    for process in live:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + kill_wait_s
+    for process in live:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+    for task in tasks:
+        os.close(task.slot[1])
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> int:
@@ -334,9 +375,9 @@ def killed_by(signum: int) -> str:
 
 def _start(folder: Path, index: int, argv: list[str], env: dict[str, str], job_id: str,
            slot_fd: int) -> subprocess.Popen | None:
-    """Start task `index`, holding the machine slot locked on `slot_fd` too (`take_slot`); a
-    command that cannot start (e.g. no `apptainer` here) fails the task with the reason in its
-    stderr log, as a shell would (exit 127), and returns None."""
+    """Start task `index` (the caller records it RUNNING), holding the machine slot locked on
+    `slot_fd` too (`take_slot`); a command that cannot start (e.g. no `apptainer` here) fails
+    the task with the reason in its stderr log, as a shell would (exit 127), and returns None."""
     out, err = log_paths(folder, index)
     task_env = {**env, "BAKERY_LOCAL_JOB_ID": f"{job_id}_{index}"}
     with open(out, "ab") as stdout, open(err, "ab") as stderr:
@@ -348,8 +389,6 @@ def _start(folder: Path, index: int, argv: list[str], env: dict[str, str], job_i
             stderr.write(f"cannot start {argv[0]}: {e}\n".encode())
             _write_state(folder, index, "FAILED", exit_code="127:0", started=_now(), ended=_now())
             return None
-    _write_state(folder, index, "RUNNING", pid=process.pid,
-                 identity=_process_identity(process.pid), started=_now())
     return process
 
 

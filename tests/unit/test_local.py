@@ -338,6 +338,42 @@ def test_a_cancel_that_comes_while_the_supervisor_starts_the_task_stops_it(folde
     assert not ran.exists()
 
 
+def processes_naming(token: str) -> list[int]:
+    """The live processes whose command line holds `token`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdline = stat.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if token in cmdline and pid_alive(int(stat.parent.name)):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_supervisor_that_cannot_record_a_state_ends_its_tasks(folder, tmp_path):
+    """A state file that cannot be written (the disk is full; here its name is taken by a
+    folder, which fails the same rename for root too): a task whose start was not recorded
+    could be neither cancelled nor told apart from the attempt a resubmit starts. The supervisor
+    ends every task it started before it fails, so that the tasks read NODE_FAIL truthfully."""
+    token = str(tmp_path / "busy")
+    busy = [PY, "-c", "import time\nwhile True: time.sleep(0.05)", token]
+    write_array(folder, [busy, busy], parallelism=2, time_limit_s=60, kill_wait_s=0.5)
+    (folder / "1.state.json").mkdir()
+    (folder / "1.state.json" / "x").touch()
+    try:
+        with pytest.raises(IsADirectoryError):
+            local.supervise(folder)
+        assert processes_naming(token) == []
+        assert states_of(folder) == {f"{JOB}_0": "NODE_FAIL", f"{JOB}_1": "NODE_FAIL"}
+        # Their slots are free again (this supervisor ran in the test's own process).
+        slots = local.this_machine_slots().folder.glob("slot-*.lock")
+        assert [slot for slot in slots if fsutil.is_held(slot)] == []
+    finally:
+        for pid in processes_naming(token):
+            os.kill(pid, signal.SIGKILL)
+
+
 def start_supervisor(folder: Path) -> None:
     """Run the supervisor of an array written by `write_array`, detached as `local.submit` runs
     it, its pid recorded where the fixture's teardown finds it."""
