@@ -144,8 +144,11 @@ def read_states(folder: Path, job_id: str) -> dict[str, TaskState]:
         # (up to POLL_S) is still RUNNING, not dead.
         if live and not (supervisor_alive or (state == "RUNNING" and _alive(record))):
             state = "NODE_FAIL"
+        # When a task that died without a word ended is not known (after a reboot, days may
+        # have passed): no elapsed rather than one that grows with every reading.
+        elapsed = None if state == "NODE_FAIL" else _elapsed(record)
         states[f"{job_id}_{index}"] = TaskState(
-            state=state, exit_code=record.get("exit_code"), elapsed=_elapsed(record),
+            state=state, exit_code=record.get("exit_code"), elapsed=elapsed,
             node=record.get("host"))
     return states
 
@@ -466,8 +469,14 @@ def _elapsed(record: dict[str, Any]) -> str | None:
         return None
     start = datetime.fromisoformat(record["started"])
     end = datetime.fromisoformat(record["ended"]) if record.get("ended") else datetime.now(timezone.utc)
-    seconds = int((end - start).total_seconds())
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return slurm_duration(int((end - start).total_seconds()))
+
+
+def slurm_duration(seconds: int) -> str:
+    """`seconds` as sacct prints an elapsed time: [D-]HH:MM:SS."""
+    days, seconds = divmod(seconds, 86400)
+    clock = f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return f"{days}-{clock}" if days else clock
 
 
 if __name__ == "__main__":

@@ -445,14 +445,22 @@ def test_a_pid_taken_by_another_process_after_a_reboot_is_not_the_task(folder, t
                          "identity": "a-boot-before:1234"}
         folder.mkdir()
         (folder / "supervisor.json").write_text(json.dumps(before_reboot))
-        (folder / "0.state.json").write_text(json.dumps({**before_reboot, "state": "RUNNING"}))
+        (folder / "0.state.json").write_text(json.dumps({**before_reboot, "state": "RUNNING",
+                                                         "started": "2026-01-01T00:00:00+00:00"}))
         (folder / "1.state.json").write_text(json.dumps({"state": "PENDING"}))
         assert states_of(folder) == {f"{JOB}_0": "NODE_FAIL", f"{JOB}_1": "NODE_FAIL"}
+        # When it died is not known: its elapsed is not the time since it started, ever growing.
+        assert local.read_states(folder, JOB)[f"{JOB}_0"].elapsed is None
         local.cancel(folder, [0])
         assert stranger.poll() is None
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_elapsed_times_read_as_sacct_prints_them():
+    assert local.slurm_duration(3723) == "01:02:03"
+    assert local.slurm_duration(2 * 86400 + 59) == "2-00:00:59"
 
 
 def test_live_processes_are_recorded_with_their_identity(folder, tmp_path):
