@@ -23,6 +23,9 @@ A task may wait for a task of another local array (an eval for its cell's merge,
 `aftercorr`/`afterok`): it starts once that one is COMPLETED, and is CANCELLED, with the reason in
 its stderr log, once that one ended otherwise (as SLURM's `--kill-on-invalid-dep=yes`).
 
+A supervisor starts no task before `submit` has recorded it (supervisor.json), so a submit that
+dies while starting it leaves nothing running unseen.
+
 Layout of an array folder: array.json (what to run), supervisor.json (its pid), supervisor.log
 (its own errors), and per task i: i.state.json, i.out, i.err, and i.cancel when a cancel was
 requested. Slot folder: slot-<n>.lock.
@@ -104,7 +107,8 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
     for index in range(len(argvs)):
         _write_state(folder, index, "PENDING")
     with open(folder / "supervisor.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bakery_slurm.local", str(folder)],
+        process = subprocess.Popen([sys.executable, "-m", "bakery_slurm.local", str(folder),
+                                    str(os.getpid())],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    start_new_session=True)
     try:
@@ -112,8 +116,8 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
                                  {"pid": process.pid, "host": socket.gethostname(),
                                   "identity": _process_identity(process.pid)})
     except BaseException:
-        # Without its pid no status could tell it runs: stop it while it is still starting
-        # Python, so that a submit failing with OSError (or interrupted) started nothing
+        # Without its pid no status could tell it runs: stop it, which has started no task yet
+        # (`recorded`), so that a submit failing with OSError (or interrupted) started nothing
         # (`Backend.submit`, `started_job_id`).
         process.kill()
         process.wait()
@@ -174,7 +178,7 @@ def log_paths(folder: Path, index: int) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The supervisor (runs detached: python -m bakery_slurm.local FOLDER)
+# The supervisor (runs detached: python -m bakery_slurm.local FOLDER SUBMIT_PID)
 
 
 @dataclass
@@ -479,5 +483,23 @@ def slurm_duration(seconds: int) -> str:
     return f"{days}-{clock}" if days else clock
 
 
+def recorded(folder: Path, submitter: int) -> bool:
+    """Wait until `submit` has recorded this supervisor's pid in supervisor.json: True; False
+    once the process that started it (`submitter`) is gone without having recorded it.
+
+    Until then the supervisor starts no task: one that no record names would run tasks that no
+    status sees and no cancel reaches, beside the attempt a resubmit starts."""
+    def names_me() -> bool:
+        record = _read_json(folder / "supervisor.json")
+        return bool(record) and record.get("pid") == os.getpid()
+
+    while not names_me():
+        if os.getppid() != submitter:  # reparented: the submit is gone
+            return names_me()  # it may have recorded this one just before it ended
+        time.sleep(POLL_S)
+    return True
+
+
 if __name__ == "__main__":
-    supervise(Path(sys.argv[1]))
+    if recorded(Path(sys.argv[1]), int(sys.argv[2])):
+        supervise(Path(sys.argv[1]))

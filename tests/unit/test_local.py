@@ -374,11 +374,29 @@ def test_a_supervisor_that_cannot_record_a_state_ends_its_tasks(folder, tmp_path
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_supervisor_never_recorded_starts_nothing(folder, tmp_path):
+    """`submit` records the supervisor's pid after starting it. A submit that dies before it has
+    (killed, or its write failing) must leave no task running that no status sees, no cancel
+    reaches, and a resubmit runs a second time: the supervisor starts tasks only once it is
+    recorded, and ends without starting any once the process that started it is gone."""
+    import subprocess
+    marker, pid = tmp_path / "0.pid", tmp_path / "supervisor.pid"
+    write_array(folder, [sleeper(marker)], parallelism=1, time_limit_s=60)
+    local._write_state(folder, 0, "PENDING")
+    # A shell stands in for the submit: it starts the supervisor and exits, recording nothing.
+    subprocess.run(["sh", "-c", f'"{PY}" -m bakery_slurm.local "{folder}" $$ & echo $! > "{pid}"'],
+                   check=True)
+    supervisor = int(pid.read_text())
+    wait_for(lambda: not pid_alive(supervisor), "the unrecorded supervisor to end")
+    assert not marker.exists() and not (folder / "0.out").exists()
+    assert states_of(folder) == {f"{JOB}_0": "NODE_FAIL"}
+
+
 def start_supervisor(folder: Path) -> None:
     """Run the supervisor of an array written by `write_array`, detached as `local.submit` runs
     it, its pid recorded where the fixture's teardown finds it."""
     import subprocess
-    process = subprocess.Popen([PY, "-m", "bakery_slurm.local", str(folder)],
+    process = subprocess.Popen([PY, "-m", "bakery_slurm.local", str(folder), str(os.getpid())],
                                stdin=subprocess.DEVNULL, start_new_session=True)
     (folder / "supervisor.json").write_text(json.dumps({"pid": process.pid,
                                                         "host": local.socket.gethostname()}))
