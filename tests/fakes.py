@@ -74,6 +74,7 @@ HubTarget never passes one, so the fake accepts none).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,7 +375,11 @@ class FakeHubApi:
     def _write(self, repo_id: str, commit: str | None, name: str, data: bytes) -> str:
         local = Path(self.download_dir) / repo_id / (commit or "main") / name
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(data)
+        # Renamed into place, as huggingface_hub does: a thread reading the file another thread
+        # is downloading again sees all of it, never a truncated copy.
+        partial = local.with_name(f"{local.name}.{threading.get_ident()}.incomplete")
+        partial.write_bytes(data)
+        os.replace(partial, local)
         return str(local)
 
     # -- for tests ----------------------------------------------------------------------------
