@@ -20,15 +20,16 @@ conflict costs the files committed meanwhile, not every cell's record again: 100
 100 records per conflict would spend the account's requests (about 1,000 per 5 minutes, then 429)
 and make each try slow, so that more tasks collide and the conflict cap runs out.
 
-The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a
-re-read, not a re-upload. A commit whose answer was lost (a reset or timeout after the Hub took
-it) is retried, meets a moved main, and reads again: main then holds exactly what we meant to
-commit (each file by its blob id, and the root card), so nothing is committed twice. Failed transfers (huggingface_hub wraps a failed LFS/Xet transfer in a
-`RuntimeError`), 429, 5xx and connection errors are retried with capped exponential backoff and
-full jitter; a 429's `Retry-After` is honoured. A retried upload resumes: the Hub reports content
-it already holds, and only the rest is transferred again. In a task, no wait may run into the
-task's time limit: the push gives up first, with a PushError, so that the cell is left for
-`bakery-slurm push` rather than killed mid-push by SLURM.
+The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a re-
+read, not a re-upload. A commit whose answer was lost (a reset or timeout after the Hub took it) is
+retried, meets a moved main, and reads again: main then holds exactly what we meant to commit (each
+file by its blob id, and the root card), so nothing is committed twice. Failed transfers
+(huggingface_hub wraps a failed LFS/Xet transfer in a `RuntimeError`), 429, 5xx and connection
+errors are retried with capped exponential backoff and full jitter; a 429's `Retry-After` is
+honoured. A retried upload resumes: the Hub reports content it already holds, and only the rest is
+transferred again. In a task, no wait may run into the task's time limit: the push gives up first,
+with a PushError, so that the cell is left for `bakery-slurm push` rather than killed mid-push by
+SLURM.
 
 The token is whatever huggingface_hub finds in HF_TOKEN or its token file; it is never passed,
 logged or written by us.
@@ -312,10 +313,10 @@ class HubTarget:
                          self.repo_id, sha)
                 return f"{self.api.endpoint}/{self.repo_id}/commit/{sha}"
             try:
+                operations = [*additions, CommitOperationAdd(ROOT_CARD, card.encode()), *stale]
                 commit = self._retry(lambda: self.api.create_commit(
-                    self.repo_id, [*additions, CommitOperationAdd(ROOT_CARD, card.encode()), *stale],
-                    commit_message=message,
-                    parent_commit=sha), "commit", transfer=True, conflicts=True)
+                    self.repo_id, operations, commit_message=message, parent_commit=sha),
+                    "commit", transfer=True, conflicts=True)
             except _Conflict:
                 delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** conflict))
                 self._give_up_if_past_deadline(
