@@ -20,10 +20,10 @@ conflict costs the files committed meanwhile, not every cell's record again: 100
 100 records per conflict would spend the account's requests (about 1,000 per 5 minutes, then 429)
 and make each try slow, so that more tasks collide and the conflict cap runs out.
 
-The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a re-
-read, not a re-upload. A commit whose answer was lost (a reset or timeout after the Hub took it) is
-retried, meets a moved main, and reads again: main then holds exactly what we meant to commit (each
-file by its blob id, and the root card), so nothing is committed twice. Failed transfers
+The files are uploaded (`preupload_lfs_files`) before the commit loop, so a conflict costs a
+re-read, not a re-upload. A commit whose answer was lost (a reset or timeout after the Hub took it)
+is retried, meets a moved main, and reads again: main then holds exactly what we meant to commit
+(each file by its blob id, and the root card), so nothing is committed twice. Failed transfers
 (huggingface_hub wraps a failed LFS/Xet transfer in a `RuntimeError`), 429, 5xx and connection
 errors are retried with capped exponential backoff and full jitter; a 429's `Retry-After` is
 honoured. A retried upload resumes: the Hub reports content it already holds, and only the rest is
