@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .ledger import Ledger, Stage, all_arrays, stage_attempts, task_id
-from .slurm_commands import TaskState
+from .slurm_commands import TaskState, task_row
 
 UNCONFIRMED = "UNCONFIRMED"
 """The latest attempt's array has no job id: sbatch is running, failed, or its id was never saved."""
@@ -38,9 +38,9 @@ UNPUBLISHED = "UNPUBLISHED"
 LOST = "LOST"
 """Nothing says what became of the attempt, and nothing can run it any more: set by
 `status_snapshot.snapshot` for an array no scheduler ever had (sbatch failed or was interrupted
-before it ran; unconfirmed, and not found by name once sacct had time to know it), and, without
-accounting, for a task that left the queue without recording an outcome (killed at a time or
-memory limit, on a failed node, or cancelled)."""
+before it ran; unconfirmed, and not found by name once sacct had time to know it), and for a task
+that left the queue without recording an outcome (killed at a time or memory limit, on a failed
+node, or cancelled) where accounting missed its end (slurmdbd down or behind) or is disabled."""
 
 @dataclass(frozen=True)
 class CellStatus:
@@ -71,6 +71,9 @@ class CellStatus:
     plain_job
         The latest attempt's array is a plain job (`ArrayRecord.plain_job`): SLURM knows its
         task by the job id alone.
+    left_queue
+        As `TaskState.left_queue`: `state` is accounting's last word on a task the controller no
+        longer has; `status_snapshot.snapshot` settles it.
     """
 
     cell: str
@@ -87,6 +90,7 @@ class CellStatus:
     stage: Stage = "merge"
     unscheduled_attempts: int = 0
     plain_job: bool = False
+    left_queue: bool = False
 
     @property
     def task_id(self) -> str | None:
@@ -123,9 +127,7 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
         if job_id is None:
             task = TaskState(UNCONFIRMED)
         else:
-            # Rows without an index: submitit submits a one-task "array" as a plain job, and sacct
-            # shows a whole array as one row until the controller splits it into tasks.
-            task = states.get(f"{job_id}_{latest.index}") or states.get(job_id)
+            task = task_row(states, job_id, latest.index)
             if latest.cancelled and (task is None or task.state == PENDING):
                 # A task cancelled before it started gets no row of its own in accounting (SLURM
                 # 22.05): sacct shows nothing, or the array's pending range, which still covers
@@ -148,6 +150,7 @@ def reduce_cells(ledger: Ledger, states: Mapping[str, TaskState],
                 stage=stage,
                 unscheduled_attempts=sum(arrays[a.array].job_id is None for a in cell_attempts),
                 plain_job=arrays[latest.array].plain_job,
+                left_queue=task.left_queue,
             )
         )
     return statuses

@@ -23,8 +23,8 @@ from .errors import CancelRefused, SchedulerError, SchedulerMissing
 from .ledger import ArrayRecord
 from .matrix import Cell, Resources
 from .sacct import accounting_disabled, find_jobs_by_name, query_sacct
-from .slurm_commands import SCHEDULER_TIMEOUT_S, Runner, TaskState
-from .squeue import find_queued_jobs_by_name, query_squeue
+from .slurm_commands import SCHEDULER_TIMEOUT_S, Runner, TaskState, task_row
+from .squeue import controller_view, find_queued_jobs_by_name, needs_controller, query_squeue
 from .task_command import LAUNCHER_NAME
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize (highest index 1000)
@@ -251,13 +251,17 @@ class SlurmBackend:
                 raise
             why = "sacct is not installed" if isinstance(e, SchedulerMissing) else "SLURM accounting is disabled"
             return self._fallback(names, why)
-        # Accounting can lack rows of tasks the controller has (slurmdbd behind, or its records
-        # lost): a task the queue lists is live whatever sacct says. One neither lists is gone
-        # (`status_snapshot` reads it as ended), so a queue that cannot be asked is an error.
-        gaps = {a.job_id: a.name for a in arrays if a.job_id and a.job_id not in states
-                and any(f"{a.job_id}_{i}" not in states for i in range(len(a.cells)))}
-        if gaps:
-            states = {**query_squeue(gaps, runner=self.runner), **states}
+        # Accounting lags the controller (slurmdbd behind or down, its records lost): the queue
+        # has the last word on tasks sacct has no row for, or one that may be out of date. A task
+        # neither lists, or that sacct shows live and the queue no longer has, has ended
+        # (`status_snapshot` reads how), so a queue that cannot be asked is an error.
+        tasks = [(a, i) for a in arrays if a.job_id for i in range(len(a.cells))
+                 if needs_controller(task_row(states, a.job_id, i))]
+        if tasks:
+            queue = query_squeue({a.job_id: a.name for a, _ in tasks}, runner=self.runner)
+            views = {a.task_id(i): controller_view(task_row(states, a.job_id, i),
+                                                   task_row(queue, a.job_id, i)) for a, i in tasks}
+            states = {**states, **{key: view for key, view in views.items() if view is not None}}
         return states, "sacct"
 
     def _fallback(self, names: dict[str, str], why: str) -> tuple[dict[str, TaskState], str]:

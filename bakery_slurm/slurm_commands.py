@@ -52,12 +52,23 @@ class TaskState:
         Run time as SLURM prints it (``[D-]HH:MM:SS``), None if empty.
     node
         Node list, None for a task that has not run.
+    left_queue
+        Accounting shows the task live (`state`), but the controller, asked too, no longer has
+        it: it has ended, and accounting missed the end (`squeue.controller_view`).
     """
 
     state: str
     exit_code: str | None = None
     elapsed: str | None = None
     node: str | None = None
+    left_queue: bool = False
+
+
+def task_row(states: Mapping[str, TaskState], job_id: str, index: int) -> TaskState | None:
+    """Task `index` of array `job_id` in `states` (keyed as `parse_sacct` keys them): its own row,
+    else the job's row without an index (submitit submits a one-task "array" as a plain job, and
+    sacct shows a whole array as one row until the controller splits it into tasks)."""
+    return states.get(f"{job_id}_{index}") or states.get(job_id)
 
 
 def parse_names(text: str, wanted: set[str], source: str = "sacct") -> dict[str, set[str]]:

@@ -3,9 +3,10 @@
 One batched sacct call for all SLURM arrays (squeue + completion markers when there is no
 accounting), state files for local arrays, and recovery of arrays whose job id was never recorded
 (a crash between sbatch and the ledger write): sacct finds them by their unique job name, and a
-local array's folder shows whether its supervisor was started. A task
-that neither sacct nor squeue shows has ended: its state is read from its own records
-(`_gone_state`).
+local array's folder shows whether its supervisor was started. squeue is asked about every task
+sacct has no row for or may have out of date (`squeue.controller_view`). A task that neither
+shows, or that sacct shows live and squeue no longer has, has ended: its state is read from its
+own records (`_gone_state`).
 Eval attempts (`Ledger.evals`) are reduced the same way, from the same sacct call.
 Never imports torch.
 """
@@ -33,6 +34,7 @@ from .cell_status import (
     COMPLETED,
     LOST,
     NOT_FOUND,
+    PENDING,
     UNCONFIRMED,
     UNPUBLISHED,
     CellStatus,
@@ -80,6 +82,9 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         states, source = slurm.states(slurm_arrays, sacct_starttime(ledger))
         if source != "sacct":
             notes.append(f"states from {source}")
+    # Job ids SLURM showed any task of: sacct's lag is over for them, and the queue lists every
+    # task of a job it has, so a task of theirs that neither shows is gone, however fresh.
+    shown = {key.split("_")[0] for key in states}
     states.update(LocalBackend.states([a for a in arrays if a.executor == "local"], None)[0])
     by_name = {a.name: a for a in arrays}
     recent = datetime.now(timezone.utc) - SACCT_LAG
@@ -92,44 +97,60 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         return (by_name[status.array_name].submitted > recent
                 or (status.state == UNCONFIRMED and submitting(submission_of[status.array_name])))
 
+    def unseen(status: CellStatus) -> bool:
+        return fresh(status) and status.array_job_id not in shown
+
     accounting = source == "sacct"
-    statuses = [_settle_gone(_settle_unknown(s, fresh(s)), by_name, _merge_outcome, accounting)
-                for s in reduce_cells(ledger, states)]
+    statuses = [_settle_gone(_settle_unknown(s, unseen(s)), by_name, _merge_outcome, accounting,
+                             fresh(s)) for s in reduce_cells(ledger, states)]
     defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
     statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     statuses = [_with_detail(s, by_name) for s in statuses]
-    evals = [_settle_gone(_settle_unknown(s, fresh(s)), by_name, _eval_outcome, accounting)
-             for s in reduce_cells(ledger, states, stage="eval")]
+    evals = [_settle_gone(_settle_unknown(s, unseen(s)), by_name, _eval_outcome, accounting,
+                          fresh(s)) for s in reduce_cells(ledger, states, stage="eval")]
     merges = {s.cell: s.state for s in statuses}
     evals = [_why_not_run(s, merges.get(s.cell)) for s in evals]
     evals = [_why_failed(s, by_name) for s in evals]
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes, evals=evals)
 
 
-def _gone_state(outcome: str | None, accounting: bool) -> str:
-    """The state of a SLURM task that neither sacct nor squeue shows past sacct's lag: the
-    controller no longer has it, so it will never run. It ended as its attempt's own record says
-    (`outcome`: COMPLETED or FAILED, None when it recorded none). Without one: CANCELLED with
-    accounting, which has a row for every task that started, so this one was removed before it
-    started (scancel or an admin: SLURM 22.05 keeps no row for a pending task cancelled alone);
-    LOST without accounting, where the queue forgets every task minutes after it ended
-    (MinJobAge) and nothing says whether a limit, a node or a scancel ended it. `resubmit` takes
-    both."""
-    return outcome or (CANCELLED if accounting else LOST)
+def _gone_state(outcome: str | None, accounting: bool, last_seen: str | None = None) -> str:
+    """The state of a SLURM task the controller no longer has, so it will never run: one that
+    neither sacct nor squeue shows past sacct's lag (`last_seen` None), or one accounting last
+    saw live in `last_seen` (it missed the end: slurmdbd down or behind). It ended as its
+    attempt's own record says (`outcome`: COMPLETED or FAILED, None when it recorded none).
+    Without one it was removed before it started, CANCELLED, where accounting says it never
+    started: accounting has a row for every task that started, and one still PENDING there
+    (the array's pending range) was cancelled alone (scancel or an admin; SLURM 22.05 keeps no
+    row for it). Otherwise LOST: it ran, and nothing says whether a limit, a node or a scancel
+    ended it (without accounting the queue forgets every task minutes after it ended,
+    MinJobAge). `resubmit` takes both."""
+    if outcome:
+        return outcome
+    if last_seen is None:
+        return CANCELLED if accounting else LOST
+    return CANCELLED if last_seen == PENDING else LOST
 
 
 def _settle_gone(status: CellStatus, arrays: dict[str, ArrayRecord],
                  outcome: Callable[[CellStatus, dict[str, ArrayRecord]], str | None],
-                 accounting: bool) -> CellStatus:
-    """A NOT_FOUND SLURM task's `_gone_state`, its records read only then. (A local task has
-    state files until its array folder is removed: it stays NOT_FOUND.) A local NODE_FAIL task
-    ended as its attempt's record says, if it says: its supervisor died (SIGKILL, the OOM
-    killer) while it ran, and the task, in a session of its own, ran on to an end that no one
-    recorded."""
+                 accounting: bool, fresh: bool) -> CellStatus:
+    """A gone SLURM task's `_gone_state`, its records read only then: a NOT_FOUND one, and one
+    that left the queue while accounting shows it live (`CellStatus.left_queue`), which keeps
+    accounting's state while its array is fresh (sacct lags) unless that is PENDING: a task
+    that never started is over once the controller drops it. (A local task has state files
+    until its array folder is removed: it stays NOT_FOUND.) A local NODE_FAIL task ended as its
+    attempt's record says, if it says: its supervisor died (SIGKILL, the OOM killer) while it
+    ran, and the task, in a session of its own, ran on to an end that no one recorded."""
     executor = arrays[status.array_name].executor
     if status.state == NODE_FAIL and executor == "local":
         return replace(status, state=outcome(status, arrays) or NODE_FAIL)
-    if status.state != NOT_FOUND or executor != "slurm":
+    if executor != "slurm":
+        return status
+    if status.left_queue and (status.state == PENDING or not fresh):
+        return replace(status, state=_gone_state(outcome(status, arrays), accounting, status.state),
+                       left_queue=False)
+    if status.state != NOT_FOUND:
         return status
     return replace(status, state=_gone_state(outcome(status, arrays), accounting))
 

@@ -1,9 +1,10 @@
 """Benchmark: `status` over a 10,000-cell ledger and `submit --dry-run` of a 10,000-cell matrix.
 
-Prints wall times, our own share, and how many sacct / sbatch calls each made. sacct is answered
-by a recorded output (a stand-in `sacct` first on PATH that prints it and counts its calls), so
-the figure is our own time, not the controller's. Targets (issue 3): status under 1 s of our own
-time with exactly one sacct call; one sbatch per array whatever the matrix size.
+Prints wall times, our own share, and how many sacct / squeue / sbatch calls each made. sacct and
+squeue are answered by recorded outputs (stand-ins first on PATH that print them and count their
+calls), so the figure is our own time, not the controller's. Targets (issue 3): status under 1 s
+of our own time with exactly one sacct call (and one squeue call, for the tasks still live);
+one sbatch per array whatever the matrix size.
 
     python benchmarks/bench_ledger.py [--cells 10000] [--arrays 100] [--repeat 3]
 """
@@ -24,8 +25,9 @@ from pathlib import Path
 from bakery_slurm.ledger import Ledger, PlannedArray, confirm_array, record_intent, save_ledger
 
 
-def synthetic_ledger(path: Path, n_cells: int, n_arrays: int) -> str:
-    """Write a ledger of n_cells over n_arrays confirmed SLURM arrays; return sacct's answer."""
+def synthetic_ledger(path: Path, n_cells: int, n_arrays: int) -> tuple[str, str]:
+    """Write a ledger of n_cells over n_arrays confirmed SLURM arrays; return sacct's and
+    squeue's answers."""
     per_array = n_cells // n_arrays
     ledger = Ledger()
     planned = [PlannedArray(executor="slurm", resources={"partition": "accel", "time": "01:00:00"},
@@ -36,7 +38,7 @@ def synthetic_ledger(path: Path, n_cells: int, n_arrays: int) -> str:
         ledger, matrix_path=str(path.with_name("matrix.toml")), matrix_sha256="0" * 64,
         arrays=planned, now=datetime.now(timezone.utc),
         recipe_hashes={c: "r" for p in planned for c in p.cells})
-    rows = []
+    rows, queue = [], []
     for a, array in enumerate(submission.arrays):
         job = str(700000 + a)
         confirm_array(ledger, array.name, job)
@@ -45,15 +47,19 @@ def synthetic_ledger(path: Path, n_cells: int, n_arrays: int) -> str:
                  f"|00:12:{i % 60:02d}|gpu-{i % 8}|{array.name}" for i in range(done - 2)]
         rows += [f"{job}_{i}|RUNNING|0:0|00:03:00|gpu-1|{array.name}" for i in (done - 2, done - 1)]
         rows.append(f"{job}_[{done}-{per_array - 1}%4]|PENDING|0:0|00:00:00|None assigned|{array.name}")
+        queue += [f"{job}_{i}|RUNNING|3:00|gpu-1|{array.name}" for i in (done - 2, done - 1)]
+        queue += [f"{job}_{i}|PENDING|0:00||{array.name}" for i in range(done, per_array)]
     save_ledger(path, ledger)
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n", "\n".join(queue) + "\n"
 
 
-def fake_scheduler(bin_dir: Path, sacct_output: Path, calls: Path) -> None:
-    """`sacct` that prints the recording and appends one line per call to `calls`."""
-    script = bin_dir / "sacct"
-    script.write_text(f"#!/bin/sh\necho call >> {calls}\ncat {sacct_output}\n")
-    script.chmod(0o755)
+def fake_scheduler(bin_dir: Path, outputs: dict[str, Path], calls: Path) -> None:
+    """`sacct` and `squeue` that print their recordings and append one line per call (the
+    command's name) to `calls`."""
+    for command, output in outputs.items():
+        script = bin_dir / command
+        script.write_text(f"#!/bin/sh\necho {command} >> {calls}\ncat {output}\n")
+        script.chmod(0o755)
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -64,11 +70,12 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.Compl
 
 def bench_status(tmp: Path, n_cells: int, n_arrays: int, repeat: int) -> None:
     ledger = tmp / "bakery-ledger.json"
-    recording = tmp / "sacct.txt"
-    recording.write_text(synthetic_ledger(ledger, n_cells, n_arrays))
-    bin_dir, calls = tmp / "bin", tmp / "sacct-calls"
+    recordings = {"sacct": tmp / "sacct.txt", "squeue": tmp / "squeue.txt"}
+    for command, text in zip(recordings, synthetic_ledger(ledger, n_cells, n_arrays)):
+        recordings[command].write_text(text)
+    bin_dir, calls = tmp / "bin", tmp / "scheduler-calls"
     bin_dir.mkdir()
-    fake_scheduler(bin_dir, recording, calls)
+    fake_scheduler(bin_dir, recordings, calls)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     cli = [sys.executable, "-m", "bakery_slurm", "status", "--json", "--ledger", str(ledger)]
     python_start = timed([sys.executable, "-c", "pass"], env)[0]
@@ -79,7 +86,7 @@ def bench_status(tmp: Path, n_cells: int, n_arrays: int, repeat: int) -> None:
         if done.returncode not in (0, 1):
             sys.exit(f"status failed: {done.stderr}")
         times.append(seconds)
-        n_calls = len(calls.read_text().splitlines())
+        n_calls = calls.read_text().splitlines()
         rows = json.loads(done.stdout)
     # In-process: the status pipeline alone, without interpreter start-up and imports.
     from click.testing import CliRunner
@@ -98,7 +105,8 @@ def bench_status(tmp: Path, n_cells: int, n_arrays: int, repeat: int) -> None:
     print(f"  whole command       {median:6.3f} s (median of {repeat}; python start-up {python_start:.3f} s)")
     print(f"  in-process          {statistics.median(inproc):6.3f} s  (target < 1 s)")
     print(f"  per cell            {statistics.median(inproc) / n_cells * 1e6:6.1f} us")
-    print(f"  sacct calls         {n_calls}  (target 1)")
+    print(f"  sacct calls         {n_calls.count('sacct')}  (target 1)")
+    print(f"  squeue calls        {n_calls.count('squeue')}  (target 1)")
 
 
 def bench_submit_dry_run(tmp: Path, n_cells: int) -> None:

@@ -21,6 +21,8 @@ import pytest
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import all_arrays, load_ledger
 
+from support import wait_for
+
 from .test_slurm import cid, size, write_matrix
 
 pytestmark = pytest.mark.slurm
@@ -108,6 +110,40 @@ def test_a_task_scancelled_while_pending_outside_the_tool_is_cancelled_and_resub
                            f"{QUEUE[1]} to leave PENDING")
         assert (rows[QUEUE[1]]["state"], rows[QUEUE[2]]["state"]) == ("CANCELLED", "PENDING")
         resubmit_the_cancelled_one(bakery, ledger)
+    assert_all_complete_after_one_resubmit(bakery, ledger)
+
+
+def test_a_task_scancelled_while_its_whole_array_is_held_is_cancelled_at_once(
+        tmp_path, tiny_models, bakery, monkeypatch):
+    """Nothing of the array has started (submitted held, `sbatch --hold`), so sacct shows it as
+    one pending range. `scancel` of one task drops it from the controller, while accounting's
+    range goes on covering it (until slurmdbd hears of the cancel, or the array's first task
+    starts): it read PENDING, which resubmit refuses. The queue settles it CANCELLED at once."""
+    matrix = one_at_a_time(tmp_path, tiny_models)
+    ledger = tmp_path / "bakery-ledger.json"
+    held = tmp_path / "bin" / "sbatch"
+    held.parent.mkdir()
+    held.write_text(f"#!/bin/sh\nexec {shutil.which('sbatch')} --hold \"$@\"\n")
+    held.chmod(0o755)
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", f"{held.parent}{os.pathsep}{os.environ['PATH']}")
+        bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+    [array] = all_arrays(load_ledger(ledger))
+
+    def accounting() -> str:
+        return subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State", "-j", array.job_id],
+                              capture_output=True, text=True, check=True).stdout
+
+    wait_for(lambda: f"{array.job_id}_[0-2" in accounting(), "sacct to show the pending range",
+             deadline_s=60, interval_s=0.5)
+    rows = bakery.wait(ledger, lambda rows: all(r["state"] == "PENDING" for r in rows.values()),
+                       "every task PENDING")
+    subprocess.run(["scancel", rows[QUEUE[1]]["task"]], check=True, capture_output=True)
+    rows = json.loads(bakery.run("status", "--json", ledger=ledger).stdout)
+    assert {r["cell"]: r["state"] for r in rows} == {
+        QUEUE[0]: "PENDING", QUEUE[1]: "CANCELLED", QUEUE[2]: "PENDING"}, accounting()
+    resubmit_the_cancelled_one(bakery, ledger)
+    scontrol("release", array.job_id)
     assert_all_complete_after_one_resubmit(bakery, ledger)
 
 

@@ -301,21 +301,30 @@ def test_cancel_without_scancel_is_a_scheduler_error():
         SlurmBackend(Recorder()).cancel([(array("a", "100", 2), 1)])
 
 
-def test_states_from_one_sacct_call():
+def test_states_from_one_sacct_call_and_the_queue_for_live_tasks():
     # 100_1 also has a row of an earlier job 100 (ids reset): it is not ours.
     runner = Recorder({"sacct": (0, "100_0|COMPLETED|0:0|00:01:00|n1|a\n100_1|FAILED|1:0|00:00:02|n2|a\n"
                                     "100_1|COMPLETED|0:0|00:00:09|n9|old\n"
-                                    "200|RUNNING|0:0|00:00:10|n3|b\n", "")})
+                                    "200|RUNNING|0:0|00:00:10|n3|b\n", ""),
+                       "squeue": (0, "200|RUNNING|0:11|n3|b\n", "")})
     states, source = SlurmBackend(runner).states(
         [array("a", "100", 2), array("b", "200", 1), array("c", None, 1)], "2025-03-01T11:00:00")
     assert source == "sacct"
+    # Accounting may be behind on a live task: the controller's word on it stands.
     assert states == {"100_0": TaskState("COMPLETED", "0:0", "00:01:00", "n1"),
                       "100_1": TaskState("FAILED", "1:0", "00:00:02", "n2"),
-                      "200": TaskState("RUNNING", "0:0", "00:00:10", "n3")}
-    assert len(runner.calls) == 1
-    call = runner.calls[0]
-    assert call[0] == "sacct" and call[call.index("-j") + 1] == "100,200"
-    assert call[call.index("--starttime") + 1] == "2025-03-01T11:00:00"
+                      "200": TaskState("RUNNING", None, "0:11", "n3")}
+    sacct, squeue = runner.calls
+    assert sacct[0] == "sacct" and sacct[sacct.index("-j") + 1] == "100,200"
+    assert sacct[sacct.index("--starttime") + 1] == "2025-03-01T11:00:00"
+    # Only about the array with a task accounting has not settled.
+    assert squeue[0] == "squeue" and squeue[-1] == "--name=b"
+
+
+def test_states_ask_nothing_more_when_accounting_settled_every_task():
+    runner = Recorder({"sacct": (0, "100_0|COMPLETED|0:0|00:01:00|n1|a\n100_1|TIMEOUT|0:0|01:00:00|n2|a\n", "")})
+    states, _ = SlurmBackend(runner).states([array("a", "100", 2)], None)
+    assert [c[0] for c in runner.calls] == ["sacct"] and set(states) == {"100_0", "100_1"}
 
 
 def test_states_of_unconfirmed_arrays_only_asks_nothing():

@@ -16,7 +16,8 @@ from bakery_slurm.cell_status import NOT_FOUND, UNCONFIRMED, CellStatus, reduce_
 from bakery_slurm.resubmit_policy import Refusal, choose_eval_resubmit, choose_resubmit, is_live
 from bakery_slurm.sacct import find_jobs_by_name, parse_sacct, query_sacct, sacct_starttime
 from bakery_slurm.slurm_commands import TaskState
-from bakery_slurm.squeue import find_queued_jobs_by_name, parse_squeue, query_squeue
+from bakery_slurm.squeue import (controller_view, find_queued_jobs_by_name, needs_controller, parse_squeue,
+                                 query_squeue)
 
 SACCT_TEXT = """\
 1234_0|COMPLETED|0:0|00:01:02|c1-1|bakery-t-1234
@@ -388,3 +389,55 @@ def test_parse_sacct_skips_a_foreign_heterogeneous_job_with_a_reused_id():
             "1234_0|RUNNING|0:0|00:01:00|c1-1|bakery-t-1234\n")
     assert parse_sacct(text, {"1234": "bakery-t-1234"}) == {
         "1234_0": TaskState("RUNNING", "0:0", "00:01:00", "c1-1")}
+
+
+PENDING = TaskState("PENDING", "0:0", "00:00:00", None)
+RUNNING = TaskState("RUNNING", "0:0", "00:05:00", "n1")
+
+
+@pytest.mark.parametrize("accounting, expected", [
+    # Accounting settled it for good: the queue is not asked.
+    (TaskState("COMPLETED", "0:0"), False), (TaskState("FAILED", "1:0"), False),
+    (TaskState("TIMEOUT", "0:0"), False), (TaskState("CANCELLED", "0:15"), False),
+    # No row yet, live, or an end SLURM requeues from: the controller may know better.
+    (None, True), (PENDING, True), (RUNNING, True),
+    (TaskState("REQUEUED"), True), (TaskState("NODE_FAIL", "0:0"), True),
+    (TaskState("PREEMPTED", "0:0"), True), (TaskState("BOOT_FAIL", "0:0"), True),
+])
+def test_needs_controller(accounting, expected):
+    assert needs_controller(accounting) is expected
+
+
+@pytest.mark.parametrize("accounting, queued, expected", [
+    # Neither has it: nothing to say (status reads the task's records).
+    (None, None, None),
+    # sacct lags sbatch: the queue fills the gap.
+    (None, TaskState("PENDING"), TaskState("PENDING")),
+    # Accounting says live, the controller knows better (it lists a task until MinJobAge).
+    (RUNNING, TaskState("COMPLETED", None, "0:30", "n1"), TaskState("COMPLETED", None, "0:30", "n1")),
+    (PENDING, TaskState("RUNNING", None, "0:01", "n1"), TaskState("RUNNING", None, "0:01", "n1")),
+    # Accounting says live, the controller no longer has it: ended, accounting missed the end.
+    (PENDING, None, replace(PENDING, left_queue=True)),
+    (RUNNING, None, replace(RUNNING, left_queue=True)),
+    # Requeued after a node failure or preemption: pending again, the same attempt.
+    (TaskState("NODE_FAIL", "0:0", "00:01:00", "n1"), TaskState("PENDING"), TaskState("PENDING")),
+    (TaskState("PREEMPTED", "0:0", "00:01:00", "n1"), TaskState("RUNNING"), TaskState("RUNNING")),
+    # Both say it ended: accounting's row, with its exit code.
+    (TaskState("NODE_FAIL", "0:0", "00:01:00", "n1"), TaskState("NODE_FAIL"),
+     TaskState("NODE_FAIL", "0:0", "00:01:00", "n1")),
+    (TaskState("FAILED", "1:0"), TaskState("FAILED"), TaskState("FAILED", "1:0")),
+    (TaskState("NODE_FAIL", "0:0"), None, TaskState("NODE_FAIL", "0:0")),
+])
+def test_controller_view(accounting, queued, expected):
+    assert controller_view(accounting, queued) == expected
+
+
+def test_a_task_cancelled_alone_from_a_pending_array_reads_from_the_queue():
+    """`scancel 41_1` while the whole array is one pending record: sacct's range still covers
+    41_1 (until slurmdbd hears of it, or the array's first task starts), while squeue --array
+    lists every other task and not 41_1 (SLURM 22.05 drops a pending task cancelled alone)."""
+    accounting = parse_sacct("41_[0-2%1]|PENDING|0:0|00:00:00|None assigned|a41\n", {"41": "a41"})
+    queue = parse_squeue("41_0|PENDING|0:00||a41\n41_2|PENDING|0:00||a41\n", {"41": "a41"})
+    views = {i: controller_view(accounting[f"41_{i}"], queue.get(f"41_{i}")) for i in range(3)}
+    assert {i: (v.state, v.left_queue) for i, v in views.items()} == {
+        0: ("PENDING", False), 1: ("PENDING", True), 2: ("PENDING", False)}

@@ -110,6 +110,82 @@ def test_a_queue_that_cannot_be_asked_about_tasks_sacct_lacks_is_an_error_not_a_
         snapshot(path, ledger, slurm=SlurmBackend(runner))
 
 
+def test_a_task_cancelled_alone_while_its_array_is_one_pending_record_is_cancelled_at_once(tmp_path):
+    """`scancel 41_1` while nothing of array 41 has started (held, or waiting on resources):
+    sacct still shows the whole array as one pending range, which covers 41_1, while the
+    controller has dropped it (squeue lists 41_0 only). It read PENDING, which resubmit refuses,
+    until the array's first task started; the queue settles it CANCELLED at once."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(seconds=5), "41")
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_[0-1%1]|PENDING|0:0|00:00:00|None assigned|{name}\n", ""),
+                       "squeue": (0, f"41_0|PENDING|0:00||{name}\n", "")})
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    assert {s.cell: s.state for s in snap.statuses} == {CELL: "PENDING", OTHER: "CANCELLED"}
+    assert [s.cell for s in choose_resubmit(snap.statuses, max_attempts=3)[0]] == [OTHER]
+    # Once slurmdbd has heard of the cancel, its range no longer covers 41_1: neither shows it,
+    # and as the scheduler shows the rest of its array, that is no lag of a fresh array.
+    runner = Recorder({"sacct": (0, f"41_[0%1]|PENDING|0:0|00:00:00|None assigned|{name}\n", ""),
+                       "squeue": (0, f"41_0|PENDING|0:00||{name}\n", "")})
+    assert states(path, ledger, runner) == {CELL: "PENDING", OTHER: "CANCELLED"}
+
+
+def accounting_says_running(tmp_path: Path, age: timedelta, squeue: tuple[int, str, str]) -> dict[str, str]:
+    """The states of CELL (41_0) and OTHER (41_1) when sacct shows both RUNNING and squeue
+    answers `squeue`."""
+    path, ledger = ledger_with_one_array(tmp_path, age, "41")
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_0|RUNNING|0:0|00:05:00|n1|{name}\n"
+                                    f"41_1|RUNNING|0:0|00:05:00|n1|{name}\n", ""),
+                       "squeue": squeue})
+    return states(path, ledger, runner)
+
+
+def test_a_task_accounting_shows_running_that_left_the_queue_ended_as_its_record_says(tmp_path):
+    """slurmdbd was down (or is behind) when the tasks ended: sacct still says RUNNING, but the
+    controller no longer has them. They read RUNNING forever (live: never resubmitted, and
+    `submit` refused the cells). CELL's task recorded its end (COMPLETED); OTHER's recorded
+    nothing, killed at a limit or with its node: LOST, which resubmit takes."""
+    write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(minutes=5), task="41_0")
+    assert accounting_says_running(tmp_path, timedelta(minutes=10), (0, "", "")) == {
+        CELL: "COMPLETED", OTHER: "LOST"}
+
+
+def test_a_task_accounting_shows_running_that_left_the_queue_is_settled_only_past_sacct_lag(tmp_path):
+    assert accounting_says_running(tmp_path, timedelta(seconds=5), (0, "", "")) == {
+        CELL: "RUNNING", OTHER: "RUNNING"}
+
+
+def test_the_queue_decides_where_accounting_says_running(tmp_path):
+    """squeue lists a task until MinJobAge after it ended: what it says stands over sacct's
+    RUNNING, and a task it lists is never gone."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_0|RUNNING|0:0|00:05:00|n1|{name}\n"
+                                    f"41_1|RUNNING|0:0|00:05:00|n1|{name}\n", ""),
+                       "squeue": (0, f"41_0|TIMEOUT|5:00|n1|{name}\n41_1|RUNNING|5:00|n1|{name}\n", "")})
+    assert states(path, ledger, runner) == {CELL: "TIMEOUT", OTHER: "RUNNING"}
+
+
+def test_a_queue_that_cannot_be_asked_about_tasks_sacct_shows_live_is_an_error_not_gone(tmp_path):
+    squeue = (1, "", "squeue: error: slurm_load_jobs error: Unable to contact slurm controller")
+    with pytest.raises(SchedulerError, match="Unable to contact slurm controller"):
+        accounting_says_running(tmp_path, timedelta(minutes=10), squeue)
+
+
+def test_a_task_requeued_after_its_node_failed_is_pending_again_not_resubmitted(tmp_path):
+    """SLURM requeues a task whose node failed (JobRequeue=1) under the same id; accounting may
+    still show NODE_FAIL while the controller has it pending again. resubmit took it: the cell
+    ran twice."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_0|NODE_FAIL|0:0|00:05:00|n1|{name}\n"
+                                    f"41_1|NODE_FAIL|0:0|00:05:00|n1|{name}\n", ""),
+                       "squeue": (0, f"41_0|PENDING|0:00||{name}\n", "")})
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    assert {s.cell: s.state for s in snap.statuses} == {CELL: "PENDING", OTHER: "NODE_FAIL"}
+    assert [s.cell for s in choose_resubmit(snap.statuses, max_attempts=3)[0]] == [OTHER]
+
+
 def write_result(tmp_path: Path, status: str, started: datetime, recipe_hash: str = "r",
                  task: str | None = None) -> None:
     paths = CellPaths(tmp_path / "work", CELL)
@@ -182,7 +258,8 @@ def test_a_task_cancelled_while_pending_is_cancelled_not_not_found(tmp_path):
     assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
     # Accounting may keep showing the array's pending range, which still covers the task.
     name = ledger.submissions[0].arrays[0].name
-    runner = Recorder({"sacct": (0, f"41_[0-1%1]|PENDING|0:0|00:00:00|None assigned|{name}\n", "")})
+    runner = Recorder({"sacct": (0, f"41_[0-1%1]|PENDING|0:0|00:00:00|None assigned|{name}\n", ""),
+                       "squeue": (0, f"41_1|PENDING|0:00||{name}\n", "")})
     assert state_of(tmp_path, path, ledger, runner) == "CANCELLED"
     # A row past PENDING wins over the note: the cancel came as the task started.
     name = ledger.submissions[0].arrays[0].name
@@ -203,7 +280,7 @@ def detail_of(tmp_path: Path, sacct_state: str) -> str | None:
     path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
     name = ledger.submissions[0].arrays[0].name
     runner = Recorder({"sacct": (0, f"41_0|{sacct_state}|0:0|00:01:00|n1|{name}\n", ""),
-                       "squeue": (0, "", "")})
+                       "squeue": (0, f"41_0|{sacct_state}|1:00|n1|{name}\n", "")})
     return {s.cell: s.detail for s in snapshot(path, ledger, slurm=SlurmBackend(runner)).statuses}[CELL]
 
 
