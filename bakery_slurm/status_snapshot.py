@@ -108,6 +108,7 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
     statuses = [_with_detail(s, by_name) for s in statuses]
     evals = [_settle_gone(_settle_unknown(s, unseen(s)), by_name, _eval_outcome, accounting,
                           fresh(s)) for s in reduce_cells(ledger, states, stage="eval")]
+    evals = [_scored(s, by_name) for s in evals]
     merges = {s.cell: s.state for s in statuses}
     evals = [_why_not_run(s, merges.get(s.cell)) for s in evals]
     evals = [_why_failed(s, by_name) for s in evals]
@@ -313,16 +314,27 @@ def _defers(matrix_path: str) -> bool:
 
 
 def _publication(status: CellStatus, arrays: dict[str, ArrayRecord], defers: bool) -> CellStatus:
-    """A task that ended verified but did not publish (its push failed, or `[push] defer`) is
-    UNPUBLISHED, not FAILED or COMPLETED: `bakery-slurm push` publishes it, no rerun needed. One
-    published since from the login node is COMPLETED, whatever its task's exit. (A COMPLETED
-    task of a matrix that does not defer published its cell: its record is not read.)"""
-    if status.state != "FAILED" and not (status.state == COMPLETED and defers):
+    """A task SLURM says ended without success (FAILED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL,
+    CANCELLED, ...) ended as its attempt's record says where that says the cell got through:
+    killed in teardown, after its work was done, it must not run again. Verified but not
+    published (its push failed, or `[push] defer`) is UNPUBLISHED, not FAILED or COMPLETED:
+    `bakery-slurm push` publishes it, no rerun needed (so is a COMPLETED task of a matrix that
+    defers). Published (`done`: by the task, or since from the login node) is COMPLETED. (A
+    COMPLETED task of a matrix that does not defer published its cell: its record is not read.)"""
+    if status.state not in TERMINAL_FAILURES and not (status.state == COMPLETED and defers):
         return status
     paths, result = _attempt_result(status, arrays)
     if ready_to_publish(paths, result):
         return replace(status, state=UNPUBLISHED)
-    pushed_here = result and result.get("stages", {}).get("push", {}).get("pushed_by")
-    if pushed_here and result.get("status") == "done":
+    if (result or {}).get("status") == "done":
+        return replace(status, state=COMPLETED)
+    return status
+
+
+def _scored(status: CellStatus, arrays: dict[str, ArrayRecord]) -> CellStatus:
+    """An eval SLURM says ended without success whose attempt wrote its results (after any
+    failure record) is COMPLETED, as `_publication` reads a merge: killed in teardown, its
+    scores are in."""
+    if status.state in TERMINAL_FAILURES and _eval_outcome(status, arrays) == COMPLETED:
         return replace(status, state=COMPLETED)
     return status

@@ -23,6 +23,7 @@ from bakery_slurm.ledger import all_arrays, load_ledger
 
 from support import wait_for
 
+from .conftest import SETTLED
 from .test_slurm import cid, size, write_matrix
 
 pytestmark = pytest.mark.slurm
@@ -145,6 +146,36 @@ def test_a_task_scancelled_while_its_whole_array_is_held_is_cancelled_at_once(
     resubmit_the_cancelled_one(bakery, ledger)
     scontrol("release", array.job_id)
     assert_all_complete_after_one_resubmit(bakery, ledger)
+
+
+def test_a_task_that_fails_after_publishing_its_cell_is_completed_and_not_rerun(
+        tmp_path, tiny_models, bakery, monkeypatch):
+    """The task's command exits 7 after the cell was verified and published (as a task killed
+    in teardown: its container's exit, a time or memory limit). SLURM says FAILED; the result
+    record, which names the task, says done. It read FAILED, and resubmit ran the cell again."""
+    failing = tmp_path / "bin" / "apptainer"
+    failing.parent.mkdir()
+    failing.write_text(f"#!/bin/sh\n{shutil.which('apptainer')} \"$@\" || exit $?\nexit 7\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{failing.parent}{os.pathsep}{os.environ['PATH']}")
+    cell = cid("k0", "linear")
+    matrix = write_matrix(tmp_path, {"k0": size(tiny_models, "text", ["linear"])})
+    ledger = tmp_path / "bakery-ledger.json"
+    bakery.ok("submit", matrix, "--executor", "slurm", ledger=ledger)
+    [array] = all_arrays(load_ledger(ledger))
+
+    def accounting() -> list[str]:
+        return subprocess.run(["sacct", "-X", "-P", "-n", "-o", "State,ExitCode", "-j", array.job_id],
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    ended = wait_for(lambda: [row for row in accounting() if row.split("|")[0] in SETTLED],
+                     "sacct to show the task's end", deadline_s=240, interval_s=1)
+    assert ended == ["FAILED|7:0"]
+    rows = bakery.wait_settled(ledger)
+    assert (rows[cell]["state"], rows[cell]["exit_code"]) == ("COMPLETED", "7:0")
+    assert (tmp_path / "published" / cell).is_dir()
+    assert json.loads(bakery.ok("resubmit", "--json", ledger=ledger).stdout) == []
+    assert len(all_arrays(load_ledger(ledger))) == 1
 
 
 def test_sbatch_failing_after_the_controller_accepted_the_array_records_it(tmp_path, bakery,

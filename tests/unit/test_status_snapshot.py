@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from bakery_slurm.cell_status import CellStatus
 from bakery_slurm.cli.common import status_columns, status_rows
 from bakery_slurm.errors import SchedulerError
 from bakery_slurm.evaluation import failure_path
 from bakery_slurm.executors import SlurmBackend
 from bakery_slurm.ledger import (
     Ledger, PlannedArray, confirm_array, load_ledger, record_intent, record_cancel, save_ledger)
+from bakery_slurm.login_push import VERIFIED
 from bakery_slurm.output import format_rows
 from bakery_slurm.pipeline import CellPaths, read_result
 from bakery_slurm.resubmit_policy import choose_resubmit, is_live
+from bakery_slurm.stages.push import RECORD_FILE
 from bakery_slurm.status_snapshot import snapshot
 from support import Recorder
 
@@ -298,6 +301,55 @@ def test_status_detail_of_a_failed_cell_is_its_error(tmp_path):
         "bake: adapter nob (/m/nob): /m/nob/adapter_model.safetensors: bad header"
 
 
+def ended_in(tmp_path: Path, slurm_state: str, record: dict, task: str = "41_0",
+             prepared: bool = False) -> CellStatus:
+    """CELL's status when SLURM says its task (41_0) ended in `slurm_state` and its result
+    record (written by `task`) is `record`; `prepared`: its publish folder is prepared."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "41")
+    paths = CellPaths(tmp_path / "work", CELL)
+    paths.root.mkdir(parents=True)
+    paths.result.write_text(json.dumps({
+        "recipe_hash": "r", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": task, **record}))
+    if prepared:
+        paths.publish.mkdir(parents=True)
+        (paths.publish / RECORD_FILE).write_text(json.dumps({"recipe_hash": "r"}))
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"41_0|{slurm_state}|0:9|00:05:00|n1|{name}\n", ""),
+                       "squeue": (0, "", "")})
+    snap = snapshot(path, ledger, slurm=SlurmBackend(runner))
+    return next(s for s in snap.statuses if s.cell == CELL)
+
+
+PUBLISHED = {"status": "done", "stages": {"verify": {"status": "done"}, "push": {"status": "done"}}}
+PUSH_FAILED = {"status": "failed", "error": "push: 503",
+               "stages": {"verify": {"status": "done"}, "push": {"status": "failed"}}}
+DEFERRED = {"status": VERIFIED, "stages": {"verify": {"status": "done"}, "push": {"status": "deferred"}}}
+
+
+@pytest.mark.parametrize("slurm_state", ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                                         "CANCELLED", "PREEMPTED"])
+def test_a_task_killed_after_its_cell_was_published_is_completed_not_rerun(tmp_path, slurm_state):
+    """SLURM reports the task failed (killed in teardown: a time or memory limit, its node, a
+    signal), but its own record says the cell was verified and published: the work is done.
+    Only FAILED used to be read so, and only after a push from the login node: resubmit ran
+    the cell again."""
+    status = ended_in(tmp_path, slurm_state, PUBLISHED)
+    assert status.state == "COMPLETED"
+    assert choose_resubmit([status], max_attempts=3)[1][0].reason == "already COMPLETED"
+
+
+@pytest.mark.parametrize("record", [PUSH_FAILED, DEFERRED])
+def test_a_task_killed_after_verify_whose_push_is_left_is_unpublished(tmp_path, record):
+    status = ended_in(tmp_path, "TIMEOUT", record, prepared=True)
+    assert status.state == "UNPUBLISHED"
+    assert choose_resubmit([status], max_attempts=3)[0] == []
+
+
+def test_a_record_another_task_wrote_does_not_settle_a_failed_task(tmp_path):
+    assert ended_in(tmp_path, "TIMEOUT", PUBLISHED, task="40_0").state == "TIMEOUT"
+
+
 def ledger_with_one_eval(tmp_path: Path, target: str) -> tuple[Path, Ledger]:
     """A ledger whose one eval array (job 52, of `target`) was submitted 10 minutes ago."""
     ledger = Ledger()
@@ -529,6 +581,23 @@ def test_an_array_still_being_submitted_is_not_lost_to_a_concurrent_resubmit(tmp
     assert seen["states"][being_submitted] != "LOST", seen["states"]
     assert being_submitted not in seen["chosen"], \
         "resubmit takes a cell whose sbatch is still running in another process"
+
+
+@pytest.mark.parametrize("writer, expected", [("52", "COMPLETED"), ("51", "TIMEOUT")])
+def test_an_eval_killed_after_writing_its_results_is_completed(tmp_path, writer, expected):
+    """SLURM says TIMEOUT, but this attempt's task (job 52) wrote its results: the scores are
+    in, and resubmit must not evaluate again. Results another task wrote say nothing of it."""
+    from bakery_slurm.evaluation import results_path
+
+    path, ledger = ledger_with_one_eval(tmp_path, CELL)
+    results = results_path(tmp_path / "work", CELL)
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"bakery": {
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "task": writer}}))
+    name = ledger.submissions[0].arrays[0].name
+    runner = Recorder({"sacct": (0, f"52|TIMEOUT|0:0|01:00:00|n1|{name}\n", "")})
+    [status] = snapshot(path, ledger, slurm=SlurmBackend(runner)).evals
+    assert status.state == expected
 
 
 def test_a_multi_line_eval_error_stays_on_its_row_of_the_status_table(tmp_path):
