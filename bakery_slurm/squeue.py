@@ -27,11 +27,21 @@ REQUEUED_FROM = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"})
 may show one while the controller already has the task pending or running again."""
 
 
+REVOKED = "REVOKED"
+"""A federation's sibling job, revoked because another cluster runs it: live, but never in this
+cluster's queue."""
+
+
+def _live_here(state: str) -> bool:
+    """May a task in accounting's `state` still run on this cluster, so its queue would list it?"""
+    return is_live(state) and state != REVOKED
+
+
 def needs_controller(accounting: TaskState | None) -> bool:
     """Must the controller be asked about a task with this accounting row (None: no row)? Yes
     unless the row says how the task ended for good: accounting lags (slurmdbd behind or down,
     records lost), and a row missing, live or in `REQUEUED_FROM` may be out of date."""
-    return accounting is None or is_live(accounting.state) or accounting.state in REQUEUED_FROM
+    return accounting is None or _live_here(accounting.state) or accounting.state in REQUEUED_FROM
 
 
 def controller_view(accounting: TaskState | None, queued: TaskState | None) -> TaskState | None:
@@ -47,9 +57,9 @@ def controller_view(accounting: TaskState | None, queued: TaskState | None) -> T
     both say it ended, accounting's row (with its exit code) stands.
     """
     if queued is None:
-        live = accounting is not None and is_live(accounting.state)
+        live = accounting is not None and _live_here(accounting.state)
         return replace(accounting, left_queue=True) if live else accounting
-    if accounting is None or is_live(accounting.state):
+    if accounting is None or _live_here(accounting.state):
         return queued
     if accounting.state in REQUEUED_FROM and is_live(queued.state):
         return queued

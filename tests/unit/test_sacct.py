@@ -441,3 +441,49 @@ def test_a_task_cancelled_alone_from_a_pending_array_reads_from_the_queue():
     views = {i: controller_view(accounting[f"41_{i}"], queue.get(f"41_{i}")) for i in range(3)}
     assert {i: (v.state, v.left_queue) for i, v in views.items()} == {
         0: ("PENDING", False), 1: ("PENDING", True), 2: ("PENDING", False)}
+
+
+# Every state SLURM 22.05-24.x prints for a job in sacct's State and squeue's %T (job_state_string
+# and its flags), and what `resubmit` makes of it: RESUBMIT ended without success; LIVE may still
+# run (held, suspended, requeued, stopped, in a federation), or has: never submitted again.
+RESUBMIT = ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "CANCELLED by 0",
+            "CANCELLED by 1000", "BOOT_FAIL", "DEADLINE", "PREEMPTED"]
+LIVE = ["PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "RESIZING", "REQUEUED",
+        "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT", "STAGE_OUT", "STOPPED", "SIGNALING",
+        "RESV_DEL_HOLD", "REVOKED"]
+
+
+@pytest.mark.parametrize("printed", RESUBMIT + LIVE + ["COMPLETED"])
+def test_every_state_slurm_prints_parses_and_has_a_resubmit_decision(printed):
+    base = printed.split(" ")[0]
+    accounting = parse_sacct(f"7_0|{printed}|0:0|00:01:00|n1|a7\n", {"7": "a7"})
+    queue = parse_squeue(f"7_0|{printed}|1:00|n1|a7\n", {"7": "a7"})
+    assert accounting["7_0"].state == queue["7_0"].state == base
+    chosen, refused = choose_resubmit([status("c", base)], max_attempts=2)
+    if printed in RESUBMIT:
+        assert chosen and not is_live(base)
+    elif printed in LIVE:
+        assert refused[0].reason == f"latest attempt is {base}, not a terminal failure" and is_live(base)
+    else:
+        assert refused[0].reason == "already COMPLETED"
+
+
+def test_an_array_over_several_rows_with_step_rows_maps_every_task_once():
+    """Pending ranges split by tasks that started (and by scancel), step rows of a task that
+    ran (sacct without -X prints them; they repeat the job's state), and a requeued task."""
+    text = ("123_[4-7]|PENDING|0:0|00:00:00|None assigned|a\n"
+            "123_[9,11%2]|PENDING|0:0|00:00:00|None assigned|a\n"
+            "123_8|RUNNING|0:0|00:01:00|n1|a\n123_8.batch|RUNNING|0:0|00:01:00|n1|a\n"
+            "123_8.extern|RUNNING|0:0|00:01:00|n1|a\n123_8.0|FAILED|1:0|00:00:30|n1|a\n"
+            "123_2|REQUEUED|0:0|00:00:02|n1|a\n123_2.batch|CANCELLED|0:15|00:00:02|n1|a\n")
+    states = parse_sacct(text, {"123": "a"})
+    assert {k: s.state for k, s in states.items()} == {
+        **{f"123_{i}": "PENDING" for i in (4, 5, 6, 7, 9, 11)}, "123_8": "RUNNING", "123_2": "REQUEUED"}
+
+
+def test_a_task_revoked_in_a_federation_is_not_read_as_gone():
+    """REVOKED: a federation ran the job on another cluster, whose queue this cluster's squeue
+    does not list. Taken as gone it read LOST, and resubmit ran the cell a second time."""
+    revoked = TaskState("REVOKED", "0:0", "00:00:00", None)
+    assert not needs_controller(revoked)
+    assert controller_view(revoked, None) == revoked
