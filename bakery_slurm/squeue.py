@@ -26,7 +26,6 @@ REQUEUED_FROM = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"})
 """Ended states SLURM requeues a job from by itself (JobRequeue, PreemptMode=REQUEUE): accounting
 may show one while the controller already has the task pending or running again."""
 
-
 REVOKED = "REVOKED"
 """A federation's sibling job, revoked because another cluster runs it: live, but never in this
 cluster's queue."""
