@@ -22,6 +22,11 @@ NOT_FOUND = "NOT_FOUND"
 task `status_snapshot.snapshot` settles it (SUBMITTED, or how it ended); a local array keeps it
 when its state files are gone."""
 
+HIDDEN = "HIDDEN"
+"""A task of an array another user submitted, which neither sacct nor squeue shows because the
+cluster hides other users' jobs (slurm.conf's `PrivateData=jobs`), and whose own record does not
+say how it ended: it may still run. Set by `status_snapshot.snapshot`; never resubmitted."""
+
 CANCELLED = "CANCELLED"
 """A task cancelled by scancel (or `bakery-slurm cancel`, also before it started)."""
 

@@ -9,6 +9,7 @@ locate logs, as the `Backend` protocol documents.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -60,6 +61,14 @@ def parse_max_array_size(text: str) -> int:
     if tasks is not None:
         size = min(size, int(tasks.group(1)))
     return max(size, 1)
+
+
+def hides_others_jobs(text: str) -> bool:
+    """Does the controller hide other users' jobs (`PrivateData` holds `jobs`), from `scontrol
+    show config` output? Then squeue (and, set so in slurmdbd.conf too, sacct) show a user only
+    their own jobs."""
+    match = re.search(r"^PrivateData\s*=(.*)$", text, re.MULTILINE)
+    return bool(match) and "jobs" in {v.strip().lower() for v in match.group(1).split(",")}
 
 
 def dependency(after: ArrayRecord, after_indices: Sequence[int], n_tasks: int) -> str:
@@ -189,12 +198,18 @@ class SlurmBackend:
         self.runner = runner
 
     def max_array_size(self) -> int:
+        return parse_max_array_size(self._config())
+
+    def hides_others_jobs(self) -> bool:
+        """Whether this user sees only their own jobs (`hides_others_jobs`); root sees all."""
+        return os.getuid() != 0 and hides_others_jobs(self._config())
+
+    def _config(self) -> str:
         try:
-            out = self.runner(["scontrol", "show", "config"], capture_output=True, text=True,
-                              timeout=SCHEDULER_TIMEOUT_S, check=True).stdout
+            return self.runner(["scontrol", "show", "config"], capture_output=True, text=True,
+                               timeout=SCHEDULER_TIMEOUT_S, check=True).stdout
         except (OSError, subprocess.SubprocessError) as e:
             raise SchedulerError(f"scontrol show config failed: {e}") from None
-        return parse_max_array_size(out)
 
     def render(self, request: SubmitRequest) -> str:
         """The sbatch script submitit would write for this array (for --dry-run).

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 from .cell_status import (
     CANCELLED,
     COMPLETED,
+    HIDDEN,
     LOST,
     NOT_FOUND,
     UNCONFIRMED,
@@ -145,6 +146,9 @@ def _refusal_reason(status: CellStatus, wanted: frozenset[str], max_attempts: in
         return "verified, only publishing is left: `bakery-slurm push MATRIX` publishes it"
     if status.state == UNCONFIRMED:
         return f"array {status.array_name} has no recorded job id; run status to recover it first"
+    if status.state == HIDDEN:
+        return (f"task {status.task_id} is another user's, and this cluster hides other users' "
+                "jobs (PrivateData=jobs): it may still run; its owner can resubmit it")
     if status.state == NOT_FOUND:
         return f"the scheduler has no record of task {status.task_id}"
     return f"latest attempt is {status.state}, not a terminal failure"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,6 +33,7 @@ from .pipeline import CellPaths, read_result
 from .cell_status import (
     CANCELLED,
     COMPLETED,
+    HIDDEN,
     LOST,
     NOT_FOUND,
     PENDING,
@@ -101,18 +103,38 @@ def snapshot(ledger_path: Path, ledger: Ledger, slurm: SlurmBackend | None = Non
         return fresh(status) and status.array_job_id not in shown
 
     accounting = source == "sacct"
+    hidden = _hidden_arrays(slurm_arrays, slurm)
     statuses = [_settle_gone(_settle_unknown(s, unseen(s)), by_name, _merge_outcome, accounting,
-                             fresh(s)) for s in reduce_cells(ledger, states)]
+                             fresh(s), hidden) for s in reduce_cells(ledger, states)]
     defers = {a.name: _defers(s.matrix_path) for s in ledger.submissions for a in s.arrays}
     statuses = [_publication(s, by_name, defers[s.array_name]) for s in statuses]
     statuses = [_with_detail(s, by_name) for s in statuses]
     evals = [_settle_gone(_settle_unknown(s, unseen(s)), by_name, _eval_outcome, accounting,
-                          fresh(s)) for s in reduce_cells(ledger, states, stage="eval")]
+                          fresh(s), hidden) for s in reduce_cells(ledger, states, stage="eval")]
     evals = [_scored(s, by_name) for s in evals]
     merges = {s.cell: s.state for s in statuses}
     evals = [_why_not_run(s, merges.get(s.cell)) for s in evals]
     evals = [_why_failed(s, by_name) for s in evals]
+    if any(s.state == HIDDEN for s in statuses + evals):
+        notes.append("this cluster shows you only your own jobs (PrivateData=jobs): HIDDEN tasks "
+                     "are other users'; their owners' `status` shows them")
     return Snapshot(statuses=statuses, arrays=by_name, notes=notes, evals=evals)
+
+
+def _hidden_arrays(arrays: list[ArrayRecord], slurm: SlurmBackend) -> frozenset[str]:
+    """The SLURM arrays whose tasks the scheduler may hide from us: another user's (the owner of
+    its folder, made by the submit), where the cluster hides other users' jobs. Their absence
+    from sacct and squeue says nothing of how they stand. The scheduler's configuration is read
+    only when a teammate's array is in the ledger."""
+    theirs = frozenset(a.name for a in arrays if _owner(Path(a.folder)) not in (None, os.getuid()))
+    return theirs if theirs and slurm.hides_others_jobs() else frozenset()
+
+
+def _owner(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_uid
+    except OSError:
+        return None
 
 
 def _gone_state(outcome: str | None, accounting: bool, last_seen: str | None = None) -> str:
@@ -135,19 +157,26 @@ def _gone_state(outcome: str | None, accounting: bool, last_seen: str | None = N
 
 def _settle_gone(status: CellStatus, arrays: dict[str, ArrayRecord],
                  outcome: Callable[[CellStatus, dict[str, ArrayRecord]], str | None],
-                 accounting: bool, fresh: bool) -> CellStatus:
+                 accounting: bool, fresh: bool, hidden: frozenset[str] = frozenset()) -> CellStatus:
     """A gone SLURM task's `_gone_state`, its records read only then: a NOT_FOUND one, and one
     that left the queue while accounting shows it live (`CellStatus.left_queue`), which keeps
     accounting's state while its array is fresh (sacct lags) unless that is PENDING: a task
-    that never started is over once the controller drops it. (A local task has state files
-    until its array folder is removed: it stays NOT_FOUND.) A local NODE_FAIL task ended as its
-    attempt's record says, if it says: its supervisor died (SIGKILL, the OOM killer) while it
-    ran, and the task, in a session of its own, ran on to an end that no one recorded."""
+    that never started is over once the controller drops it. In an array of `hidden`, whose
+    tasks the scheduler does not show us, absence says nothing: a NOT_FOUND task ended as its
+    record says, else is HIDDEN, and accounting's word on a task stands. (A local task has
+    state files until its array folder is removed: it stays NOT_FOUND.) A local NODE_FAIL task
+    ended as its attempt's record says, if it says: its supervisor died (SIGKILL, the OOM
+    killer) while it ran, and the task, in a session of its own, ran on to an end that no one
+    recorded."""
     executor = arrays[status.array_name].executor
     if status.state == NODE_FAIL and executor == "local":
         return replace(status, state=outcome(status, arrays) or NODE_FAIL)
     if executor != "slurm":
         return status
+    if status.array_name in hidden:
+        if status.state == NOT_FOUND:
+            return replace(status, state=outcome(status, arrays) or HIDDEN)
+        return replace(status, left_queue=False)
     if status.left_queue and (status.state == PENDING or not fresh):
         return replace(status, state=_gone_state(outcome(status, arrays), accounting, status.state),
                        left_queue=False)

@@ -17,6 +17,7 @@ from bakery_slurm.executors import (
     SlurmBackend,
     SubmitRequest,
     group_cells,
+    hides_others_jobs,
     parse_max_array_size,
     slurm_parameters,
 )
@@ -420,3 +421,14 @@ def test_both_backends_implement_the_protocol():
     members = {name for name in vars(Backend) if not name.startswith("_")} | {"name"}
     for cls in (SlurmBackend, LocalBackend):
         assert members <= set(dir(cls)), (cls, members - set(dir(cls)))
+
+
+@pytest.mark.parametrize("line, hidden", [
+    ("PrivateData             = none", False),
+    ("PrivateData             = accounts,jobs,usage", True),
+    ("PrivateData             = usage,users", False),
+    ("PrivateData             = jobs", True),
+    ("", False),  # a configuration that does not say
+])
+def test_hides_others_jobs_reads_private_data(line, hidden):
+    assert hides_others_jobs(f"MaxArraySize            = 1001\n{line}\n") is hidden

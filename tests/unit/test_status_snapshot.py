@@ -4,6 +4,7 @@ squeue answered by a recording fake at the subprocess boundary."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -432,11 +433,22 @@ class Cluster:
 
     Visibility as SLURM 22.05 with PrivateData=none has it: `sacct -j` lists any user's job;
     `sacct --name=...` lists only the caller's jobs unless `-a/--allusers`; `squeue --me` only
-    the caller's jobs (`squeue` without --me/-u lists everyone's)."""
+    the caller's jobs (`squeue` without --me/-u lists everyone's). With `private` (PrivateData=jobs
+    in slurm.conf and slurmdbd.conf) neither lists another user's jobs, however asked, and
+    `scontrol show config` says so."""
 
     me: str
     jobs: list[Job]
     accounting: bool = True
+    private: bool = False
+
+    def visible(self, job: Job) -> bool:
+        return not self.private or job.user == self.me
+
+    def scontrol(self, argv: list[str]) -> tuple[int, str, str]:
+        assert argv == ["scontrol", "show", "config"], argv
+        return 0, f"MaxArraySize            = 1001\nPrivateData             = " \
+                  f"{'jobs,usage' if self.private else 'none'}\n", ""
 
     def sacct(self, argv: list[str]) -> tuple[int, str, str]:
         if not self.accounting:
@@ -445,7 +457,7 @@ class Cluster:
         ids = next((argv[i + 1].split(",") for i, a in enumerate(argv) if a == "-j"), None)
         names = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--name=")), None)
         out = []
-        for job in self.jobs:
+        for job in filter(self.visible, self.jobs):
             if ids is not None and job.job_id not in ids:
                 continue
             if ids is None and not all_users and job.user != self.me:
@@ -462,7 +474,7 @@ class Cluster:
     def squeue(self, argv: list[str]) -> tuple[int, str, str]:
         names = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--name=")), None)
         out = []
-        for job in self.jobs:
+        for job in filter(self.visible, self.jobs):
             if "--me" in argv and job.user != self.me:
                 continue
             if names is not None and job.name not in names:
@@ -475,7 +487,7 @@ class Cluster:
         return 0, "\n".join(out) + "\n", ""
 
     def runner(self) -> Recorder:
-        return Recorder({"sacct": self.sacct, "squeue": self.squeue})
+        return Recorder({"sacct": self.sacct, "squeue": self.squeue, "scontrol": self.scontrol})
 
 
 def states(path: Path, ledger: Ledger, runner) -> dict[str, str]:
@@ -496,6 +508,45 @@ def test_a_teammates_status_recovers_the_owners_unconfirmed_array_instead_of_cal
     assert by_cell[CELL].state != "LOST", "alice's running array is called LOST in bob's status"
     chosen, _ = choose_resubmit(snap.statuses, max_attempts=3)
     assert chosen == [], "bob's resubmit would run alice's running cells a second time"
+
+
+ALICE, BOB = 4242, 4343
+
+
+def test_a_teammates_tasks_the_cluster_hides_are_hidden_not_gone(tmp_path, monkeypatch):
+    """PrivateData=jobs: sacct and squeue show bob none of alice's jobs, so her array's tasks
+    were gone past sacct's lag: CANCELLED in bob's status, and his resubmit ran her running cell
+    a second time. Her task that recorded its end reads as recorded; the other may still run."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "77")
+    array = ledger.submissions[0].arrays[0]
+    Path(array.folder).mkdir(parents=True)
+    os.chown(array.folder, ALICE, -1)  # her submit made it
+    write_result(tmp_path, "done", datetime.now(timezone.utc) - timedelta(minutes=5), task="77_0")
+    cluster = Cluster(me="bob", private=True,
+                      jobs=[Job("77", array.name, "alice", {0: "COMPLETED", 1: "RUNNING"})])
+    monkeypatch.setattr(os, "getuid", lambda: BOB)
+    snap = snapshot(path, ledger, slurm=SlurmBackend(cluster.runner()))
+    assert {s.cell: s.state for s in snap.statuses} == {CELL: "COMPLETED", OTHER: "HIDDEN"}
+    assert any("PrivateData=jobs" in note for note in snap.notes)
+    chosen, refused = choose_resubmit(snap.statuses, max_attempts=3)
+    assert chosen == [] and "another user's" in {r.cell: r.reason for r in refused}[OTHER]
+    # Alice sees her own jobs; and where the cluster shows everyone's, bob sees them too.
+    monkeypatch.setattr(os, "getuid", lambda: ALICE)
+    cluster.me = "alice"
+    assert states(path, ledger, cluster.runner()) == {CELL: "COMPLETED", OTHER: "RUNNING"}
+    monkeypatch.setattr(os, "getuid", lambda: BOB)
+    cluster.me, cluster.private = "bob", False
+    assert states(path, ledger, cluster.runner()) == {CELL: "COMPLETED", OTHER: "RUNNING"}
+
+
+def test_the_scheduler_configuration_is_read_only_for_a_teammates_array(tmp_path):
+    """Every `status` of one's own arrays costs no `scontrol show config`."""
+    path, ledger = ledger_with_one_array(tmp_path, timedelta(minutes=10), "77")
+    array = ledger.submissions[0].arrays[0]
+    Path(array.folder).mkdir(parents=True)
+    runner = Cluster(me="root", jobs=[Job("77", array.name, "root", {0: "RUNNING", 1: "RUNNING"})]).runner()
+    assert states(path, ledger, runner) == {CELL: "RUNNING", OTHER: "RUNNING"}
+    assert not [call for call in runner.calls if call[0] == "scontrol"]
 
 
 def test_without_accounting_a_teammate_sees_the_owners_running_tasks_as_live(tmp_path):
