@@ -3,8 +3,11 @@
 Every write goes to a temporary name in the same directory, is fsynced, then renamed over the target,
 so a reader sees the old content or the new one, never half of it. Every file and folder gets the
 mode a plain open/mkdir would give under the umask, so a project folder shared by a group (umask
-002) is usable by every member; files bakery-slurm does not own, or shares by hard link with
-another folder (a Hub cache blob), are never chmod-ed.
+002) is usable by every member. In a setgid folder (the usual way a group shares one), what is
+created there also gets the access the folder gives its group, whatever the umask, as a default
+ACL would (`creating_umask`, `share`); never more, and never anything for others. Files
+bakery-slurm does not own, or shares by hard link with another folder (a Hub cache blob), are
+never chmod-ed.
 
 Locks are POSIX record locks (`fcntl.lockf`), which NFS (via NLM) and Lustre (mounted with `flock`)
 honour across nodes, unlike `flock(2)` on older NFS clients. Lustre mounted `noflock` refuses them
@@ -63,9 +66,76 @@ def umask() -> int:
     return mask
 
 
+def group_access(folder_mode: int) -> int:
+    """The group bits a folder of mode `folder_mode` gives what is created in it: its own group
+    bits when it is setgid (a folder shared by a group), none otherwise."""
+    return folder_mode & 0o070 if folder_mode & stat.S_ISGID else 0
+
+
+def shared_mode(mode: int, folder_mode: int) -> int:
+    """`mode` (a file's or folder's) with the group access its folder gives (`group_access`), as
+    far as the owner has it (an owner's read-only file stays read-only), as a default ACL gives
+    it: a teammate with umask 077 in a group's setgid folder must not make files only they can
+    read. Nothing is taken away, and nothing is given to others."""
+    return mode | ((mode & 0o700) >> 3 & group_access(folder_mode))
+
+
+def creating_umask(folder: Path) -> int:
+    """The umask for creating a file or folder in `folder`: the process's, without the group bits
+    the folder gives (`group_access`)."""
+    try:
+        folder_mode = os.stat(folder).st_mode
+    except OSError:
+        return umask()
+    return umask() & ~group_access(folder_mode)
+
+
+def share(path: Path) -> None:
+    """Give `path`, just created by this user, the group access its folder gives
+    (`shared_mode`). A symlink, a file another user owns, and a file with other hard links are
+    left alone (see `usual_modes`)."""
+    path = Path(path)
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or (
+            not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+        return
+    wanted = shared_mode(stat.S_IMODE(st.st_mode), os.stat(path.parent).st_mode)
+    if wanted != stat.S_IMODE(st.st_mode):
+        os.chmod(path, wanted)
+
+
+def share_tree(folder: Path) -> None:
+    """`share` `folder` and everything below it, each folder before what it holds (so a group's
+    access reaches down a tree made under umask 077): for trees other programs wrote into a
+    group's folder (huggingface_hub's cache entries, submitit's array folders)."""
+    share(folder)
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            # Gone: a temporary file renamed meanwhile. Refused: a teammate's folder, not ours.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                share(Path(root) / name)
+
+
+def make_folder(folder: Path) -> None:
+    """`mkdir -p folder`, each folder it creates shared as its parent gives (`share`)."""
+    folder = Path(folder)
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            continue  # made by another process meanwhile: its mode is its maker's business
+        share(path)
+
+
 def replacing_umask(path: Path) -> int:
-    """The umask for writing a file or folder that replaces `path`: the process's, loosened to
-    what `path` (if it exists) grants already.
+    """The umask for writing a file or folder that replaces `path`: the one for creating it in
+    its folder (`creating_umask`), loosened to what `path` (if it exists) grants already.
 
     A file replaced by rename is a new file: under a teammate's umask 077 a group's ledger, result
     record or root card would become theirs alone, and the rest of the group, its owner included,
@@ -75,12 +145,12 @@ def replacing_umask(path: Path) -> int:
     try:
         st = os.stat(path)
     except OSError:
-        return umask()
+        return creating_umask(path.parent)
     mode = stat.S_IMODE(st.st_mode)
     if not stat.S_ISDIR(st.st_mode):
         # A file's mode says nothing of x: reading a file is reading and searching a folder.
         mode |= (mode & 0o444) >> 2
-    return umask() & ~mode & 0o777
+    return creating_umask(path.parent) & ~mode & 0o777
 
 
 # What a write fails with when the destination is full or read-only. Such an OSError names no
@@ -106,7 +176,7 @@ def atomic_write_bytes(path: Path, data: bytes, executable: bool = False) -> Non
     at least the access the file it replaces had (`replacing_umask`)."""
     path = Path(path)
     with naming_output(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         mask = replacing_umask(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -157,13 +227,14 @@ def locked(lock_path: Path, blocking: bool = True, shared: bool = False,
         or the filesystem does not support POSIX locks.
     """
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(lock_path.parent)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError as e:
         raise LockError(f"cannot open the lock file {lock_path} for writing ({e.strerror}): "
                         f"{who_may_access(lock_path)}") from None
     try:
+        share(lock_path)
         try:
             mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             lockf(fd, mode if blocking else mode | fcntl.LOCK_NB)
@@ -192,7 +263,7 @@ def held_while_alive(path: Path) -> Iterator[None]:
     not lockf: a probe from this very process sees it held too (on a local filesystem; NFS
     emulates flock with POSIX locks, which only other processes see)."""
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        make_folder(Path(path).parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
         fd = None  # a folder this user may not write: the command's own lock there says so
@@ -200,6 +271,7 @@ def held_while_alive(path: Path) -> Iterator[None]:
         yield
         return
     try:
+        share(path)  # a teammate's `is_held` opens it: unreadable, it would look held forever
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
@@ -300,11 +372,12 @@ def staging_dir(final: Path) -> Iterator[Path]:
     decided it was not intact).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         with naming_output(final):  # also the fsyncs: NFS may report a full disk only there
-            usual_dir_mode(tmp)  # mkdtemp's 0700: a teammate could not remove it after a kill
+            # mkdtemp's 0700: a teammate could not remove it after a kill.
+            usual_dir_mode(tmp, creating_umask(final.parent))
             yield tmp
             # A folder that replaces another keeps at least the access the old one gave: a
             # teammate's umask 077 must not hide a published cell from the rest of the group.

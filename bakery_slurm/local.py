@@ -99,7 +99,7 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
     The machine's slots are resolved here, from this environment, and recorded: an invalid
     `BAKERY_LOCAL_MAX_TASKS` (SchedulerError) starts nothing."""
     slots = this_machine_slots()
-    folder.mkdir(parents=True, exist_ok=True)
+    fsutil.make_folder(folder)
     fsutil.atomic_write_json(folder / "array.json", {
         "job_id": job_id, "argvs": argvs, "pass_env": pass_env, "container": container,
         "parallelism": parallelism, "time_limit_s": time_min * 60, "kill_wait_s": KILL_WAIT_S,

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 from .errors import ConfigError, SchedulerError, SchedulerMissing
 from .executors import DEFAULT_MAX_ARRAY_SIZE, SubmitRequest, backend, group_cells
 from .evaluation import EvalTarget, target_inputs
-from .fsutil import held_while_alive
+from .fsutil import held_while_alive, make_folder
 from .ledger import (
     ArrayRecord,
     Ledger,
@@ -316,7 +316,7 @@ def _arrays_folder(matrix: Matrix) -> None:
     is a config error, not an array left unconfirmed in the ledger."""
     folder = matrix.work_dir / "arrays"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:

@@ -123,7 +123,10 @@ def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umas
 
 def test_a_lock_the_group_may_not_write_is_a_clear_message(teammate, bakery, umask_of):
     umask_of(0o022)  # the owner forgot umask 002: files readable, not writable, by the group
-    ledger = submitted_failed_cell(teammate.shared / "private", bakery)
+    private = teammate.shared / "private"
+    private.mkdir()
+    os.chmod(private, 0o755)  # and the setgid bit, which would give the group its access
+    ledger = submitted_failed_cell(private, bakery)
     before = ledger.read_bytes()
     status = as_teammate(teammate, "status", "--ledger", str(ledger))
     assert status.returncode == 1 and status.stdout.startswith("cell "), status.stderr

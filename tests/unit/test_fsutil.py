@@ -171,3 +171,75 @@ def test_a_file_that_could_not_be_created_is_explained_by_its_folder(tmp_path):
     st = folder.stat()
     assert fsutil.who_may_access(folder / ".ledger.json.x1y2.tmp").startswith(
         f"the folder {folder} is mode 755, owned by uid {st.st_uid} gid {st.st_gid}.")
+
+
+def modes_below(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("folder_mode, umask, dirs, files", [
+    (0o2770, 0o077, 0o2770, 0o660),  # a teammate's umask 077 in the group's folder
+    (0o2750, 0o077, 0o2750, 0o640),  # a folder the group may read only: never more than that
+    (0o2775, 0o022, 0o2775, 0o664),  # the others' bits stay the umask's
+    (0o0770, 0o077, 0o0700, 0o600),  # no setgid bit: no group's folder, the umask alone
+], ids=["umask 077", "group may read", "umask 022", "not setgid"])
+def test_what_is_created_in_a_setgid_folder_gets_the_access_it_gives_its_group(
+        tmp_path, folder_mode, umask, dirs, files):
+    """As a default ACL would: a ledger, a lock, a cell's output made under umask 077 in a
+    group's setgid folder were the writer's alone, and no teammate could run status on them."""
+    group = tmp_path / "group"
+    group.mkdir()
+    os.chmod(group, folder_mode)
+    old = os.umask(umask)
+    try:
+        fsutil.atomic_write_json(group / "project" / "bakery-ledger.json", {"a": 1})
+        with fsutil.locked(group / "project" / "bakery-ledger.json.lock"):
+            pass
+        with fsutil.staging_dir(group / "work" / "cells" / "c" / "final") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w")
+            os.chmod(tmp / "model.safetensors", 0o600)  # as safetensors writes its files
+        with fsutil.held_while_alive(group / "project" / "submitting"):
+            held = stat.S_IMODE((group / "project" / "submitting").stat().st_mode)
+    finally:
+        os.umask(old)
+    assert modes_below(group) == {
+        "project": dirs, "project/bakery-ledger.json": files,
+        "project/bakery-ledger.json.lock": files, "work": dirs, "work/cells": dirs,
+        "work/cells/c": dirs, "work/cells/c/final": dirs,
+        "work/cells/c/final/model.safetensors": files}
+    assert held == files
+
+
+def test_sharing_a_tree_gives_the_group_the_access_its_folder_gives(tmp_path):
+    """What other programs write in a group's folder (huggingface_hub's 0600 tree listings and
+    its files under a teammate's umask 077, submitit's array folders) is given what the folder
+    gives its group, from the top down; files other users own and linked files are left as
+    they are."""
+    group = tmp_path / "group"
+    group.mkdir()
+    os.chmod(group, 0o2750)
+    entry = group / "models--o--n"
+    (entry / "blobs").mkdir(parents=True)
+    (entry / "blobs" / "abc").write_bytes(b"w")
+    (entry / "trees").mkdir()
+    (entry / "trees" / "c.json").write_text("{}")
+    (entry / "run.sh").write_text("#!/bin/sh\n")
+    (entry / "snapshots").mkdir()
+    (entry / "snapshots" / "config.json").symlink_to("../blobs/abc")
+    os.link(entry / "run.sh", tmp_path / "linked.sh")
+    (entry / "linked-too").write_bytes(b"x")
+    os.link(entry / "linked-too", tmp_path / "other")
+    # Made under umask 077 (mkdir keeps the setgid bit of the folder it is made in).
+    for path, mode in [(entry, 0o2700), (entry / "blobs", 0o2700), (entry / "trees", 0o2700),
+                       (entry / "snapshots", 0o2700), (entry / "blobs" / "abc", 0o600),
+                       (entry / "trees" / "c.json", 0o600), (entry / "run.sh", 0o700),
+                       (entry / "linked-too", 0o600)]:
+        os.chmod(path, mode)
+    os.unlink(tmp_path / "linked.sh")
+    fsutil.share_tree(entry)
+    assert modes_below(group) == {
+        "models--o--n": 0o2750, "models--o--n/blobs": 0o2750, "models--o--n/blobs/abc": 0o640,
+        "models--o--n/linked-too": 0o600, "models--o--n/run.sh": 0o750,
+        "models--o--n/snapshots": 0o2750, "models--o--n/snapshots/config.json": 0o640,
+        "models--o--n/trees": 0o2750, "models--o--n/trees/c.json": 0o640}
