@@ -72,12 +72,13 @@ def group_access(folder_mode: int) -> int:
     return folder_mode & 0o070 if folder_mode & stat.S_ISGID else 0
 
 
-def shared_mode(mode: int, folder_mode: int) -> int:
-    """`mode` (a file's or folder's) with the group access its folder gives (`group_access`), as
-    far as the owner has it (an owner's read-only file stays read-only), as a default ACL gives
-    it: a teammate with umask 077 in a group's setgid folder must not make files only they can
-    read. Nothing is taken away, and nothing is given to others."""
-    return mode | ((mode & 0o700) >> 3 & group_access(folder_mode))
+def shared_mode(mode: int, folder_mode: int, mask: int) -> int:
+    """`mode` (a file's or folder's) with the group access its folder gives (`group_access`) or
+    the umask `mask` does, as far as the owner has it (an owner's read-only file stays
+    read-only), as a default ACL gives it: a teammate with umask 077 in a group's setgid folder
+    must not make files only they can read. Nothing is taken away, and nothing is given to
+    others."""
+    return mode | ((mode & 0o700) >> 3 & (group_access(folder_mode) | ~mask) & 0o070)
 
 
 def creating_umask(folder: Path) -> int:
@@ -90,16 +91,18 @@ def creating_umask(folder: Path) -> int:
     return umask() & ~group_access(folder_mode)
 
 
-def share(path: Path) -> None:
-    """Give `path`, just created by this user, the group access its folder gives
-    (`shared_mode`). A symlink, a file another user owns, and a file with other hard links are
-    left alone (see `usual_modes`)."""
+def share(path: Path, mask: int | None = None) -> None:
+    """Give `path`, just created by this user, the group access its folder or the umask `mask`
+    (default: the process's) gives (`shared_mode`): what a program wrote 0600 (mkstemp) or under
+    the umask. A symlink, a file another user owns, and a file with other hard links are left
+    alone (see `usual_modes`)."""
     path = Path(path)
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or (
             not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
         return
-    wanted = shared_mode(stat.S_IMODE(st.st_mode), os.stat(path.parent).st_mode)
+    wanted = shared_mode(stat.S_IMODE(st.st_mode), os.stat(path.parent).st_mode,
+                         umask() if mask is None else mask)
     if wanted != stat.S_IMODE(st.st_mode):
         os.chmod(path, wanted)
 
@@ -108,12 +111,13 @@ def share_tree(folder: Path) -> None:
     """`share` `folder` and everything below it, each folder before what it holds (so a group's
     access reaches down a tree made under umask 077): for trees other programs wrote into a
     group's folder (huggingface_hub's cache entries, submitit's array folders)."""
-    share(folder)
+    mask = umask()
+    share(folder, mask)
     for root, dirs, files in os.walk(folder):
         for name in [*dirs, *files]:
             # Gone: a temporary file renamed meanwhile. Refused: a teammate's folder, not ours.
             with contextlib.suppress(FileNotFoundError, PermissionError):
-                share(Path(root) / name)
+                share(Path(root) / name, mask)
 
 
 def make_folder(folder: Path) -> None:

@@ -136,6 +136,7 @@ def _fetch_hub(source: ModelSource, offline: bool, cache_dir: Path | None) -> Lo
         raise BakeryError(f"cannot download {source.describe()}: {e}") from None
     except (HfHubHTTPError, OSError) as e:
         raise BakeryError(f"cannot download {source.describe()}: {e}") from None
+    share_cache_entry(snapshot)
     path = snapshot / (source.subfolder or "")
     if not path.is_dir():
         raise BakeryError(f"{source.describe()}: no folder {source.subfolder!r} in the repo")
@@ -148,6 +149,23 @@ def _fetch_hub(source: ModelSource, offline: bool, cache_dir: Path | None) -> Lo
     # snapshot_download returns .../snapshots/<commit sha>: the exact revision we got.
     return LocalModel(path=path, identity={"repo": source.repo, "subfolder": source.subfolder,
                                            "revision": source.revision, "commit": snapshot.name})
+
+
+def share_cache_entry(snapshot: Path) -> None:
+    """Give what this user wrote into the Hub cache for `snapshot`'s repo (its entry
+    `<cache>/models--<owner>--<name>`, the entry's lock folder, the cache's own folders) the
+    access a group's setgid cache folder gives (`fsutil.share_tree`). huggingface_hub writes the
+    entry's tree listing 0600 whatever the umask, and everything else under the umask: a
+    teammate sharing the cache could not read what this download put there (offline, their
+    task would fail), nor lock the entry to download into it."""
+    entry = snapshot.parents[1]
+    cache = entry.parent
+    for path in (cache, cache / ".locks", cache / "CACHEDIR.TAG"):
+        if path.exists():
+            fsutil.share(path)
+    for tree in (entry, cache / ".locks" / entry.name):
+        if tree.is_dir():
+            fsutil.share_tree(tree)
 
 
 def missing_files(folder: Path) -> list[str]:

@@ -18,7 +18,7 @@ from ..matrix import Matrix, ModelSource
 from ..output import echo_rows, output_options
 from ..pins import hub_sources
 from ..preflight import datasets_cache_dir, hub_cache_dir
-from ..sources import hub_patterns, missing_files
+from ..sources import hub_patterns, missing_files, share_cache_entry
 from .common import selected_cells
 from . import cli
 
@@ -106,6 +106,7 @@ def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
         except Exception as e:  # the network: httpx's errors, timeouts, a refused proxy
             raise BakeryError(f"cannot download {key} ({type(e).__name__}: {e}); run prefetch "
                               f"again to resume") from None
+        share_cache_entry(snapshot)
         folder = snapshot / (source.subfolder or "")
         missing = missing_files(folder) if folder.is_dir() else [str(folder)]
         if missing:

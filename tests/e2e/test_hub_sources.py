@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,55 @@ def test_an_offline_task_fails_at_once_naming_the_file_missing_from_the_cache(tm
     assert (f"{snapshot / 'eng' / 'adapter_model.safetensors'} is not in the Hub cache and the "
             "runtime is offline") in done.stderr
     assert "bakery-slurm prefetch" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hub cache shared by a group: what a download writes there is the group's to read
+
+def group_cache_download(tmp_path: Path, tiny_models: Path, *command: str) -> Path:
+    """Run `bakery-slurm *command` (on the matrix of `write_matrix`) under umask 077 with its Hub
+    cache in a group's setgid folder, downloading from tests/hub_server.py's stand-in for the Hub
+    with huggingface_hub's real `snapshot_download`; return the cache."""
+    from hub_server import HubServer
+
+    group = tmp_path / "group"
+    group.mkdir()
+    os.chmod(group, 0o2770)
+    matrix = write_matrix(tmp_path / "project", "acme/tiny-text")
+    repos = {"acme/tiny-text": tiny_models / "bases" / "text",
+             "acme/tiny-adapters": tiny_models / "adapters" / "text"}
+    with HubServer(repos) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0",
+               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(group / "hub")}
+        done = subprocess.run([sys.executable, "-m", "bakery_slurm", *command, str(matrix),
+                               *(["tiny1b-std/eng-nob__ties", "--device", "cpu"]
+                                 if command == ("run-cell",) else [])],
+                              env=env, capture_output=True, text=True, umask=0o077)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return group / "hub"
+
+
+def unshared(cache: Path) -> dict[str, str]:
+    """What in `cache` the group may not read and write (a folder: search too): {path: mode}."""
+    found = {}
+    for path in [cache, *cache.rglob("*")]:
+        mode = path.lstat().st_mode
+        wanted = stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if stat.S_ISDIR(mode) else 0)
+        if not stat.S_ISLNK(mode) and mode & wanted != wanted:
+            found[str(path.relative_to(cache))] = oct(stat.S_IMODE(mode))
+    return found
+
+
+def test_what_prefetch_downloads_into_a_groups_cache_the_group_may_read(tmp_path, tiny_models):
+    """huggingface_hub writes a repo's tree listing (trees/<commit>.json) 0600 whatever the
+    umask, and the rest under the umask: a teammate's offline task could not read what
+    prefetch downloaded, nor lock the cache entry to download more."""
+    cache = group_cache_download(tmp_path, tiny_models, "prefetch")
+    assert (cache / "models--acme--tiny-text" / "trees" / "").is_dir()
+    assert unshared(cache) == {}
+
+
+def test_what_a_task_downloads_into_a_groups_cache_the_group_may_read(tmp_path, tiny_models):
+    cache = group_cache_download(tmp_path, tiny_models, "run-cell")
+    assert list((cache / "models--acme--tiny-adapters" / "blobs").iterdir())
+    assert unshared(cache) == {}

@@ -237,9 +237,23 @@ def test_sharing_a_tree_gives_the_group_the_access_its_folder_gives(tmp_path):
                        (entry / "linked-too", 0o600)]:
         os.chmod(path, mode)
     os.unlink(tmp_path / "linked.sh")
-    fsutil.share_tree(entry)
+    old = os.umask(0o077)
+    try:
+        fsutil.share_tree(entry)
+    finally:
+        os.umask(old)
     assert modes_below(group) == {
         "models--o--n": 0o2750, "models--o--n/blobs": 0o2750, "models--o--n/blobs/abc": 0o640,
         "models--o--n/linked-too": 0o600, "models--o--n/run.sh": 0o750,
         "models--o--n/snapshots": 0o2750, "models--o--n/snapshots/config.json": 0o640,
         "models--o--n/trees": 0o2750, "models--o--n/trees/c.json": 0o640}
+
+
+def test_sharing_gives_the_group_what_the_umask_gives_it_in_any_folder(tmp_path, group_umask):
+    """huggingface_hub writes a tree listing with mkstemp, 0600 whatever the umask: under umask
+    002 the group may read it too, as it may read the rest of the cache."""
+    listing = tmp_path / "c.json"
+    listing.write_text("{}")
+    os.chmod(listing, 0o600)
+    fsutil.share(listing)
+    assert stat.S_IMODE(listing.stat().st_mode) == 0o660
