@@ -9,6 +9,7 @@ locate logs, as the `Backend` protocol documents.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -17,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 from . import array_task, fsutil, local
 from .errors import CancelRefused, SchedulerError, SchedulerMissing
@@ -189,6 +190,22 @@ class Backend(Protocol):
         """The stdout and stderr files of one task."""
 
 
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """This process's environment with `values` over it for the block: submitit's sbatch call
+    takes no environment of its own."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class SlurmBackend:
     """The `Backend` for SLURM: sbatch through submitit, sacct (or squeue), scancel."""
 
@@ -229,8 +246,16 @@ class SlurmBackend:
                                    map_count=n if n > 1 else None, **params)
 
     def submit(self, request: SubmitRequest) -> str:
+        """sbatch the array through submitit; its job id.
+
+        In a group's setgid work folder, the array's folder, what submitit writes there and the
+        log files SLURM opens get the group access the folder gives, whatever this user's umask
+        (`fsutil.creating_umask`; sbatch passes `SLURM_UMASK` on to the job), so that a
+        teammate's `status` and `logs` can read them."""
         import submitit
 
+        folder = Path(request.array.folder).expanduser().absolute()
+        fsutil.make_folder(folder)
         if request.launcher:
             fsutil.atomic_write_text(request.launcher_path, request.launcher, executable=True)
         try:
@@ -244,11 +269,15 @@ class SlurmBackend:
         # the Python that unpickles it is the image's, whatever the login node runs.
         task_env = {} if request.launcher else request.fixed_env
         try:
-            jobs = executor.map_array(array_task.run_task, request.cell_args, [task_env] * n)
+            with _environment(SLURM_UMASK=f"{fsutil.creating_umask(folder):04o}"):
+                jobs = executor.map_array(array_task.run_task, request.cell_args, [task_env] * n,
+                                          [fsutil.umask()] * n)
         # sbatch refusing (bad partition, account, ...) is FailedJobError, an UncompletedJobError.
         except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.UncompletedJobError,
                 OSError) as e:
             raise SchedulerError(f"sbatch failed for array {request.array.name}: {e}") from None
+        finally:
+            fsutil.share_tree(folder)  # submitit's script and pickles, written under the umask
         return jobs[0].job_id.split("_")[0]
 
     def states(self, arrays: Sequence[ArrayRecord], starttime: str | None) -> tuple[dict[str, TaskState], str]:

@@ -96,6 +96,16 @@ def umask_of():
     os.umask(old)
 
 
+def project_folder(teammate, name: str) -> Path:
+    """A project's folder in the group's folder, which its group may use (made so whatever the
+    umask of the member who runs the project: one they made under umask 077 is theirs alone,
+    and stays so)."""
+    folder = teammate.shared / name
+    folder.mkdir()
+    os.chmod(folder, 0o2775)
+    return folder
+
+
 def submitted_failed_cell(folder: Path, bakery) -> Path:
     """A local submission of one cell whose sources do not exist (it fails in seconds; preflight,
     which would refuse it, is skipped here and by the teammate's resubmits)."""
@@ -106,9 +116,13 @@ def submitted_failed_cell(folder: Path, bakery) -> Path:
     return ledger
 
 
-def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umask_of):
-    umask_of(0o002)
-    ledger = submitted_failed_cell(teammate.shared / "group", bakery)
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umask_of, umask):
+    """With umask 077 too: in the group's setgid folder the ledger, its lock and the array
+    folders get the group's access (they were the owner's alone)."""
+    umask_of(umask)
+    ledger = submitted_failed_cell(project_folder(teammate, f"group-{umask:03o}"), bakery)
+    os.chmod(ledger.parent / "matrix.toml", 0o664)  # the user's own file, which resubmit reads
     status = as_teammate(teammate, "status", "--json", "--ledger", str(ledger))
     assert status.returncode == 1, status.stderr  # 1: the cell failed, and that is all
     [row] = json.loads(status.stdout)
@@ -225,3 +239,20 @@ def test_a_published_cell_the_teammate_may_not_read_is_never_dropped_from_the_ro
     assert refresh.returncode == 2 and "Traceback" not in refresh.stderr, refresh.stderr
     assert refresh.stderr.startswith(f"Error: permission denied on {hidden} "), refresh.stderr
     assert (published / "README.md").read_bytes() == card
+
+
+def test_a_teammate_reads_the_slurm_logs_of_a_member_with_umask_077(teammate, bakery, umask_of):
+    """SLURM opens a task's log files under the submitter's umask (sbatch passes it on as
+    SLURM_UMASK): under 077 no teammate could read why a cell failed."""
+    umask_of(0o077)
+    folder = project_folder(teammate, "strict-slurm")
+    matrix = write_matrix(folder, {"gone": size(folder / "no-models", "text", ["linear"])})
+    ledger = folder / "bakery-ledger.json"
+    bakery.ok("submit", matrix, "--executor", "slurm", "--no-preflight", ledger=ledger)
+    assert bakery.wait_settled(ledger)[CELL]["state"] == "FAILED"
+    status = as_teammate(teammate, "status", "--json", "--ledger", str(ledger))
+    assert status.returncode == 1, status.stderr
+    assert "does not exist" in json.loads(status.stdout)[0]["detail"]
+    shown = as_teammate(teammate, "logs", CELL, "--stderr", "--ledger", str(ledger))
+    assert shown.returncode == 0, shown.stderr
+    assert "does not exist" in shown.stdout
