@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import IO, Any, Iterable, Mapping, Sequence
 
 from . import fsutil
 from .errors import SchedulerError
@@ -106,7 +106,7 @@ def submit(folder: Path, job_id: str, argvs: list[list[str]], pass_env: list[str
         "after": after, "slots": {"folder": str(slots.folder), "count": slots.count}})
     for index in range(len(argvs)):
         _write_state(folder, index, "PENDING")
-    with open(folder / "supervisor.log", "ab") as log:
+    with _open_log(folder / "supervisor.log") as log:
         process = subprocess.Popen([sys.executable, "-m", "bakery_slurm.local", str(folder),
                                     str(os.getpid())],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -352,6 +352,18 @@ def _dependency_state(task: dict[str, Any],
     return state.state if state else "PENDING"
 
 
+def _open_log(path: Path, mode: str = "ab") -> IO[Any]:
+    """Open a log of the array for appending; one it creates gets the group access its folder
+    gives (`fsutil.share`): a teammate's `logs` reads it, whatever this user's umask."""
+    log = open(path, mode)
+    try:
+        fsutil.share(path)
+    except BaseException:
+        log.close()
+        raise
+    return log
+
+
 def _never_satisfied(folder: Path, index: int, task: dict[str, Any], state: str) -> None:
     _say(folder, index, f"cancelled: the task it waits for, {task['job_id']}_{task['index']}, "
                         f"ended {state} (dependency never satisfied)")
@@ -360,7 +372,7 @@ def _never_satisfied(folder: Path, index: int, task: dict[str, Any], state: str)
 
 def _say(folder: Path, index: int, line: str) -> None:
     """Append the executor's word on task `index` to its stderr log, as slurmstepd does."""
-    with open(log_paths(folder, index)[1], "a") as stderr:
+    with _open_log(log_paths(folder, index)[1], "a") as stderr:
         stderr.write(line + "\n")
 
 
@@ -387,7 +399,7 @@ def _start(folder: Path, index: int, argv: list[str], env: dict[str, str], job_i
     the task with the reason in its stderr log, as a shell would (exit 127), and returns None."""
     out, err = log_paths(folder, index)
     task_env = {**env, "BAKERY_LOCAL_JOB_ID": f"{job_id}_{index}"}
-    with open(out, "ab") as stdout, open(err, "ab") as stderr:
+    with _open_log(out) as stdout, _open_log(err) as stderr:
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
                                        stderr=stderr, env=task_env, start_new_session=True,

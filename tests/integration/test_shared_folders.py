@@ -133,6 +133,10 @@ def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umas
     assert json.loads(again.stdout)[0]["action"].startswith("resubmitted in ")
     rows = bakery.wait_settled(ledger)
     assert (rows[CELL]["state"], rows[CELL]["attempt"]) == ("FAILED", 2)
+    # The first attempt's log, which the owner's local executor wrote.
+    shown = as_teammate(teammate, "logs", CELL, "--attempt", "1", "--stderr", "--ledger",
+                        str(ledger))
+    assert shown.returncode == 0 and "does not exist" in shown.stdout, shown.stderr
 
 
 def test_a_lock_the_group_may_not_write_is_a_clear_message(teammate, bakery, umask_of):
