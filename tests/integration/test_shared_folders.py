@@ -78,11 +78,12 @@ def end_processes_of(user: str) -> None:
         wait_for(lambda: not pids(), f"{user}'s processes to die")
 
 
-def as_teammate(teammate, *args: str) -> subprocess.CompletedProcess:
-    """`bakery-slurm *args` as the teammate, under this process's umask (runuser keeps it)."""
+def as_teammate(teammate, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    """`bakery-slurm *args` as the teammate, under this process's umask (runuser keeps it),
+    offline unless `env_vars` (more environment variables) say otherwise."""
     site = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    env = [f"PYTHONPATH={REPO}:{site}", f"HOME={teammate.shared}", "HF_HUB_OFFLINE=1",
-           f"PATH={os.environ['PATH']}"]
+    env = [f"PYTHONPATH={REPO}:{site}", f"HOME={teammate.shared}", f"PATH={os.environ['PATH']}",
+           *(f"{name}={value}" for name, value in {"HF_HUB_OFFLINE": "1", **env_vars}.items())]
     return subprocess.run(["runuser", "-u", teammate.user, "--", "env", "-i", *env, SYSTEM_PYTHON,
                            "-m", "bakery_slurm", *args], capture_output=True, text=True,
                           cwd=teammate.shared, timeout=600)
@@ -260,3 +261,54 @@ def test_a_teammate_reads_the_slurm_logs_of_a_member_with_umask_077(teammate, ba
     shown = as_teammate(teammate, "logs", CELL, "--stderr", "--ledger", str(ledger))
     assert shown.returncode == 0, shown.stderr
     assert "does not exist" in shown.stdout
+
+
+HUB_MATRIX = """
+name = "shared-hub-cache"
+adapters = ["eng", "nob"]
+[base]
+repo = "acme/tiny-text"
+[adapter]
+repo = "acme/tiny-adapters"
+subfolder = "{adapter}"
+[push]
+target = "dir:published"
+[variants.std]
+[sizes.tiny1b]
+[methods.linear]
+weight = 0.5
+[runtime]
+container = "none"
+[paths]
+work = "work"
+"""
+
+
+def test_a_teammate_uses_and_adds_to_the_hub_cache_a_member_with_umask_077_filled(
+        teammate, umask_of, tiny_models):
+    """The group's Hub cache: one member prefetches under umask 077, then a teammate's task reads
+    what they downloaded, offline, and the teammate's prefetch downloads another repo into the
+    cache (huggingface_hub's lock folder). huggingface_hub wrote the repo's tree listing 0600,
+    and the rest under the umask: the member's alone."""
+    from hub_server import HubServer
+
+    umask_of(0o002)
+    project, cache = project_folder(teammate, "proj-hub"), project_folder(teammate, "hf-hub")
+    (matrix := project / "matrix.toml").write_text(HUB_MATRIX)
+    (other := project / "other.toml").write_text(
+        HUB_MATRIX.replace('"acme/tiny-text"', '"acme/other-text"'))
+    repos = {"acme/tiny-text": tiny_models / "bases" / "text",
+             "acme/other-text": tiny_models / "bases" / "text",
+             "acme/tiny-adapters": tiny_models / "adapters" / "text"}
+    with HubServer(repos) as hub:
+        online = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(cache),
+                  "HF_HOME": str(project / "hf-home")}
+        first = subprocess.run([sys.executable, "-m", "bakery_slurm", "prefetch", str(matrix)],
+                               env={**os.environ, **online}, capture_output=True, text=True,
+                               umask=0o077)
+        assert first.returncode == 0, first.stderr[-3000:]
+        run = as_teammate(teammate, "run-cell", str(matrix), "tiny1b-std/eng-nob__linear",
+                          "--device", "cpu", HF_HUB_CACHE=str(cache))
+        assert run.returncode == 0, run.stderr[-3000:]
+        added = as_teammate(teammate, "prefetch", str(other), **online)
+        assert added.returncode == 0, added.stderr[-3000:]
