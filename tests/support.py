@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -135,3 +136,15 @@ def settled(ledger_path: Path) -> list[Any] | None:
 
     statuses = snapshot(ledger_path, load_ledger(ledger_path)).statuses
     return statuses if not any(is_live(s.state) for s in statuses) else None
+
+
+def unshared(folder: Path) -> dict[str, str]:
+    """What in `folder` (a cache shared by a group) the group may not read and write (a folder:
+    search too), symlinks aside: {path: mode}."""
+    found = {}
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.lstat().st_mode
+        wanted = stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if stat.S_ISDIR(mode) else 0)
+        if not stat.S_ISLNK(mode) and mode & wanted != wanted:
+            found[str(path.relative_to(folder))] = oct(stat.S_IMODE(mode))
+    return found

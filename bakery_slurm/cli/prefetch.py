@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .. import preflight
+from .. import fsutil, preflight
 from ..errors import BakeryError, ConfigError
 from ..eval_prefetch import child_environment, prefetch_tasks
 from ..evaluation import EvalTarget, expand_eval, target_inputs
@@ -59,16 +59,27 @@ def prefetch(matrix: Path, only: str | None, fmt: str) -> None:
         # Before any download: the eval tasks' datasets would be missing offline.
         raise ConfigError(f"{loaded.path}: eval: lm-eval is not installed here, and prefetch "
                           f"loads the eval tasks with it: pip install 'bakery-slurm[eval]'")
+    hub_cache = hub_cache_dir(loaded, container)
     rows = _prefetch_models({**hub_sources(cells), **_baseline_sources(targets)}, loaded,
-                            hub_cache_dir(loaded, container))
+                            hub_cache)
     if targets:
         cache = datasets_cache_dir(loaded, container)
         click.echo(f"loading eval tasks into {cache}", err=True)
         tasks = list(dict.fromkeys(task for t in targets for task in t.tasks))
-        rows += prefetch_tasks(tasks, targets[0].include_path,
-                               child_environment(os.environ, loaded.task_env(container), container),
-                               loaded.path, cache=cache,
-                               include_identity=targets[0].include_identity)
+        # Made here (HF_HOME too), not by `datasets`: as a group's folder above gives.
+        fsutil.make_folder(cache)
+        try:
+            rows += prefetch_tasks(tasks, targets[0].include_path,
+                                   child_environment(os.environ, loaded.task_env(container),
+                                                     container),
+                                   loaded.path, cache=cache,
+                                   include_identity=targets[0].include_identity)
+        finally:
+            # What `datasets` prepared (and downloaded from the Hub), under this user's umask:
+            # a group's caches must stay readable by the teammates' offline evals.
+            for folder in (cache, hub_cache):
+                if folder.is_dir():
+                    fsutil.share_tree(folder)
     echo_rows(rows, COLUMNS, fmt)
     total = sum(r["bytes"] for r in rows)
     click.echo(f"prefetched {len(rows)} input(s), {total / 1e9:.2f} GB", err=True)
@@ -88,6 +99,8 @@ def _prefetch_models(sources: dict[str, ModelSource], loaded: Matrix,
                                         RevisionNotFoundError)
 
     api = preflight.hub_api()
+    if sources:
+        fsutil.make_folder(cache)  # and HF_HOME: as a group's folder above gives
     rows = []
     for key, source in sources.items():
         allow, ignore = hub_patterns(source.subfolder)

@@ -31,6 +31,7 @@ from click.testing import CliRunner
 
 from bakery_slurm.cli import cli
 from bakery_slurm.evaluation import results_path
+from support import unshared
 
 pytestmark = pytest.mark.e2e
 
@@ -188,3 +189,20 @@ def test_prefetch_without_lm_eval_says_how_to_install_it(tmp_path, write_tiny_ma
     assert (f"Error: {matrix.path}: eval: lm-eval is not installed here, and prefetch loads the "
             "eval tasks with it: pip install 'bakery-slurm[eval]'") in result.stderr
     assert not matrix.hf_home.exists()
+
+
+def test_what_prefetch_prepares_in_a_groups_datasets_cache_the_group_may_read(
+        tmp_path, write_tiny_matrix):
+    """`datasets` writes the prepared dataset (and its locks and folders) under the umask: under
+    a member's umask 077 a teammate's offline eval could not read the group's cache."""
+    group = tmp_path / "group"
+    group.mkdir()
+    os.chmod(group, 0o2770)
+    matrix = offline_matrix(write_tiny_matrix, group, TASKS, "tiny_mc")
+    old = os.umask(0o077)
+    try:
+        result = invoke("prefetch", matrix.path)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert arrow_files(matrix.hf_home) and unshared(matrix.hf_home) == {}

@@ -13,12 +13,13 @@ import json
 import os
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support import unshared
 
 pytestmark = pytest.mark.e2e
 
@@ -185,17 +186,6 @@ def group_cache_download(tmp_path: Path, tiny_models: Path, *command: str) -> Pa
                               env=env, capture_output=True, text=True, umask=0o077)
     assert done.returncode == 0, done.stderr[-3000:]
     return group / "hub"
-
-
-def unshared(cache: Path) -> dict[str, str]:
-    """What in `cache` the group may not read and write (a folder: search too): {path: mode}."""
-    found = {}
-    for path in [cache, *cache.rglob("*")]:
-        mode = path.lstat().st_mode
-        wanted = stat.S_IRGRP | stat.S_IWGRP | (stat.S_IXGRP if stat.S_ISDIR(mode) else 0)
-        if not stat.S_ISLNK(mode) and mode & wanted != wanted:
-            found[str(path.relative_to(cache))] = oct(stat.S_IMODE(mode))
-    return found
 
 
 def test_what_prefetch_downloads_into_a_groups_cache_the_group_may_read(tmp_path, tiny_models):
