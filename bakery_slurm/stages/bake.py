@@ -117,11 +117,13 @@ def _bake(base: LocalModel, adapter: LocalModel, dtype: str, base_tensors: dict[
         remove_leftovers(out)
         check_adapter(adapter.path)
         with tempfile.TemporaryDirectory(prefix=f".{key}.", suffix=".raw", dir=out.parent) as raw:
-            fsutil.usual_dir_mode(Path(raw))  # removable by a teammate after a kill
+            # The modes of what is created in the bake cache (a group's, when setgid).
+            mask = fsutil.creating_umask(out.parent)
+            fsutil.usual_dir_mode(Path(raw), mask)  # removable by a teammate after a kill
             _merge_and_unload(base.path, adapter.path, dtype, Path(raw))
             # safetensors writes 0600; an unrenamed bake is linked into place below, and
             # staging_dir leaves the mode of a linked file alone: give it the usual one here.
-            fsutil.usual_modes(Path(raw))
+            fsutil.usual_modes(Path(raw), mask)
             # save_pretrained writes whatever layout this transformers version uses: repair it.
             report = repair_checkpoint(Path(raw), out, base_tensors)
         marker = write_marker(out, {"base": base.identity, "adapter": adapter.identity,

@@ -157,21 +157,29 @@ def test_a_lock_the_group_may_not_write_is_a_clear_message(teammate, bakery, uma
     assert ledger.read_bytes() == before
 
 
-def group_project(teammate, tiny_models, write_tiny_matrix, engine: str) -> Path:
-    """A matrix of the tiny models' linear and task_arithmetic cells in the group folder."""
-    models = teammate.shared / "models" / engine
+def group_project(teammate, tiny_models, write_tiny_matrix, engine: str,
+                  name: str | None = None) -> Path:
+    """A matrix of the tiny models' linear and task_arithmetic cells in the group folder, in
+    project folder `proj-<name>` (default: the engine's)."""
+    name = name or engine
+    models = teammate.shared / "models" / name
     shutil.copytree(tiny_models, models)
     subprocess.run(["chmod", "-R", "g+rwX,o+rX", str(models)], check=True)  # pytest's tmp is 0700
-    return write_tiny_matrix(teammate.shared / f"proj-{engine}", models=models,
-                             methods=("linear", "task_arithmetic"), engine=engine)
+    matrix = write_tiny_matrix(project_folder(teammate, f"proj-{name}"), models=models,
+                               methods=("linear", "task_arithmetic"), engine=engine)
+    os.chmod(matrix, 0o664)  # the user's own file, whatever their umask: the group reads it
+    return matrix
 
 
+@pytest.mark.parametrize("umask", [0o002, 0o077])
 def test_a_teammate_merges_from_the_bakes_the_first_user_made(teammate, umask_of, tiny_models,
-                                                              write_tiny_matrix):
+                                                              write_tiny_matrix, umask):
     """The mergekit engine's bakes are cached for the row: safetensors writes them 0600, and a
-    bake whose names need no repair is linked into place, so its mode must be set before."""
-    umask_of(0o002)
-    matrix_path = group_project(teammate, tiny_models, write_tiny_matrix, "mergekit")
+    bake whose names need no repair is linked into place, so its mode must be set before (under
+    umask 077 too: to what the group's folder gives)."""
+    umask_of(umask)
+    matrix_path = group_project(teammate, tiny_models, write_tiny_matrix, "mergekit",
+                                f"mergekit-{umask:03o}")
     matrix = load_matrix(matrix_path)
     cells = {c.id: c for c in expand(matrix)}
     assert run_cell(cells["tiny1b-std/eng-nob__linear"], matrix.work_dir, device="cpu")["status"] == "done"
