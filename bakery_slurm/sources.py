@@ -16,6 +16,7 @@ while the file is untouched, as git's index does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -160,12 +161,14 @@ def share_cache_entry(snapshot: Path) -> None:
     task would fail), nor lock the entry to download into it."""
     entry = snapshot.parents[1]
     cache = entry.parent
-    for path in (cache, cache / ".locks", cache / "CACHEDIR.TAG"):
-        if path.exists():
-            fsutil.share(path)
-    for tree in (entry, cache / ".locks" / entry.name):
-        if tree.is_dir():
-            fsutil.share_tree(tree)
+    # A cache mounted read-only (a task's bind) is read as it is: nothing was written there.
+    with contextlib.suppress(OSError):
+        for path in (cache, cache / ".locks", cache / "CACHEDIR.TAG"):
+            if path.exists():
+                fsutil.share(path)
+        for tree in (entry, cache / ".locks" / entry.name):
+            if tree.is_dir():
+                fsutil.share_tree(tree)
 
 
 def missing_files(folder: Path) -> list[str]:
