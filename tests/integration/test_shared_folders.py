@@ -117,7 +117,7 @@ def submitted_failed_cell(folder: Path, bakery) -> Path:
     return ledger
 
 
-@pytest.mark.parametrize("umask", [0o002, 0o077])
+@pytest.mark.parametrize("umask", [0o002, 0o077], ids=["umask 002", "umask 077"])
 def test_a_teammate_reads_and_resubmits_in_a_group_folder(teammate, bakery, umask_of, umask):
     """With umask 077 too: in the group's setgid folder the ledger, its lock and the array
     folders get the group's access (they were the owner's alone)."""
@@ -171,7 +171,7 @@ def group_project(teammate, tiny_models, write_tiny_matrix, engine: str,
     return matrix
 
 
-@pytest.mark.parametrize("umask", [0o002, 0o077])
+@pytest.mark.parametrize("umask", [0o002, 0o077], ids=["umask 002", "umask 077"])
 def test_a_teammate_merges_from_the_bakes_the_first_user_made(teammate, umask_of, tiny_models,
                                                               write_tiny_matrix, umask):
     """The mergekit engine's bakes are cached for the row: safetensors writes them 0600, and a
