@@ -59,6 +59,8 @@ def teammate():
         finally:
             end_processes_of(name)  # userdel refuses while the teammate's supervisor lives
             subprocess.run(["userdel", name], check=True, capture_output=True)
+            # torch's per-user cache folder, made by the teammate's imports
+            shutil.rmtree(Path(tempfile.gettempdir()) / f"torchinductor_{name}", ignore_errors=True)
     finally:
         subprocess.run(["groupdel", name], check=False, capture_output=True)
 
