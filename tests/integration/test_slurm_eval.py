@@ -41,10 +41,14 @@ resources = {{ time = "00:10:00" }}
 """
 
 
-def task_times(job_ids: list[str]) -> dict[str, tuple[str, datetime | None, datetime | None]]:
-    """Task id -> (state, start, end) from accounting."""
-    out = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State,Start,End", "-j",
-                          ",".join(job_ids)], capture_output=True, text=True, check=True).stdout
+def task_times(arrays: list) -> dict[str, tuple[str, datetime | None, datetime | None]]:
+    """Task id -> (state, start, end) of the tasks of `arrays` (ledger `ArrayRecord`s) from
+    accounting, asked by job id and name: a cluster set up afresh numbers its jobs from 1 again,
+    and accounting keeps earlier jobs' rows under the same ids."""
+    out = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State,Start,End",
+                          "-j", ",".join(a.job_id for a in arrays),
+                          "--name=" + ",".join(a.name for a in arrays)],
+                         capture_output=True, text=True, check=True).stdout
 
     def when(text: str) -> datetime | None:
         return None if text in ("None", "Unknown", "") else datetime.fromisoformat(text)
@@ -127,7 +131,8 @@ def test_an_eval_starts_only_after_its_merge_succeeded_and_dies_with_a_failed_on
     ledger = chained.first
     tasks = {(stage, t): task_of(ledger, stage, t)
              for stage, t in [("merge", GOOD), ("merge", BAD), ("eval", GOOD), ("eval", BAD)]}
-    times = task_times(sorted({t.split("_")[0] for t in tasks.values()}))
+    jobs = {t.split("_")[0] for t in tasks.values()}
+    times = task_times([a for a in all_arrays(ledger) if a.job_id in jobs])
     _, _, merged_at = times[tasks[("merge", GOOD)]]
     _, started, _ = times[tasks[("eval", GOOD)]]
     assert started >= merged_at, times
@@ -158,7 +163,7 @@ def test_resubmit_rechains_a_failed_merges_eval_and_reruns_a_failed_eval_alone(c
     assert {t: (r["state"], r["eval"]) for t, r in after.items()} == {
         GOOD: ("COMPLETED", "COMPLETED"), BAD: ("COMPLETED", "COMPLETED"),
         BASELINE: (None, "COMPLETED")}
-    times = task_times([bad_merge.job_id, bad_eval.job_id])
+    times = task_times([bad_merge, bad_eval])
     assert (times[task_of(ledger, "eval", BAD)][1]
             >= times[task_of(ledger, "merge", BAD)][2]), times
 

@@ -132,7 +132,8 @@ def test_a_task_scancelled_while_its_whole_array_is_held_is_cancelled_at_once(
     [array] = all_arrays(load_ledger(ledger))
 
     def accounting() -> str:
-        return subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State", "-j", array.job_id],
+        return subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State", "-j", array.job_id,
+                               f"--name={array.name}"],  # not an earlier job's reused id
                               capture_output=True, text=True, check=True).stdout
 
     wait_for(lambda: f"{array.job_id}_[0-2" in accounting(), "sacct to show the pending range",
@@ -165,7 +166,10 @@ def test_a_task_that_fails_after_publishing_its_cell_is_completed_and_not_rerun(
     [array] = all_arrays(load_ledger(ledger))
 
     def accounting() -> list[str]:
-        return subprocess.run(["sacct", "-X", "-P", "-n", "-o", "State,ExitCode", "-j", array.job_id],
+        # by name too: a cluster set up afresh numbers its jobs from 1 again, and accounting
+        # keeps the rows of earlier jobs with this id
+        return subprocess.run(["sacct", "-X", "-P", "-n", "-o", "State,ExitCode", "-j", array.job_id,
+                               f"--name={array.name}"],
                               capture_output=True, text=True, check=True).stdout.split()
 
     ended = wait_for(lambda: [row for row in accounting() if row.split("|")[0] in SETTLED],
