@@ -267,11 +267,11 @@ class SlurmBackend:
         n = len(request.cell_args)
         # run_task is pickled by reference (bakery_slurm.array_task.run_task), not as bytecode:
         # the Python that unpickles it is the image's, whatever the login node runs.
-        task_env = {} if request.launcher else request.fixed_env
+        task_env = {**({} if request.launcher else request.fixed_env),
+                    array_task.TASK_UMASK: f"{fsutil.umask():04o}"}
         try:
             with _environment(SLURM_UMASK=f"{fsutil.creating_umask(folder):04o}"):
-                jobs = executor.map_array(array_task.run_task, request.cell_args, [task_env] * n,
-                                          [fsutil.umask()] * n)
+                jobs = executor.map_array(array_task.run_task, request.cell_args, [task_env] * n)
         # sbatch refusing (bad partition, account, ...) is FailedJobError, an UncompletedJobError.
         except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.UncompletedJobError,
                 OSError) as e:

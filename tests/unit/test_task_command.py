@@ -3,6 +3,7 @@ runner inside the image, and the Hub token passed by environment only."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -356,3 +357,23 @@ def test_local_apptainer_task_gets_the_token_by_environment_only(tmp_path, write
     written = files_under(tmp_path)
     assert "ledger.json" in written and any(name.endswith("array.json") for name in written)
     assert [name for name, data in written.items() if SECRET.encode() in data] == []
+
+
+def test_a_task_runs_its_command_under_the_submitters_umask(tmp_path, monkeypatch):
+    """SLURM starts the task under the umask of its array folder (SLURM_UMASK); the command gets
+    the submitter's back from `fixed_env`, which an image built before it was sent ignores."""
+    from bakery_slurm import array_task
+
+    seen = tmp_path / "seen"
+    python = tmp_path / "python"  # stands in for the image's Python: says its umask and env
+    python.write_text(f"#!/bin/sh\n{{ umask; echo \"${{{array_task.TASK_UMASK}:-unset}}\"; }} > {seen}\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(array_task.sys, "executable", str(python))
+    old = os.umask(0o002)
+    try:
+        array_task.run_task(["run-cell"], {array_task.TASK_UMASK: "0077", "X": "1"})
+        assert seen.read_text().split() == ["0077", "unset"]
+        array_task.run_task(["run-cell"], {})  # no umask sent: the task's own
+        assert seen.read_text().split() == ["0002", "unset"]
+    finally:
+        os.umask(old)
