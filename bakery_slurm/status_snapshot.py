@@ -6,7 +6,8 @@ accounting), state files for local arrays, and recovery of arrays whose job id w
 local array's folder shows whether its supervisor was started. squeue is asked about every task
 sacct has no row for or may have out of date (`squeue.controller_view`). A task that neither
 shows, or that sacct shows live and squeue no longer has, has ended: its state is read from its
-own records (`_gone_state`).
+own records (`_gone_state`); except in another user's array on a cluster that hides other users'
+jobs (`_hidden_arrays`), where absence says nothing.
 Eval attempts (`Ledger.evals`) are reduced the same way, from the same sacct call.
 Never imports torch.
 """
