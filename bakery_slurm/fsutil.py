@@ -98,8 +98,7 @@ def share(path: Path, mask: int | None = None) -> None:
     alone (see `usual_modes`)."""
     path = Path(path)
     st = path.lstat()
-    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or (
-            not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+    if not _ours_alone(st):
         return
     wanted = shared_mode(stat.S_IMODE(st.st_mode), os.stat(path.parent).st_mode,
                          umask() if mask is None else mask)
@@ -341,14 +340,21 @@ def usual_modes(folder: Path, mask: int | None = None) -> None:
     `mask` is the umask to apply (default: the process's).
     """
     mask = umask() if mask is None else mask
-    uid = os.geteuid()
     usual_dir_mode(folder, mask)
     for path in folder.rglob("*"):
         st = path.lstat()
-        if path.is_symlink() or st.st_uid != uid or (not path.is_dir() and st.st_nlink > 1):
+        if not _ours_alone(st):
             continue
         if stat.S_IMODE(st.st_mode) != _usual_mode(st, mask):
             os.chmod(path, _usual_mode(st, mask))
+
+
+def _ours_alone(st: os.stat_result) -> bool:
+    """May bakery-slurm chmod the file or folder whose `lstat` is `st`? Not a symlink, not
+    another user's, and not a file with other hard links (a Hub cache blob linked into place),
+    whose mode would change there too."""
+    return (not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid()
+            and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1))
 
 
 def usual_dir_mode(folder: Path, mask: int | None = None) -> None:
